@@ -1,0 +1,380 @@
+"""Extract H and S blocks per atom pair from GPAW LCAO restart files.
+
+Usage::
+
+    python -m gpaw_tools.extract RUN.gpw [MORE.gpw ...] -o DATASET_DIR
+
+Gamma-only runs give blocks of "neighbour-unique" cells (every atom sees at
+most one image of any other atom within the range of H; checked).  Runs on a
+Gamma-centred k-point grid give the real-space blocks
+
+    H_ij(R) = 1/Nk sum_k exp(-2 pi i k.R) H_ij(k)
+
+for every pair (i, j, R) within the range of H; the grid must separate all
+images (checked).  Spin-polarised runs store both spin channels.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from ase_gearsh.data import assemble
+from ase_gearsh.schema import ensure_manifest, read_structure, write_structure, SchemaError
+
+from .basis import calculator_basis
+from .gpw import GPWError, open_calculator, read_parameters
+from .interactions import check_aliasing, find_interactions, interaction_radii
+
+__all__ = ["extract", "extract_calculator", "extract_files", "main", "KPointError"]
+
+
+class KPointError(ValueError):
+    """The k-points of a run cannot be turned into real-space blocks."""
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def kpoint_grid(bzk, ibzk, pbc):
+    """Gamma-centred grid size of a run, and the IBZ source of every grid point.
+
+    Returns ``(grid, kfull, ibz_index, conjugate)``: the full grid ``kfull``
+    (nk, 3), and for each of its points the IBZ k-point whose H equals H(k)
+    (``conjugate``: equals its complex conjugate, by time reversal).
+    """
+    bzk = np.asarray(bzk, float).reshape(-1, 3)
+    ibzk = np.asarray(ibzk, float).reshape(-1, 3)
+    grid = np.array([len(np.unique(np.round(bzk[:, c] % 1.0, 8) % 1.0)) for c in range(3)])
+    if np.prod(grid) != len(bzk):
+        raise KPointError(f"the {len(bzk)} k-points of the run do not form a full "
+                          f"Monkhorst-Pack grid (distinct values per axis: {tuple(grid)})")
+    scaled = bzk * grid
+    if not np.allclose(scaled, np.round(scaled), atol=1e-6):
+        raise KPointError(
+            f"the {tuple(int(g) for g in grid)} k-point grid is not Gamma-centred; real-space "
+            "blocks need k = n/N. Use kpts={'size': (N1, N2, N3), 'gamma': True}")
+    for c in range(3):
+        if not pbc[c] and grid[c] != 1:
+            raise KPointError(f"{grid[c]} k-points along non-periodic axis {c}")
+    n = np.round(scaled).astype(int) % grid
+    nib = np.round(ibzk * grid).astype(int) % grid
+    if not np.allclose(ibzk * grid, np.round(ibzk * grid), atol=1e-6):
+        raise KPointError("IBZ k-points are not on the Gamma-centred grid")
+    lookup = {tuple(v): a for a, v in enumerate(nib)}
+    ibz_index = np.empty(len(n), int)
+    conj = np.zeros(len(n), bool)
+    for q, v in enumerate(n):
+        if tuple(v) in lookup:
+            ibz_index[q] = lookup[tuple(v)]
+        elif tuple((-v) % grid) in lookup:
+            ibz_index[q] = lookup[tuple((-v) % grid)]
+            conj[q] = True
+        else:
+            raise KPointError(
+                "the run used point-group symmetry to reduce the k-points; H(k) at the "
+                "other points needs orbital rotations that are not supported. Rerun with "
+                "symmetry='off' (or symmetry={'point_group': False})")
+    # order the full grid deterministically
+    kfull = n / grid
+    kfull = np.where(kfull > 0.5 + 1e-9, kfull - 1, kfull)
+    return grid, kfull, ibz_index, conj
+
+
+def _fermi_level(calc):
+    try:
+        return float(calc.get_fermi_level())
+    except Exception:
+        return [float(x) for x in calc.get_fermi_levels()]
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return repr(obj)
+
+
+def real_space_blocks(Hk, Sk, kfull, counts, inter):
+    """Fourier transform H(k), S(k) on the full grid into on-site and pair blocks.
+
+    Hk: (nspins, nk, M, M); Sk: (nk, M, M).  Returns the flat arrays of the
+    schema and the largest imaginary part met (eV), which must be round-off.
+    """
+    nk = len(kfull)
+    nspins = Hk.shape[0]
+    off = np.concatenate([[0], np.cumsum(counts)])
+    onsite_H = np.concatenate(
+        [Hk[:, :, off[a]:off[a + 1], off[a]:off[a + 1]].mean(axis=1).reshape(nspins, -1)
+         for a in range(len(counts))], axis=1)
+    onsite_S = np.concatenate(
+        [Sk[:, off[a]:off[a + 1], off[a]:off[a + 1]].mean(axis=0).ravel()
+         for a in range(len(counts))])
+    max_imag = max(np.abs(onsite_H.imag).max(initial=0), np.abs(onsite_S.imag).max(initial=0))
+    ij = inter.ij.astype(np.int64)
+    sizes = counts[ij[:, 0]] * counts[ij[:, 1]]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    pair_H = np.zeros((nspins, offsets[-1]))
+    pair_S = np.zeros(offsets[-1])
+    if len(ij):
+        keys, inverse = np.unique(ij, axis=0, return_inverse=True)
+        inverse = inverse.ravel()
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[order], np.arange(len(keys) + 1))
+        for g, (i, j) in enumerate(keys):
+            sel = order[bounds[g]:bounds[g + 1]]
+            R = inter.shift[sel]
+            phase = np.exp(-2j * np.pi * (kfull @ R.T)) / nk          # (nk, r)
+            hb = np.einsum("kr,skab->srab", phase,
+                           Hk[:, :, off[i]:off[i + 1], off[j]:off[j + 1]])
+            sb = np.einsum("kr,kab->rab", phase, Sk[:, off[i]:off[i + 1], off[j]:off[j + 1]])
+            max_imag = max(max_imag, np.abs(hb.imag).max(), np.abs(sb.imag).max())
+            for q, p in enumerate(sel):
+                pair_H[:, offsets[p]:offsets[p + 1]] = hb[:, q].real.reshape(nspins, -1)
+                pair_S[offsets[p]:offsets[p + 1]] = sb[q].real.ravel()
+    return (onsite_H.real.copy(), onsite_S.real.copy(), offsets, pair_H, pair_S,
+            float(max_imag))
+
+
+def extract_calculator(calc, source: dict | None = None, threshold: float | None = None,
+                       verify: bool = True):
+    """Arrays and metadata of the dataset schema from a GPAW LCAO calculator."""
+    import gpaw
+    from gpaw.lcao.tools import get_lcao_hamiltonian
+
+    atoms = calc.get_atoms()
+    spos = getattr(calc, "spos_ac", None)
+    if spos is None:
+        spos = atoms.get_scaled_positions(wrap=False)
+        spos[:, atoms.pbc] %= 1.0
+    atoms = atoms.copy()
+    atoms.set_scaled_positions(np.asarray(spos))
+    nspins = int(calc.get_number_of_spins())
+    species, counts, basis_rc, proj_rc = calculator_basis(calc)
+    grid, kfull, ibz_index, conj = kpoint_grid(calc.get_bz_k_points(),
+                                               calc.get_ibz_k_points(), atoms.pbc)
+    inter = find_interactions(atoms, basis_rc, proj_rc)
+    check_aliasing(atoms, inter, grid, basis_rc, proj_rc)
+
+    H_skMM, S_kMM = get_lcao_hamiltonian(calc)
+    H_skMM = np.asarray(H_skMM)
+    S_kMM = np.asarray(S_kMM)
+    if H_skMM.shape[0] != nspins:
+        raise RuntimeError(f"GPAW returned {H_skMM.shape[0]} spin channels, expected {nspins}")
+    Hk = H_skMM[:, ibz_index]
+    Sk = S_kMM[ibz_index]
+    Hk = np.where(conj[None, :, None, None], np.conj(Hk), Hk)
+    Sk = np.where(conj[:, None, None], np.conj(Sk), Sk)
+    onsite_H, onsite_S, offsets, pair_H, pair_S, max_imag = real_space_blocks(
+        Hk, Sk, kfull, counts, inter)
+
+    ij, shift, vector = inter.ij, inter.shift, inter.vector
+    if threshold is not None:
+        sizes = np.diff(offsets)
+        blk = np.repeat(np.arange(len(ij)), sizes)
+        peak = np.zeros(len(ij))
+        np.maximum.at(peak, blk, np.abs(pair_H).max(axis=0))
+        keep = peak >= threshold
+        keep_el = keep[blk]
+        ij, shift, vector = ij[keep], shift[keep], vector[keep]
+        pair_H, pair_S = pair_H[:, keep_el], pair_S[keep_el]
+        offsets = np.concatenate([[0], np.cumsum(sizes[keep])]).astype(np.int64)
+
+    ibzk = np.asarray(calc.get_ibz_k_points(), float).reshape(-1, 3)
+    weights = np.asarray(calc.get_k_point_weights(), float)
+    eps = np.array([[calc.get_eigenvalues(kpt=k, spin=s) for k in range(len(ibzk))]
+                    for s in range(nspins)], dtype=float)
+
+    checks = {"max_imaginary_part": max_imag}
+    if verify:
+        # the blocks must rebuild every H(k) of the run and its eigenvalues
+        err_h = err_e = 0.0
+        from scipy.linalg import eigh
+        for k, kpt in enumerate(ibzk):
+            S_re = assemble(counts, onsite_S, ij, shift, pair_S, kpt=kpt)
+            err_h = max(err_h, np.abs(S_re - S_kMM[k]).max())
+            for s in range(nspins):
+                H_re = assemble(counts, onsite_H[s], ij, shift, pair_H[s], kpt=kpt)
+                err_h = max(err_h, np.abs(H_re - H_skMM[s, k]).max())
+                e = eigh(H_re, S_re, eigvals_only=True)[:eps.shape[2]]
+                err_e = max(err_e, np.abs(e - eps[s, k, :len(e)]).max())
+        checks["max_matrix_error"] = float(err_h)
+        checks["max_eigenvalue_error"] = float(err_e)
+
+    params = calc.parameters
+    params = dict(params.items()) if hasattr(params, "items") else {}
+    h = params.get("h")
+    try:
+        gpts = np.asarray(calc.get_number_of_grid_points())
+        spacing = (atoms.cell.lengths() / gpts).tolist()
+    except Exception:
+        gpts, spacing = None, None
+    xc = params.get("xc")
+    xc_name = xc if isinstance(xc, str) else getattr(xc, "name", None) or (
+        xc.get("name") if isinstance(xc, dict) else str(xc))
+    arrays = {
+        "numbers": atoms.numbers.astype(np.int32),
+        "positions": atoms.positions.astype(float),
+        "cell": np.asarray(atoms.cell, float),
+        "pbc": np.asarray(atoms.pbc, bool),
+        "orbital_counts": counts.astype(np.int32),
+        "onsite_H": onsite_H,
+        "onsite_S": onsite_S,
+        "pair_ij": ij.astype(np.int32),
+        "pair_shift": shift.astype(np.int32),
+        "pair_vector": vector.astype(float),
+        "pair_offsets": offsets.astype(np.int64),
+        "pair_H": pair_H,
+        "pair_S": pair_S,
+        "kpts": ibzk,
+        "kpt_weights": weights,
+        "eigenvalues": eps,
+    }
+    radii = interaction_radii(basis_rc, proj_rc)
+    meta = {
+        "fermi_level": _fermi_level(calc),
+        "n_electrons": float(calc.get_number_of_electrons()),
+        "total_energy": float(calc.get_potential_energy()),
+        "nspins": nspins,
+        "basis": species,
+        "kgrid": [int(g) for g in grid],
+        "xc": xc_name,
+        "h": h,
+        "grid_points": None if gpts is None else [int(g) for g in gpts],
+        "grid_spacing": spacing,
+        "block_threshold": threshold,
+        "interaction_range": {
+            "rule": "d_ij < rc_i + rc_j + 2 max(projector_rc)",
+            "max": float(2 * radii.max()),
+        },
+        "checks": checks,
+        "gpaw": {"version_reader": gpaw.__version__,
+                 "parameters": _json_safe(params)},
+        "source": source or {"name": None},
+    }
+    return arrays, meta
+
+
+def extract(path, threshold=None, verify=True):
+    """Read one .gpw file and return (arrays, meta) of the dataset schema."""
+    path = Path(path)
+    read_parameters(path)
+    source = {"name": path.name, "path": str(path.resolve()),
+              "sha256": file_sha256(path), "size": path.stat().st_size}
+    calc = open_calculator(path)
+    try:
+        import ase.io.ulm as ulm
+        with ulm.open(str(path)) as r:
+            source["gpaw_version_writer"] = getattr(r, "gpaw_version", None)
+    except Exception:
+        pass
+    return extract_calculator(calc, source=source, threshold=threshold, verify=verify)
+
+
+def _target(outdir: Path, src: Path, sha: str) -> tuple[Path, bool]:
+    """Output file for a source; True if it already holds this exact source."""
+    for name in (f"{src.stem}.npz", f"{src.stem}-{sha[:10]}.npz"):
+        out = outdir / name
+        if not out.exists():
+            return out, False
+        try:
+            _, meta = read_structure(out)
+        except SchemaError:
+            return out, False  # damaged: rewrite it
+        if meta["source"].get("sha256") == sha:
+            return out, True
+    raise FileExistsError(f"{outdir}: {src.stem}.npz and {src.stem}-{sha[:10]}.npz exist "
+                          "for other sources")
+
+
+def extract_files(paths, outdir, threshold=None, verify=True, overwrite=False,
+                  progress=True, log=print):
+    """Extract many files into one dataset; failures are isolated and returned.
+
+    Returns ``(written, skipped, failed)`` lists; ``failed`` holds
+    ``(path, message)``.
+    """
+    outdir = Path(outdir)
+    ensure_manifest(outdir)
+    paths = [Path(p) for p in paths]
+    written, skipped, failed = [], [], []
+    try:
+        from tqdm import tqdm
+        it = tqdm(paths, desc="extract", unit="file", disable=not progress)
+    except ImportError:  # pragma: no cover
+        it = paths
+    for path in it:
+        try:
+            read_parameters(path)
+            sha = file_sha256(path)
+            out, done = _target(outdir, path, sha)
+            if done and not overwrite:
+                skipped.append(out)
+                continue
+            arrays, meta = extract(path, threshold=threshold, verify=verify)
+            write_structure(out, arrays, meta)
+            written.append(out)
+        except (GPWError, KPointError, ValueError, OSError) as err:
+            failed.append((path, str(err)))
+            log(f"FAILED {path}: {err}", file=sys.stderr)
+        except Exception as err:  # isolate unexpected failures too, with detail
+            failed.append((path, f"{type(err).__name__}: {err}"))
+            log(f"FAILED {path}: {type(err).__name__}: {err}\n{traceback.format_exc()}",
+                file=sys.stderr)
+    return written, skipped, failed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpaw_tools.extract",
+        description="Extract H and S blocks per atom pair from GPAW LCAO .gpw files "
+                    "into a dataset directory (see docs/dataset.md).")
+    parser.add_argument("gpw", nargs="+", help="GPAW LCAO restart files")
+    parser.add_argument("-o", "--output", default="dataset",
+                        help="dataset directory (created if needed; default: dataset)")
+    parser.add_argument("--threshold", type=float, default=None, metavar="EV",
+                        help="drop pair blocks whose largest |H| is below EV (recorded); "
+                             "default: keep every block within the range of H")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip rebuilding H(k) and the eigenvalues of every k-point")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="re-extract files already in the dataset")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        written, skipped, failed = extract_files(
+            args.gpw, args.output, threshold=args.threshold, verify=not args.no_verify,
+            overwrite=args.overwrite, progress=not args.quiet)
+    except (OSError, SchemaError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    dt = time.perf_counter() - t0
+    print(f"{len(written)} extracted, {len(skipped)} already present, {len(failed)} failed "
+          f"-> {args.output} ({dt:.1f} s)")
+    for path, msg in failed:
+        print(f"  failed: {path}: {msg}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
