@@ -155,9 +155,23 @@ def real_space_blocks(Hk, Sk, kfull, counts, inter):
             float(max_imag))
 
 
+def _calculator_parameters(calc) -> dict:
+    params = calc.parameters
+    if hasattr(params, "todict"):
+        params = params.todict()
+    try:
+        return dict(params)
+    except (TypeError, ValueError):
+        return {}
+
+
 def extract_calculator(calc, source: dict | None = None, threshold: float | None = None,
-                       verify: bool = True):
-    """Arrays and metadata of the dataset schema from a GPAW LCAO calculator."""
+                       verify: bool = True, parameters: dict | None = None):
+    """Arrays and metadata of the dataset schema from a GPAW LCAO calculator.
+
+    ``parameters``: the run's input parameters (as read from the .gpw file);
+    taken from the calculator if not given.
+    """
     import gpaw
     from gpaw.lcao.tools import get_lcao_hamiltonian
 
@@ -220,17 +234,14 @@ def extract_calculator(calc, source: dict | None = None, threshold: float | None
         checks["max_matrix_error"] = float(err_h)
         checks["max_eigenvalue_error"] = float(err_e)
 
-    params = calc.parameters
-    params = dict(params.items()) if hasattr(params, "items") else {}
+    params = parameters if parameters is not None else _calculator_parameters(calc)
     h = params.get("h")
     try:
         gpts = np.asarray(calc.get_number_of_grid_points())
         spacing = (atoms.cell.lengths() / gpts).tolist()
     except Exception:
         gpts, spacing = None, None
-    xc = params.get("xc")
-    xc_name = xc if isinstance(xc, str) else getattr(xc, "name", None) or (
-        xc.get("name") if isinstance(xc, dict) else str(xc))
+    xc_name = str(calc.get_xc_functional())
     arrays = {
         "numbers": atoms.numbers.astype(np.int32),
         "positions": atoms.positions.astype(float),
@@ -277,7 +288,7 @@ def extract_calculator(calc, source: dict | None = None, threshold: float | None
 def extract(path, threshold=None, verify=True):
     """Read one .gpw file and return (arrays, meta) of the dataset schema."""
     path = Path(path)
-    read_parameters(path)
+    params = read_parameters(path)
     source = {"name": path.name, "path": str(path.resolve()),
               "sha256": file_sha256(path), "size": path.stat().st_size}
     calc = open_calculator(path)
@@ -287,7 +298,8 @@ def extract(path, threshold=None, verify=True):
             source["gpaw_version_writer"] = getattr(r, "gpaw_version", None)
     except Exception:
         pass
-    return extract_calculator(calc, source=source, threshold=threshold, verify=verify)
+    return extract_calculator(calc, source=source, threshold=threshold, verify=verify,
+                              parameters=params)
 
 
 def _target(outdir: Path, src: Path, sha: str) -> tuple[Path, bool]:

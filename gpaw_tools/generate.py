@@ -1,0 +1,235 @@
+"""Run GPAW LCAO calculations for many structures (resumable, isolated failures).
+
+Usage::
+
+    python -m gpaw_tools.generate STRUCTURES.extxyz -o RUNS_DIR [--kpts 5 5 1] \
+        [--jobs 2] [--extract DATASET_DIR]
+
+Every structure of every input file (anything ``ase.io.read`` understands)
+becomes ``RUNS_DIR/<file stem>-<index>.gpw`` with its GPAW log beside it
+(``.txt``).  Finished structures are skipped on a re-run; a failure writes
+``<name>.error`` and does not stop the others.  Defaults follow the GEARS H
+paper: basis ``szp(dzp)``, PBE, grid spacing 0.2 A, Gamma point only, density
+converged to 1e-3 electrons per valence electron.  With ``--kpts`` the run uses
+a Gamma-centred grid with ``symmetry='off'`` so that real-space blocks H(R) can
+be extracted.
+
+User basis sets (for example confined basis sets made with GPAW's basis
+generator, ``gpaw-basis``) are files named ``<Symbol>.<name>.basis``: pass
+their folder with ``--basis-dir DIR`` and select them per element with
+``--element-basis Hf=confined.dzp`` (GPAW's ``basis={'Hf': 'confined.dzp'}``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["RunSettings", "run_structure", "generate", "main"]
+
+
+@dataclass
+class RunSettings:
+    basis: str = "szp(dzp)"
+    element_basis: dict = field(default_factory=dict)
+    basis_dir: str | None = None
+    xc: str = "PBE"
+    h: float = 0.2
+    kpts: tuple | None = None          # Gamma-centred grid, None: Gamma only
+    density: float = 1e-3
+    vacuum: float = 5.0                # added around molecules without a cell
+    charge: float = 0.0
+    spinpol: bool = False
+    maxiter: int = 333
+    extra: dict = field(default_factory=dict)
+
+    def gpaw_parameters(self, log) -> dict:
+        basis = dict(self.element_basis)
+        basis = {"default": self.basis, **basis} if basis else self.basis
+        params = dict(mode="lcao", basis=basis, xc=self.xc, h=self.h, txt=str(log),
+                      convergence={"density": self.density}, charge=self.charge,
+                      spinpol=self.spinpol, maxiter=self.maxiter)
+        if self.kpts is not None:
+            params["kpts"] = {"size": tuple(int(k) for k in self.kpts), "gamma": True}
+            params["symmetry"] = "off"
+        params.update(self.extra)
+        return params
+
+
+def _prepare(atoms, settings: RunSettings):
+    atoms = atoms.copy()
+    atoms.calc = None
+    if atoms.cell.rank < 3:
+        if atoms.pbc.any():
+            raise ValueError(f"periodic structure with a degenerate cell "
+                             f"{atoms.cell.cellpar().round(3).tolist()}")
+        atoms.center(vacuum=settings.vacuum)
+    return atoms
+
+
+def run_structure(atoms, name: str, outdir, settings: RunSettings) -> Path:
+    """Run one LCAO SCF and write ``outdir/name.gpw`` atomically."""
+    outdir = Path(outdir)
+    gpw = outdir / f"{name}.gpw"
+    log = outdir / f"{name}.txt"
+    error = outdir / f"{name}.error"
+    if settings.basis_dir:
+        from gpaw import setup_paths
+        path = str(Path(settings.basis_dir).resolve())
+        if path not in setup_paths:
+            setup_paths.insert(0, path)
+    from gpaw import GPAW
+    try:
+        atoms = _prepare(atoms, settings)
+        calc = GPAW(**settings.gpaw_parameters(log))
+        atoms.calc = calc
+        atoms.get_potential_energy()
+        tmp = outdir / f".{name}.gpw.part"
+        calc.write(str(tmp))
+        os.replace(tmp, gpw)
+    except BaseException:
+        error.write_text(traceback.format_exc())
+        raise
+    if error.exists():
+        error.unlink()
+    return gpw
+
+
+def _worker(args):
+    atoms, name, outdir, settings = args
+    t0 = time.perf_counter()
+    run_structure(atoms, name, outdir, settings)
+    return name, time.perf_counter() - t0
+
+
+def read_structures(paths, index=":"):
+    """(name, atoms) for every structure in every file, in a deterministic order."""
+    from ase.io import read
+    out = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"structure file {str(path)!r} does not exist")
+        try:
+            images = read(str(path), index=index)
+        except Exception as err:
+            raise ValueError(f"ASE cannot read {str(path)!r}: {err}") from err
+        if not isinstance(images, list):
+            images = [images]
+        for k, atoms in enumerate(images):
+            out.append((f"{path.stem}-{k:05d}", atoms))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError("two input files share a file stem; rename one of them")
+    return out
+
+
+def generate(structures, outdir, settings: RunSettings, jobs: int = 1, progress=True):
+    """Run every (name, atoms) not already done. Returns (done, skipped, failed)."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    todo, skipped = [], []
+    for name, atoms in structures:
+        if (outdir / f"{name}.gpw").exists():
+            skipped.append(name)
+        else:
+            todo.append((atoms, name, outdir, settings))
+    done, failed = [], []
+    from tqdm import tqdm
+    bar = tqdm(total=len(todo), desc="GPAW LCAO", unit="run", disable=not progress)
+    if jobs <= 1:
+        for task in todo:
+            try:
+                done.append(_worker(task)[0])
+            except Exception as err:
+                failed.append((task[1], f"{type(err).__name__}: {err}"))
+            bar.update()
+    else:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        import multiprocessing as mp
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+            futures = {ex.submit(_worker, task): task[1] for task in todo}
+            for fut in as_completed(futures):
+                try:
+                    done.append(fut.result()[0])
+                except Exception as err:
+                    failed.append((futures[fut], f"{type(err).__name__}: {err}"))
+                bar.update()
+    bar.close()
+    return sorted(done), skipped, sorted(failed)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gpaw_tools.generate",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("structures", nargs="+", help="ASE-readable structure files")
+    p.add_argument("-o", "--output", required=True, help="folder for .gpw files and logs")
+    p.add_argument("--index", default=":", help="ASE index of the images to run (default :)")
+    p.add_argument("--basis", default="szp(dzp)", help="basis set (default szp(dzp))")
+    p.add_argument("--element-basis", action="append", default=[], metavar="EL=NAME",
+                   help="basis of one element, e.g. Hf=confined.dzp (repeatable)")
+    p.add_argument("--basis-dir", help="folder holding user basis files <El>.<name>.basis")
+    p.add_argument("--xc", default="PBE")
+    p.add_argument("--h", type=float, default=0.2, help="grid spacing in A (default 0.2)")
+    p.add_argument("--kpts", type=int, nargs=3, metavar="N",
+                   help="Gamma-centred k-grid (symmetry off); default: Gamma only")
+    p.add_argument("--density", type=float, default=1e-3,
+                   help="density convergence (electrons per valence electron)")
+    p.add_argument("--vacuum", type=float, default=5.0,
+                   help="vacuum (A) around structures without a cell")
+    p.add_argument("--charge", type=float, default=0.0)
+    p.add_argument("--spinpol", action="store_true")
+    p.add_argument("--jobs", type=int, default=1, help="parallel GPAW processes")
+    p.add_argument("--extract", metavar="DATASET_DIR",
+                   help="extract every finished run into this dataset")
+    p.add_argument("-q", "--quiet", action="store_true")
+    a = p.parse_args(argv)
+    element_basis = {}
+    for item in a.element_basis:
+        if "=" not in item:
+            p.error(f"--element-basis expects EL=NAME, got {item!r}")
+        el, name = item.split("=", 1)
+        element_basis[el] = name
+    if a.basis_dir and not Path(a.basis_dir).is_dir():
+        p.error(f"--basis-dir {a.basis_dir!r} is not a folder")
+    if a.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {a.jobs}")
+    settings = RunSettings(basis=a.basis, element_basis=element_basis,
+                           basis_dir=a.basis_dir, xc=a.xc, h=a.h,
+                           kpts=tuple(a.kpts) if a.kpts else None, density=a.density,
+                           vacuum=a.vacuum, charge=a.charge, spinpol=a.spinpol)
+    try:
+        structures = read_structures(a.structures, a.index)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    done, skipped, failed = generate(structures, a.output, settings, jobs=a.jobs,
+                                     progress=not a.quiet)
+    print(f"{len(done)} run, {len(skipped)} already done, {len(failed)} failed "
+          f"-> {a.output} ({time.perf_counter() - t0:.1f} s)")
+    for name, msg in failed:
+        print(f"  failed: {name}: {msg} (see {Path(a.output) / (name + '.error')})",
+              file=sys.stderr)
+    status = 1 if failed else 0
+    if a.extract:
+        from .extract import extract_files
+        gpws = [Path(a.output) / f"{n}.gpw" for n, _ in structures
+                if (Path(a.output) / f"{n}.gpw").exists()]
+        written, present, bad = extract_files(gpws, a.extract, progress=not a.quiet)
+        print(f"{len(written)} extracted, {len(present)} already present, {len(bad)} failed "
+              f"-> {a.extract}")
+        for path, msg in bad:
+            print(f"  failed: {path}: {msg}", file=sys.stderr)
+        status = status or (1 if bad else 0)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
