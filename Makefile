@@ -1,0 +1,48 @@
+# One-command set-up on a fresh Debian machine with Python 3.11 (run as root).
+#   make demo   - install everything, then run the demo
+#   make test   - install everything, then run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+APT_PACKAGES := libxc-dev libopenblas-dev pkg-config g++ make
+
+.PHONY: all install sysdeps test test-all demo clean
+
+all: install
+
+# Debian packages: libxc and OpenBLAS for GPAW, a C++ compiler (GPAW's C
+# sources build as C++), venv and Python headers when the interpreter lacks them.
+sysdeps:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	$(PYTHON) -c "import venv, ensurepip" >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	$(PYTHON) -c "import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" \
+	  || missing="$$missing python3-dev"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# The virtual environment is rebuilt only when the pinned requirements change.
+$(STAMP): requirements.lock setup.cfg pyproject.toml
+	$(MAKE) sysdeps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	CC=g++ $(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -m "not slow"
+
+test-all: install
+	$(PY) -m pytest
+
+demo: install
+	$(PY) -m gpaw_tools.demo --output demo-output
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache
