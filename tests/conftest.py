@@ -113,3 +113,11 @@ def fd_gpw(gpw_dir):
     a = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])
     a.center(vacuum=2.5)
     return _run(a, gpw_dir / "h2_fd.gpw", mode="fd", basis="dzp", h=0.25)
+
+
+@pytest.fixture(scope="session")
+def chain_time_reversal_gpw(gpw_dir):
+    """The chain with time-reversal symmetry only: 7 IBZ points for 13."""
+    return _run(chain(), gpw_dir / "chain_k13_tr.gpw", h=0.25,
+                kpts={"size": (1, 1, 13), "gamma": True},
+                symmetry={"point_group": False, "time_reversal": True})

@@ -70,3 +70,15 @@ def test_gamma_cell_too_small(chain_gamma_gpw, tmp_path):
 def test_kgrid_too_coarse(chain_coarse_gpw):
     with pytest.raises(AliasingError, match=r"grid \(1, 1, 3\) is too coarse.*at least \(1, 1, \d+\)"):
         extract(chain_coarse_gpw)
+
+
+def test_time_reversal_reduced_grid_is_unfolded(chain_time_reversal_gpw, chain_kpts):
+    path_full, k_off, eps_ref = chain_kpts
+    reduced, meta = extract(chain_time_reversal_gpw)
+    assert len(reduced["kpts"]) == 7          # IBZ of 13 points with k -> -k
+    from ase_gearsh.data import Structure
+    s = Structure(reduced, meta)
+    eps = s.eigenvalues(kpt=k_off)[:len(eps_ref)]
+    # same physics as the full-grid run, up to SCF convergence of the two runs
+    assert np.abs(eps - eps_ref).max() < 1e-3
+    assert meta["checks"]["max_eigenvalue_error"] < 1e-8
