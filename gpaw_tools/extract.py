@@ -285,19 +285,17 @@ def extract_calculator(calc, source: dict | None = None, threshold: float | None
     return arrays, meta
 
 
-def extract(path, threshold=None, verify=True):
-    """Read one .gpw file and return (arrays, meta) of the dataset schema."""
+def extract(path, threshold=None, verify=True, sha256=None):
+    """Read one .gpw file and return (arrays, meta) of the dataset schema.
+
+    ``sha256``: the file's hash if already known (it is computed otherwise).
+    """
     path = Path(path)
     params = read_parameters(path)
     source = {"name": path.name, "path": str(path.resolve()),
-              "sha256": file_sha256(path), "size": path.stat().st_size}
-    calc = open_calculator(path)
-    try:
-        import ase.io.ulm as ulm
-        with ulm.open(str(path)) as r:
-            source["gpaw_version_writer"] = getattr(r, "gpaw_version", None)
-    except Exception:
-        pass
+              "sha256": sha256 or file_sha256(path), "size": path.stat().st_size,
+              "gpaw_version_writer": params.pop("_gpaw_version", None)}
+    calc = open_calculator(path, checked=True)
     return extract_calculator(calc, source=source, threshold=threshold, verify=verify,
                               parameters=params)
 
@@ -336,13 +334,14 @@ def extract_files(paths, outdir, threshold=None, verify=True, overwrite=False,
         it = paths
     for path in it:
         try:
-            read_parameters(path)
+            if not path.is_file():
+                raise GPWError(f"{str(path)!r}: no such file")
             sha = file_sha256(path)
             out, done = _target(outdir, path, sha)
             if done and not overwrite:
                 skipped.append(out)
                 continue
-            arrays, meta = extract(path, threshold=threshold, verify=verify)
+            arrays, meta = extract(path, threshold=threshold, verify=verify, sha256=sha)
             write_structure(out, arrays, meta)
             written.append(out)
         except (GPWError, KPointError, ValueError, OSError) as err:

@@ -18,7 +18,8 @@ class GPWError(ValueError):
 def read_parameters(path) -> dict:
     """Check that ``path`` is a readable LCAO .gpw file; return its parameters.
 
-    Only the file header is read: no calculator is built.
+    Only the file header is read: no calculator is built.  The GPAW version
+    that wrote the file is added as ``"_gpaw_version"``.
     """
     path = Path(path)
     if not path.exists():
@@ -37,6 +38,7 @@ def read_parameters(path) -> dict:
             tag = reader.get_tag() if hasattr(reader, "get_tag") else "gpaw"
             params = reader.parameters.asdict()
             keys = set(reader.keys())
+            writer = getattr(reader, "gpaw_version", None)
     except Exception as err:  # ULM raises many kinds on damaged files
         raise GPWError(f"{str(path)!r}: unreadable or truncated GPAW file ({err})") from err
     if tag.lower() != "gpaw":
@@ -50,12 +52,17 @@ def read_parameters(path) -> dict:
         raise GPWError(
             f"{str(path)!r}: mode {name!r}: expected an LCAO run (mode='lcao'); plane-wave "
             "and finite-difference runs have no Hamiltonian in an atomic-orbital basis")
+    params["_gpaw_version"] = writer
     return params
 
 
-def open_calculator(path):
-    """Restart a GPAW calculator from an LCAO .gpw file (no SCF is run)."""
-    read_parameters(path)
+def open_calculator(path, checked: bool = False):
+    """Restart a GPAW calculator from an LCAO .gpw file (no SCF is run).
+
+    ``checked``: the file already passed :func:`read_parameters`.
+    """
+    if not checked:
+        read_parameters(path)
     from gpaw import GPAW
     try:
         return GPAW(str(path), txt=None)

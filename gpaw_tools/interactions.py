@@ -102,27 +102,31 @@ def find_interactions(atoms: Atoms, basis_rc, projector_rc) -> Interactions:
                         shift=cS.astype(np.int32), vector=vec, two_centre=two)
 
 
+def _pair_images(inter: Interactions):
+    """Per unordered atom pair: the key (i, j), its lattice shifts and vectors.
+
+    For i == j the mirrored shifts -R and the on-site R = 0 are added: they
+    are separate blocks of the same matrix element that must not alias.
+    """
+    i, j = inter.ij[:, 0], inter.ij[:, 1]
+    for key in np.unique(inter.ij, axis=0):
+        sel = (i == key[0]) & (j == key[1])
+        R, vec = inter.shift[sel], inter.vector[sel]
+        if key[0] == key[1]:
+            R = np.concatenate([R, -R, np.zeros((1, 3), int)])
+            vec = np.concatenate([vec, -vec, np.zeros((1, 3))])
+        yield key, R, vec
+
+
 def required_grid(inter: Interactions, pbc) -> np.ndarray:
     """Smallest Gamma-centred grid that separates every pair's images.
 
-    For each unordered atom pair the lattice shifts of all its interacting
-    images (and the mirrored shifts of the transposed pair) must be distinct
-    modulo the grid.  A grid larger than the spread of shifts is sufficient.
+    The lattice shifts of all interacting images of a pair must be distinct
+    modulo the grid; a grid larger than the spread of shifts is sufficient.
     """
     need = np.ones(3, dtype=int)
-    if len(inter) == 0:
-        return need
-    i, j = inter.ij[:, 0], inter.ij[:, 1]
-    S = inter.shift
-    # pairs i == j: both R and -R occur; pairs i < j: only R occurs (the
-    # transposed entries belong to (j, i))
-    for key in np.unique(inter.ij, axis=0):
-        sel = (i == key[0]) & (j == key[1])
-        R = S[sel]
-        if key[0] == key[1]:
-            R = np.concatenate([R, -R, np.zeros((1, 3), int)])
-        span = R.max(axis=0) - R.min(axis=0) + 1
-        need = np.maximum(need, span)
+    for _, R, _ in _pair_images(inter):
+        need = np.maximum(need, R.max(axis=0) - R.min(axis=0) + 1)
     need[~np.asarray(pbc, bool)] = 1
     return need
 
@@ -134,31 +138,20 @@ def check_aliasing(atoms: Atoms, inter: Interactions, grid, basis_rc, projector_
     Gamma-only run, where every atom must see at most one image of any other).
     """
     grid = np.asarray(grid, dtype=int)
-    pbc = np.asarray(atoms.pbc, bool)
-    if len(inter) == 0:
-        return
-    i, j = inter.ij[:, 0], inter.ij[:, 1]
-    S = inter.shift
-    for key in np.unique(inter.ij, axis=0):
-        sel = np.flatnonzero((i == key[0]) & (j == key[1]))
-        R = S[sel]
-        vec = inter.vector[sel]
-        if key[0] == key[1]:
-            R = np.concatenate([R, -R, np.zeros((1, 3), int)])
-            vec = np.concatenate([vec, -vec, np.zeros((1, 3))])
+    for key, R, vec in _pair_images(inter):
         folded = np.mod(R, grid)
-        _, first, counts = np.unique(folded, axis=0, return_index=True,
-                                     return_counts=True)
+        _, inverse, counts = np.unique(folded, axis=0, return_inverse=True,
+                                       return_counts=True)
+        inverse = inverse.ravel()
         if (counts == 1).all():
             continue
-        bad = folded.tolist().index(folded[first[counts > 1][0]].tolist())
-        clash = [k for k in range(len(R)) if (folded[k] == folded[bad]).all()]
-        a, b = clash[0], clash[1]
+        a, b = np.flatnonzero(inverse == np.flatnonzero(counts > 1)[0])[:2]
         sym = atoms.get_chemical_symbols()
-        need = required_grid(inter, pbc)
+        need = required_grid(inter, atoms.pbc)
         radii = interaction_radii(basis_rc, projector_rc)
         reach = radii[key[0]] + radii[key[1]]
         lengths = atoms.cell.lengths()
+        grid_t = tuple(int(x) for x in grid)
         if (grid == 1).all():
             advice = ("Gamma-only data needs every atom to see at most one image of "
                       "any other atom within the range of H. Use a supercell repeated "
@@ -167,13 +160,13 @@ def check_aliasing(atoms: Atoms, inter: Interactions, grid, basis_rc, projector_
                       f"k-sampled run with a Gamma-centred grid of at least "
                       f"{tuple(int(x) for x in need)} and symmetry='off'.")
         else:
-            advice = (f"the k-point grid {tuple(int(x) for x in grid)} is too coarse for "
-                      f"the range of H; use a Gamma-centred grid of at least "
+            advice = (f"the k-point grid {grid_t} is too coarse for the range of H; use "
+                      f"a Gamma-centred grid of at least "
                       f"{tuple(int(x) for x in np.maximum(need, grid))}.")
         raise AliasingError(
             f"atoms {key[0]} ({sym[key[0]]}) and {key[1]} ({sym[key[1]]}) interact "
-            f"through two periodic images that the k-grid {tuple(int(x) for x in grid)} "
-            f"cannot separate: shift {tuple(int(x) for x in R[a])} at "
-            f"{np.linalg.norm(vec[a]):.3f} A and shift {tuple(int(x) for x in R[b])} at "
-            f"{np.linalg.norm(vec[b]):.3f} A (H can reach up to {reach:.2f} A for this "
-            f"pair through PAW projectors). {advice}")
+            f"through two periodic images that the k-grid {grid_t} cannot separate: "
+            f"shift {tuple(int(x) for x in R[a])} at {np.linalg.norm(vec[a]):.3f} A and "
+            f"shift {tuple(int(x) for x in R[b])} at {np.linalg.norm(vec[b]):.3f} A "
+            f"(H can reach up to {reach:.2f} A for this pair through PAW projectors). "
+            f"{advice}")
