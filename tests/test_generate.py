@@ -1,0 +1,60 @@
+"""gpaw_tools.generate: runs, resumes, isolates failures, user basis files."""
+import gzip
+from pathlib import Path
+
+from ase.build import molecule
+from ase.io import write
+
+from ase_gearsh.data import Dataset
+from gpaw_tools.generate import main
+
+
+def _inputs(tmp_path):
+    good = molecule("H2")
+    bad = molecule("H2")
+    bad.positions[1] = bad.positions[0]  # atoms on top of each other: GPAW refuses
+    path = tmp_path / "mols.extxyz"
+    write(path, [good, bad])
+    return path
+
+
+def test_generate_resume_and_failures(tmp_path, capsys):
+    src = _inputs(tmp_path)
+    runs, ds = tmp_path / "runs", tmp_path / "ds"
+    args = [str(src), "-o", str(runs), "--h", "0.3", "--vacuum", "3", "-q",
+            "--extract", str(ds)]
+    assert main(args) == 1
+    out = capsys.readouterr()
+    assert "1 run, 0 already done, 1 failed" in out.out
+    assert "mols-00001" in out.err and "AtomsTooClose" in out.err
+    assert (runs / "mols-00000.gpw").is_file() and (runs / "mols-00000.txt").is_file()
+    assert "AtomsTooClose" in (runs / "mols-00001.error").read_text()
+    assert not list(runs.glob("*.part")) and not list(runs.glob(".*"))
+    assert len(Dataset(ds)) == 1
+    # a re-run skips the finished structure and retries the failed one
+    assert main(args) == 1
+    assert "0 run, 1 already done, 1 failed" in capsys.readouterr().out
+
+
+def test_user_basis_file(tmp_path):
+    """A basis file in --basis-dir, selected per element (here a renamed copy of
+    GPAW's H dzp basis)."""
+    import gpaw_data
+    data = gzip.open(Path(gpaw_data.__file__).parent / "setups" / "H.dzp.basis.gz").read()
+    mine = tmp_path / "mybasis"
+    mine.mkdir()
+    (mine / "H.mine.dzp.basis").write_bytes(data)
+    write(tmp_path / "h2.xyz", molecule("H2"))
+    runs, ds = tmp_path / "runs", tmp_path / "ds"
+    assert main([str(tmp_path / "h2.xyz"), "-o", str(runs), "--h", "0.3", "--vacuum", "3",
+                 "-q", "--basis-dir", str(mine), "--element-basis", "H=mine.dzp",
+                 "--extract", str(ds)]) == 0
+    s = Dataset(ds)[0]
+    assert s.basis["H"]["name"] == "mine.dzp"
+    assert s.basis["H"]["l"] == [0, 0, 1]   # full dzp, not the default szp(dzp)
+    assert "mine.dzp" in (runs / "h2-00000.txt").read_text()
+
+
+def test_bad_arguments(tmp_path, capsys):
+    assert main([str(tmp_path / "none.xyz"), "-o", str(tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err
