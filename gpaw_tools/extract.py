@@ -184,8 +184,8 @@ def extract_calculator(calc, source: dict | None = None, threshold: float | None
     atoms.set_scaled_positions(np.asarray(spos))
     nspins = int(calc.get_number_of_spins())
     species, counts, basis_rc, proj_rc = calculator_basis(calc)
-    grid, kfull, ibz_index, conj = kpoint_grid(calc.get_bz_k_points(),
-                                               calc.get_ibz_k_points(), atoms.pbc)
+    ibzk = np.asarray(calc.get_ibz_k_points(), float).reshape(-1, 3)
+    grid, kfull, ibz_index, conj = kpoint_grid(calc.get_bz_k_points(), ibzk, atoms.pbc)
     inter = find_interactions(atoms, basis_rc, proj_rc)
     check_aliasing(atoms, inter, grid, basis_rc, proj_rc)
 
@@ -213,7 +213,6 @@ def extract_calculator(calc, source: dict | None = None, threshold: float | None
         pair_H, pair_S = pair_H[:, keep_el], pair_S[keep_el]
         offsets = np.concatenate([[0], np.cumsum(sizes[keep])]).astype(np.int64)
 
-    ibzk = np.asarray(calc.get_ibz_k_points(), float).reshape(-1, 3)
     weights = np.asarray(calc.get_k_point_weights(), float)
     eps = np.array([[calc.get_eigenvalues(kpt=k, spin=s) for k in range(len(ibzk))]
                     for s in range(nspins)], dtype=float)
@@ -344,7 +343,7 @@ def extract_files(paths, outdir, threshold=None, verify=True, overwrite=False,
             arrays, meta = extract(path, threshold=threshold, verify=verify, sha256=sha)
             write_structure(out, arrays, meta)
             written.append(out)
-        except (GPWError, KPointError, ValueError, OSError) as err:
+        except (ValueError, OSError) as err:  # GPWError, KPointError, AliasingError
             failed.append((path, str(err)))
             log(f"FAILED {path}: {err}", file=sys.stderr)
         except Exception as err:  # isolate unexpected failures too, with detail
