@@ -1,0 +1,93 @@
+"""One-file model checkpoints (msgpack: arrays and JSON text, never code).
+
+A checkpoint holds the config, network settings, basis registry, scale-shift
+statistics, parameters, package versions and (for ``latest.ckpt``) the
+optimiser and data-order state needed to resume.  Writes are atomic.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .schema import atomic_write_bytes
+
+__all__ = ["CKPT_FORMAT", "CKPT_VERSION", "CheckpointError", "save_checkpoint",
+           "load_checkpoint", "versions"]
+
+CKPT_FORMAT = "gearsh-model"
+CKPT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A missing, corrupt or incompatible checkpoint."""
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+    out = {}
+    for pkg in ("ase-gearsh", "jax", "e3x", "flax", "optax", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _to_numpy(tree):
+    if isinstance(tree, dict):
+        return {str(k): _to_numpy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return {str(k): _to_numpy(v) for k, v in enumerate(tree)}
+    if tree is None:
+        return {}
+    return np.asarray(tree)
+
+
+def save_checkpoint(path, *, config: dict, settings: dict, registry: dict, stats: dict,
+                    params, extra: dict | None = None, state: dict | None = None) -> None:
+    """Write a checkpoint atomically.  ``params``/``state`` are pytrees of arrays."""
+    from flax import serialization
+    payload = {
+        "format": CKPT_FORMAT, "version": CKPT_VERSION,
+        "config": json.dumps(config), "settings": json.dumps(settings),
+        "registry": json.dumps(registry), "versions": json.dumps(versions()),
+        "extra": json.dumps(extra or {}),
+        "stats": {k: np.asarray(v) for k, v in stats.items()},
+        "params": _to_numpy(serialization.to_state_dict(params)),
+    }
+    if state is not None:
+        payload["state"] = _to_numpy(serialization.to_state_dict(state))
+    atomic_write_bytes(Path(path), serialization.msgpack_serialize(payload))
+
+
+def load_checkpoint(path) -> dict:
+    """Read and check a checkpoint; JSON fields are decoded."""
+    from flax import serialization
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} not found")
+    data = path.read_bytes()
+    try:
+        payload = serialization.msgpack_restore(data)
+    except Exception as err:  # msgpack raises several types on garbage
+        raise CheckpointError(f"{path}: not a readable GEARS H checkpoint "
+                              f"({type(err).__name__}: {err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path}: not a GEARS H checkpoint (format "
+                              f"{payload.get('format') if isinstance(payload, dict) else None!r},"
+                              f" expected {CKPT_FORMAT!r})")
+    if payload.get("version") != CKPT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {payload.get('version')}; "
+                              f"this ase_gearsh reads version {CKPT_VERSION}. Retrain, or use "
+                              f"the ase_gearsh release listed in the file's versions")
+    try:
+        for key in ("config", "settings", "registry", "versions", "extra"):
+            payload[key] = json.loads(payload[key])
+        for key in ("stats", "params"):
+            if not isinstance(payload[key], dict):
+                raise KeyError(key)
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: checkpoint is incomplete or corrupt ({err})") from None
+    return payload

@@ -1,0 +1,206 @@
+"""Training configuration: the paper's YAML keys (listings 1-6), checked (no JAX).
+
+``load_config(path)`` returns a nested dict with every default filled in.
+Unknown keys and values of the wrong type raise :class:`ConfigError` naming
+the key, what was expected and what was found.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+__all__ = ["DEFAULTS", "ConfigError", "load_config", "check_config", "model_settings"]
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used."""
+
+
+_ANY = object()   # placeholder type: any YAML value (kwargs dicts)
+_PATHS = (str, list, type(None))
+
+DEFAULTS = {
+    "data": {
+        "directory": ".", "experiment": "gearsh", "train_data_path": None,
+        "val_data_path": None, "n_train": None, "n_valid": None,
+        "bond_fraction": 1.0, "sampling_alpha": 0.0, "atoms_pad_multiple": 100,
+        "nl_pad_multiple": 10000, "batch_size": 1, "valid_batch_size": 1,
+        "shuffle_buffer_size": 100, "energy_unit": "eV", "pos_unit": "Ang",
+        "seed": 0,
+    },
+    "model": {
+        "atom_centered": {
+            "descriptor": {
+                "descriptor_name": "ShallowTDSAAtomCenteredDescriptor",
+                "use_fused_tensor": True, "num_tensordenses": 1,
+                "max_tensordense_degree": 4, "num_tensordense_features": 12,
+                "mp_steps": 0, "mp_degree": 4,
+                "mp_options": {"num_heads": 4, "qkv_features": 32},
+                "mp_basis_options": {"cutoff_fn": "smooth_cutoff", "radial_fn": "basic_fourier",
+                                     "radial_kwargs": {}, "max_degree": 2, "num": 8},
+                "radial_basis": {"cutoff": 8.0, "num_radial": 24, "max_degree": 4,
+                                 "num_elemental_embedding": 32},
+            },
+        },
+        "bond_centered": {
+            "cutoff": 8.0, "max_basis_degree": 4, "max_degree": 4,
+            "tensor_module": "fused_tensor", "tensor_module_dtype": "float32",
+            "bond_expansion_options": {"cutoff_fn": "smooth_cutoff", "radial_fn": "basic_fourier",
+                                       "radial_kwargs": {}, "max_degree": 4, "num": 24},
+        },
+        "mlp": {"mlp_layer_widths": [32, 16, 32], "mlp_dtype": "float32",
+                "mlp_activation_function": "bent_identity"},
+    },
+    "optimizer": {
+        "lr": 0.005, "name": "adan", "opt_kwargs": {"weight_decay": 0.001},
+        "grad_clip": 1.0,
+        "schedule": {"name": "reduce_on_plateau", "factor": 0.9, "patience": 50,
+                     "min_scale": 0.01, "rtol": 0.01, "atol": 0.0, "cooldown": 25,
+                     "accumulation_size": None},
+    },
+    "loss": {
+        "name": "weighted_mse_and_rmse",
+        "loss_parameters": {"off_diagonal_weight": 4.0, "on_diagonal_weight": 1.0,
+                            "mse_weight": 1.0, "rmse_weight": 1.0, "loss_multiplier": 5.0},
+    },
+    "training": {"n_epochs": 100, "seed": 0, "num_devices": 1, "max_minutes": None,
+                 "checkpoint_every": 1, "valid_every": 1},
+}
+
+# expected types for leaves whose default is None or that accept several types
+_TYPES = {
+    "data.train_data_path": _PATHS, "data.val_data_path": _PATHS,
+    "data.n_train": (int, type(None)), "data.n_valid": (int, type(None)),
+    "data.bond_fraction": (int, float), "data.sampling_alpha": (int, float),
+    "optimizer.lr": (int, float), "optimizer.grad_clip": (int, float, type(None)),
+    "optimizer.schedule.name": (str, type(None)),
+    "optimizer.schedule.accumulation_size": (int, type(None)),
+    "optimizer.schedule.atol": (int, float), "optimizer.schedule.rtol": (int, float),
+    "optimizer.schedule.factor": (int, float), "optimizer.schedule.min_scale": (int, float),
+    "model.atom_centered.descriptor.radial_basis.cutoff": (int, float),
+    "model.bond_centered.cutoff": (int, float),
+    "training.max_minutes": (int, float, type(None)),
+    "training.num_devices": (int, str),
+}
+_FREE = {"optimizer.opt_kwargs", "model.atom_centered.descriptor.mp_basis_options.radial_kwargs",
+         "model.bond_centered.bond_expansion_options.radial_kwargs"}
+_CHOICES = {
+    "data.energy_unit": ("eV",), "data.pos_unit": ("Ang", "Angstrom", "A"),
+    "loss.name": ("weighted_mse_and_rmse",),
+    "model.bond_centered.tensor_module": ("fused_tensor", "tensor"),
+    "model.bond_centered.tensor_module_dtype": ("float32",),
+    "model.mlp.mlp_dtype": ("float32",),
+    "model.mlp.mlp_activation_function": ("bent_identity", "mish", "silu", "swish", "gelu",
+                                          "shifted_softplus", "relu"),
+    "model.atom_centered.descriptor.descriptor_name": ("ShallowTDSAAtomCenteredDescriptor",),
+    "optimizer.schedule.name": ("reduce_on_plateau", None),
+}
+for _k in ("model.atom_centered.descriptor.mp_basis_options",
+           "model.bond_centered.bond_expansion_options"):
+    _CHOICES[_k + ".cutoff_fn"] = ("smooth_cutoff", "cosine_cutoff")
+    _CHOICES[_k + ".radial_fn"] = ("basic_fourier", "basic_bernstein", "basic_chebyshev",
+                                   "basic_gaussian")
+
+
+def _type_name(t):
+    if isinstance(t, tuple):
+        return " or ".join(_type_name(x) for x in t)
+    return "null" if t is type(None) else t.__name__
+
+
+def _merge(default, given, where):
+    out = copy.deepcopy(default)
+    if not isinstance(given, dict):
+        raise ConfigError(f"'{where or 'config'}' must be a mapping, got {type(given).__name__}")
+    for key, value in given.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in default:
+            raise ConfigError(f"unknown key '{path}'; known keys here: "
+                              f"{', '.join(sorted(default))}")
+        d = default[key]
+        if path in _FREE:
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{path}' must be a mapping, got {value!r}")
+            out[key] = value
+        elif isinstance(d, dict):
+            out[key] = _merge(d, value if value is not None else {}, path)
+        else:
+            expected = _TYPES.get(path)
+            if expected is None:
+                expected = (int, float) if type(d) is float else type(d)
+            ok = isinstance(value, expected) and not (
+                isinstance(value, bool) and bool not in (expected if isinstance(expected, tuple)
+                                                         else (expected,)))
+            if not ok:
+                raise ConfigError(f"'{path}' must be {_type_name(expected)}, got "
+                                  f"{value!r} ({type(value).__name__})")
+            if path in _CHOICES and value not in _CHOICES[path]:
+                raise ConfigError(f"'{path}' must be one of {list(_CHOICES[path])}, got {value!r}")
+            out[key] = value
+    return out
+
+
+def check_config(given: dict) -> dict:
+    """Merge a user config into the defaults, checking keys, types and values."""
+    cfg = _merge(DEFAULTS, given or {}, "")
+    d = cfg["data"]
+    if not d["train_data_path"]:
+        raise ConfigError("'data.train_data_path' is required: a dataset folder written by "
+                          "python -m gpaw_tools.extract (or a list of them)")
+    if not 0 < d["bond_fraction"] <= 1:
+        raise ConfigError(f"'data.bond_fraction' must be in (0, 1], got {d['bond_fraction']}")
+    for k in ("batch_size", "valid_batch_size", "atoms_pad_multiple", "nl_pad_multiple"):
+        if d[k] < 1:
+            raise ConfigError(f"'data.{k}' must be >= 1, got {d[k]}")
+    desc = cfg["model"]["atom_centered"]["descriptor"]
+    if desc["mp_steps"] < 0 or desc["num_tensordenses"] < 0:
+        raise ConfigError("'mp_steps' and 'num_tensordenses' must be >= 0")
+    for k in ("model.atom_centered.descriptor.radial_basis.cutoff", "model.bond_centered.cutoff"):
+        node = cfg
+        for part in k.split("."):
+            node = node[part]
+        if node <= 0:
+            raise ConfigError(f"'{k}' must be > 0 (Angstrom), got {node}")
+    nd = cfg["training"]["num_devices"]
+    if isinstance(nd, str) and nd != "all":
+        raise ConfigError(f"'training.num_devices' must be an integer or 'all', got {nd!r}")
+    return cfg
+
+
+def load_config(path) -> dict:
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} not found")
+    try:
+        given = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return check_config(given or {})
+
+
+def model_settings(cfg: dict, n_species: int, out_max_degree: int, out_features: int):
+    """Translate the ``model`` section into :class:`ase_gearsh.model.ModelSettings` kwargs."""
+    desc = cfg["model"]["atom_centered"]["descriptor"]
+    rb = desc["radial_basis"]
+    mpb = desc["mp_basis_options"]
+    bond = cfg["model"]["bond_centered"]
+    be = bond["bond_expansion_options"]
+    mlp = cfg["model"]["mlp"]
+    return dict(
+        n_species=n_species, out_max_degree=out_max_degree, out_features=out_features,
+        cutoff=float(rb["cutoff"]), num_radial=rb["num_radial"],
+        radial_max_degree=rb["max_degree"], num_elemental_embedding=rb["num_elemental_embedding"],
+        num_tensordenses=desc["num_tensordenses"],
+        max_tensordense_degree=desc["max_tensordense_degree"],
+        num_tensordense_features=desc["num_tensordense_features"],
+        use_fused_tensor=desc["use_fused_tensor"], mp_steps=desc["mp_steps"],
+        mp_degree=desc["mp_degree"], mp_num_heads=desc["mp_options"].get("num_heads", 4),
+        mp_qkv_features=desc["mp_options"].get("qkv_features", 32),
+        mp_basis_max_degree=mpb["max_degree"], mp_basis_num=mpb["num"],
+        mp_radial_fn=mpb["radial_fn"], mp_cutoff_fn=mpb["cutoff_fn"],
+        bond_cutoff=float(bond["cutoff"]), bond_max_degree=bond["max_degree"],
+        bond_tensor=bond["tensor_module"], bond_basis_max_degree=be["max_degree"],
+        bond_basis_num=be["num"], bond_radial_fn=be["radial_fn"],
+        bond_cutoff_fn=be["cutoff_fn"], mlp_layer_widths=tuple(mlp["mlp_layer_widths"]),
+        activation=mlp["mlp_activation_function"])

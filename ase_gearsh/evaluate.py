@@ -1,0 +1,160 @@
+"""``gearsh eval model.ckpt DATASET``: H and eigenvalue errors against the DFT reference.
+
+H MAE (meV) over every stored matrix element (on-site, pair, all); eigenvalue
+MAE (meV) within +-5 eV of the Fermi level and over all states, from the
+predicted H with the dataset's exact S at the reference k-points.  Averages
+are per structure, then over structures (as in the paper), and also over all
+values pooled.  Writes ``summary.json``, ``structures.csv`` and PNGs (parity,
+error CDFs, eigenvalue errors against energy) when an output folder is given.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy.linalg import eigh
+
+from .data import Dataset, assemble
+
+__all__ = ["evaluate", "predict_structure_blocks"]
+
+WINDOW = 5.0  # eV around the Fermi level
+
+
+def predict_structure_blocks(model, structure):
+    """Predicted flat on-site and pair blocks in the dataset's own pair order."""
+    model.registry.check_basis(structure.basis, structure.meta["source"]["name"])
+    g = model.graph(structure.atoms)
+    on_c, pr_c = model.predict_graph(g)
+    on, pr = model.to_gpaw_order(g, on_c, pr_c)
+    counts = structure.orbital_counts
+    a = structure.arrays
+    sizes = counts[g.pair_i] * counts[g.pair_j]
+    start = np.concatenate([[0], np.cumsum(sizes)])
+    key = {(int(i), int(j), *map(int, R)): p for p, (i, j, R) in
+           enumerate(zip(g.pair_i, g.pair_j, g.pair_shift))}
+    out = np.zeros_like(a["pair_H"][0])
+    off = a["pair_offsets"]
+    matched = 0
+    for p, ((i, j), R) in enumerate(zip(a["pair_ij"], a["pair_shift"])):
+        q = key.get((int(i), int(j), *map(int, R)))
+        if q is not None:
+            out[off[p]:off[p + 1]] = pr[start[q]:start[q + 1]]
+            matched += 1
+    if matched != len(key):
+        raise RuntimeError(f"{structure.meta['source']['name']}: {len(key) - matched} "
+                           f"predicted pairs are not stored in the dataset; re-extract "
+                           f"it without --threshold")
+    return on, out
+
+
+def evaluate(model_path, dataset, output=None, limit=None, progress=True) -> dict:
+    from tqdm.auto import tqdm
+    from .engine import Model
+    model = Model.from_checkpoint(model_path)
+    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    rows, pooled = [], {"ref": [], "pred": [], "onsite": [], "eig_err": [], "eig_ref": []}
+    for k in tqdm(range(n), desc="evaluate", unit="structure", disable=not progress):
+        s = ds[k]
+        on, pr = predict_structure_blocks(model, s)
+        a = s.arrays
+        d_on = on - a["onsite_H"][0]
+        d_pr = pr - a["pair_H"][0]
+        errs, eref = [], []
+        for kpt, ref in zip(a["kpts"], a["eigenvalues"][0]):
+            Hk = assemble(a["orbital_counts"], on, a["pair_ij"], a["pair_shift"], pr, kpt=kpt)
+            Sk = s.overlap(kpt)
+            e = eigh(Hk, Sk, eigvals_only=True)[:len(ref)]
+            errs.append(e - ref)
+            eref.append(ref)
+        errs, eref = np.concatenate(errs), np.concatenate(eref)
+        window = np.abs(eref - s.fermi_level) <= WINDOW
+        rows.append({
+            "name": s.meta["source"]["name"], "atoms": len(s.atoms),
+            "h_mae_onsite_meV": 1e3 * np.abs(d_on).mean(),
+            "h_mae_pair_meV": 1e3 * np.abs(d_pr).mean() if d_pr.size else 0.0,
+            "h_mae_meV": 1e3 * np.abs(np.concatenate([d_on, d_pr])).mean(),
+            "eig_mae_window_meV": 1e3 * np.abs(errs[window]).mean() if window.any() else
+            float("nan"),
+            "eig_mae_all_meV": 1e3 * np.abs(errs).mean()})
+        pooled["ref"].append(np.concatenate([a["onsite_H"][0], a["pair_H"][0]]))
+        pooled["pred"].append(np.concatenate([on, pr]))
+        pooled["onsite"].append(np.r_[np.ones(on.size, bool), np.zeros(pr.size, bool)])
+        pooled["eig_err"].append(errs)
+        pooled["eig_ref"].append(eref - s.fermi_level)
+    p = {k: np.concatenate(v) for k, v in pooled.items()}
+    herr = np.abs(p["pred"] - p["ref"])
+    summary = {"model": str(model_path), "dataset": str(ds.path), "structures": n}
+    for key in ("h_mae_onsite_meV", "h_mae_pair_meV", "h_mae_meV", "eig_mae_window_meV",
+                "eig_mae_all_meV"):
+        summary[key] = float(np.nanmean([r[key] for r in rows]))
+    summary["pooled"] = {
+        "h_mae_onsite_meV": float(1e3 * herr[p["onsite"]].mean()),
+        "h_mae_pair_meV": float(1e3 * herr[~p["onsite"]].mean()),
+        "h_mae_meV": float(1e3 * herr.mean()),
+        "h_median_meV": float(1e3 * np.median(herr)),
+        "eig_mae_all_meV": float(1e3 * np.abs(p["eig_err"]).mean()),
+        "eig_median_meV": float(1e3 * np.median(np.abs(p["eig_err"])))}
+    if output is not None:
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        (out / "structures.csv").write_text(buf.getvalue())
+        _plots(out, p, summary)
+    return summary
+
+
+def _cdf(ax, values, label):
+    v = np.sort(values[values > 1e-4])  # errors above 0.1 meV, as in the paper
+    if len(v):
+        ax.semilogx(v * 1e3, np.arange(1, len(v) + 1) / len(v))
+    q = np.percentile(values * 1e3, [25, 50, 75])
+    ax.set_title(f"{label}: quartiles {q[0]:.2g}/{q[1]:.2g}/{q[2]:.2g} meV, "
+                 f"MAE {values.mean() * 1e3:.3g} meV", fontsize=8)
+    ax.set_xlabel("|error| (meV)")
+    ax.set_ylabel("cumulative fraction")
+
+
+def _plots(out: Path, p: dict, summary: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+    fig, ax = plt.subplots(2, 2, figsize=(10, 8))
+    ax[0, 0].hist2d(p["eig_ref"], p["eig_err"] * 1e3, bins=(80, 80), norm=LogNorm(),
+                    cmap="viridis")
+    ax[0, 0].axvspan(-WINDOW, WINDOW, color="k", alpha=0.06)
+    ax[0, 0].set_xlabel("reference eigenvalue - E_F (eV)")
+    ax[0, 0].set_ylabel("eigenvalue error (meV)")
+    ax[0, 0].set_title(f"eigenvalue MAE within +-{WINDOW:g} eV: "
+                       f"{summary['eig_mae_window_meV']:.3g} meV", fontsize=9)
+    ax[0, 1].hist2d(p["ref"], p["pred"] - p["ref"], bins=(100, 100), norm=LogNorm(),
+                    cmap="viridis")
+    ax[0, 1].set_yscale("asinh", linear_width=1e-3)
+    ax[0, 1].set_xlabel("reference H element (eV)")
+    ax[0, 1].set_ylabel("error (eV, asinh scale)")
+    ax[0, 1].set_title(f"H MAE {summary['h_mae_meV']:.3g} meV (on-site "
+                       f"{summary['h_mae_onsite_meV']:.3g}, pair "
+                       f"{summary['h_mae_pair_meV']:.3g})", fontsize=9)
+    _cdf(ax[1, 0], np.abs(p["eig_err"]), "eigenvalues")
+    _cdf(ax[1, 1], np.abs(p["pred"] - p["ref"]), "H elements")
+    fig.tight_layout()
+    fig.savefig(out / "errors.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    lim = [p["ref"].min(), p["ref"].max()]
+    ax.hist2d(p["ref"], p["pred"], bins=150, norm=LogNorm(), cmap="viridis")
+    ax.plot(lim, lim, "k--", lw=0.5)
+    ax.set_xlabel("reference H (eV)")
+    ax.set_ylabel("predicted H (eV)")
+    fig.tight_layout()
+    fig.savefig(out / "parity.png", dpi=120)
+    plt.close(fig)

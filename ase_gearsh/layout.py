@@ -1,0 +1,273 @@
+"""Basis registry and the mapping between Hamiltonian blocks and irreps (numpy only).
+
+Every atom's orbitals are placed in one *canonical* layout shared by all
+species: shell slots ordered by angular momentum l, then by the order of the
+shells with that l in GPAW's basis.  A species fills the slots it has; the rest
+are masked.  Because the layout is the same for every species pair, the output
+of the network (e3x features of shape ``(2, (L_max+1)**2, F)``) maps to a block
+through one fixed table, and no layout can differ between datasets that share a
+registry.
+
+The (l1, l2) sub-block of a block decomposes into irreps
+``L = |l1-l2| .. l1+l2`` with parity ``(-1)**(l1+l2)`` through real
+Clebsch-Gordan coefficients (e3x, ``cartesian_order=False``: GPAW's real
+spherical harmonic order).  Each sub-block is given the first feature index
+whose required (parity, L) channels are still free.
+
+Rotation rule (e3x row vectors): ``H'_ij = D_i^T H_ij D_j`` and the irreps
+transform as ``c' = c @ D_L``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+__all__ = ["Registry", "Layout", "clebsch_gordan", "RegistryError"]
+
+LMAX_SUPPORTED = 3  # up to f orbitals
+
+
+class RegistryError(ValueError):
+    """Species or basis sets that do not match the model's registry."""
+
+
+def clebsch_gordan(lmax: int) -> np.ndarray:
+    """Real Clebsch-Gordan table ``C[l1m1, l2m2, LM]`` in GPAW/e3x orbital order."""
+    import e3x  # imported here: the rest of this module is numpy only
+    import jax
+    with jax.enable_x64(True):  # float64 table: the block <-> irreps map is exact
+        cg = e3x.so3.clebsch_gordan(lmax, lmax, 2 * lmax, cartesian_order=False)
+    return np.asarray(cg, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Species -> basis (symbol, basis name, l of each shell, radii in A).
+
+    ``species`` is ordered by atomic number; species index 0 is padding, so
+    species ``k`` of this list has model index ``k + 1``.
+    """
+    species: tuple  # of dicts: symbol, number, name, l (tuple), rc, projector_rc
+
+    @classmethod
+    def from_basis(cls, basis: dict) -> "Registry":
+        from ase.data import atomic_numbers
+        entries = []
+        for sym, b in basis.items():
+            ls = tuple(int(x) for x in b["l"])
+            if max(ls) > LMAX_SUPPORTED:
+                raise RegistryError(f"{sym}: basis has l={max(ls)}; the model supports "
+                                    f"l <= {LMAX_SUPPORTED} (s, p, d, f)")
+            entries.append(dict(symbol=sym, number=int(atomic_numbers[sym]),
+                                name=str(b.get("name", "")), l=ls, rc=float(np.max(b["rc"])),
+                                projector_rc=float(b.get("projector_rc", 0.0))))
+        entries.sort(key=lambda e: e["number"])
+        return cls(tuple(entries))
+
+    @classmethod
+    def from_structures(cls, structures) -> "Registry":
+        """Union of the structures' basis sets; the same element must use one basis."""
+        merged, where = {}, {}
+        for s in structures:
+            for sym, b in s.basis.items():
+                key = (str(b.get("name", "")), tuple(int(x) for x in b["l"]))
+                if sym in merged and merged[sym][0] != key:
+                    raise RegistryError(
+                        f"element {sym} has two basis sets: {merged[sym][0][0]!r} "
+                        f"(l={list(merged[sym][0][1])}) in {where[sym]} and {key[0]!r} "
+                        f"(l={list(key[1])}) in {s.meta['source']['name']}; a model needs "
+                        f"one basis per element")
+                merged.setdefault(sym, (key, b))
+                where.setdefault(sym, s.meta["source"]["name"])
+        return cls.from_basis({sym: v[1] for sym, v in merged.items()})
+
+    def to_dict(self) -> dict:
+        return {"species": [dict(e, l=list(e["l"])) for e in self.species]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Registry":
+        return cls(tuple(dict(e, l=tuple(e["l"])) for e in d["species"]))
+
+    @property
+    def symbols(self) -> list[str]:
+        return [e["symbol"] for e in self.species]
+
+    @property
+    def n_species(self) -> int:
+        return len(self.species)
+
+    @cached_property
+    def _index(self) -> dict:
+        return {e["number"]: k + 1 for k, e in enumerate(self.species)}
+
+    def species_index(self, numbers) -> np.ndarray:
+        """Model species index (1..n) of each atomic number; clear error if unknown."""
+        numbers = np.asarray(numbers)
+        out = np.zeros(len(numbers), dtype=np.int32)
+        for z in np.unique(numbers):
+            if int(z) not in self._index:
+                from ase.data import chemical_symbols
+                raise RegistryError(
+                    f"element {chemical_symbols[int(z)]} is not known to this model; it "
+                    f"was trained on {', '.join(self.symbols)}")
+            out[numbers == z] = self._index[int(z)]
+        return out
+
+    def check_basis(self, basis: dict, where: str = "dataset") -> None:
+        """Raise if a dataset's basis sets differ from this registry's."""
+        known = {e["symbol"]: e for e in self.species}
+        for sym, b in basis.items():
+            if sym not in known:
+                raise RegistryError(f"{where}: element {sym} is not in the model's "
+                                    f"registry ({', '.join(self.symbols)})")
+            ls = tuple(int(x) for x in b["l"])
+            if ls != known[sym]["l"] or str(b.get("name", "")) != known[sym]["name"]:
+                raise RegistryError(
+                    f"{where}: {sym} uses basis {b.get('name')!r} with l={list(ls)}, the "
+                    f"model expects {known[sym]['name']!r} with l={list(known[sym]['l'])}")
+
+    @property
+    def rc(self) -> np.ndarray:
+        """Basis cut-off radius (A) per model species index (index 0: padding, 0)."""
+        return np.array([0.0] + [e["rc"] for e in self.species])
+
+    @property
+    def n_orbitals(self) -> np.ndarray:
+        return np.array([0] + [sum(2 * l + 1 for l in e["l"]) for e in self.species])
+
+
+class Layout:
+    """Canonical orbital layout and block <-> irreps tables for a registry."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        lmax = max(max(e["l"]) for e in registry.species)
+        self.lmax = lmax
+        self.lmax_out = 2 * lmax
+        nslots = [0] * (lmax + 1)
+        for e in registry.species:
+            for l in range(lmax + 1):
+                nslots[l] = max(nslots[l], sum(1 for x in e["l"] if x == l))
+        # shell slots (l, k) and their first canonical orbital
+        self.slots = [(l, k) for l in range(lmax + 1) for k in range(nslots[l])]
+        starts, n = [], 0
+        for l, _ in self.slots:
+            starts.append(n)
+            n += 2 * l + 1
+        self.slot_start = starts
+        self.n = n  # canonical orbitals per atom
+        # per species: canonical index of each GPAW orbital, and mask of used slots
+        self.perm = [np.zeros(0, dtype=np.int64)]
+        self.orbital_mask = np.zeros((registry.n_species + 1, n), dtype=bool)
+        for s, e in enumerate(registry.species, start=1):
+            seen = [0] * (lmax + 1)
+            idx = []
+            for l in e["l"]:
+                slot = self.slots.index((l, seen[l]))
+                seen[l] += 1
+                idx.extend(range(starts[slot], starts[slot] + 2 * l + 1))
+            self.perm.append(np.array(idx, dtype=np.int64))
+            self.orbital_mask[s, idx] = True
+        self._assign_features()
+
+    def _assign_features(self):
+        used = set()
+        self.subblocks = []  # (slot_a, slot_b, l1, l2, parity, feature)
+        for a, (l1, _) in enumerate(self.slots):
+            for b, (l2, _) in enumerate(self.slots):
+                p = (l1 + l2) % 2
+                Ls = range(abs(l1 - l2), l1 + l2 + 1)
+                f = 0
+                while any((p, L, f) in used for L in Ls):
+                    f += 1
+                used.update((p, L, f) for L in Ls)
+                self.subblocks.append((a, b, l1, l2, p, f))
+        self.n_features = 1 + max(sb[5] for sb in self.subblocks)
+        self.irreps_shape = (2, (self.lmax_out + 1) ** 2, self.n_features)
+
+    @cached_property
+    def gather_tables(self):
+        """``block[e] = sum_t coef[e, t] * irreps_flat[index[e, t]]`` for the n*n block.
+
+        Also returns, for every flat irreps slot, the (parity, L, feature) it
+        belongs to (-1 for unused slots).
+        """
+        cg = clebsch_gordan(self.lmax)
+        n = self.n
+        terms = [[] for _ in range(n * n)]
+        P, LM, F = self.irreps_shape
+        flat = lambda p, lm, f: (p * LM + lm) * F + f  # noqa: E731
+        slot_of = np.full(P * LM * F, -1)
+        for a, b, l1, l2, p, f in self.subblocks:
+            ra, rb = self.slot_start[a], self.slot_start[b]
+            for L in range(abs(l1 - l2), l1 + l2 + 1):
+                for M in range(2 * L + 1):
+                    slot_of[flat(p, L * L + M, f)] = L
+                    sub = cg[l1 * l1:(l1 + 1) ** 2, l2 * l2:(l2 + 1) ** 2, L * L + M]
+                    for m1, m2 in zip(*np.nonzero(np.abs(sub) > 1e-12)):
+                        terms[(ra + m1) * n + rb + m2].append((flat(p, L * L + M, f),
+                                                               sub[m1, m2]))
+        T = max(len(t) for t in terms)
+        index = np.zeros((n * n, T), dtype=np.int32)
+        coef = np.zeros((n * n, T), dtype=np.float64)
+        for e, t in enumerate(terms):
+            for k, (i, c) in enumerate(t):
+                index[e, k], coef[e, k] = i, c
+        return index, coef, slot_of
+
+    @cached_property
+    def scatter_matrix(self) -> np.ndarray:
+        """Dense (n*n, 2*(Lout+1)^2*F) map irreps -> block (for numpy use)."""
+        index, coef, _ = self.gather_tables
+        M = np.zeros((self.n * self.n, int(np.prod(self.irreps_shape))))
+        for e in range(self.n * self.n):
+            np.add.at(M[e], index[e], coef[e])
+        return M
+
+    def irreps_to_blocks(self, irreps: np.ndarray) -> np.ndarray:
+        """(..., 2, (Lout+1)^2, F) -> canonical blocks (..., n, n)."""
+        flat = irreps.reshape(*irreps.shape[:-3], -1)
+        return (flat @ self.scatter_matrix.T).reshape(*irreps.shape[:-3], self.n, self.n)
+
+    def blocks_to_irreps(self, blocks: np.ndarray) -> np.ndarray:
+        """Canonical blocks (..., n, n) -> irreps (..., 2, (Lout+1)^2, F).
+
+        Exact inverse of :meth:`irreps_to_blocks` on the used irreps slots (the
+        Clebsch-Gordan map of each sub-block is orthogonal).
+        """
+        flat = blocks.reshape(*blocks.shape[:-2], -1) @ self.scatter_matrix
+        return flat.reshape(*blocks.shape[:-2], *self.irreps_shape)
+
+    @cached_property
+    def irreps_mask(self) -> np.ndarray:
+        """(n_species+1, n_species+1, 2, (Lout+1)^2, F): slots used by a species pair."""
+        ns = self.registry.n_species + 1
+        mask = np.zeros((ns, ns) + self.irreps_shape, dtype=bool)
+        P, LM, F = self.irreps_shape
+        for a, b, l1, l2, p, f in self.subblocks:
+            for s1 in range(1, ns):
+                if not self.orbital_mask[s1, self.slot_start[a]]:
+                    continue
+                for s2 in range(1, ns):
+                    if self.orbital_mask[s2, self.slot_start[b]]:
+                        for L in range(abs(l1 - l2), l1 + l2 + 1):
+                            mask[s1, s2, p, L * L:(L + 1) ** 2, f] = True
+        return mask
+
+    def block_mask(self, s1, s2) -> np.ndarray:
+        """(…, n, n) mask of the canonical block entries used by species pairs."""
+        m1 = self.orbital_mask[np.asarray(s1)]
+        m2 = self.orbital_mask[np.asarray(s2)]
+        return m1[..., :, None] & m2[..., None, :]
+
+    def to_canonical(self, block: np.ndarray, s1: int, s2: int, dtype=np.float32):
+        """GPAW-order block (n1, n2) -> canonical (n, n), zeros in unused slots."""
+        out = np.zeros((self.n, self.n), dtype=dtype)
+        out[np.ix_(self.perm[s1], self.perm[s2])] = block
+        return out
+
+    def from_canonical(self, block: np.ndarray, s1: int, s2: int) -> np.ndarray:
+        """Canonical (..., n, n) -> GPAW-order (..., n1, n2)."""
+        return block[..., self.perm[s1][:, None], self.perm[s2][None, :]]

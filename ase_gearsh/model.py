@@ -1,0 +1,304 @@
+"""The GEARS H network (flax/e3x) and the pure functions that turn its output into blocks.
+
+Every e3x call passes ``cartesian_order=False`` (GPAW's real spherical
+harmonic order) and spherical harmonics use ``normalization='orthonormal'``.
+All normalisations are per atom or per bond: padding never changes a result.
+
+Pipeline (paper section 2.1 and S2)::
+
+    species-aware radial basis -> 2B density -> TensorDense body orders (kept
+    separate) -> optional self-attention message passing -> nonlinear block ->
+    degree reduction, concatenation                         = atom descriptor
+    atom descriptor -> residual dense block -> on-site readout
+    (d_i + d_j) -> nonlinear block, (x) species-aware bond expansion
+                -> residual dense block -> pair readout
+    readouts -> scale-shift (closed-form statistics) -> envelope -> blocks
+
+Pairs are evaluated in both orientations and combined as
+``H_ij = (F(i->j) + F(j->i)^T) / 2``: one block per unordered pair, exactly
+``H_ji = H_ij^T`` and exactly permutation equivariant.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Sequence
+
+import e3x
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["ModelSettings", "GearsHNet", "EquivariantLayerNorm", "postprocess",
+           "envelope", "count_parameters"]
+
+_ACTIVATIONS = {"bent_identity": e3x.nn.bent_identity, "mish": e3x.nn.mish,
+                "silu": e3x.nn.silu, "swish": e3x.nn.swish, "gelu": e3x.nn.gelu,
+                "shifted_softplus": e3x.nn.shifted_softplus, "relu": e3x.nn.relu,
+                "tanh": getattr(e3x.nn, "tanh", None) or e3x.nn.hard_tanh}
+_RADIAL = {"basic_fourier": e3x.nn.basic_fourier, "basic_bernstein": e3x.nn.basic_bernstein,
+           "basic_chebyshev": e3x.nn.basic_chebyshev, "basic_gaussian": e3x.nn.basic_gaussian}
+_CUTOFF = {"smooth_cutoff": e3x.nn.smooth_cutoff, "cosine_cutoff": e3x.nn.cosine_cutoff}
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Hyperparameters of the network (the ``model`` section of the config)."""
+    n_species: int
+    out_max_degree: int
+    out_features: int
+    # atom-centred
+    cutoff: float = 8.0
+    num_radial: int = 24
+    radial_max_degree: int = 4
+    num_elemental_embedding: int = 32
+    num_tensordenses: int = 1
+    max_tensordense_degree: int = 4
+    num_tensordense_features: int = 12
+    use_fused_tensor: bool = True
+    mp_steps: int = 0
+    mp_degree: int = 4
+    mp_num_heads: int = 4
+    mp_qkv_features: int = 32
+    mp_basis_max_degree: int = 2
+    mp_basis_num: int = 8
+    mp_radial_fn: str = "basic_fourier"
+    mp_cutoff_fn: str = "smooth_cutoff"
+    # bond-centred
+    bond_cutoff: float = 8.0
+    bond_max_degree: int = 4
+    bond_tensor: str = "fused_tensor"
+    bond_basis_max_degree: int = 4
+    bond_basis_num: int = 24
+    bond_radial_fn: str = "basic_fourier"
+    bond_cutoff_fn: str = "smooth_cutoff"
+    # residual dense block
+    mlp_layer_widths: tuple = (32, 16, 32)
+    activation: str = "bent_identity"
+    radial_fn: str = "basic_fourier"
+    cutoff_fn: str = "smooth_cutoff"
+
+
+def _basis(vec, *, max_degree, num, cutoff, radial_fn, cutoff_fn):
+    """Radial (scaled by the cut-off) x orthonormal real spherical harmonics."""
+    return e3x.nn.basis(
+        vec, max_degree=max_degree, num=num,
+        radial_fn=partial(_RADIAL[radial_fn], limit=cutoff),
+        cutoff_fn=partial(_CUTOFF[cutoff_fn], cutoff=cutoff),
+        angular_fn=partial(e3x.so3.spherical_harmonics, r_is_normalized=True,
+                           normalization="orthonormal"),
+        cartesian_order=False)
+
+
+def _with_pseudotensors(x, max_degree):
+    return e3x.nn.change_max_degree_or_type(x, max_degree=max_degree,
+                                            include_pseudotensors=True)
+
+
+class EquivariantLayerNorm(nn.Module):
+    """Layer normalisation of one atom's (or bond's) features, E(3)-equivariant.
+
+    Even scalars are centred and scaled over the features; all other irreps
+    together are divided by their joint RMS (one number per atom or bond, so a
+    channel that is zero by symmetry is not blown up to noise).  A learnable
+    scale per (parity, degree, feature).  Statistics never mix atoms, so
+    padding and distant atoms cannot leak in.
+    """
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        P, LM, F = x.shape[-3:]
+        lmax = int(round(np.sqrt(LM))) - 1
+        scale = self.param("scale", nn.initializers.ones, (P, lmax + 1, F))
+        bias = self.param("bias", nn.initializers.zeros, (F,))
+        degree = np.repeat(np.arange(lmax + 1), 2 * np.arange(lmax + 1) + 1)
+        s = x[..., 0:1, 0:1, :]
+        s = s - s.mean(axis=-1, keepdims=True)
+        s = s / jnp.sqrt((s * s).mean(axis=-1, keepdims=True) + self.eps) + bias
+        is_scalar = np.zeros((P, LM, 1), dtype=bool)
+        is_scalar[0, 0, 0] = True
+        rest = jnp.where(is_scalar, 0.0, x)
+        n_rest = P * LM * F - F
+        norm = jnp.sqrt((rest * rest).sum(axis=(-3, -2, -1), keepdims=True) / n_rest + self.eps)
+        out = jnp.where(is_scalar, s, rest / norm)
+        return out * scale[:, degree, :]
+
+
+class NonlinearBlock(nn.Module):
+    """Two dense layers with LayerNorm and a gated activation, plus a residual."""
+    activation: str = "bent_identity"
+
+    @nn.compact
+    def __call__(self, x):
+        F = x.shape[-1]
+        act = _ACTIVATIONS[self.activation]
+        y = EquivariantLayerNorm()(x)
+        y = act(e3x.nn.Dense(F)(y))
+        y = EquivariantLayerNorm()(y)
+        y = e3x.nn.Dense(F)(y)
+        return x + y
+
+
+class ResidualDense(nn.Module):
+    """The shared residual dense block (paper listing 4)."""
+    widths: Sequence[int]
+    activation: str = "bent_identity"
+
+    @nn.compact
+    def __call__(self, x):
+        act = _ACTIVATIONS[self.activation]
+        h = x
+        for k, w in enumerate(self.widths):
+            h = e3x.nn.Dense(w)(h)
+            if k < len(self.widths) - 1:
+                h = act(h)
+        skip = x if x.shape[-1] == self.widths[-1] else \
+            e3x.nn.Dense(self.widths[-1], use_bias=False, name="skip")(x)
+        return act(h + skip)
+
+
+class AtomDescriptor(nn.Module):
+    s: ModelSettings
+
+    @nn.compact
+    def __call__(self, species, edge_i, edge_j, edge_vec):
+        s = self.s
+        N = species.shape[0]
+        F = s.num_tensordense_features
+        emb = e3x.nn.Embed(s.n_species + 1, s.num_elemental_embedding, name="embed")
+        e_centre = emb(species).reshape(N, -1)  # e3x returns (N, 1, 1, features)
+        basis = _basis(edge_vec, max_degree=s.radial_max_degree, num=s.num_radial,
+                       cutoff=s.cutoff, radial_fn=s.radial_fn, cutoff_fn=s.cutoff_fn)
+        # species-aware radial functions: depend on centre AND neighbour species
+        pair_emb = jnp.concatenate([e_centre[edge_i], e_centre[edge_j]], axis=-1)
+        gate = nn.Dense(F, name="species_radial")(pair_emb)
+        two_body = e3x.nn.Dense(F, use_bias=False, name="radial_projection")(basis)
+        two_body = two_body * gate[:, None, None, :]
+        rho = e3x.ops.indexed_sum(two_body, dst_idx=edge_i, num_segments=N)
+        # the centre's own species enters the scalar channel
+        rho = rho.at[:, 0, 0, :].add(nn.Dense(F, name="centre_species")(e_centre))
+        rho = _with_pseudotensors(rho, s.max_tensordense_degree)
+        orders = [rho]
+        x = rho
+        for k in range(s.num_tensordenses):
+            x = e3x.nn.TensorDense(F, max_degree=s.max_tensordense_degree,
+                                   use_fused_tensor=s.use_fused_tensor,
+                                   cartesian_order=False, name=f"tensordense_{k}")(x)
+            orders.append(x)
+        if s.mp_steps:
+            mp_basis = _basis(edge_vec, max_degree=s.mp_basis_max_degree, num=s.mp_basis_num,
+                              cutoff=s.cutoff, radial_fn=s.mp_radial_fn,
+                              cutoff_fn=s.mp_cutoff_fn)
+        out = []
+        for b, x in enumerate(orders):
+            x = _with_pseudotensors(x, s.mp_degree if s.mp_steps else s.max_tensordense_degree)
+            for step in range(s.mp_steps):
+                m = e3x.nn.SelfAttention(max_degree=s.mp_degree, num_heads=s.mp_num_heads,
+                                         qkv_features=s.mp_qkv_features, out_features=F,
+                                         cartesian_order=False,
+                                         name=f"attention_{b}_{step}")(
+                    x, mp_basis, dst_idx=edge_i, src_idx=edge_j, num_segments=N)
+                x = EquivariantLayerNorm(name=f"mp_norm_{b}_{step}")(x + m)
+            x = NonlinearBlock(s.activation, name=f"nonlinear_{b}")(x)
+            out.append(_with_pseudotensors(x, s.bond_max_degree))
+        return jnp.concatenate(out, axis=-1)
+
+
+class GearsHNet(nn.Module):
+    """Returns raw readout irreps: on-site (N, ...) and pairs in both orientations."""
+    s: ModelSettings
+
+    @nn.compact
+    def __call__(self, species, edge_i, edge_j, edge_vec, pair_i, pair_j, pair_vec):
+        s = self.s
+        d = AtomDescriptor(s, name="atom_descriptor")(species, edge_i, edge_j, edge_vec)
+        Fd = d.shape[-1]
+        shared = ResidualDense(tuple(s.mlp_layer_widths), s.activation, name="residual_dense")
+        onsite = shared(d)
+        onsite = e3x.nn.TensorDense(s.out_features, max_degree=s.out_max_degree,
+                                    cartesian_order=False, name="onsite_readout")(onsite)
+        # bond descriptor: symmetric pooling of the two atoms, refined
+        pooled = NonlinearBlock(s.activation, name="bond_nonlinear")(d[pair_i] + d[pair_j])
+        bexp = _basis(pair_vec, max_degree=s.bond_basis_max_degree, num=s.bond_basis_num,
+                      cutoff=s.bond_cutoff, radial_fn=s.bond_radial_fn,
+                      cutoff_fn=s.bond_cutoff_fn)
+        L = np.repeat(np.arange(s.bond_basis_max_degree + 1),
+                      2 * np.arange(s.bond_basis_max_degree + 1) + 1)
+        flip = jnp.asarray((-1.0) ** L, dtype=bexp.dtype)[:, None]  # Y(-r) = (-1)^L Y(r)
+        emb = e3x.nn.Embed(s.n_species + 1, s.num_elemental_embedding, name="bond_embed")
+        e_i = emb(species[pair_i]).reshape(pair_i.shape[0], -1)
+        e_j = emb(species[pair_j]).reshape(pair_j.shape[0], -1)
+        gate_layer = nn.Dense(Fd, name="bond_species")
+        proj = e3x.nn.Dense(Fd, use_bias=False, name="bond_projection")
+        if s.bond_tensor == "fused_tensor":
+            tensor = e3x.nn.FusedTensor(max_degree=s.bond_max_degree, cartesian_order=False,
+                                        name="bond_tensor")
+        else:
+            tensor = e3x.nn.Tensor(max_degree=s.bond_max_degree, cartesian_order=False,
+                                   name="bond_tensor")
+        both = []
+        for sign, (ea, eb) in ((None, (e_i, e_j)), (flip, (e_j, e_i))):
+            b = bexp if sign is None else bexp * sign
+            g = gate_layer(jnp.concatenate([ea, eb], axis=-1))
+            y = proj(b) * g[:, None, None, :]  # species-ordered, oriented bond expansion
+            y = _with_pseudotensors(y, s.bond_max_degree)
+            both.append(tensor(pooled, y))
+        P = pair_i.shape[0]
+        bond = shared(jnp.concatenate(both, axis=0))
+        bond = e3x.nn.TensorDense(s.out_features, max_degree=s.out_max_degree,
+                                  cartesian_order=False, name="pair_readout")(bond)
+        return onsite, bond[:P], bond[P:]
+
+
+def envelope(x):
+    """Smooth cut-off of the pair blocks, x = distance / pair cut-off."""
+    return e3x.nn.smooth_cutoff(x)
+
+
+def shift_basis(x, num: int):
+    """Legendre polynomials of (2x - 1), (..., num): the distance dependence of shifts."""
+    t = 2.0 * x - 1.0
+    out = [jnp.ones_like(t), t]
+    for k in range(2, num):
+        out.append(((2 * k - 1) * t * out[-1] - (k - 1) * out[-2]) / k)
+    return jnp.stack(out[:num], axis=-1)
+
+
+def _to_blocks(irreps, index, coef, n):
+    flat = irreps.reshape(irreps.shape[0], -1)
+    return (jnp.take(flat, index, axis=1) * coef).sum(-1).reshape(-1, n, n)
+
+
+def postprocess(raw, stats, tables, species, pair_i, pair_j, pair_vec):
+    """Scale-shift, envelope, irreps -> canonical blocks, symmetrisation.
+
+    ``stats`` holds the closed-form statistics (see :mod:`ase_gearsh.statistics`),
+    ``tables`` the layout's gather tables.  Returns (onsite (N, n, n),
+    pairs (P, n, n)) in eV, canonical orbital layout.
+    """
+    onsite, fwd, rev = raw
+    index, coef, n = tables["index"], tables["coef"], tables["n"]
+    on = onsite * stats["onsite_scale"][species] + stats["onsite_shift"][species]
+    B = _to_blocks(on, index, coef, n)
+    onsite_blocks = 0.5 * (B + jnp.swapaxes(B, -1, -2))
+    si, sj = species[pair_i], species[pair_j]
+    dist = jnp.sqrt(jnp.sum(pair_vec * pair_vec, axis=-1))
+    rc = stats["pair_cutoff"][si, sj]
+    x = jnp.clip(dist / rc, 0.0, 1.0)
+    env = envelope(x)[:, None, None, None]
+    phi = shift_basis(x, stats["pair_shift"].shape[-1])  # (P, K)
+    # pair_shift: (S, S, F, K) for the even scalars
+    def shifted(raw_irreps, a, b):
+        out = raw_irreps * stats["pair_scale"][a, b]
+        scal = jnp.einsum("pfk,pk->pf", stats["pair_shift"][a, b], phi)
+        return (out.at[:, 0, 0, :].add(scal)) * env
+    Bf = _to_blocks(shifted(fwd, si, sj), index, coef, n)
+    Br = _to_blocks(shifted(rev, sj, si), index, coef, n)
+    return onsite_blocks, 0.5 * (Bf + jnp.swapaxes(Br, -1, -2))
+
+
+def count_parameters(params) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
