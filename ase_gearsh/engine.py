@@ -78,11 +78,13 @@ class Model:
         return jax.jit(self.net.init)(jax.random.PRNGKey(seed), *args)
 
     # -- prediction ---------------------------------------------------------
-    def _blocks(self, params, batch):
+    def _blocks(self, params, stats, batch):
+        """Jittable: statistics are an argument (not baked-in constants), so models
+        of the same shape share compiled code (and JAX's persistent cache)."""
         from .model import postprocess
         args = [batch[k] for k in _INPUTS]
         raw = self.net.apply(params, *args)
-        return postprocess(raw, self.stats, self.tables, batch["species"], batch["pair_i"],
+        return postprocess(raw, stats, self.tables, batch["species"], batch["pair_i"],
                            batch["pair_j"], batch["pair_vec"])
 
     def graph(self, atoms, name=""):
@@ -95,7 +97,8 @@ class Model:
         am = atoms_multiple or d.get("atoms_pad_multiple", 100)
         nm = nl_multiple or d.get("nl_pad_multiple", 10000)
         b = batch_graphs([graph], am, nm, far=FAR, with_labels=False)
-        on, pr = self._forward(self.params, {k: jnp.asarray(v) for k, v in b.items()})
+        on, pr = self._forward(self.params, self.stats,
+                               {k: jnp.asarray(v) for k, v in b.items()})
         return (np.asarray(on, np.float64)[:graph.n_atoms],
                 np.asarray(pr, np.float64)[:len(graph.pair_i)])
 

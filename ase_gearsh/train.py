@@ -271,19 +271,21 @@ def train(config, resume: bool = False, output=None, log=print, progress: bool =
     params = jax.device_put(params, repl)
     opt_state = jax.device_put(opt_state, repl)
 
-    def sums_fn(p, batch):
+    stats_dev = jax.device_put({k: jnp.asarray(v) for k, v in stats.items()}, repl)
+
+    def sums_fn(p, st, batch):
         def one(b):
-            on, pr = model._blocks(p, b)
+            on, pr = model._blocks(p, st, b)
             return _sums(on, pr, b, orbital_mask)
         return jax.vmap(one)(batch).sum(axis=0)
 
-    def loss_fn(p, batch):
-        s = sums_fn(p, batch)
+    def loss_fn(p, st, batch):
+        s = sums_fn(p, st, batch)
         return loss_from_sums(s, lp), s
 
     @jax.jit
-    def step(p, o, batch):
-        (loss, s), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
+    def step(p, o, st, batch):
+        (loss, s), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, st, batch)
         updates, o = tx.update(grads, o, p, value=loss)
         import optax
         return optax.apply_updates(p, updates), o, loss, s
@@ -313,7 +315,7 @@ def train(config, resume: bool = False, output=None, log=print, progress: bool =
         tot = np.zeros(6)
         vb = max(d["valid_batch_size"], n_dev)
         for k in range(0, len(vg), vb):
-            tot += np.asarray(eval_sums(p, to_device(_shards(vg[k:k + vb], n_dev,
+            tot += np.asarray(eval_sums(p, stats_dev, to_device(_shards(vg[k:k + vb], n_dev,
                                                              d["atoms_pad_multiple"],
                                                              d["nl_pad_multiple"]))))
         loss = float(loss_from_sums(jnp.asarray(tot), lp))
@@ -336,7 +338,7 @@ def train(config, resume: bool = False, output=None, log=print, progress: bool =
                       for i in order[k * bs:(k + 1) * bs]]
             batch = to_device(_shards(chosen, n_dev, d["atoms_pad_multiple"],
                                       d["nl_pad_multiple"]))
-            params, opt_state, loss, _ = step(params, opt_state, batch)
+            params, opt_state, loss, _ = step(params, opt_state, stats_dev, batch)
             losses.append(float(loss))
         if not np.all(np.isfinite(losses)):
             raise TrainingError(f"epoch {epoch}: the loss became {losses[-1]}; lower "

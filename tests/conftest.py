@@ -16,7 +16,11 @@ LCAO = dict(mode="lcao", basis="szp(dzp)", xc="PBE", convergence={"density": 1e-
 def pytest_configure(config):
     # keep GPAW's BLAS single-threaded next to pytest (two cores in CI)
     import os
+    import tempfile
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # models of equal shape share compiled code across tests and subprocesses
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                          tempfile.mkdtemp(prefix="gearsh-jax-cache-"))
 
 
 def _run(atoms, path, calculator=None, **kwargs):
@@ -121,3 +125,95 @@ def chain_time_reversal_gpw(gpw_dir):
     return _run(chain(), gpw_dir / "chain_k13_tr.gpw", h=0.25,
                 kpts={"size": (1, 1, 13), "gamma": True},
                 symmetry={"point_group": False, "time_reversal": True})
+
+
+# -- model fixtures ------------------------------------------------------------
+def rattled_water(seed):
+    """H2O, rattled and randomly rotated (no symmetry)."""
+    from scipy.spatial.transform import Rotation
+    a = molecule("H2O")
+    a.rattle(0.06, seed=seed)
+    a.positions = a.positions @ Rotation.random(random_state=seed).as_matrix().T
+    a.center(vacuum=3.5)
+    return a
+
+
+@pytest.fixture(scope="session")
+def water_dataset(gpw_dir, tmp_path_factory):
+    """Four rattled water molecules (Gamma point) as a dataset folder."""
+    from gpaw_tools.extract import extract_files
+    paths = [_run(rattled_water(s), gpw_dir / f"water{s}.gpw", h=0.25) for s in range(4)]
+    out = tmp_path_factory.mktemp("water_dataset")
+    written, _, failed = extract_files(paths, out, progress=False, log=lambda *a: None)
+    assert not failed and len(written) == 4
+    return out
+
+
+@pytest.fixture(scope="session")
+def chain_dataset(chain_kpts, tmp_path_factory):
+    """The k-sampled (CH)n chain: pairs with lattice shifts R."""
+    from gpaw_tools.extract import extract_files
+    out = tmp_path_factory.mktemp("chain_dataset")
+    written, _, failed = extract_files([chain_kpts[0]], out, progress=False,
+                                       log=lambda *a: None)
+    assert not failed
+    return out
+
+
+SMALL_MODEL = {
+    "atom_centered": {"descriptor": {
+        "num_tensordenses": 1, "max_tensordense_degree": 2, "num_tensordense_features": 6,
+        "radial_basis": {"cutoff": 5.0, "num_radial": 8, "max_degree": 2,
+                         "num_elemental_embedding": 8}}},
+    "bond_centered": {"cutoff": 7.0, "max_degree": 2,
+                      "bond_expansion_options": {"max_degree": 2, "num": 8}},
+    "mlp": {"mlp_layer_widths": [8, 8]},
+}
+
+
+def small_config(train_path, directory, **overrides):
+    """A fast training config on ``train_path`` (dict; nested overrides merge)."""
+    import copy
+    paths = [str(p) for p in train_path] if isinstance(train_path, list) else str(train_path)
+    cfg = {"data": {"train_data_path": paths, "directory": str(directory),
+                    "experiment": "run", "n_valid": 1, "atoms_pad_multiple": 8,
+                    "nl_pad_multiple": 32, "batch_size": 1},
+           "model": copy.deepcopy(SMALL_MODEL),
+           "optimizer": {"lr": 0.01, "name": "adam", "opt_kwargs": {},
+                         "schedule": {"name": None}},
+           "training": {"n_epochs": 2, "seed": 0}}
+
+    def merge(a, b):
+        for k, v in b.items():
+            if isinstance(v, dict) and isinstance(a.get(k), dict):
+                merge(a[k], v)
+            else:
+                a[k] = v
+    merge(cfg, overrides)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def small_model(water_dataset, chain_dataset):
+    """A randomly initialised small model over H, C, O with fitted statistics."""
+    from ase_gearsh.config import check_config, model_settings
+    from ase_gearsh.data import Dataset
+    from ase_gearsh.engine import Model, pair_cutoff_matrix
+    from ase_gearsh.graph import attach_labels, build_graph
+    from ase_gearsh.layout import Layout, Registry
+    from ase_gearsh.statistics import fit_statistics
+    structures = list(Dataset(water_dataset)) + list(Dataset(chain_dataset))
+    registry = Registry.from_structures(structures)
+    layout = Layout(registry)
+    cfg = check_config({"data": {"train_data_path": "x"}, "model": SMALL_MODEL})
+    pc = pair_cutoff_matrix(registry, 7.0)
+    graphs = []
+    for s in structures:
+        g = build_graph(s.atoms, registry, 5.0, pc)
+        attach_labels(g, s, layout)
+        graphs.append(g)
+    stats = fit_statistics(graphs, layout, pc)
+    settings = model_settings(cfg, registry.n_species, layout.lmax_out, layout.n_features)
+    model = Model(settings, registry, stats, None, cfg)
+    model.params = model.init_params(1)
+    return model

@@ -1,0 +1,208 @@
+"""Configuration, training, checkpoints, resume, multi-device and evaluation."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ase_gearsh.checkpoint import CheckpointError, load_checkpoint
+from ase_gearsh.config import ConfigError, check_config, load_config
+from conftest import small_config
+
+HERE = Path(__file__).parent
+
+
+def test_paper_listings_parse_as_written():
+    cfg = load_config(HERE / "data" / "paper_listings.yaml")
+    assert cfg["data"]["bond_fraction"] == 0.3
+    assert cfg["optimizer"]["name"] == "adan"
+    assert cfg["model"]["mlp"]["mlp_layer_widths"] == [32, 16, 32]
+    assert cfg["loss"]["loss_parameters"]["off_diagonal_weight"] == 4.0
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"data": {"train_data_path": "x", "n_trian": 3}}, r"unknown key 'data.n_trian'"),
+    ({"data": {"train_data_path": "x"}, "model": {"bond_centered": {"cutof": 8}}},
+     r"unknown key 'model.bond_centered.cutof'.*cutoff"),
+    ({"data": {"train_data_path": "x", "batch_size": "two"}},
+     r"'data.batch_size' must be int, got 'two'"),
+    ({"data": {"train_data_path": "x"}, "optimizer": {"lr": "fast"}},
+     r"'optimizer.lr' must be int or float"),
+    ({"data": {"train_data_path": "x"}, "loss": {"name": "mae"}},
+     r"'loss.name' must be one of"),
+    ({"data": {"train_data_path": "x", "energy_unit": "Ha"}}, r"'data.energy_unit'"),
+    ({"data": {}}, r"'data.train_data_path' is required"),
+    ({"data": {"train_data_path": "x", "bond_fraction": 1.5}}, r"bond_fraction"),
+])
+def test_config_errors_name_the_key(patch, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(patch)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def _train(cfg, **kw):
+    from ase_gearsh.train import train
+    return train(cfg, progress=False, log=lambda *a: None, **kw)
+
+
+def _history(run):
+    return load_checkpoint(run / "latest.ckpt")["extra"]["history"]
+
+
+def test_overfit_tiny_dataset(water_dataset, tmp_path):
+    cfg = small_config(water_dataset, tmp_path, data={"n_train": 1, "n_valid": 1},
+                       optimizer={"lr": 0.003}, training={"n_epochs": 400, "valid_every": 100})
+    run = _train(cfg)
+    hist = _history(run)
+    first, last = hist[0]["train_loss"], min(h["train_loss"] for h in hist[-20:])
+    assert first / last >= 100, (first, last)
+    csv = (run / "metrics.csv").read_text().splitlines()
+    assert csv[0].startswith("epoch,seconds,lr,train_loss,val_loss,val_mae_onsite_meV")
+    assert len(csv) == 401 and (run / "loss.png").stat().st_size > 5000
+    assert (run / "model.ckpt").exists()
+
+
+def test_resume_continues_exactly(water_dataset, tmp_path):
+    """Stopping after epoch 2 and resuming gives the uninterrupted trajectory."""
+    full = _train(small_config(water_dataset, tmp_path / "a", training={"n_epochs": 4}))
+    part_cfg = small_config(water_dataset, tmp_path / "b", training={"n_epochs": 2})
+    part = _train(part_cfg)
+    with pytest.raises(Exception, match="--resume"):
+        _train(part_cfg)  # refuses to overwrite an existing run
+    part_cfg["training"]["n_epochs"] = 4
+    _train(part_cfg, resume=True)
+    a, b = _history(full), _history(part)
+    assert [h["epoch"] for h in b] == [1, 2, 3, 4]
+    np.testing.assert_allclose([h["train_loss"] for h in a], [h["train_loss"] for h in b],
+                               rtol=1e-5)
+
+
+def test_kill_mid_epoch_loses_at_most_that_epoch(water_dataset, tmp_path):
+    """kill -9 during training: latest.ckpt stays readable and --resume finishes."""
+    cfg = small_config(water_dataset, tmp_path, training={"n_epochs": 400})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "ase_gearsh", "train", str(path), "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "run" / "latest.ckpt"
+    import time
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if latest.exists() and load_checkpoint(latest)["extra"]["epoch"] >= 3:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    done = load_checkpoint(latest)["extra"]["epoch"]
+    assert done >= 3
+    cfg["training"]["n_epochs"] = done + 2
+    path.write_text(yaml.safe_dump(cfg))
+    from ase_gearsh.cli import main
+    assert main(["train", str(path), "--resume", "-q"]) == 0
+    hist = _history(tmp_path / "run")
+    assert [h["epoch"] for h in hist] == list(range(1, done + 3))
+
+
+def test_checkpoint_round_trip_and_errors(water_dataset, tmp_path):
+    from ase_gearsh.data import Dataset
+    from ase_gearsh.engine import Model
+    run = _train(small_config(water_dataset, tmp_path))
+    model = Model.from_checkpoint(run / "model.ckpt")
+    again = Model.from_checkpoint(run / "model.ckpt")
+    atoms = Dataset(water_dataset)[0].atoms
+    a = model.predict_graph(model.graph(atoms))
+    b = again.predict_graph(again.graph(atoms))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    ck = load_checkpoint(run / "model.ckpt")
+    assert {"config", "settings", "registry", "stats", "params", "versions"} <= set(ck)
+    assert [e["symbol"] for e in ck["registry"]["species"]] == ["H", "O"]
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.ckpt")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"\x80\x04\x95 pickled? no")
+    with pytest.raises(CheckpointError, match="not a"):
+        load_checkpoint(junk)
+    from flax import serialization
+    payload = serialization.msgpack_restore((run / "model.ckpt").read_bytes())
+    payload["version"] = 99
+    old = tmp_path / "future.ckpt"
+    old.write_bytes(serialization.msgpack_serialize(payload))
+    with pytest.raises(CheckpointError, match="version 99"):
+        load_checkpoint(old)
+
+
+def test_training_on_k_sampled_data_with_lattice_shifts(chain_dataset, water_dataset,
+                                                        tmp_path):
+    cfg = small_config([str(water_dataset), str(chain_dataset)], tmp_path,
+                       data={"val_data_path": str(chain_dataset), "n_valid": None})
+    run = _train(cfg)
+    hist = _history(run)
+    assert hist[-1]["val_mae_pair_meV"] != "" and np.isfinite(hist[-1]["val_mae_all_meV"])
+
+
+def test_two_devices_follow_the_one_device_trajectory(water_dataset, tmp_path):
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(HERE)!r})
+from conftest import small_config
+from ase_gearsh.train import train
+from ase_gearsh.checkpoint import load_checkpoint
+out = {{}}
+for nd in (1, 2):
+    cfg = small_config({str(water_dataset)!r}, {str(tmp_path)!r} + f"/d{{nd}}",
+                       data={{"batch_size": 2, "n_valid": 1}},
+                       training={{"n_epochs": 3, "num_devices": nd}})
+    run = train(cfg, progress=False, log=lambda *a: None)
+    out[nd] = [h["train_loss"] for h in load_checkpoint(run / "latest.ckpt")["extra"]["history"]]
+import jax
+out["devices"] = len(jax.devices())
+print(json.dumps(out))
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 2
+    np.testing.assert_allclose(out["1"], out["2"], rtol=1e-4)
+    assert out["1"][0] != out["1"][-1]
+
+
+def test_eval_cli_reports_errors_and_plots(water_dataset, tmp_path, capsys):
+    from ase_gearsh.cli import main
+    run = _train(small_config(water_dataset, tmp_path))
+    assert main(["eval", str(run / "model.ckpt"), str(water_dataset), "-o",
+                 str(tmp_path / "ev"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "H MAE" in out and "eigenvalue MAE" in out
+    s = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert s["structures"] == 4 and s["h_mae_meV"] > 0
+    assert s["eig_mae_window_meV"] > 0
+    for png in ("errors.png", "parity.png"):
+        assert (tmp_path / "ev" / png).stat().st_size > 10000
+    assert main(["eval", str(tmp_path / "missing.ckpt"), str(water_dataset)]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_oracle_blocks_give_gpaw_eigenvalues(water_dataset, small_model, monkeypatch):
+    """Eval's eigenvalue path: with the reference blocks it returns GPAW's eigenvalues."""
+    from ase_gearsh import evaluate as ev
+    ds = __import__("ase_gearsh.data", fromlist=["Dataset"]).Dataset(water_dataset)
+    monkeypatch.setattr(ev, "predict_structure_blocks",
+                        lambda model, s: (s.arrays["onsite_H"][0], s.arrays["pair_H"][0]))
+    monkeypatch.setattr("ase_gearsh.engine.Model.from_checkpoint",
+                        classmethod(lambda cls, p: small_model))
+    s = ev.evaluate("oracle", ds, progress=False)
+    assert s["h_mae_meV"] == 0 and s["eig_mae_all_meV"] < 1e-6
