@@ -59,16 +59,18 @@ class Model:
         ck = load_checkpoint(path)
         registry = Registry.from_dict(ck["registry"])
         model = cls(ck["settings"], registry, ck["stats"], None, ck["config"])
-        template = model.init_params(0)
-        from flax import serialization
-        try:
-            model.params = serialization.from_state_dict(template, ck["params"])
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{path}: parameters do not fit the network described in "
-                                  f"the checkpoint ({err})") from None
+        model.params = _restore(model.param_shapes(), ck["params"], path)
         model.extra = ck["extra"]
         model.versions = ck["versions"]
         return model
+
+    def param_shapes(self):
+        """The parameter tree as shapes only (no compilation)."""
+        import jax
+        import jax.numpy as jnp
+        dummy = _dummy_batch()
+        args = [jnp.asarray(dummy[k]) for k in _INPUTS]
+        return jax.eval_shape(self.net.init, jax.random.PRNGKey(0), *args)
 
     def init_params(self, seed: int):
         import jax
@@ -111,6 +113,28 @@ class Model:
               for p, (i, j) in enumerate(zip(graph.pair_i, graph.pair_j))]
         return (np.concatenate(on) if on else np.zeros(0),
                 np.concatenate(pr) if pr else np.zeros(0))
+
+
+def _restore(template, state, path):
+    """Checkpoint arrays into the network's parameter tree, shapes checked."""
+    import jax
+    from .checkpoint import CheckpointError
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves = []
+    for keypath, shape in flat:
+        node = state
+        try:
+            for k in keypath:
+                node = node[str(getattr(k, "key", getattr(k, "idx", k)))]
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{path}: parameter {jax.tree_util.keystr(keypath)} is "
+                                  f"missing; the file does not fit its own settings") from None
+        if tuple(node.shape) != tuple(shape.shape):
+            raise CheckpointError(f"{path}: parameter {jax.tree_util.keystr(keypath)} has "
+                                  f"shape {tuple(node.shape)}, the network expects "
+                                  f"{tuple(shape.shape)}")
+        leaves.append(np.asarray(node, dtype=shape.dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 _INPUTS = ("species", "edge_i", "edge_j", "edge_vec", "pair_i", "pair_j", "pair_vec")

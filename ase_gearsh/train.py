@@ -228,7 +228,9 @@ def train(config, resume: bool = False, output=None, log=print, progress: bool =
 
     d, tcfg = cfg["data"], cfg["training"]
     train_s, valid_s = load_training_data(cfg, base)
-    registry = Registry.from_structures(train_s + valid_s)
+    registry = Registry.from_structures(train_s)
+    for s in valid_s:  # one layout for both sets: validation may not add elements
+        registry.check_basis(s.basis, f"validation structure {s.meta['source']['name']}")
     layout = Layout(registry)
     bond = cfg["model"]["bond_centered"]
     if layout.lmax > bond["max_basis_degree"]:

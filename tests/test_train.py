@@ -141,6 +141,16 @@ def test_checkpoint_round_trip_and_errors(water_dataset, tmp_path):
     old.write_bytes(serialization.msgpack_serialize(payload))
     with pytest.raises(CheckpointError, match="version 99"):
         load_checkpoint(old)
+    payload["version"] = 1
+    node = payload["params"]
+    while isinstance(node, dict):  # first parameter array
+        key = sorted(node)[0]
+        parent, node = node, node[key]
+    parent[key] = np.zeros((1, 2), np.float32)
+    wrong = tmp_path / "wrong.ckpt"
+    wrong.write_bytes(serialization.msgpack_serialize(payload))
+    with pytest.raises(CheckpointError, match=r"has shape \(1, 2\)"):
+        Model.from_checkpoint(wrong)
 
 
 def test_training_on_k_sampled_data_with_lattice_shifts(chain_dataset, water_dataset,
@@ -206,3 +216,12 @@ def test_oracle_blocks_give_gpaw_eigenvalues(water_dataset, small_model, monkeyp
                         classmethod(lambda cls, p: small_model))
     s = ev.evaluate("oracle", ds, progress=False)
     assert s["h_mae_meV"] == 0 and s["eig_mae_all_meV"] < 1e-6
+
+
+def test_validation_elements_must_be_in_the_training_set(water_dataset, chain_dataset,
+                                                         tmp_path):
+    from ase_gearsh.layout import RegistryError
+    cfg = small_config(water_dataset, tmp_path, data={"val_data_path": str(chain_dataset),
+                                                      "n_valid": None})
+    with pytest.raises(RegistryError, match="element C is not in the model's registry"):
+        _train(cfg)
