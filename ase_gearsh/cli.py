@@ -17,7 +17,7 @@ def _train(args):
 def _eval(args):
     from .evaluate import evaluate
     s = evaluate(args.model, args.dataset, output=args.output, limit=args.limit,
-                 progress=not args.quiet)
+                 progress=not args.quiet, validation_only=args.validation_only)
     print(f"{s['structures']} structures of {s['dataset']}")
     print(f"  H MAE          {s['h_mae_meV']:9.3f} meV   (on-site {s['h_mae_onsite_meV']:.3f},"
           f" pair {s['h_mae_pair_meV']:.3f})")
@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     e.add_argument("dataset")
     e.add_argument("-o", "--output", help="folder for summary.json, CSV and PNG files")
     e.add_argument("--limit", type=int, help="only the first N structures")
+    e.add_argument("--validation-only", action="store_true",
+                   help="only the structures the model was validated on (held out)")
     e.add_argument("--json", action="store_true", help="also print the summary as JSON")
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=_eval)
@@ -51,10 +53,11 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .layout import RegistryError
+    from .evaluate import EvaluationError
     from .train import TrainingError
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, RegistryError, TrainingError,
+    except (ConfigError, CheckpointError, RegistryError, TrainingError, EvaluationError,
             FileNotFoundError) as err:
         print(f"gearsh {args.command}: error: {err}", file=sys.stderr)
         return 2

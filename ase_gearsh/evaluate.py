@@ -19,7 +19,11 @@ from scipy.linalg import eigh
 
 from .data import Dataset, assemble
 
-__all__ = ["evaluate", "predict_structure_blocks"]
+__all__ = ["evaluate", "predict_structure_blocks", "EvaluationError"]
+
+
+class EvaluationError(ValueError):
+    """A dataset that cannot be evaluated with this model."""
 
 WINDOW = 5.0  # eV around the Fermi level
 
@@ -51,15 +55,26 @@ def predict_structure_blocks(model, structure):
     return on, out
 
 
-def evaluate(model_path, dataset, output=None, limit=None, progress=True) -> dict:
+def evaluate(model_path, dataset, output=None, limit=None, progress=True,
+             validation_only=False) -> dict:
+    """Errors of a model on a dataset (``validation_only``: the structures the
+    checkpoint was validated on, matched by source file name)."""
     from tqdm.auto import tqdm
     from .engine import Model
     model = Model.from_checkpoint(model_path)
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-    n = len(ds) if limit is None else min(limit, len(ds))
+    structures = (ds[k] for k in range(len(ds)))
+    if validation_only:
+        names = set(getattr(model, "extra", {}).get("valid_names", []))
+        structures = [s for s in structures if s.meta["source"]["name"] in names]
+        if not structures:
+            raise EvaluationError(f"none of the checkpoint's {len(names)} validation structures "
+                             f"is in {ds.path}")
+    structures = list(structures) if limit is None else \
+        [s for _, s in zip(range(limit), structures)]
+    n = len(structures)
     rows, pooled = [], {"ref": [], "pred": [], "onsite": [], "eig_err": [], "eig_ref": []}
-    for k in tqdm(range(n), desc="evaluate", unit="structure", disable=not progress):
-        s = ds[k]
+    for s in tqdm(structures, desc="evaluate", unit="structure", disable=not progress):
         on, pr = predict_structure_blocks(model, s)
         a = s.arrays
         d_on = on - a["onsite_H"][0]

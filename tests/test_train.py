@@ -202,6 +202,9 @@ def test_eval_cli_reports_errors_and_plots(water_dataset, tmp_path, capsys):
     assert s["eig_mae_window_meV"] > 0
     for png in ("errors.png", "parity.png"):
         assert (tmp_path / "ev" / png).stat().st_size > 10000
+    assert main(["eval", str(run / "model.ckpt"), str(water_dataset), "--validation-only",
+                 "-q"]) == 0
+    assert "1 structures" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "missing.ckpt"), str(water_dataset)]) == 2
     assert "not found" in capsys.readouterr().err
 
