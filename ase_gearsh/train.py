@@ -346,7 +346,8 @@ def train(config, resume: bool = False, output=None, log=print, progress: bool =
             raise TrainingError(f"epoch {epoch}: the loss became {losses[-1]}; lower "
                                 f"optimizer.lr or set optimizer.grad_clip")
         train_loss = float(np.mean(losses))
-        val = validate(params) if vg and epoch % tcfg["valid_every"] == 0 else None
+        last = epoch == tcfg["n_epochs"] or bool(deadline and time.time() > deadline)
+        val = validate(params) if vg and (epoch % tcfg["valid_every"] == 0 or last) else None
         row = {"epoch": epoch, "seconds": round(time.time() - te, 3),
                "lr": cfg["optimizer"]["lr"] * _lr_scale(opt_state),
                "train_loss": train_loss, "val_loss": val[0] if val else "",
@@ -354,9 +355,11 @@ def train(config, resume: bool = False, output=None, log=print, progress: bool =
                "val_mae_pair_meV": val[2] if val else "",
                "val_mae_all_meV": val[3] if val else ""}
         history.append(row)
-        score = val[3] if val else train_loss
-        improved = score < best
-        extra = {"epoch": epoch, "history": history, "best": min(best, score),
+        # best model: by validation H MAE when there is a validation set
+        score = val[3] if val else (None if vg else train_loss)
+        improved = score is not None and score < best
+        extra = {"epoch": epoch, "history": history,
+                 "best": best if score is None else min(best, score),
                  "n_train": len(tg), "n_valid": len(vg),
                  "train_names": [g.name for g in tg], "valid_names": [g.name for g in vg]}
         common = dict(config=cfg, settings=settings, registry=registry_d, stats=stats,
@@ -368,9 +371,11 @@ def train(config, resume: bool = False, output=None, log=print, progress: bool =
             save_checkpoint(latest, **common,
                             state={"opt_state": jax.device_get(opt_state)})
         _write_metrics(run / "metrics.csv", history)
+        if epoch % 10 == 0:
+            _plot_losses(run / "loss.png", history)
         bar.set_postfix(loss=f"{train_loss:.3g}",
                         val_mae=f"{val[3]:.3g} meV" if val else "-")
-        if deadline and time.time() > deadline:
+        if last and epoch < tcfg["n_epochs"]:
             save_checkpoint(latest, **common, state={"opt_state": jax.device_get(opt_state)})
             log(f"stopping after epoch {epoch}: training.max_minutes reached")
             break
@@ -408,7 +413,10 @@ def _plot_losses(path: Path, history):
             ax[1].semilogy(*zip(*v), label=lab)
     ax[1].set_xlabel("epoch")
     ax[1].set_ylabel("validation H MAE (meV)")
-    ax[1].legend()
+    if ax[1].lines:
+        ax[1].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
     plt.close(fig)
+    tmp.replace(path)
