@@ -35,8 +35,7 @@ __all__ = ["ModelSettings", "GearsHNet", "EquivariantLayerNorm", "postprocess",
 
 _ACTIVATIONS = {"bent_identity": e3x.nn.bent_identity, "mish": e3x.nn.mish,
                 "silu": e3x.nn.silu, "swish": e3x.nn.swish, "gelu": e3x.nn.gelu,
-                "shifted_softplus": e3x.nn.shifted_softplus, "relu": e3x.nn.relu,
-                "tanh": getattr(e3x.nn, "tanh", None) or e3x.nn.hard_tanh}
+                "shifted_softplus": e3x.nn.shifted_softplus, "relu": e3x.nn.relu}
 _RADIAL = {"basic_fourier": e3x.nn.basic_fourier, "basic_bernstein": e3x.nn.basic_bernstein,
            "basic_chebyshev": e3x.nn.basic_chebyshev, "basic_gaussian": e3x.nn.basic_gaussian}
 _CUTOFF = {"smooth_cutoff": e3x.nn.smooth_cutoff, "cosine_cutoff": e3x.nn.cosine_cutoff}
