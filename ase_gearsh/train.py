@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import numpy as np
 from .config import check_config, load_config, model_settings
 from .data import Dataset
 from .engine import FAR, Model, pair_cutoff_matrix
-from .graph import attach_labels, batch_graphs, pad_size
+from .graph import attach_labels, batch_graphs, build_graph, pad_size
 from .layout import Layout, Registry
 
 __all__ = ["train", "load_training_data", "TrainingError", "loss_from_sums"]
@@ -75,26 +76,16 @@ def load_training_data(cfg: dict, base: Path = Path(".")):
     return train, valid
 
 
-def _graphs(structures, model_like, layout, desc=""):
+def _graphs(structures, make_graph, layout, desc=""):
     from tqdm.auto import tqdm
     graphs, outside, outside_max = [], 0, 0.0
     for s in tqdm(structures, desc=desc, unit="structure", leave=False):
-        g = model_like.graph(s.atoms, name=s.meta["source"]["name"])
+        g = make_graph(s.atoms, name=s.meta["source"]["name"])
         info = attach_labels(g, s, layout)
         outside += info["outside"]
         outside_max = max(outside_max, info["outside_max"])
         graphs.append(g)
     return graphs, outside, outside_max
-
-
-class _GraphMaker:
-    def __init__(self, registry, cutoff, pair_cutoff):
-        from .graph import build_graph
-        self._build = build_graph
-        self.registry, self.cutoff, self.pair_cutoff = registry, cutoff, pair_cutoff
-
-    def graph(self, atoms, name=""):
-        return self._build(atoms, self.registry, self.cutoff, self.pair_cutoff, name=name)
 
 
 # -- loss ---------------------------------------------------------------------
@@ -223,6 +214,7 @@ def train(config, resume: bool = False, output=None, log=print, progress: bool =
 
     import jax
     import jax.numpy as jnp
+    import optax
     from flax import serialization
     jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -237,8 +229,8 @@ def train(config, resume: bool = False, output=None, log=print, progress: bool =
         raise TrainingError(f"the basis sets have l={layout.lmax} but "
                             f"model.bond_centered.max_basis_degree={bond['max_basis_degree']}")
     pc = pair_cutoff_matrix(registry, bond["cutoff"])
-    maker = _GraphMaker(registry, cfg["model"]["atom_centered"]["descriptor"]["radial_basis"]
-                        ["cutoff"], pc)
+    maker = partial(build_graph, registry=registry, pair_cutoff=pc,
+                    cutoff=cfg["model"]["atom_centered"]["descriptor"]["radial_basis"]["cutoff"])
     tg, out_t, max_t = _graphs(train_s, maker, layout, "training labels")
     vg, out_v, max_v = _graphs(valid_s, maker, layout, "validation labels")
     rc_sum = float(np.max(registry.rc[1:, None] + registry.rc[None, 1:]))
@@ -289,7 +281,6 @@ def train(config, resume: bool = False, output=None, log=print, progress: bool =
     def step(p, o, st, batch):
         (loss, s), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, st, batch)
         updates, o = tx.update(grads, o, p, value=loss)
-        import optax
         return optax.apply_updates(p, updates), o, loss, s
 
     eval_sums = jax.jit(sums_fn)
