@@ -1,0 +1,87 @@
+"""Exact overlap S from the basis functions, against GPAW's own S."""
+import numpy as np
+import pytest
+from ase import Atoms
+
+from gpaw_tools.overlap import (BasisDataError, OverlapCalculator, SpeciesBasis,
+                                species_from_gpaw)
+
+
+def _gpaw_S(path):
+    from gpaw import GPAW
+    from gpaw.lcao.tools import get_lcao_hamiltonian
+    calc = GPAW(str(path), txt=None)
+    _, S_kMM = get_lcao_hamiltonian(calc)
+    atoms = calc.get_atoms()
+    atoms.set_scaled_positions(np.asarray(calc.spos_ac))  # GPAW's wrapped positions
+    return atoms, np.asarray(calc.get_ibz_k_points()), S_kMM
+
+
+def real_wigner_blocks(rot, l_per_atom):
+    """Block-diagonal D over all orbitals (GPAW order = e3x order, row-vector rule)."""
+    import e3x
+    import jax
+    from scipy.linalg import block_diag
+    with jax.enable_x64(True):
+        D = np.asarray(e3x.so3.wigner_d(np.asarray(rot, np.float64), 3,
+                                        cartesian_order=False))
+    return block_diag(*[D[l * l:(l + 1) ** 2, l * l:(l + 1) ** 2]
+                        for ls in l_per_atom for l in ls])
+
+
+@pytest.fixture(scope="module")
+def chon():
+    return species_from_gpaw(["H", "C", "N", "O"], xc="PBE", basis="szp(dzp)")
+
+
+def test_overlap_equals_gpaw_molecule(h2o_gpw, chon):
+    atoms, _, S_ref = _gpaw_S(h2o_gpw)
+    S = OverlapCalculator(chon).overlap(atoms)
+    assert S.format == "csr" and S.dtype == np.float64
+    assert np.abs(S.toarray() - S_ref[0]).max() < 1e-8
+    assert np.abs(S_ref[0]).max() > 0.5  # not trivially small
+
+
+def test_overlap_equals_gpaw_at_every_kpoint(chain_kpts, chon):
+    atoms, kpts, S_ref = _gpaw_S(chain_kpts[0])
+    assert len(kpts) > 3 and np.abs(kpts).max() > 0
+    S = OverlapCalculator(chon).overlap(atoms, kpts=kpts)
+    for Sk, ref in zip(S, S_ref):
+        assert np.abs(Sk.toarray() - ref).max() < 1e-8
+    assert np.abs(S[1].toarray().imag).max() > 1e-3  # complex phases really applied
+
+
+def test_species_round_trip_is_exact(h2o_gpw, chon):
+    atoms, _, _ = _gpaw_S(h2o_gpw)
+    again = {k: SpeciesBasis.from_dict(v.to_dict()) for k, v in chon.items()}
+    a = OverlapCalculator(chon).overlap(atoms).toarray()
+    b = OverlapCalculator(again).overlap(atoms).toarray()
+    assert np.array_equal(a, b)
+    assert chon["O"].valence == 6 and chon["O"].n_orbitals == 9 and chon["O"].l == [0, 1, 2]
+
+
+def test_overlap_is_rotation_covariant(chon):
+    """S of a rotated molecule is D^T S D (the rotation rule of the guide)."""
+    from ase.build import molecule
+    from scipy.spatial.transform import Rotation
+    a = molecule("CH3OH")
+    a.rattle(0.05, seed=1)
+    rot = Rotation.random(random_state=4).as_matrix()
+    b = a.copy()
+    b.positions = a.positions @ rot
+    oc = OverlapCalculator(chon)
+    S_a = oc.overlap(a).toarray()
+    S_b = oc.overlap(b).toarray()
+    D = real_wigner_blocks(rot, [chon[s].l for s in a.get_chemical_symbols()])
+    assert np.abs(D.T @ S_a @ D - S_b).max() < 1e-10
+
+
+def test_unknown_element_and_bad_data(chon):
+    with pytest.raises(BasisDataError, match=r"no basis functions for element\(s\) \['Si'\]"):
+        OverlapCalculator(chon).overlap(Atoms("SiH", positions=[[0, 0, 0], [0, 0, 1.5]]))
+    d = chon["O"].to_dict()
+    d["dO"] = np.zeros((2, 2))
+    with pytest.raises(BasisDataError, match="dO has shape"):
+        SpeciesBasis.from_dict(d)
+    with pytest.raises(BasisDataError, match="incomplete basis data"):
+        SpeciesBasis.from_dict({"symbol": "O"})
