@@ -162,20 +162,27 @@ class AtomDescriptor(nn.Module):
     s: ModelSettings
 
     @nn.compact
-    def __call__(self, species, edge_i, edge_j, edge_vec):
+    def __call__(self, species, edge_i, edge_j, edge_vec, rho=None, density_only=False):
+        """Atom descriptors.  The neighbour density ``rho`` is a sum over edges, so
+        it can be accumulated over edge chunks (``density_only=True`` returns one
+        chunk's contribution; pass the total as ``rho``).  Message passing needs
+        all edges at once."""
         s = self.s
         N = species.shape[0]
         F = s.num_tensordense_features
         emb = e3x.nn.Embed(s.n_species + 1, s.num_elemental_embedding, name="embed")
         e_centre = emb(species).reshape(N, -1)  # e3x returns (N, 1, 1, features)
-        basis = _basis(edge_vec, max_degree=s.radial_max_degree, num=s.num_radial,
-                       cutoff=s.cutoff, radial_fn=s.radial_fn, cutoff_fn=s.cutoff_fn)
-        # species-aware radial functions: depend on centre AND neighbour species
-        pair_emb = jnp.concatenate([e_centre[edge_i], e_centre[edge_j]], axis=-1)
-        gate = nn.Dense(F, name="species_radial")(pair_emb)
-        two_body = e3x.nn.Dense(F, use_bias=False, name="radial_projection")(basis)
-        two_body = two_body * gate[:, None, None, :]
-        rho = e3x.ops.indexed_sum(two_body, dst_idx=edge_i, num_segments=N)
+        if rho is None:
+            basis = _basis(edge_vec, max_degree=s.radial_max_degree, num=s.num_radial,
+                           cutoff=s.cutoff, radial_fn=s.radial_fn, cutoff_fn=s.cutoff_fn)
+            # species-aware radial functions: depend on centre AND neighbour species
+            pair_emb = jnp.concatenate([e_centre[edge_i], e_centre[edge_j]], axis=-1)
+            gate = nn.Dense(F, name="species_radial")(pair_emb)
+            two_body = e3x.nn.Dense(F, use_bias=False, name="radial_projection")(basis)
+            two_body = two_body * gate[:, None, None, :]
+            rho = e3x.ops.indexed_sum(two_body, dst_idx=edge_i, num_segments=N)
+        if density_only:
+            return rho
         # the centre's own species enters the scalar channel
         rho = rho.at[:, 0, 0, :].add(nn.Dense(F, name="centre_species")(e_centre))
         rho = _with_pseudotensors(rho, s.max_tensordense_degree)
@@ -210,14 +217,27 @@ class GearsHNet(nn.Module):
     s: ModelSettings
 
     @nn.compact
-    def __call__(self, species, edge_i, edge_j, edge_vec, pair_i, pair_j, pair_vec):
+    def __call__(self, species, edge_i, edge_j, edge_vec, pair_i, pair_j, pair_vec,
+                 stage="all", rho=None, descriptors=None):
+        """``stage``: 'all' (training); for chunked inference 'density' (one edge
+        chunk's neighbour density), 'atoms' (descriptors and on-site irreps from the
+        summed ``rho``) and 'bonds' (pair irreps of a pair chunk from ``descriptors``).
+        Every stage uses the same parameters."""
         s = self.s
-        d = AtomDescriptor(s, name="atom_descriptor")(species, edge_i, edge_j, edge_vec)
-        Fd = d.shape[-1]
         shared = ResidualDense(tuple(s.mlp_layer_widths), s.activation, name="residual_dense")
-        onsite = shared(d)
-        onsite = e3x.nn.TensorDense(s.out_features, max_degree=s.out_max_degree,
-                                    cartesian_order=False, name="onsite_readout")(onsite)
+        if stage == "density":
+            return AtomDescriptor(s, name="atom_descriptor")(species, edge_i, edge_j,
+                                                             edge_vec, density_only=True)
+        if stage == "bonds":
+            d, onsite = descriptors, None
+        else:
+            d = AtomDescriptor(s, name="atom_descriptor")(species, edge_i, edge_j, edge_vec,
+                                                          rho=rho)
+            onsite = e3x.nn.TensorDense(s.out_features, max_degree=s.out_max_degree,
+                                        cartesian_order=False, name="onsite_readout")(shared(d))
+            if stage == "atoms":
+                return d, onsite
+        Fd = d.shape[-1]
         # bond descriptor: symmetric pooling of the two atoms, refined
         pooled = NonlinearBlock(s.activation, name="bond_nonlinear")(d[pair_i] + d[pair_j])
         bexp = _basis(pair_vec, max_degree=s.bond_basis_max_degree, num=s.bond_basis_num,
@@ -278,10 +298,21 @@ def postprocess(raw, stats, tables, species, pair_i, pair_j, pair_vec):
     pairs (P, n, n)) in eV, canonical orbital layout.
     """
     onsite, fwd, rev = raw
+    return (postprocess_onsite(onsite, stats, tables, species),
+            postprocess_pairs(fwd, rev, stats, tables, species, pair_i, pair_j, pair_vec))
+
+
+def postprocess_onsite(onsite, stats, tables, species):
+    """On-site irreps -> symmetric canonical blocks (N, n, n), eV."""
     index, coef, n = tables["index"], tables["coef"], tables["n"]
     on = onsite * stats["onsite_scale"][species] + stats["onsite_shift"][species]
     B = _to_blocks(on, index, coef, n)
-    onsite_blocks = 0.5 * (B + jnp.swapaxes(B, -1, -2))
+    return 0.5 * (B + jnp.swapaxes(B, -1, -2))
+
+
+def postprocess_pairs(fwd, rev, stats, tables, species, pair_i, pair_j, pair_vec):
+    """Pair irreps in both orientations -> canonical blocks (P, n, n), eV."""
+    index, coef, n = tables["index"], tables["coef"], tables["n"]
     si, sj = species[pair_i], species[pair_j]
     dist = jnp.sqrt(jnp.sum(pair_vec * pair_vec, axis=-1))
     rc = stats["pair_cutoff"][si, sj]
@@ -295,7 +326,7 @@ def postprocess(raw, stats, tables, species, pair_i, pair_j, pair_vec):
         return (out.at[:, 0, 0, :].add(scal)) * env
     Bf = _to_blocks(shifted(fwd, si, sj), index, coef, n)
     Br = _to_blocks(shifted(rev, sj, si), index, coef, n)
-    return onsite_blocks, 0.5 * (Bf + jnp.swapaxes(Br, -1, -2))
+    return 0.5 * (Bf + jnp.swapaxes(Br, -1, -2))
 
 
 def count_parameters(params) -> int:
