@@ -14,7 +14,7 @@ import numpy as np
 from .schema import atomic_write_bytes
 
 __all__ = ["CKPT_FORMAT", "CKPT_VERSION", "CheckpointError", "save_checkpoint",
-           "load_checkpoint", "versions"]
+           "load_checkpoint", "versions", "attach_basis"]
 
 CKPT_FORMAT = "gearsh-model"
 CKPT_VERSION = 1
@@ -45,9 +45,29 @@ def _to_numpy(tree):
     return np.asarray(tree)
 
 
+def _basis_payload(basis: dict) -> dict:
+    """{symbol: SpeciesBasis.to_dict()} with lists as index-keyed dicts (msgpack)."""
+    out = {}
+    for sym, d in basis.items():
+        d = dict(d)
+        for key in ("basis", "projectors"):
+            d[key] = {str(k): {"l": int(f["l"]), "rmax": float(f["rmax"]),
+                               "values": np.asarray(f["values"], float)}
+                      for k, f in enumerate(d[key])}
+        d["dO"] = np.asarray(d["dO"], float)
+        out[str(sym)] = d
+    return out
+
+
 def save_checkpoint(path, *, config: dict, settings: dict, registry: dict, stats: dict,
-                    params, extra: dict | None = None, state: dict | None = None) -> None:
-    """Write a checkpoint atomically.  ``params``/``state`` are pytrees of arrays."""
+                    params, extra: dict | None = None, state: dict | None = None,
+                    basis: dict | None = None) -> None:
+    """Write a checkpoint atomically.  ``params``/``state`` are pytrees of arrays.
+
+    ``basis``: {symbol: gpaw_tools.overlap.SpeciesBasis.to_dict()}, the basis
+    functions and PAW projectors from which the exact overlap S is computed at
+    inference time.
+    """
     from flax import serialization
     payload = {
         "format": CKPT_FORMAT, "version": CKPT_VERSION,
@@ -57,6 +77,8 @@ def save_checkpoint(path, *, config: dict, settings: dict, registry: dict, stats
         "stats": {k: np.asarray(v) for k, v in stats.items()},
         "params": _to_numpy(serialization.to_state_dict(params)),
     }
+    if basis:
+        payload["basis"] = _basis_payload(basis)
     if state is not None:
         payload["state"] = _to_numpy(serialization.to_state_dict(state))
     atomic_write_bytes(Path(path), serialization.msgpack_serialize(payload))
@@ -91,3 +113,20 @@ def load_checkpoint(path) -> dict:
     except (KeyError, TypeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: checkpoint is incomplete or corrupt ({err})") from None
     return payload
+
+
+def attach_basis(path, xc: str = "PBE", setups: str = "paw", output=None) -> Path:
+    """Store basis functions (from the installed GPAW data) in a checkpoint that
+    lacks them, checked against its registry; atomic rewrite of ``output``
+    (default: in place)."""
+    from flax import serialization
+
+    from .coverage import basis_for_registry
+    from .layout import Registry
+    ck = load_checkpoint(path)
+    basis = basis_for_registry(Registry.from_dict(ck["registry"]), xc, setups)
+    payload = serialization.msgpack_restore(Path(path).read_bytes())
+    payload["basis"] = _basis_payload({s: b.to_dict() for s, b in basis.items()})
+    out = Path(output or path)
+    atomic_write_bytes(out, serialization.msgpack_serialize(payload))
+    return out

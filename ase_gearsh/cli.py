@@ -1,4 +1,5 @@
-"""The ``gearsh`` command: ``gearsh train CONFIG``, ``gearsh eval MODEL DATASET``."""
+"""The ``gearsh`` command: ``train CONFIG``, ``eval MODEL DATASET``,
+``predict STRUCTURE -m MODEL -o OUT``, ``attach-basis MODEL``."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,20 @@ def _eval(args):
         print(json.dumps(s, indent=1))
 
 
+def _predict(args):
+    from .predict import parse_kpts, predict_structure
+    predict_structure(args.structure, args.model, args.output, kpts=parse_kpts(args.kpts),
+                      width=args.width, npts=args.npts, emin=args.emin, emax=args.emax,
+                      method=args.method, charge=args.charge, index=args.index,
+                      progress=not args.quiet)
+
+
+def _attach(args):
+    from .checkpoint import attach_basis
+    out = attach_basis(args.model, xc=args.xc, setups=args.setups, output=args.output)
+    print(f"wrote {out} with basis functions of {args.xc}/{args.setups} GPAW setups")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="gearsh", description="GEARS H machine-learned "
                                 "Hamiltonians: training and evaluation")
@@ -49,15 +64,41 @@ def main(argv=None) -> int:
     e.add_argument("--json", action="store_true", help="also print the summary as JSON")
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=_eval)
+    r = sub.add_parser("predict", help="predicted H, exact S, spectrum and DOS of a structure")
+    r.add_argument("structure", help="any file ase.io.read understands")
+    r.add_argument("-m", "--model", required=True, help="model.ckpt")
+    r.add_argument("-o", "--output", required=True, help="output folder")
+    r.add_argument("--kpts", help="Gamma-centred k-grid, e.g. 4,4,1 (default: Gamma only)")
+    r.add_argument("--width", type=float, default=0.1, help="DOS broadening, eV (0.1)")
+    r.add_argument("--npts", type=int, default=2001, help="DOS energy points (2001)")
+    r.add_argument("--emin", type=float, help="DOS window start, eV")
+    r.add_argument("--emax", type=float, help="DOS window end, eV")
+    r.add_argument("--method", choices=["auto", "dense", "kpm"], default="auto",
+                   help="spectrum solver (auto: dense up to 20000 orbitals, then KPM)")
+    r.add_argument("--charge", type=float, default=0.0, help="net charge (e)")
+    r.add_argument("--index", default=-1, help="frame of a multi-frame file (default last)")
+    r.add_argument("-q", "--quiet", action="store_true")
+    r.set_defaults(func=_predict)
+    b = sub.add_parser("attach-basis", help="store basis functions (for the exact S) in a "
+                       "checkpoint that lacks them")
+    b.add_argument("model")
+    b.add_argument("--xc", default="PBE", help="functional of the training data (PBE)")
+    b.add_argument("--setups", default="paw")
+    b.add_argument("-o", "--output", help="write here instead of in place")
+    b.set_defaults(func=_attach)
     args = p.parse_args(argv)
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .layout import RegistryError
     from .evaluate import EvaluationError
     from .train import TrainingError
+    from .predict import PredictError
+    from gpaw_tools.overlap import BasisDataError
+    from ase.calculators.calculator import CalculatorSetupError, PropertyNotPresent
     try:
         args.func(args)
     except (ConfigError, CheckpointError, RegistryError, TrainingError, EvaluationError,
+            PredictError, BasisDataError, CalculatorSetupError, PropertyNotPresent,
             FileNotFoundError) as err:
         print(f"gearsh {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -62,6 +62,9 @@ class Model:
         model.params = _restore(model.param_shapes(), ck["params"], path)
         model.extra = ck["extra"]
         model.versions = ck["versions"]
+        model.basis_data = ck.get("basis")  # for the exact overlap (None in old files)
+        model.coverage = ck["extra"].get("coverage")
+        model.path = str(path)
         return model
 
     def param_shapes(self):

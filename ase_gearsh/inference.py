@@ -65,6 +65,7 @@ class PredictedBlocks:
     pair_distance: np.ndarray             # (P,) A
     onsite_coo: tuple                     # rows, cols, values
     pair_coo: tuple                       # rows, cols, values, pair index
+    neighbours: np.ndarray | None = None  # (N,) neighbours within the descriptor cut-off
     timings: dict = field(default_factory=dict)
 
     @property
@@ -86,6 +87,26 @@ class PredictedBlocks:
         out = on + half + half.conj().T
         out.sum_duplicates()
         return out.tocsr()
+
+    @classmethod
+    def from_structure(cls, structure, spin: int = 0) -> "PredictedBlocks":
+        """The reference blocks of a dataset structure (:class:`ase_gearsh.data.Structure`)
+        in the same form: an oracle in place of the model, e.g. to compare a
+        prediction with DFT through the same calculator code."""
+        from .data import _block_indices, orbital_offsets
+        a = structure.arrays
+        counts = np.asarray(a["orbital_counts"], np.int64)
+        off = orbital_offsets(counts)
+        r0, c0, _ = _block_indices(counts, counts, off[:-1], off[:-1])
+        ij = np.asarray(a["pair_ij"], np.int64).reshape(-1, 2)
+        r1, c1, blk = _block_indices(counts[ij[:, 0]], counts[ij[:, 1]], off[ij[:, 0]],
+                                     off[ij[:, 1]])
+        vec = np.asarray(a["pair_vector"], float).reshape(-1, 3)
+        return cls(orbital_counts=counts, pair_i=ij[:, 0], pair_j=ij[:, 1],
+                   pair_shift=np.asarray(a["pair_shift"]).reshape(-1, 3),
+                   pair_distance=np.linalg.norm(vec, axis=1),
+                   onsite_coo=(r0, c0, np.asarray(a["onsite_H"][spin], float)),
+                   pair_coo=(r1, c1, np.asarray(a["pair_H"][spin], float), blk))
 
     def flat(self):
         """(onsite_flat, pair_flat) row-major per block, as stored in datasets."""
@@ -178,7 +199,7 @@ class Predictor:
         P = len(pi)
         cp = min(self.pair_chunk, bucket(P, 256))
         starts = range(0, max(P, 1), cp)
-        if progress:
+        if progress and len(starts) > 1:
             from tqdm.auto import tqdm
             starts = tqdm(starts, desc="bonds", unit="chunk", leave=False)
         blocks = np.empty((P, model.layout.n, model.layout.n), np.float32)
@@ -191,6 +212,7 @@ class Predictor:
             blocks[a:b] = np.asarray(out)[:b - a]
         t3 = time.perf_counter()
         result = self._to_gpaw(species, onsite, pi, pj, pS, pd, blocks)
+        result.neighbours = np.bincount(ei, minlength=N)
         t4 = time.perf_counter()
         result.timings = {"neighbour_list": t1 - t0, "atoms": t2 - t1, "bonds": t3 - t2,
                           "to_gpaw_order": t4 - t3, "n_edges": E, "n_bonds": P,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import check_config, load_config, model_settings
+from .coverage import basis_for_registry, training_coverage
 from .data import Dataset
 from .engine import FAR, Model, pair_cutoff_matrix
 from .graph import attach_labels, batch_graphs, build_graph, pad_size
@@ -74,6 +75,21 @@ def load_training_data(cfg: dict, base: Path = Path(".")):
                                     f"available")
             part[:] = part[:n]
     return train, valid
+
+
+def _basis_data(structures, registry, log):
+    """Basis functions and projectors for the exact overlap, stored in checkpoints."""
+    from gpaw_tools.overlap import BasisDataError
+    meta = structures[0].meta
+    xc = meta.get("xc")
+    setups = (meta.get("gpaw", {}).get("parameters") or {}).get("setups", "paw")
+    try:
+        basis = basis_for_registry(registry, xc, setups)
+    except (BasisDataError, ImportError) as err:
+        log(f"warning: basis functions not stored in the checkpoint ({err}); the ASE "
+            f"calculator will need them (gearsh attach-basis)")
+        return None
+    return {sym: b.to_dict() for sym, b in basis.items()}
 
 
 def _graphs(structures, make_graph, layout, desc=""):
@@ -242,6 +258,8 @@ def train(config, resume: bool = False, output=None, log=print, progress: bool =
             f"{max(max_t, max_v) * 1e3:.3g} meV); they are predicted as zero")
     from .statistics import fit_statistics
     stats = fit_statistics(tg, layout, pc)
+    coverage = training_coverage(tg, registry.n_species)
+    basis = _basis_data(train_s, registry, log)
     settings = model_settings(cfg, registry.n_species, layout.lmax_out, layout.n_features)
     model = Model(settings, registry, stats, None, cfg)
     params = model.init_params(tcfg["seed"])
@@ -354,7 +372,8 @@ def train(config, resume: bool = False, output=None, log=print, progress: bool =
                  "n_train": len(tg), "n_valid": len(vg),
                  "train_names": [g.name for g in tg], "valid_names": [g.name for g in vg]}
         common = dict(config=cfg, settings=settings, registry=registry_d, stats=stats,
-                      params=jax.device_get(params), extra=extra)
+                      params=jax.device_get(params), extra=dict(extra, coverage=coverage),
+                      basis=basis)
         if improved:
             best = score
             save_checkpoint(best_path, **common)

@@ -1,0 +1,92 @@
+"""What a model was trained on: basis functions for the exact S, and the range of
+geometries it saw (to warn when a prediction is an extrapolation).
+
+numpy only at import; GPAW is imported when basis functions are built.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+__all__ = ["ExtrapolationWarning", "basis_for_registry", "training_coverage",
+           "coverage_messages", "warn_extrapolation"]
+
+
+class ExtrapolationWarning(UserWarning):
+    """The structure lies outside what the training set covered."""
+
+
+def basis_for_registry(registry, xc: str, setups="paw") -> dict:
+    """{symbol: SpeciesBasis} from the installed GPAW data, checked against the
+    registry's basis names, angular momenta and radii (Angstrom, 1e-6)."""
+    from gpaw_tools.overlap import BasisDataError, species_from_gpaw
+    if not isinstance(setups, str):
+        raise BasisDataError(f"setups={setups!r}: only one setup type for all elements "
+                             f"(a string such as 'paw') is supported")
+    out = {}
+    for e in registry.species:
+        sb = species_from_gpaw([e["symbol"]], xc=xc, basis=e["name"], setups=setups)
+        sb = sb[e["symbol"]]
+        if tuple(sb.l) != tuple(e["l"]) or abs(sb.rc - e["rc"]) > 1e-6:
+            raise BasisDataError(
+                f"{e['symbol']}: the installed GPAW basis {e['name']!r} has l={sb.l}, "
+                f"rc={sb.rc:.6f} A but the training data used l={list(e['l'])}, "
+                f"rc={e['rc']:.6f} A; install the GPAW data the dataset was made with")
+        out[e["symbol"]] = sb
+    return out
+
+
+def training_coverage(graphs, n_species: int) -> dict:
+    """Per species pair the shortest bond, and per species the most neighbours,
+    seen in the training graphs (JSON-ready; -1 where never seen)."""
+    S = n_species + 1
+    dmin = np.full((S, S), np.inf)
+    nmax = np.full(S, -1)
+    for g in graphs:
+        if len(g.pair_i):
+            d = np.linalg.norm(g.pair_vec, axis=1)
+            a, b = g.species[g.pair_i], g.species[g.pair_j]
+            lo, hi = np.minimum(a, b), np.maximum(a, b)
+            np.minimum.at(dmin, (lo, hi), d)
+        counts = np.bincount(g.edge_i, minlength=g.n_atoms)
+        np.maximum.at(nmax, g.species, counts)
+    dmin = np.minimum(dmin, dmin.T)
+    return {"min_bond_distance": np.where(np.isfinite(dmin), dmin, -1.0).tolist(),
+            "max_neighbours": nmax.tolist()}
+
+
+def coverage_messages(coverage: dict, symbols, species, pair_i, pair_j, pair_distance,
+                      neighbours, tolerance: float = 0.05) -> list[str]:
+    """Human-readable reasons why a structure is outside the training coverage."""
+    if not coverage:
+        return []
+    dmin = np.asarray(coverage["min_bond_distance"], float)
+    nmax = np.asarray(coverage["max_neighbours"])
+    msgs = []
+    names = ["?"] + list(symbols)
+    if len(pair_i):
+        a, b = species[pair_i], species[pair_j]
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        ref = dmin[lo, hi]
+        unseen = ref < 0
+        for x, y in sorted(set(zip(lo[unseen].tolist(), hi[unseen].tolist()))):
+            msgs.append(f"{names[x]}-{names[y]} bonds never occurred in the training set")
+        short = (~unseen) & (pair_distance < ref - tolerance)
+        for x, y in sorted(set(zip(lo[short].tolist(), hi[short].tolist()))):
+            sel = short & (lo == x) & (hi == y)
+            msgs.append(f"{int(sel.sum())} {names[x]}-{names[y]} bond(s) down to "
+                        f"{pair_distance[sel].min():.2f} A, shorter than any in training "
+                        f"({dmin[x, y]:.2f} A)")
+    over = neighbours > nmax[species]
+    for s in sorted(set(species[over].tolist())):
+        sel = over & (species == s)
+        msgs.append(f"{int(sel.sum())} {names[s]} atom(s) with up to {int(neighbours[sel].max())} "
+                    f"neighbours; training had at most {int(nmax[s])}")
+    return msgs
+
+
+def warn_extrapolation(msgs: list[str]) -> None:
+    if msgs:
+        warnings.warn("the prediction is an extrapolation: " + "; ".join(msgs),
+                      ExtrapolationWarning, stacklevel=3)

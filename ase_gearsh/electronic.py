@@ -1,0 +1,156 @@
+"""Electronic structure from (H, S): eigenvalues, Fermi level, DOS and Mulliken PDOS.
+
+numpy/scipy only.  Energies in eV.  DOS are per spin channel (states/eV): the
+total DOS integrates to the number of orbitals, each projected DOS to the
+Mulliken population of its orbitals (the projections sum to the total DOS).
+
+Fermi level: Fermi-Dirac occupations ``f = 1 / (1 + exp((e - mu) / width))``
+with ``2 / nspins`` electrons per state and the k-point weights, solved for the
+valence electron count by bisection.  When the states are separated by a gap
+at ``mu`` (zero-temperature filling is exact) the level is placed mid-gap, as
+GPAW does for insulators.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg as sla
+
+__all__ = ["solve_dense", "fermi_level", "gaussian_dos", "mulliken_weights", "group_matrix",
+           "time_reversal_reduce", "ElectronicError"]
+
+
+class ElectronicError(ValueError):
+    """Inputs that do not describe a solvable electronic-structure problem."""
+
+
+def mulliken_weights(C: np.ndarray, S) -> np.ndarray:
+    """w[mu, n] = Re(conj(C[mu, n]) (S C)[mu, n]); columns sum to 1 for S-normalised C."""
+    SC = S @ C
+    return np.real(np.conj(C) * SC)
+
+
+def group_matrix(labels, n_groups: int | None = None):
+    """Sparse (n_groups, n_orbitals) 0/1 matrix from one integer label per orbital."""
+    import scipy.sparse as sp
+    labels = np.asarray(labels, np.int64)
+    n_groups = int(labels.max()) + 1 if n_groups is None else n_groups
+    return sp.csr_matrix((np.ones(len(labels)), (labels, np.arange(len(labels)))),
+                         shape=(n_groups, len(labels)))
+
+
+def solve_dense(H, S, groups=None):
+    """Generalised eigenproblem H c = e S c, dense LAPACK.
+
+    ``groups``: optional sparse (G, M) orbital-to-group matrix; then also returns
+    the Mulliken weights of every state per group, (G, M).
+    """
+    Hd = H.toarray() if hasattr(H, "toarray") else np.asarray(H)
+    Sd = S.toarray() if hasattr(S, "toarray") else np.asarray(S)
+    if Hd.shape != Sd.shape or Hd.ndim != 2 or Hd.shape[0] != Hd.shape[1]:
+        raise ElectronicError(f"H and S must be square and of equal shape, got {Hd.shape} "
+                              f"and {Sd.shape}")
+    try:
+        if groups is None:
+            return sla.eigh(Hd, Sd, eigvals_only=True), None
+        e, C = sla.eigh(Hd, Sd)
+    except np.linalg.LinAlgError as err:
+        raise ElectronicError(f"S is not positive definite ({err}); the overlap of the "
+                              f"basis functions is singular for this geometry (atoms "
+                              f"on top of each other?)") from None
+    return e, np.asarray(groups @ mulliken_weights(C, Sd))
+
+
+def _occupied(eps, weights, mu, width, per_state):
+    if width > 0:
+        x = np.clip((eps - mu) / width, -200.0, 200.0)
+        f = 1.0 / (1.0 + np.exp(x))
+    else:
+        f = (eps < mu).astype(float) + 0.5 * (eps == mu)
+    return per_state * float((weights[:, None] * f).sum())
+
+
+def fermi_level(eigenvalues, weights, n_electrons: float, width: float = 0.01,
+                nspins: int = 1, tol: float = 1e-10) -> float:
+    """Chemical potential (eV) that holds ``n_electrons`` (see module docstring).
+
+    ``eigenvalues`` (nk, nbands) or (nspins, nk, nbands); ``weights`` (nk,) sum to 1.
+    """
+    eps = np.asarray(eigenvalues, float)
+    w = np.asarray(weights, float)
+    if eps.ndim == 3:
+        eps = eps.reshape(-1, eps.shape[-1])
+        w = np.tile(w, nspins)
+    per_state = 2.0 / nspins
+    capacity = per_state * float(w.sum()) * eps.shape[-1]
+    if not 0 <= n_electrons <= capacity + 1e-9:
+        raise ElectronicError(f"{n_electrons} electrons do not fit into "
+                              f"{eps.shape[-1]} states per k-point (capacity {capacity:g})")
+    if width < 0:
+        raise ElectronicError(f"smearing width must be >= 0 eV, got {width}")
+    lo, hi = eps.min() - 10 * width - 1.0, eps.max() + 10 * width + 1.0
+    for _ in range(200):
+        mu = 0.5 * (lo + hi)
+        if _occupied(eps, w, mu, width, per_state) < n_electrons:
+            lo = mu
+        else:
+            hi = mu
+        if hi - lo < tol:
+            break
+    mu = 0.5 * (lo + hi)
+    # mid-gap for insulators: integer filling with a gap around mu
+    flat = eps.ravel()
+    below, above = flat[flat <= mu], flat[flat > mu]
+    if len(below) and len(above):
+        homo, lumo = below.max(), above.min()
+        n0 = _occupied(eps, w, 0.5 * (homo + lumo), 0.0, per_state)
+        if abs(n0 - n_electrons) < 1e-6 and lumo - homo > 20 * width:
+            return float(0.5 * (homo + lumo))
+    return float(mu)
+
+
+def gaussian_dos(eigenvalues, weights, energies, width: float, spectral=None,
+                 chunk: int = 4096):
+    """Gaussian-broadened DOS on ``energies`` (states/eV, per spin channel).
+
+    ``eigenvalues`` (nk, nb), ``weights`` (nk,).  ``spectral``: optional
+    (nk, G, nb) weights per state (e.g. Mulliken); then returns (G, npts).
+    """
+    if width <= 0:
+        raise ElectronicError(f"DOS broadening width must be > 0 eV, got {width}")
+    eps = np.asarray(eigenvalues, float)
+    energies = np.asarray(energies, float)
+    out = None
+    norm = 1.0 / (np.sqrt(2 * np.pi) * width)
+    for k, wk in enumerate(np.asarray(weights, float)):
+        for a in range(0, eps.shape[1], chunk):
+            e = eps[k, a:a + chunk]
+            g = norm * np.exp(-0.5 * ((energies[None, :] - e[:, None]) / width) ** 2)
+            part = wk * (g.sum(0) if spectral is None else spectral[k][:, a:a + chunk] @ g)
+            out = part if out is None else out + part
+    return out
+
+
+def time_reversal_reduce(kpts, tol: float = 1e-8):
+    """Merge k and -k (modulo reciprocal lattice vectors): (ibz_kpts, weights).
+
+    H(-k) = conj(H(k)) for real H(R), so both have the same eigenvalues and
+    Mulliken weights.  Order of first appearance is kept; weights sum to 1.
+    """
+    k = np.asarray(kpts, float).reshape(-1, 3)
+    scale = 1.0 / tol
+
+    def wrapped(x):
+        x = np.round((x - np.floor(x + 0.5 * tol)) * scale).astype(np.int64)
+        return np.where(x >= int(round(scale)), 0, x)
+
+    a, b = wrapped(k), wrapped(-k)
+    # canonical representative of {k, -k}: the lexicographically smaller one
+    first = np.argmax(a != b, axis=1)
+    rows = np.arange(len(k))
+    use_b = (a != b).any(axis=1) & (b[rows, first] < a[rows, first])
+    key = np.where(use_b[:, None], b, a)
+    _, index, inverse, counts = np.unique(key, axis=0, return_index=True,
+                                          return_inverse=True, return_counts=True)
+    order = np.argsort(index)  # order of first appearance
+    w = counts[order].astype(float)
+    return k[index[order]], w / w.sum()

@@ -1,0 +1,158 @@
+"""``gearsh predict STRUCTURE -m model.ckpt -o OUT/``: H, S, spectrum, DOS and a plot.
+
+Writes (atomically, units recorded in ``summary.json``):
+
+* ``hamiltonian.npz``, ``overlap.npz``: Gamma-point H (eV) and S, compressed
+  scipy.sparse CSR (``scipy.sparse.load_npz``), GPAW orbital order;
+* ``blocks.npz``: the real-space blocks (on-site and pair blocks with lattice
+  shifts, as in datasets), from which H(k) follows at any k;
+* ``eigenvalues.csv`` (dense solver only): k-point, weight, band, energy;
+* ``dos.csv`` and ``dos.png``: total and species-projected DOS with E_F;
+* ``summary.json``: sizes, Fermi level, timings, model and options.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .schema import atomic_write_bytes
+
+__all__ = ["predict_structure", "PredictError"]
+
+
+class PredictError(ValueError):
+    """Unreadable structure or unusable options."""
+
+
+def _write_npz_sparse(path: Path, mat) -> None:
+    import scipy.sparse as sp
+    buf = io.BytesIO()
+    sp.save_npz(buf, mat.tocsr(), compressed=True)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def parse_kpts(text):
+    """'4,4,1' or '4x4x1' -> Gamma-centred grid dict; None stays None."""
+    if text is None:
+        return None
+    parts = text.replace("x", ",").split(",")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        raise PredictError(f"--kpts expects three integers like 4,4,1, got {text!r}") from None
+    if len(size) != 3 or min(size) < 1:
+        raise PredictError(f"--kpts expects three positive integers like 4,4,1, got {text!r}")
+    return {"size": size, "gamma": True}
+
+
+def plot_dos(path: Path, energies, dos, pdos: dict, fermi: float, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = energies - fermi
+    ax.plot(x, dos, color="k", lw=1.2, label="total")
+    for name, y in pdos.items():
+        ax.plot(x, y, lw=1.0, label=name)
+    ax.axvline(0.0, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("E - E_F (eV)")
+    ax.set_ylabel("DOS (states/eV, per spin)")
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def predict_structure(structure, model, output, kpts=None, width: float = 0.1,
+                      npts: int = 2001, emin=None, emax=None, method: str = "auto",
+                      charge: float = 0.0, index=-1, progress: bool = True, log=print) -> dict:
+    """Run the calculator on one structure file (or Atoms) and write ``output``."""
+    from ase import Atoms
+    from ase.io import read
+
+    from .calculator import GearsHCalculator
+    out = Path(output)
+    if isinstance(structure, Atoms):
+        atoms, name = structure.copy(), structure.get_chemical_formula()
+    else:
+        path = Path(structure)
+        if not path.is_file():
+            raise PredictError(f"structure file {str(path)!r} not found")
+        try:
+            atoms = read(path, index=index)
+        except Exception as err:  # ase.io raises many types on bad files
+            raise PredictError(f"cannot read {path} with ase.io.read: "
+                               f"{type(err).__name__}: {err}") from None
+        name = path.name
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    calc = GearsHCalculator(model, kpts=kpts, charge=charge, progress=progress)
+    t1 = time.perf_counter()
+    atoms.calc = calc
+    H = calc.get_hamiltonian()
+    t2 = time.perf_counter()
+    S = calc.get_overlap()
+    t3 = time.perf_counter()
+    _write_npz_sparse(out / "hamiltonian.npz", H)
+    _write_npz_sparse(out / "overlap.npz", S)
+    pb = calc.blocks()
+    onsite, pairs = pb.flat()
+    buf = io.BytesIO()
+    np.savez_compressed(buf, orbital_counts=pb.orbital_counts,
+                        pair_ij=np.column_stack([pb.pair_i, pb.pair_j]),
+                        pair_shift=pb.pair_shift, onsite_H=onsite, pair_H=pairs,
+                        numbers=atoms.numbers, positions=atoms.positions,
+                        cell=np.asarray(atoms.cell), pbc=atoms.pbc, units=np.array("eV"))
+    atomic_write_bytes(out / "blocks.npz", buf.getvalue())
+    use_kpm = calc._use_kpm(method)
+    e, dos = calc.get_dos(width=width, npts=npts, emin=emin, emax=emax, method=method)
+    e, pdos = calc.get_pdos(width=width, npts=npts, emin=emin, emax=emax, method=method)
+    ef = calc.get_fermi_level()
+    t4 = time.perf_counter()
+    if not use_kpm:
+        k, w = calc.get_ibz_k_points(), calc.get_k_point_weights()
+        rows = ["kpt,kx,ky,kz,weight,band,energy_eV"]
+        for q in range(len(k)):
+            for n, x in enumerate(calc.get_eigenvalues(kpt=q)):
+                rows.append(f"{q},{k[q][0]:.8f},{k[q][1]:.8f},{k[q][2]:.8f},{w[q]:.8f},{n},"
+                            f"{x:.8f}")
+        _write_text(out / "eigenvalues.csv", "\n".join(rows) + "\n")
+    names = list(pdos)
+    table = np.column_stack([e, dos] + [pdos[s] for s in names])
+    header = ",".join(["energy_eV", "total"] + names)
+    sio = io.StringIO()
+    np.savetxt(sio, table, delimiter=",", header=header, comments="", fmt="%.8g")
+    _write_text(out / "dos.csv", sio.getvalue())
+    plot_dos(out / "dos.png", e, dos, pdos, ef,
+             title=f"{name}: {len(atoms)} atoms, {H.shape[0]} orbitals"
+                   f" ({'KPM' if use_kpm else 'dense'})")
+    summary = {
+        "structure": name, "atoms": len(atoms), "orbitals": int(H.shape[0]),
+        "bonds": int(len(pb.pair_i)), "fermi_level_eV": ef, "method": "kpm" if use_kpm else
+        "dense", "kpts": calc.get_ibz_k_points().tolist(),
+        "kpt_weights": calc.get_k_point_weights().tolist(),
+        "n_electrons": calc.get_number_of_electrons(), "width_eV": width,
+        "units": {"energy": "eV", "length": "Angstrom", "dos": "states/eV per spin"},
+        "timings_s": {"load_model": t1 - t0, "hamiltonian": t2 - t1, "overlap": t3 - t2,
+                      "spectrum": t4 - t3, **{k: v for k, v in pb.timings.items()
+                                              if isinstance(v, float)}},
+        "model": str(getattr(calc.model, "path", "")),
+    }
+    _write_text(out / "summary.json", json.dumps(summary, indent=1))
+    log(f"{name}: {len(atoms)} atoms, {H.shape[0]} orbitals, {len(pb.pair_i)} bonds; "
+        f"E_F = {ef:.4f} eV; H in {t2 - t1:.2f} s, S in {t3 - t2:.2f} s, spectrum in "
+        f"{t4 - t3:.2f} s ({summary['method']})")
+    log(f"wrote {out}/: hamiltonian.npz overlap.npz blocks.npz "
+        f"{'' if use_kpm else 'eigenvalues.csv '}dos.csv dos.png summary.json")
+    return summary
