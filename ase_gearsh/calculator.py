@@ -15,7 +15,8 @@ Conventions
 * S is exact: two-centre integrals of the basis functions stored in the
   model checkpoint, plus the PAW correction (see :mod:`gpaw_tools.overlap`).
 * Spin-paired (one spin channel).  ``get_dos``/``get_pdos`` are per spin
-  channel: the DOS integrates to the number of orbitals.
+  channel: the DOS integrates to the number of orbitals (``ase.dft.dos.DOS``
+  doubles spin-paired DOS, so it integrates to twice that).
 * The Fermi level uses Fermi-Dirac smearing of ``width`` eV (default 0.01) and
   the valence electron count of the PAW setups minus ``charge``; for gapped
   systems it is placed mid-gap.

@@ -78,6 +78,8 @@ def coverage_messages(coverage: dict, symbols, species, pair_i, pair_j, pair_dis
             msgs.append(f"{int(sel.sum())} {names[x]}-{names[y]} bond(s) down to "
                         f"{pair_distance[sel].min():.2f} A, shorter than any in training "
                         f"({dmin[x, y]:.2f} A)")
+    if neighbours is None:
+        return msgs
     over = neighbours > nmax[species]
     for s in sorted(set(species[over].tolist())):
         sel = over & (species == s)

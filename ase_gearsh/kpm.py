@@ -36,7 +36,6 @@ class KPMError(ValueError):
     """Invalid input to the KPM routines."""
 
 
-
 def _as_matrix(M, name: str):
     M = sp.csr_array(M)
     if M.dtype.kind not in "fc":
@@ -81,22 +80,23 @@ def _real_embedding(M):
     return sp.csr_array(sp.block_array([[M.real, -M.imag], [M.imag, M.real]]))
 
 
-def _real_split(v: np.ndarray) -> np.ndarray:
-    return np.concatenate([v.real, v.imag])
-
-
 def _bounds(H, S, lu, margin: float) -> tuple[float, float]:
     n = H.shape[0]
     if n <= DENSE_MAX:
         ev = scipy.linalg.eigh(H.toarray(), S.toarray(), eigvals_only=True)
         lo, hi = float(ev[0]), float(ev[-1])
     else:
-        solve = lambda v: _solve(lu, v)  # noqa: E731
-        if H.dtype.kind == "c" or S.dtype.kind == "c":
-            # real symmetric embedding [[Re, -Im], [Im, Re]] (same eigenvalues, doubled):
-            # real ARPACK is faster and less thread-sensitive than its complex variant
+        embed = H.dtype.kind == "c" or S.dtype.kind == "c"
+        if embed:  # real symmetric [[Re, -Im], [Im, Re]]: same eigenvalues (doubled), and
+            # real ARPACK is faster and much less BLAS-thread-sensitive than complex ARPACK
             H, S = _real_embedding(H), _real_embedding(S)
-            solve = lambda v: _real_split(_solve(lu, v[:n] + 1j * v[n:]))  # noqa: E731
+
+        def solve(v):
+            if embed:
+                x = _solve(lu, v[:n] + 1j * v[n:])
+                return np.concatenate([x.real, x.imag])
+            return _solve(lu, v)
+
         Minv = sla.LinearOperator(H.shape, matvec=solve, dtype=np.float64)
         v0 = np.random.default_rng(0).standard_normal(H.shape[0])
         lo, hi = (float(sla.eigsh(H, k=1, M=S, Minv=Minv, which=which, v0=v0, tol=1e-8,
@@ -190,19 +190,20 @@ def chebyshev_moments(H, S, n_moments: int = 512, n_random: int = 16,
             pass
     rng = np.random.default_rng(seed)
     mu = np.zeros((len(names), int(n_moments)))
-    for start in starts:
-        k = min(int(block), n_vec - start)
-        if exact:
-            r = np.zeros((n, k))
-            r[np.arange(start, start + k), np.arange(k)] = 1.0
-        else:
-            r = rng.integers(0, 2, size=(n, k)).astype(np.float64) * 2.0 - 1.0
-        prev, cur = r, apply(r)
-        mu[:, 0] += G @ np.einsum("ib,ib->i", r, r)
-        mu[:, 1] += G @ np.einsum("ib,ib->i", r, cur.real)
-        for m in range(2, int(n_moments)):
-            prev, cur = cur, 2.0 * apply(cur) - prev
-            mu[:, m] += G @ np.einsum("ib,ib->i", r, cur.real)
+    with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
+        for start in starts:
+            k = min(int(block), n_vec - start)
+            if exact:
+                r = np.zeros((n, k))
+                r[np.arange(start, start + k), np.arange(k)] = 1.0
+            else:
+                r = rng.integers(0, 2, size=(n, k)).astype(np.float64) * 2.0 - 1.0
+            prev, cur = r, apply(r)
+            mu[:, 0] += G @ np.einsum("ib,ib->i", r, r)
+            mu[:, 1] += G @ np.einsum("ib,ib->i", r, cur.real)
+            for m in range(2, int(n_moments)):
+                prev, cur = cur, 2.0 * apply(cur) - prev
+                mu[:, m] += G @ np.einsum("ib,ib->i", r, cur.real)
     mu /= 1 if exact else n_vec
     if not np.all(np.isfinite(mu)) or np.abs(mu[0]).max() > 100.0 * n:
         raise KPMError(f"Chebyshev moments diverge (max |mu| = {np.abs(mu[0]).max():.3g} for "

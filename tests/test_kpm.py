@@ -1,0 +1,212 @@
+"""KPM DOS / projected DOS of H c = E S c checked against dense scipy.linalg.eigh."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import scipy.linalg as la
+import scipy.sparse as sp
+from scipy.integrate import cumulative_trapezoid, trapezoid
+
+from ase_gearsh.kpm import (KPMError, chebyshev_moments, jackson_kernel, kpm_density, kpm_dos,
+                            moments_from_eigen, spectral_bounds)
+
+NORB = 3
+M_EXACT = 256
+R_STOCH = 64
+
+
+def chain(n_atoms=150, seed=1, complex_h=False, complex_s=False):
+    """Tight-binding chain, 3 orbitals per atom: H couples atoms up to 2 apart,
+    S = I + a small nearest-neighbour symmetric/Hermitian perturbation."""
+    rng = np.random.default_rng(seed)
+    n = n_atoms * NORB
+
+    def banded(reach, scale, diag, cplx):
+        M = np.zeros((n, n), dtype=complex if cplx else float)
+        for i in range(n_atoms):
+            for j in range(i, min(n_atoms, i + reach + 1)):
+                blk = rng.normal(scale=scale / (1 + j - i), size=(NORB, NORB))
+                if cplx:  # adds an i * antisymmetric part to the Hermitian matrix
+                    blk = blk + 1j * rng.normal(scale=0.3 * scale / (1 + j - i), size=(NORB, NORB))
+                M[i * NORB:(i + 1) * NORB, j * NORB:(j + 1) * NORB] = blk
+        M = 0.5 * (M + M.conj().T)
+        M[np.diag_indices(n)] += diag
+        return M
+
+    H = banded(2, 1.5, np.tile([-6.0, -1.0, 2.0], n_atoms), complex_h)
+    S = banded(1, 0.08, 1.0, complex_s)
+    assert la.eigvalsh(S).min() > 0.3
+    return sp.csr_array(H), sp.csr_array(S)
+
+
+def atom_groups(n_atoms):
+    """even/odd atoms partition all orbitals; 's' (first orbital of each atom) overlaps both."""
+    idx = np.arange(n_atoms * NORB).reshape(n_atoms, NORB)
+    return {"even": idx[0::2].ravel(), "odd": idx[1::2].ravel(), "s": idx[:, 0].copy()}
+
+
+def dense_reference(H, S, groups):
+    """Eigenvalues and Mulliken weights per group, row 0 all ones."""
+    Sd = S.toarray()
+    E, C = la.eigh(H.toarray(), Sd)
+    w = (np.conj(C) * (Sd @ C)).real  # w[mu, k] = Re(conj(c_mu,k) (S c)_mu,k)
+    assert np.allclose(w.sum(0), 1.0)
+    return E, np.vstack([np.ones(len(E))] + [w[g].sum(0) for g in groups.values()])
+
+
+@lru_cache
+def reference(n_atoms=150, seed=1, complex_h=False, complex_s=False):
+    """(H, S, groups, eigenvalues, Mulliken weights); dense eigh only once per system."""
+    H, S = chain(n_atoms, seed, complex_h, complex_s)
+    groups = atom_groups(n_atoms)
+    return (H, S, groups, *dense_reference(H, S, groups))
+
+
+@pytest.fixture(scope="module")
+def real_system():
+    H, S, groups, E, W = reference()
+    bounds = spectral_bounds(H, S)
+    exact = chebyshev_moments(H, S, M_EXACT, groups=groups, bounds=bounds, exact=True, block=64)
+    stoch = chebyshev_moments(H, S, M_EXACT, n_random=R_STOCH, groups=groups, bounds=bounds, seed=3)
+    return dict(H=H, S=S, groups=groups, E=E, W=W, bounds=bounds, exact=exact, stoch=stoch)
+
+
+def energy_grid(mom, pad=1.0, npts=4001):
+    lo, hi = mom.center - mom.half_width, mom.center + mom.half_width
+    return np.linspace(lo - pad, hi + pad, npts)
+
+
+def test_exact_moments_match_dense(real_system):
+    mom = real_system["exact"]
+    n = real_system["H"].shape[0]
+    assert mom.names == ["total", "even", "odd", "s"] and mom.n_random == 0 and mom.n_orbitals == n
+    ref = moments_from_eigen(real_system["E"], real_system["W"], mom.center, mom.half_width, M_EXACT)
+    assert ref.shape == mom.moments.shape
+    assert np.abs(mom.moments - ref).max() < 1e-8 * n
+    assert mom.moments[0, 0] == pytest.approx(n, abs=1e-10)
+
+
+def test_exact_moments_do_not_depend_on_block():
+    H, S = chain(n_atoms=20)
+    a = chebyshev_moments(H, S, 32, exact=True, block=7).moments
+    b = chebyshev_moments(H, S, 32, exact=True, block=60).moments
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-11)
+
+
+def test_stochastic_moments(real_system):
+    st, ex, groups = real_system["stoch"], real_system["exact"], real_system["groups"]
+    n = real_system["H"].shape[0]
+    sizes = [n] + [len(g) for g in groups.values()]
+    # Rademacher: sum_mu r_mu^2 = |group| for every vector, so mu_0 is exact
+    np.testing.assert_allclose(st.moments[:, 0], sizes, rtol=0, atol=1e-10)
+    assert st.n_random == R_STOCH
+    grid = energy_grid(ex)
+    de, ds = kpm_density(ex, grid), kpm_density(st, grid)
+    for name, size in zip(st.names, sizes):
+        err = np.abs(cumulative_trapezoid(ds[name] - de[name], grid)).max() / size
+        # a trace estimate of a (bounded) matrix X with R Rademacher vectors has a relative
+        # standard deviation ~ sqrt(2 / (size R)); allow 3 sigma (2.5 % of n for the total)
+        assert 1e-6 < err < 3 * np.sqrt(2 / (size * R_STOCH)), name
+    H, S, bounds = real_system["H"], real_system["S"], real_system["bounds"]
+    run = [chebyshev_moments(H, S, 16, n_random=4, bounds=bounds, seed=s).moments for s in (5, 5, 6)]
+    np.testing.assert_array_equal(run[0], run[1])  # seeded
+    assert np.abs(run[0] - run[2]).max() > 1e-3
+
+
+def test_density_integrates_to_counts(real_system):
+    n = real_system["H"].shape[0]
+    for mom in (real_system["exact"], real_system["stoch"]):
+        grid = energy_grid(mom)
+        dos = kpm_density(mom, grid)
+        sizes = [n] + [len(g) for g in real_system["groups"].values()]
+        for name, size in zip(mom.names, sizes):
+            assert trapezoid(dos[name], grid) == pytest.approx(size, rel=1e-6), name
+        assert np.abs(dos["even"] + dos["odd"] - dos["total"]).max() < 1e-10
+        outside = np.abs(grid - mom.center) >= mom.half_width
+        assert np.all(dos["total"][outside] == 0.0)
+    # the Jackson kernel is positive: exact moments give a non-negative total DOS
+    dos = kpm_density(real_system["exact"], energy_grid(real_system["exact"]))["total"]
+    assert dos.min() > -1e-9 * dos.max()
+
+
+def test_kpm_dos_matches_broadened_dense(real_system):
+    mom, E = real_system["exact"], real_system["E"]
+    n, a, b = len(E), mom.half_width, mom.center
+    grid = energy_grid(mom, pad=0.0)
+    kpm = kpm_density(mom, grid)["total"]
+
+    def gaussians(sigma):
+        z = (grid[:, None] - E[None, :]) / sigma
+        return (np.exp(-0.5 * z**2) / (sigma * np.sqrt(2 * np.pi))).sum(1)
+
+    # Jackson resolution pi a / M: integrated DOS agrees to 0.1 % of n (measured)
+    dense = gaussians(np.pi * a / M_EXACT)
+    assert np.abs(cumulative_trapezoid(kpm - dense, grid)).max() < 5e-3 * n
+    # the Jackson kernel's exact width (Weisse et al. 2006, eq. 73) narrows towards |x| -> 1;
+    # with it the DOS itself agrees (measured: L1 0.8 % of n, max 1.4 % of the peak)
+    x = (E - b) / a
+    var = (M_EXACT - x**2 * (M_EXACT - 1)) / (2 * (M_EXACT + 1)) * (1 - np.cos(2 * np.pi / (M_EXACT + 1)))
+    dense = gaussians(a * np.sqrt(var))
+    assert trapezoid(np.abs(kpm - dense), grid) < 2e-2 * n
+    assert np.abs(kpm - dense).max() < 4e-2 * dense.max()
+
+
+@pytest.mark.parametrize("complex_s", [False, True])
+def test_complex_hermitian_matches_dense(complex_s):
+    H, S, groups, E, W = reference(80, seed=2, complex_h=True, complex_s=complex_s)
+    assert np.abs(H.toarray().imag).max() > 0.1 and (S.dtype.kind == "c") == complex_s
+    mom = chebyshev_moments(H, S, 128, groups=groups, exact=True, block=80)
+    ref = moments_from_eigen(E, W, mom.center, mom.half_width, 128)
+    assert np.abs(mom.moments - ref).max() < 1e-8 * len(E)
+    energies, dos = kpm_dos(H, S, n_moments=128, n_random=32, groups=groups, npts=501)
+    assert energies.shape == (501,) and set(dos) == {"total", "even", "odd", "s"}
+    assert trapezoid(dos["total"], energies) == pytest.approx(len(E), rel=1e-4)
+
+
+@pytest.mark.parametrize("n_atoms, seed, complex_h", [(150, 1, False), (50, 1, False), (80, 2, True)])
+def test_spectral_bounds(n_atoms, seed, complex_h):  # ARPACK (n > 200) and dense (n <= 200) paths
+    H, S, _, E, _ = reference(n_atoms, seed, complex_h)
+    width = E[-1] - E[0]
+    lo, hi = spectral_bounds(H, S, margin=0.05)
+    assert lo < E[0] and hi > E[-1]
+    assert lo == pytest.approx(E[0] - 0.05 * width, abs=1e-6 * width)
+    assert hi == pytest.approx(E[-1] + 0.05 * width, abs=1e-6 * width)
+    assert spectral_bounds(H, S, margin=0.0) == pytest.approx((E[0], E[-1]), abs=1e-6 * width)
+
+
+def test_jackson_kernel():
+    g = jackson_kernel(100)
+    assert g.shape == (100,) and g[0] == pytest.approx(1.0, abs=1e-14)
+    assert np.all(np.diff(g) < 0) and g[-1] > 0
+
+
+def test_errors():
+    H, S = chain(n_atoms=10)
+    n = H.shape[0]
+    with pytest.raises(KPMError, match=r"same shape; got H \(30, 30\) and S \(27, 27\)"):
+        chebyshev_moments(H, S[:27, :27])
+    with pytest.raises(KPMError, match="square"):
+        spectral_bounds(H[:, :29], S)
+    with pytest.raises(KPMError, match="n_moments must be an integer >= 2; got 1"):
+        chebyshev_moments(H, S, n_moments=1)
+    with pytest.raises(KPMError, match="n_random must be an integer >= 1; got 0"):
+        chebyshev_moments(H, S, n_random=0)
+    with pytest.raises(KPMError, match="S must be positive definite"):
+        chebyshev_moments(H, S - 2.0 * sp.eye_array(n))  # indefinite
+    with pytest.raises(KPMError, match="S must be positive definite"):
+        spectral_bounds(H, sp.diags_array(np.r_[np.ones(n - 1), 0.0]))  # singular
+    with pytest.raises(KPMError, match="H must be symmetric/Hermitian"):
+        spectral_bounds(H + sp.csr_array(([0.5], ([0], [1])), shape=(n, n)), S)
+    with pytest.raises(KPMError, match="group 'x' must be a non-empty"):
+        chebyshev_moments(H, S, groups={"x": np.array([], dtype=int)})
+    with pytest.raises(KPMError, match=r"must lie in \[0, 30\); got range \[0, 30\]"):
+        chebyshev_moments(H, S, groups={"x": np.array([0, 30])})
+    with pytest.raises(KPMError, match="must lie in"):
+        chebyshev_moments(H, S, groups={"x": np.array([-1, 3])})
+    with pytest.raises(KPMError, match="emin < emax"):
+        chebyshev_moments(H, S, bounds=(1.0, -1.0))
+    E = la.eigh(H.toarray(), S.toarray(), eigvals_only=True)
+    with pytest.raises(KPMError, match="do not enclose the spectrum"):
+        chebyshev_moments(H, S, bounds=(E[0] + 1.0, E[-1]), n_moments=256)
