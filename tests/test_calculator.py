@@ -219,7 +219,7 @@ def test_errors_are_clear(model, tmp_path):
 
 def test_predict_cli_writes_matrices_spectrum_and_plot(model, tmp_path):
     import jax
-    from ase.io import write
+    from ase.io import read, write
 
     from ase_gearsh.cli import main
     ckpt = tmp_path / "model.ckpt"
@@ -239,6 +239,7 @@ def test_predict_cli_writes_matrices_spectrum_and_plot(model, tmp_path):
                      "-q"]) == 0
     H = sp.load_npz(out / "hamiltonian.npz")
     S = sp.load_npz(out / "overlap.npz")
+    a = read(tmp_path / "ethanol.xyz")  # positions as rounded in the file
     a.calc = GearsHCalculator(str(ckpt), warn_extrapolation=False)
     assert abs(H - a.calc.get_hamiltonian()).max() < 2e-5  # float32 network
     assert abs(S - a.calc.get_overlap()).max() < 1e-12
