@@ -54,7 +54,7 @@ class GearsHCalculator(Calculator):
         "dense_limit": 20000,    # orbitals; above: KPM for DOS/PDOS
         "kpm": {"n_moments": None, "n_random": 16, "seed": 0},
         "edge_chunk": 65536,
-        "pair_chunk": 8192,
+        "pair_chunk": 1024,       # bonds per network call (small chunks are cache-friendly)
         "warn_extrapolation": True,
         "progress": False,
     }

@@ -116,7 +116,7 @@ class PredictedBlocks:
 class Predictor:
     """Run a :class:`~ase_gearsh.engine.Model` on one structure of any size."""
 
-    def __init__(self, model, edge_chunk: int = 65536, pair_chunk: int = 8192,
+    def __init__(self, model, edge_chunk: int = 65536, pair_chunk: int = 1024,
                  atom_base: int = 64):
         import jax
         self.model = model

@@ -99,3 +99,15 @@ def fit_statistics(graphs, layout, pair_cutoff: np.ndarray, n_shift: int = N_SHI
             "pair_scale": pair_scale.astype(np.float32),
             "pair_shift": pair_shift.astype(np.float32),
             "pair_cutoff": pc.astype(np.float32)}
+
+
+def neutral_statistics(layout, pair_cutoff: np.ndarray, n_shift: int = N_SHIFT) -> dict:
+    """Unit scales and zero shifts (no data): for timing untrained models."""
+    S = layout.registry.n_species + 1
+    shape = layout.irreps_shape
+    pc = np.where(pair_cutoff > 0, pair_cutoff, 1.0)
+    return {"onsite_scale": np.ones((S,) + shape, np.float32),
+            "onsite_shift": np.zeros((S,) + shape, np.float32),
+            "pair_scale": np.ones((S, S) + shape, np.float32),
+            "pair_shift": np.zeros((S, S, shape[2], n_shift), np.float32),
+            "pair_cutoff": pc.astype(np.float32)}

@@ -14,31 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-from ase.build import molecule
 from ase.io import write
 
-# C, H, N, O: alcohol, amide, nitro group, aromatic heterocycle, acid.
-MOLECULES = ["CH3CH2OH", "CH3CONH2", "CH3NO2", "C4H4NH", "HCOOH"]
+from ase_gearsh.samples import molecule_snapshots
 
 
 def snapshots(per_molecule: int, rattle: float, seed: int):
-    rng = np.random.default_rng(seed)
-    images = []
-    for name in MOLECULES:
-        for _ in range(per_molecule):
-            atoms = molecule(name)
-            atoms.positions += rng.normal(scale=rattle, size=atoms.positions.shape)
-            q = rng.normal(size=4)
-            q /= np.linalg.norm(q)
-            a, b, c, d = q
-            rot = np.array([[a*a+b*b-c*c-d*d, 2*(b*c-a*d), 2*(b*d+a*c)],
-                            [2*(b*c+a*d), a*a-b*b+c*c-d*d, 2*(c*d-a*b)],
-                            [2*(b*d-a*c), 2*(c*d+a*b), a*a-b*b-c*c+d*d]])
-            atoms.positions = atoms.positions @ rot.T
-            atoms.info["molecule"] = name
-            images.append(atoms)
-    return images
+    return molecule_snapshots(per_molecule, rattle, seed)
 
 
 def main(argv=None):

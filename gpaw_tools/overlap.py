@@ -248,15 +248,14 @@ class OverlapCalculator:
                                                      g)
         return out
 
-    def _pairs(self, atoms, radius_i, radius_j, half):
-        """Directed (i, j, S, vector) with d < radius_i[i] + radius_j[j] (Angstrom)."""
-        cut = np.maximum(radius_i, radius_j)
-        i, j, S, D = neighbor_list("ijSD", atoms, cutoff=cut, self_interaction=False)
-        d = np.linalg.norm(D, axis=1)
+    @staticmethod
+    def _pairs(neigh, radius_i, radius_j, half):
+        """Directed (i, j, S, vector) with d < radius_i[i] + radius_j[j] (Angstrom),
+        selected from one neighbour list ``neigh`` = (i, j, S, D, d, n_atoms)."""
+        i, j, S, D, d, n = neigh
         keep = d < radius_i[i] + radius_j[j]
         if half:
             keep &= _canonical_half(i, j, S)
-        n = len(atoms)
         if half:  # on-site blocks (i, i, 0) are added separately
             return i[keep], j[keep], S[keep], D[keep]
         ar = np.arange(n)
@@ -295,8 +294,12 @@ class OverlapCalculator:
         rp = np.array([self.species[s].projector_rc for s in symbols])
         kpts_arr = np.zeros((1, 3)) if kpts is None else np.asarray(kpts, float).reshape(-1, 3)
 
+        # one neighbour list serves both kinds of pairs
+        cut = np.maximum(rc, rp)
+        i, j, S, D = neighbor_list("ijSD", atoms, cutoff=cut, self_interaction=False)
+        neigh = (i, j, S, D, np.linalg.norm(D, axis=1), nat)
         # two-centre <phi|phi>: canonical half + on-site
-        oi, oj, oS, oD = self._pairs(atoms, rc, rc, half=True)
+        oi, oj, oS, oD = self._pairs(neigh, rc, rc, half=True)
         o_rows, o_cols, o_vals, o_shift_blk = [], [], [], []
         ar = np.arange(nat)
         for idx, blocks in self._blocks("O", atoms, symbols, np.concatenate([ar, oi]),
@@ -315,7 +318,8 @@ class OverlapCalculator:
         shifts = np.concatenate([np.zeros((nat, 3)), oS])
 
         # projector-orbital <p_a|phi_b>, all directed pairs (a, b) incl. a == b
-        pi_, pj, pS, pD = self._pairs(atoms, rp, rc, half=False)
+        pi_, pj, pS, pD = self._pairs(neigh, rp, rc, half=False)
+        del neigh, i, j, S, D
         p_rows, p_cols, p_vals, p_blk = [], [], [], []
         for idx, blocks in self._blocks("P", atoms, symbols, pi_, pj, pD, rcut):
             r, c, b = _block_coo(npr[pi_[idx]], nao[pj[idx]], I0[pi_[idx]], M0[pj[idx]])
@@ -348,7 +352,9 @@ class OverlapCalculator:
                                  shape=(nM, nM)).tocsr()
             O = diag + half + half.conj().T
             P = sp.coo_matrix((p_vals * ph_p[p_blk], (p_rows, p_cols)), shape=(nI, nM)).tocsr()
-            S = (O + P.conj().T @ dO @ P).tocsr()
+            P.eliminate_zeros()  # terms GPAW's evaluator drops: fewer products below
+            S = (O + P.conj().T @ (dO @ P)).tocsr()
+            S.eliminate_zeros()
             if gamma:
                 S = S.real.tocsr() if np.iscomplexobj(S.data) else S
             S.sum_duplicates()
