@@ -42,7 +42,7 @@ test-all: install
 	$(PY) -m pytest
 
 demo: install
-	$(PY) -m gpaw_tools.demo --output demo-output
+	$(PY) -m ase_gearsh.demo --output demo-output
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -118,9 +118,14 @@ class GearsHCalculator(Calculator):
     @property
     def predictor(self):
         if self._predictor is None:
+            # one Predictor (and its compiled stages) per model and chunk sizes, shared
+            # by every calculator of that model
             from .inference import Predictor
-            self._predictor = Predictor(self.model, edge_chunk=self.parameters.edge_chunk,
-                                        pair_chunk=self.parameters.pair_chunk)
+            cache = self.model.__dict__.setdefault("_predictors", {})
+            key = (self.parameters.edge_chunk, self.parameters.pair_chunk)
+            if key not in cache:
+                cache[key] = Predictor(self.model, edge_chunk=key[0], pair_chunk=key[1])
+            self._predictor = cache[key]
         return self._predictor
 
     def blocks(self, atoms=None):

@@ -115,18 +115,38 @@ def load_checkpoint(path) -> dict:
     return payload
 
 
-def attach_basis(path, xc: str = "PBE", setups: str = "paw", output=None) -> Path:
+def attach_basis(path, xc: str = "PBE", setups: str = "paw", output=None,
+                 dataset=None) -> Path:
     """Store basis functions (from the installed GPAW data) in a checkpoint that
-    lacks them, checked against its registry; atomic rewrite of ``output``
-    (default: in place)."""
+    lacks them, checked against its registry; with ``dataset`` also the training
+    coverage (shortest bonds, most neighbours) of the structures the model was
+    trained on (``extra.train_names``).  Atomic rewrite of ``output`` (default:
+    in place)."""
     from flax import serialization
 
-    from .coverage import basis_for_registry
+    from .coverage import basis_for_registry, training_coverage
     from .layout import Registry
     ck = load_checkpoint(path)
-    basis = basis_for_registry(Registry.from_dict(ck["registry"]), xc, setups)
+    registry = Registry.from_dict(ck["registry"])
+    basis = basis_for_registry(registry, xc, setups)
     payload = serialization.msgpack_restore(Path(path).read_bytes())
     payload["basis"] = _basis_payload({s: b.to_dict() for s, b in basis.items()})
+    if dataset is not None:
+        from .data import Dataset
+        from .engine import pair_cutoff_matrix
+        from .graph import build_graph
+        names = set(ck["extra"].get("train_names") or [])
+        if not names:
+            raise CheckpointError(f"{path}: no training structure names stored; cannot "
+                                  f"tell which structures of {dataset} were trained on")
+        pc = pair_cutoff_matrix(registry, ck["settings"]["bond_cutoff"])
+        graphs = [build_graph(s.atoms, registry, ck["settings"]["cutoff"], pc)
+                  for s in Dataset(dataset) if s.meta["source"]["name"] in names]
+        if len(graphs) != len(names):
+            raise CheckpointError(f"{dataset} holds {len(graphs)} of the {len(names)} "
+                                  f"training structures of {path}")
+        extra = dict(ck["extra"], coverage=training_coverage(graphs, registry.n_species))
+        payload["extra"] = json.dumps(extra)
     out = Path(output or path)
     atomic_write_bytes(out, serialization.msgpack_serialize(payload))
     return out

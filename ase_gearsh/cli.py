@@ -40,7 +40,8 @@ def _predict(args):
 
 def _attach(args):
     from .checkpoint import attach_basis
-    out = attach_basis(args.model, xc=args.xc, setups=args.setups, output=args.output)
+    out = attach_basis(args.model, xc=args.xc, setups=args.setups, output=args.output,
+                       dataset=args.dataset)
     print(f"wrote {out} with basis functions of {args.xc}/{args.setups} GPAW setups")
 
 
@@ -85,6 +86,8 @@ def main(argv=None) -> int:
     b.add_argument("--xc", default="PBE", help="functional of the training data (PBE)")
     b.add_argument("--setups", default="paw")
     b.add_argument("-o", "--output", help="write here instead of in place")
+    b.add_argument("--dataset", help="training dataset: also store the training coverage "
+                   "used for extrapolation warnings")
     b.set_defaults(func=_attach)
     args = p.parse_args(argv)
     from .checkpoint import CheckpointError

@@ -25,8 +25,20 @@ def pair_cutoff_matrix(registry: Registry, bond_cutoff: float) -> np.ndarray:
 
 
 def _setup_jax():
+    """float32 with 'highest' matmul precision; compiled code cached on disk
+    (``$JAX_COMPILATION_CACHE_DIR``, else ``~/.cache/ase-gearsh/jax``) so that a
+    new process does not recompile shapes it has seen."""
+    import os
+
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")
+    if not jax.config.jax_compilation_cache_dir and not os.environ.get("GEARSH_NO_CACHE"):
+        path = os.path.join(os.path.expanduser("~"), ".cache", "ase-gearsh", "jax")
+        try:
+            os.makedirs(path, exist_ok=True)
+            jax.config.update("jax_compilation_cache_dir", path)
+        except OSError:  # read-only home: just compile
+            pass
     return jax
 
 
