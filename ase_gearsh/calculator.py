@@ -80,8 +80,13 @@ class GearsHCalculator(Calculator):
     # -- ASE plumbing ---------------------------------------------------------
     def set(self, **kwargs):
         changed = super().set(**kwargs)
-        if changed:
+        if set(changed) <= {"kpm", "progress", "warn_extrapolation"}:
+            for key in [k for k in self._cache if isinstance(k, tuple) and k[0] == "kpm"]:
+                del self._cache[key]
+        else:  # k-points, smearing, charge, chunks: start over
             self._cache.clear()
+            self._predictor = None
+            self.results = {}
         return changed
 
     def reset(self):

@@ -1,8 +1,8 @@
 """The paper's device workflow at small scale: a model trained on small cells
 predicts a large defective sheet; species-projected DOS; hole concentration.
 
-    python tutorials/device_workflow.py --model RUN/model.ckpt --repeat 18 \
-        --vacancies 3 --species B,N -o tutorial-output
+    python tutorials/device_workflow.py --model RUN/model.ckpt --cell cell.extxyz \
+        --repeat 24 --vacancies 4 --vacancy-species N --species B,N -o tutorial-output
 
 Steps (see tutorials/03_device_workflow.md):
 
@@ -28,11 +28,13 @@ import numpy as np
 
 
 def large_sheet(cell_atoms, repeat: int, vacancies: int, strain: float, rattle: float,
-                seed: int):
+                seed: int, vacancy_species=None):
     rng = np.random.default_rng(seed)
     atoms = cell_atoms.repeat((repeat, repeat, 1))
     if vacancies:
-        del atoms[sorted(rng.choice(len(atoms), vacancies, replace=False).tolist())]
+        pool = [k for k, s in enumerate(atoms.symbols)
+                if vacancy_species is None or s == vacancy_species]
+        del atoms[sorted(rng.choice(pool, vacancies, replace=False).tolist())]
     atoms.set_cell(atoms.cell * [1 + strain, 1 + strain, 1], scale_atoms=True)
     atoms.positions += rng.normal(scale=rattle, size=atoms.positions.shape)
     return atoms
@@ -45,6 +47,7 @@ def main(argv=None):
     p.add_argument("--cell", help="small training cell to repeat (ase.io file)")
     p.add_argument("--repeat", type=int, default=18)
     p.add_argument("--vacancies", type=int, default=3)
+    p.add_argument("--vacancy-species", help="only remove atoms of this element")
     p.add_argument("--strain", type=float, default=0.01)
     p.add_argument("--rattle", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
@@ -62,7 +65,8 @@ def main(argv=None):
     if a.structure:
         atoms = read(a.structure)
     else:
-        atoms = large_sheet(read(a.cell), a.repeat, a.vacancies, a.strain, a.rattle, a.seed)
+        atoms = large_sheet(read(a.cell), a.repeat, a.vacancies, a.strain, a.rattle, a.seed,
+                            a.vacancy_species)
     write(out / "structure.extxyz", atoms)
     print(f"structure: {len(atoms)} atoms, {atoms.get_chemical_formula()}, cell "
           f"{atoms.cell.lengths().round(2).tolist()} A")
