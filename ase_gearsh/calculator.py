@@ -304,6 +304,15 @@ class GearsHCalculator(Calculator):
             raise IndexError(f"k-point index {kpt} out of range: there are {len(eps)}")
         return eps[kpt].copy()
 
+    def band_structure(self, reference=None):
+        """:class:`ase.spectrum.band_structure.BandStructure` at the calculator's
+        k-points (set ``kpts={"path": "GMKG", "npoints": 60}`` or a ``BandPath``).
+        ``reference`` (eV) defaults to the Fermi level from these k-points; along a
+        path pass the Fermi level of a k-grid calculation instead."""
+        from ase.spectrum.band_structure import get_band_structure
+        self._spectrum()
+        return get_band_structure(atoms=self.atoms, calc=self, reference=reference)
+
     def get_fermi_level(self):
         self._atoms()
         if "fermi_level" not in self.results or "eigenvalues" not in self._cache:

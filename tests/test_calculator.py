@@ -96,6 +96,13 @@ def test_gamma_of_supercell_equals_folded_kpoints(model):
     prim.calc = GearsHCalculator(model, kpts=(1, 1, 6), warn_extrapolation=False)
     assert len(prim.calc.get_ibz_k_points()) == 3
     assert prim.calc.get_k_point_weights().sum() == pytest.approx(1.0)
+    # a path is kept in order, and ASE's band structure reads it
+    path = [[0, 0, x] for x in np.linspace(0, 0.5, 5)]
+    prim.calc.set(kpts=path)
+    bs = prim.calc.band_structure(reference=0.0)
+    assert bs.energies.shape == (1, 5, prim.calc.get_number_of_bands())
+    assert np.allclose(bs.energies[0, 2], prim.calc.get_eigenvalues(kpt=2))
+    assert np.allclose(prim.calc.get_ibz_k_points(), path)
 
 
 def test_rotation_invariant_eigenvalues_and_covariant_blocks(model):
