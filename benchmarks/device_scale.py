@@ -84,16 +84,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--atoms", type=int, default=4000)
     args = p.parse_args(argv)
-    import collections
-
     import jax
-    compiles = collections.Counter()
 
-    def listener(event, duration, **kw):
-        if "backend_compile" in event:
-            compiles["n"] += 1
-            compiles["seconds"] += duration
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    from compilations import compilation_counter
+    compiles = compilation_counter()
     print(f"JAX {jax.__version__} on {jax.devices()}; {__import__('os').cpu_count()} CPU cores")
     t = time.perf_counter()
     model = paper_model()

@@ -11,7 +11,6 @@ first epoch (compilation included) and the steady-state structures per second.
 from __future__ import annotations
 
 import argparse
-import collections
 import tempfile
 import time
 from pathlib import Path
@@ -48,13 +47,9 @@ def main(argv=None):
           f"{lay.irreps_shape}, {lay.n} canonical orbitals per atom")
 
     import jax
-    compiles = collections.Counter()
 
-    def listener(event, duration, **kw):
-        if "backend_compile" in event:
-            compiles["n"] += 1
-            compiles["seconds"] += duration
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    from compilations import compilation_counter
+    compiles = compilation_counter()
 
     from ase_gearsh.checkpoint import load_checkpoint
     from ase_gearsh.train import train
