@@ -15,7 +15,7 @@ import numpy as np
 from ase.neighborlist import neighbor_list
 
 __all__ = ["Graph", "build_graph", "bond_pairs", "attach_labels", "batch_graphs",
-           "pad_size", "LabelError"]
+           "pad_size", "canonical_orientation", "LabelError"]
 
 
 class LabelError(ValueError):
@@ -55,7 +55,7 @@ def _vectors(atoms, i, j, shifts):
 def bond_pairs(atoms, species, pair_cutoff):
     """Unordered pairs (i, j, R) with distance < pair_cutoff[s_i, s_j]."""
     i, j, S = neighbor_list("ijS", atoms, float(np.max(pair_cutoff)), self_interaction=False)
-    keep = (i < j) | ((i == j) & _positive(S))
+    keep = canonical_orientation(i, j, S)
     i, j, S = i[keep], j[keep], S[keep]
     vec = _vectors(atoms, i, j, S)
     d = np.linalg.norm(vec, axis=1)
@@ -64,11 +64,13 @@ def bond_pairs(atoms, species, pair_cutoff):
     return i[keep][order], j[keep][order], S[keep][order], vec[keep][order]
 
 
-def _positive(S):
-    """R > 0 lexicographically."""
-    S = np.asarray(S)
+def canonical_orientation(i, j, S) -> np.ndarray:
+    """True where the directed pair (i, j, R) is the stored orientation of its
+    unordered pair: i < j, or i == j with R > 0 lexicographically."""
+    S = np.asarray(S).reshape(-1, 3)
     first = np.argmax(S != 0, axis=1)
-    return S[np.arange(len(S)), first] > 0
+    positive = S[np.arange(len(S)), first] > 0
+    return (np.asarray(i) < np.asarray(j)) | ((np.asarray(i) == np.asarray(j)) & positive)
 
 
 def build_graph(atoms, registry, cutoff: float, pair_cutoff: np.ndarray, name="") -> Graph:

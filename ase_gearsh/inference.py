@@ -21,6 +21,8 @@ import numpy as np
 import scipy.sparse as sp
 from ase.neighborlist import neighbor_list
 
+from .graph import canonical_orientation
+
 __all__ = ["bucket", "PredictedBlocks", "Predictor", "inference_graph"]
 
 
@@ -32,11 +34,6 @@ def bucket(n: int, base: int = 64, growth: float = 1.25) -> int:
     return size
 
 
-def _positive(S):
-    first = np.argmax(S != 0, axis=1)
-    return S[np.arange(len(S)), first] > 0
-
-
 def inference_graph(atoms, species, cutoff: float, pair_cutoff: np.ndarray):
     """One neighbour-list pass: directed edges (d < cutoff) and canonical bonds
     (i < j, or i == j with R > 0; d < pair_cutoff[s_i, s_j]), as in training."""
@@ -45,7 +42,7 @@ def inference_graph(atoms, species, cutoff: float, pair_cutoff: np.ndarray):
     d = np.linalg.norm(D, axis=1)
     e = d < cutoff
     edges = (i[e].astype(np.int32), j[e].astype(np.int32), D[e].astype(np.float32))
-    keep = ((i < j) | ((i == j) & _positive(S))) & (d < pair_cutoff[species[i], species[j]])
+    keep = canonical_orientation(i, j, S) & (d < pair_cutoff[species[i], species[j]])
     order = np.lexsort((S[keep, 2], S[keep, 1], S[keep, 0], j[keep], i[keep]))
     bonds = (i[keep][order].astype(np.int32), j[keep][order].astype(np.int32),
              S[keep][order].astype(np.int32), D[keep][order], d[keep][order])

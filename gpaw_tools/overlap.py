@@ -26,6 +26,9 @@ from ase.data import atomic_numbers
 from ase.neighborlist import neighbor_list
 from ase.units import Bohr
 
+from ase_gearsh.data import _block_indices  # numpy only
+from ase_gearsh.graph import canonical_orientation  # numpy and ASE only
+
 __all__ = ["SpeciesBasis", "OverlapCalculator", "species_from_gpaw", "species_from_setup",
            "BasisDataError"]
 
@@ -159,23 +162,6 @@ def species_from_gpaw(symbols, xc: str = "PBE", basis: str = "szp(dzp)",
     return {s.symbol: species_from_setup(s, basis, setups, xc) for s in gsetups}
 
 
-def _canonical_half(i, j, S):
-    """True for the canonical orientation of each unordered pair (i<j, or i==j, S>0)."""
-    nz = S != 0
-    first = np.where(nz.any(axis=1), nz.argmax(axis=1), 0)
-    sign = np.sign(S[np.arange(len(S)), first])
-    return (i < j) | ((i == j) & (sign > 0))
-
-
-def _block_coo(counts_i, counts_j, start_i, start_j):
-    sizes = counts_i * counts_j
-    block = np.repeat(np.arange(len(sizes)), sizes)
-    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    local = np.arange(int(sizes.sum())) - first[block]
-    nj = counts_j[block]
-    return start_i[block] + local // nj, start_j[block] + local % nj, block
-
-
 class OverlapCalculator:
     """Sparse exact S(k) for structures made of the given species.
 
@@ -255,7 +241,7 @@ class OverlapCalculator:
         i, j, S, D, d, n = neigh
         keep = d < radius_i[i] + radius_j[j]
         if half:
-            keep &= _canonical_half(i, j, S)
+            keep &= canonical_orientation(i, j, S)
         if half:  # on-site blocks (i, i, 0) are added separately
             return i[keep], j[keep], S[keep], D[keep]
         ar = np.arange(n)
@@ -307,7 +293,7 @@ class OverlapCalculator:
                                         np.concatenate([np.zeros((nat, 3)), oD]), rcut):
             ii = np.concatenate([ar, oi])[idx]
             jj = np.concatenate([ar, oj])[idx]
-            r, c, b = _block_coo(nao[ii], nao[jj], M0[ii], M0[jj])
+            r, c, b = _block_indices(nao[ii], nao[jj], M0[ii], M0[jj])
             o_rows.append(r)
             o_cols.append(c)
             o_vals.append(blocks.reshape(-1))
@@ -322,7 +308,7 @@ class OverlapCalculator:
         del neigh, i, j, S, D
         p_rows, p_cols, p_vals, p_blk = [], [], [], []
         for idx, blocks in self._blocks("P", atoms, symbols, pi_, pj, pD, rcut):
-            r, c, b = _block_coo(npr[pi_[idx]], nao[pj[idx]], I0[pi_[idx]], M0[pj[idx]])
+            r, c, b = _block_indices(npr[pi_[idx]], nao[pj[idx]], I0[pi_[idx]], M0[pj[idx]])
             p_rows.append(r)
             p_cols.append(c)
             p_vals.append(blocks.reshape(-1))
