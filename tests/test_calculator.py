@@ -258,3 +258,33 @@ def test_predict_cli_writes_matrices_spectrum_and_plot(model, tmp_path):
     assert len(rows) == 1 + H.shape[0]
     assert main(["predict", str(tmp_path / "nope.xyz"), "-m", str(ckpt), "-o",
                  str(out)]) == 2
+
+
+def test_no_recompilation_for_sizes_within_a_bucket(model):
+    import jax
+    count = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: count.append(event) if "backend_compile" in event
+        else None)
+    first = molecule("CH3CH2OH")
+    first.center(vacuum=3.0)
+    first.calc = GearsHCalculator(model, warn_extrapolation=False)
+    first.calc.get_hamiltonian()
+    before = len(count)
+    second = molecule("CH3OH")  # other atom, edge and bond counts, same buckets
+    second.center(vacuum=3.0)
+    second.calc = GearsHCalculator(model, warn_extrapolation=False)
+    pb = second.calc.blocks()
+    assert pb.timings["atoms_padded"] == first.calc.blocks().timings["atoms_padded"]
+    assert len(pb.pair_i) != len(first.calc.blocks().pair_i)
+    assert len(count) == before
+    # the counter works: a size in the next bucket (>= 64 atoms) does compile
+    cluster = Atoms()
+    for k in range(8):
+        w = molecule("CH3CH2OH")
+        w.translate([6.0 * k, 0, 0])
+        cluster += w
+    cluster.center(vacuum=3.0)
+    cluster.calc = GearsHCalculator(model, warn_extrapolation=False)
+    assert cluster.calc.blocks().timings["atoms_padded"] == 128
+    assert len(count) > before
