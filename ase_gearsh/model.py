@@ -75,6 +75,9 @@ class ModelSettings:
     # residual dense block
     mlp_layer_widths: tuple = (32, 16, 32)
     activation: str = "bent_identity"
+    # fused tensor products in both readouts; False in checkpoints written before the
+    # option existed (the config default is True)
+    readout_fused_tensor: bool = False
     radial_fn: str = "basic_fourier"
     cutoff_fn: str = "smooth_cutoff"
 
@@ -234,6 +237,7 @@ class GearsHNet(nn.Module):
             d = AtomDescriptor(s, name="atom_descriptor")(species, edge_i, edge_j, edge_vec,
                                                           rho=rho)
             onsite = e3x.nn.TensorDense(s.out_features, max_degree=s.out_max_degree,
+                                        use_fused_tensor=s.readout_fused_tensor,
                                         cartesian_order=False, name="onsite_readout")(shared(d))
             if stage == "atoms":
                 return d, onsite
@@ -267,6 +271,7 @@ class GearsHNet(nn.Module):
         P = pair_i.shape[0]
         bond = shared(jnp.concatenate(both, axis=0))
         bond = e3x.nn.TensorDense(s.out_features, max_degree=s.out_max_degree,
+                                  use_fused_tensor=s.readout_fused_tensor,
                                   cartesian_order=False, name="pair_readout")(bond)
         return onsite, bond[:P], bond[P:]
 

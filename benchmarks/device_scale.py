@@ -31,7 +31,7 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def paper_model(seed: int = 0):
+def paper_model(seed: int = 0, readout_fused_tensor: bool = True):
     from ase_gearsh.config import check_config, model_settings
     from ase_gearsh.engine import Model, pair_cutoff_matrix
     from ase_gearsh.layout import Layout, Registry
@@ -41,7 +41,8 @@ def paper_model(seed: int = 0):
     reg = Registry.from_basis({s: {"l": b.l, "rc": b.rc, "name": "szp(dzp)",
                                    "projector_rc": b.projector_rc} for s, b in basis.items()})
     lay = Layout(reg)
-    cfg = check_config({"data": {"train_data_path": "unused"}})  # paper defaults
+    cfg = check_config({"data": {"train_data_path": "unused"},  # paper defaults
+                        "model": {"mlp": {"readout_fused_tensor": readout_fused_tensor}}})
     settings = model_settings(cfg, reg.n_species, lay.lmax_out, lay.n_features)
     stats = neutral_statistics(lay, pair_cutoff_matrix(reg, settings["bond_cutoff"]))
     model = Model(settings, reg, stats, None, cfg)
@@ -83,6 +84,8 @@ def time_prediction(model, atoms, compiles, label):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--atoms", type=int, default=4000)
+    p.add_argument("--unfused-readout", action="store_true",
+                   help="model.mlp.readout_fused_tensor: false (the slower readouts)")
     args = p.parse_args(argv)
     import jax
 
@@ -90,7 +93,7 @@ def main(argv=None):
     compiles = compilation_counter()
     print(f"JAX {jax.__version__} on {jax.devices()}; {__import__('os').cpu_count()} CPU cores")
     t = time.perf_counter()
-    model = paper_model()
+    model = paper_model(readout_fused_tensor=not args.unfused_readout)
     from ase_gearsh.model import count_parameters
     print(f"paper configuration, random weights: {count_parameters(model.params):,} parameters, "
           f"{model.layout.n} canonical orbitals/atom, built in {time.perf_counter() - t:.1f} s")
