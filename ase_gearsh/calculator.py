@@ -37,8 +37,8 @@ from ase.calculators.calculator import (Calculator, CalculatorSetupError, Proper
                                         all_changes, kpts2ndarray)
 
 from .coverage import coverage_messages, warn_extrapolation
-from .electronic import (ElectronicError, fermi_level, gaussian_dos, group_matrix,
-                         solve_dense, time_reversal_reduce)
+from .electronic import (fermi_level, gaussian_dos, group_matrix, solve_dense,
+                         time_reversal_reduce)
 
 __all__ = ["GearsHCalculator"]
 

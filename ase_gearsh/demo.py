@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     from ase.io import write
+    from scipy.linalg import eigh
 
     from gpaw_tools.extract import extract_files
     from gpaw_tools.generate import RunSettings, _prepare, run_structure
@@ -122,7 +123,6 @@ def main(argv=None) -> int:
     for k, (atoms, pr) in enumerate(zip(images, preds)):
         s = ds[f"demo-{k}.gpw"]
         H_ref = s.hamiltonian()
-        from scipy.linalg import eigh
         e_ref = eigh(H_ref, s.overlap(), eigvals_only=True)  # all states (GPAW's to 1e-12)
         ef = s.fermi_level
         win = np.abs(e_ref - ef) <= 5.0
