@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 APT_PACKAGES := libxc-dev libopenblas-dev pkg-config g++ make
 
-.PHONY: all install sysdeps test test-all demo clean
+.PHONY: all install sysdeps test test-all lint format demo clean
 
 all: install
 
@@ -37,6 +37,17 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -m "not slow"
+
+# ruff (lint and format, configured in pyproject.toml) and the import-layer
+# contract (setup.cfg [importlinter]); CI runs this before the tests
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 test-all: install
 	$(PY) -m pytest

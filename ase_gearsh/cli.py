@@ -10,13 +10,13 @@ __all__ = ["main"]
 
 
 def _train(args):
-    from .train import train
+    from .training.train import train
     run = train(args.config, resume=args.resume, output=args.output, progress=not args.quiet)
     print(f"finished: {run}/model.ckpt (best), {run}/metrics.csv, {run}/loss.png")
 
 
 def _eval(args):
-    from .evaluate import evaluate
+    from .training.evaluate import evaluate
     s = evaluate(args.model, args.dataset, output=args.output, limit=args.limit,
                  progress=not args.quiet, validation_only=args.validation_only)
     print(f"{s['structures']} structures of {s['dataset']}")
@@ -39,7 +39,7 @@ def _predict(args):
 
 
 def _attach(args):
-    from .checkpoint import attach_basis
+    from .training.attach import attach_basis
     out = attach_basis(args.model, xc=args.xc, setups=args.setups, output=args.output,
                        dataset=args.dataset)
     print(f"wrote {out} with basis functions of {args.xc}/{args.setups} GPAW setups")
@@ -90,18 +90,12 @@ def main(argv=None) -> int:
                    "used for extrapolation warnings")
     b.set_defaults(func=_attach)
     args = p.parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .layout import RegistryError
-    from .evaluate import EvaluationError
-    from .train import TrainingError
-    from .predict import PredictError
-    from gpaw_tools.overlap import BasisDataError
     from ase.calculators.calculator import CalculatorSetupError, PropertyNotPresent
+
+    from .core.errors import GearsHError
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, RegistryError, TrainingError, EvaluationError,
-            PredictError, BasisDataError, CalculatorSetupError, PropertyNotPresent,
+    except (GearsHError, CalculatorSetupError, PropertyNotPresent,
             FileNotFoundError) as err:
         print(f"gearsh {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -36,7 +36,7 @@ def _plot(path, panels):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .schema import atomic_write_bytes
+    from .core.io import atomic_write_bytes
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.9 * len(panels)), sharex=True)
     for ax, p in zip(np.atleast_1d(axes), panels):
         ax.fill_between(p["e"], p["dos_ref"], color="0.8", label="GPAW")
@@ -73,9 +73,9 @@ def main(argv=None) -> int:
     from gpaw_tools.generate import RunSettings, _prepare, run_structure
 
     from .calculator import GearsHCalculator
-    from .data import Dataset
-    from .electronic import gaussian_dos
-    from .engine import Model
+    from .core.data import Dataset
+    from .electronic.dense import gaussian_dos
+    from .model.engine import Model
     from .samples import molecule_snapshots
 
     settings = RunSettings()  # the training data's settings
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
                "gpaw_scf_total_s": gpaw_t, "model_total_s": model_t,
                "speedup_after_compilation": speedup_warm,
                "units": {"energy": "eV (MAE in meV)", "time": "s"}}
-    from .schema import atomic_write_bytes
+    from .core.io import atomic_write_bytes
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
     print(f"\nwrote {out}/dos.png, {out}/summary.json, {out}/dataset/ (GPAW reference)")
     return 0

@@ -18,18 +18,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
+from ase import Atoms
+from ase.io import read
 
-from .schema import atomic_write_bytes
+from .calculator import GearsHCalculator
+from .core.errors import GearsHError
+from .core.io import atomic_write_bytes, new_figure, save_figure
 
 __all__ = ["predict_structure", "PredictError"]
 
 
-class PredictError(ValueError):
+class PredictError(GearsHError, ValueError):
     """Unreadable structure or unusable options."""
 
 
 def _write_npz_sparse(path: Path, mat) -> None:
-    import scipy.sparse as sp
     buf = io.BytesIO()
     sp.save_npz(buf, mat.tocsr(), compressed=True)
     atomic_write_bytes(path, buf.getvalue())
@@ -54,10 +58,9 @@ def parse_kpts(text):
 
 
 def plot_dos(path: Path, energies, dos, pdos: dict, fermi: float, title: str = "") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    """Total and projected DOS against E - E_F, written atomically as a PNG (no pyplot,
+    no process-wide matplotlib state)."""
+    fig, ax = new_figure(figsize=(7, 4))
     x = energies - fermi
     ax.plot(x, dos, color="k", lw=1.2, label="total")
     for name, y in pdos.items():
@@ -68,20 +71,13 @@ def plot_dos(path: Path, energies, dos, pdos: dict, fermi: float, title: str = "
     ax.set_title(title)
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=120)
 
 
 def predict_structure(structure, model, output, kpts=None, width: float = 0.1,
                       npts: int = 2001, emin=None, emax=None, method: str = "auto",
                       charge: float = 0.0, index=-1, progress: bool = True, log=print) -> dict:
     """Run the calculator on one structure file (or Atoms) and write ``output``."""
-    from ase import Atoms
-    from ase.io import read
-
-    from .calculator import GearsHCalculator
     out = Path(output)
     if isinstance(structure, Atoms):
         atoms, name = structure.copy(), structure.get_chemical_formula()
@@ -115,7 +111,7 @@ def predict_structure(structure, model, output, kpts=None, width: float = 0.1,
                         numbers=atoms.numbers, positions=atoms.positions,
                         cell=np.asarray(atoms.cell), pbc=atoms.pbc, units=np.array("eV"))
     atomic_write_bytes(out / "blocks.npz", buf.getvalue())
-    use_kpm = calc._use_kpm(method)
+    use_kpm = calc.uses_kpm(method)
     e, dos = calc.get_dos(width=width, npts=npts, emin=emin, emax=emax, method=method)
     e, pdos = calc.get_pdos(width=width, npts=npts, emin=emin, emax=emax, method=method)
     ef = calc.get_fermi_level()

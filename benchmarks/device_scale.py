@@ -31,10 +31,11 @@ def rss_gib() -> float:
 
 
 def paper_model(seed: int = 0, readout_fused_tensor: bool = True):
-    from ase_gearsh.config import check_config, model_settings
-    from ase_gearsh.engine import Model, pair_cutoff_matrix
-    from ase_gearsh.layout import Layout, Registry
-    from ase_gearsh.statistics import neutral_statistics
+    from ase_gearsh.training.config import check_config, model_settings
+    from ase_gearsh.model.engine import Model, pair_cutoff_matrix
+    from ase_gearsh.model.layout import Layout
+    from ase_gearsh.core.basis import Registry
+    from ase_gearsh.model.statistics import neutral_statistics
     from gpaw_tools.overlap import species_from_gpaw
     basis = species_from_gpaw(ELEMENTS, xc="PBE", basis="szp(dzp)")
     reg = Registry.from_basis({s: {"l": b.l, "rc": b.rc, "name": "szp(dzp)",
@@ -93,7 +94,7 @@ def main(argv=None):
     print(f"JAX {jax.__version__} on {jax.devices()}; {__import__('os').cpu_count()} CPU cores")
     t = time.perf_counter()
     model = paper_model(readout_fused_tensor=not args.unfused_readout)
-    from ase_gearsh.model import count_parameters
+    from ase_gearsh.model.network import count_parameters
     print(f"paper configuration, random weights: {count_parameters(model.params):,} parameters, "
           f"{model.layout.n} canonical orbitals/atom, built in {time.perf_counter() - t:.1f} s")
     for k, seed in enumerate((0, 1)):

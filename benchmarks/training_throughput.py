@@ -21,10 +21,11 @@ HERE = Path(__file__).parent
 
 
 def paper_parameter_count() -> int:
-    from ase_gearsh.config import check_config, model_settings
-    from ase_gearsh.engine import Model
-    from ase_gearsh.layout import Layout, Registry
-    from ase_gearsh.model import count_parameters
+    from ase_gearsh.training.config import check_config, model_settings
+    from ase_gearsh.model.engine import Model
+    from ase_gearsh.model.layout import Layout
+    from ase_gearsh.core.basis import Registry
+    from ase_gearsh.model.network import count_parameters
     # l of the szp(dzp) radial functions in GPAW's basis order
     reg = Registry.from_basis({"W": {"l": [0, 0, 1, 1, 2, 1], "rc": 6.84, "name": "szp(dzp)"},
                                "Se": {"l": [0, 1, 2], "rc": 3.84, "name": "szp(dzp)"}})
@@ -51,8 +52,8 @@ def main(argv=None):
     from compilations import compilation_counter
     compiles = compilation_counter()
 
-    from ase_gearsh.checkpoint import load_checkpoint
-    from ase_gearsh.train import train
+    from ase_gearsh.model.checkpoint import load_checkpoint
+    from ase_gearsh.training.train import train
     cfg = yaml.safe_load(Path(args.config).read_text())
     cfg["data"]["train_data_path"] = args.dataset
     cfg["training"] = dict(cfg.get("training", {}), n_epochs=args.epochs, max_minutes=None)

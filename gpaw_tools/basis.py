@@ -2,36 +2,19 @@
 from __future__ import annotations
 
 import numpy as np
-from ase.units import Bohr
 
-
-def _basis_splines(setup):
-    # today's GPAW: LeanSetup.basis_functions_J; classic: Setup.phit_j
-    splines = getattr(setup, "basis_functions_J", None)
-    if splines is None:
-        splines = setup.phit_j
-    return list(splines)
+from .overlap import species_from_setup
 
 
 def setup_basis(setup, default_name: str | None = None) -> dict:
-    """Basis description of one PAW setup (lengths in Angstrom)."""
-    splines = _basis_splines(setup)
-    ls = [int(s.get_angular_momentum_number()) for s in splines]
-    rc = [float(s.get_cutoff() * Bohr) for s in splines]
+    """Basis description of one PAW setup (lengths in Angstrom):
+    :meth:`ase_gearsh.core.basis.SpeciesBasis.summary` of the setup."""
     name = getattr(getattr(setup, "basis", None), "name", None) or default_name
-    nao = int(setup.nao)
-    if nao != sum(2 * l + 1 for l in ls):
-        raise RuntimeError(f"{setup.symbol}: {nao} orbitals but radial functions with "
-                           f"l = {ls}")
-    return {
-        "symbol": setup.symbol,
-        "name": name,
-        "l": ls,
-        "rc": rc,
-        "projector_rc": float(max(p.get_cutoff() for p in setup.pt_j) * Bohr)
-        if len(setup.pt_j) else 0.0,
-        "n_orbitals": nao,
-    }
+    sb = species_from_setup(setup, name=name)
+    if int(setup.nao) != sb.n_orbitals:
+        raise RuntimeError(f"{setup.symbol}: {int(setup.nao)} orbitals but radial functions "
+                           f"with l = {sb.l}")
+    return sb.summary()
 
 
 def calculator_basis(calc) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:

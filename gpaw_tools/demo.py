@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from ase.io import write
 
-    from ase_gearsh.data import Dataset
+    from ase_gearsh.core.data import Dataset
 
     from .extract import extract_files
     from .generate import RunSettings, generate, read_structures

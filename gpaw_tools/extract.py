@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ase_gearsh.data import assemble
-from ase_gearsh.schema import ensure_manifest, read_structure, write_structure, SchemaError
+from ase_gearsh.core.blocks import assemble
+from ase_gearsh.core.errors import GearsHError
+from ase_gearsh.core.schema import SchemaError, ensure_manifest, read_structure, write_structure
 
 from .basis import calculator_basis
 from .gpw import GPWError, open_calculator, read_parameters
@@ -34,7 +35,7 @@ from .interactions import check_aliasing, find_interactions, interaction_radii
 __all__ = ["extract", "extract_calculator", "extract_files", "main", "KPointError"]
 
 
-class KPointError(ValueError):
+class KPointError(GearsHError, ValueError):
     """The k-points of a run cannot be turned into real-space blocks."""
 
 

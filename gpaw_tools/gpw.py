@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ase_gearsh.core.errors import GearsHError
+
 ULM_MAGIC = b"- of Ulm"
 
 
-class GPWError(ValueError):
+class GPWError(GearsHError, ValueError):
     """A file cannot be used as an LCAO GPAW restart file."""
 
 

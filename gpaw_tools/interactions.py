@@ -23,8 +23,10 @@ import numpy as np
 from ase import Atoms
 from ase.neighborlist import neighbor_list
 
+from ase_gearsh.core.errors import GearsHError
 
-class AliasingError(ValueError):
+
+class AliasingError(GearsHError, ValueError):
     """The periodic images of an atom pair cannot be told apart by the k-grid."""
 
 

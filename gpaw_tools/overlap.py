@@ -17,8 +17,6 @@ are Angstrom, S is dimensionless.  Matches GPAW's S to ~1e-15 (tests).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import scipy.sparse as sp
 from ase import Atoms
@@ -26,11 +24,11 @@ from ase.data import atomic_numbers
 from ase.neighborlist import neighbor_list
 from ase.units import Bohr
 
-from ase_gearsh.data import _block_indices  # numpy only
-from ase_gearsh.graph import canonical_orientation  # numpy and ASE only
+from ase_gearsh.core.basis import BasisDataError, SpeciesBasis
+from ase_gearsh.core.blocks import block_indices, canonical_orientation
 
 __all__ = ["SpeciesBasis", "OverlapCalculator", "species_from_gpaw", "species_from_setup",
-           "BasisDataError"]
+           "BasisDataError", "splines", "basis_for_registry"]
 
 
 # GPAW's two-centre evaluator (c/ tci_overlap) drops expansion terms whose radial
@@ -38,93 +36,13 @@ __all__ = ["SpeciesBasis", "OverlapCalculator", "species_from_gpaw", "species_fr
 _SPLINE_ZERO = 1e-10
 
 
-class BasisDataError(ValueError):
-    """Missing or inconsistent basis-function data."""
-
-
-@dataclass
-class SpeciesBasis:
-    """Radial basis functions and PAW projectors of one species (GPAW units: Bohr).
-
-    ``basis`` and ``projectors`` are lists of ``(l, rmax, values)``: the radial
-    function sampled on ``np.linspace(0, rmax, len(values))`` exactly as GPAW's
-    spline stores it (so the spline is rebuilt bit for bit).  ``dO`` is the PAW
-    overlap correction ``dO_ii`` and ``valence`` the number of valence electrons.
-    """
-    symbol: str
-    valence: float
-    basis: list
-    projectors: list
-    dO: np.ndarray
-    name: str = ""
-    setup: str = "paw"
-    xc: str = ""
-    _splines: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def Z(self) -> int:
-        return atomic_numbers[self.symbol]
-
-    @property
-    def l(self) -> list[int]:
-        return [int(b[0]) for b in self.basis]
-
-    @property
-    def n_orbitals(self) -> int:
-        return sum(2 * int(b[0]) + 1 for b in self.basis)
-
-    @property
-    def n_projectors(self) -> int:
-        return sum(2 * int(p[0]) + 1 for p in self.projectors)
-
-    @property
-    def rc(self) -> float:
-        """Largest basis-function radius (Angstrom)."""
-        return max(float(b[1]) for b in self.basis) * Bohr
-
-    @property
-    def projector_rc(self) -> float:
-        """Largest projector radius (Angstrom); 0 without projectors."""
-        return max((float(p[1]) for p in self.projectors), default=0.0) * Bohr
-
-    def splines(self, kind: str):
-        """GPAW Spline objects of ``kind`` 'basis' or 'projectors' (cached)."""
-        if kind not in self._splines:
-            from gpaw.spline import Spline
-            self._splines[kind] = [Spline.from_data(int(l), float(rmax), np.asarray(f, float))
-                                   for l, rmax, f in getattr(self, kind)]
-        return self._splines[kind]
-
-    def to_dict(self) -> dict:
-        def fns(items):
-            return [{"l": int(l), "rmax": float(r), "values": np.asarray(f, float)}
-                    for l, r, f in items]
-        return {"symbol": self.symbol, "valence": float(self.valence), "name": self.name,
-                "setup": self.setup, "xc": self.xc, "units": "bohr",
-                "basis": fns(self.basis), "projectors": fns(self.projectors),
-                "dO": np.asarray(self.dO, float)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SpeciesBasis":
-        try:
-            def fns(items):
-                if isinstance(items, dict):  # msgpack turns lists into {'0': ..}
-                    items = [items[k] for k in sorted(items, key=int)]
-                return [(int(f["l"]), float(f["rmax"]), np.asarray(f["values"], float))
-                        for f in items]
-            out = cls(symbol=str(d["symbol"]), valence=float(d["valence"]),
-                      basis=fns(d["basis"]), projectors=fns(d["projectors"]),
-                      dO=np.asarray(d["dO"], float), name=str(d.get("name", "")),
-                      setup=str(d.get("setup", "paw")), xc=str(d.get("xc", "")))
-        except (KeyError, TypeError, ValueError) as err:
-            raise BasisDataError(f"incomplete basis data for {d.get('symbol', '?')!r}: "
-                                 f"{type(err).__name__}: {err}") from None
-        ni = out.n_projectors
-        if out.dO.shape != (ni, ni):
-            raise BasisDataError(f"{out.symbol}: dO has shape {out.dO.shape}, expected "
-                                 f"({ni}, {ni}) for projectors with l = "
-                                 f"{[p[0] for p in out.projectors]}")
-        return out
+def splines(species: SpeciesBasis, kind: str):
+    """GPAW Spline objects of ``kind`` 'basis' or 'projectors' (cached on ``species``)."""
+    if kind not in species._splines:
+        from gpaw.spline import Spline
+        species._splines[kind] = [Spline.from_data(int(l), float(rmax), np.asarray(f, float))
+                                  for l, rmax, f in getattr(species, kind)]
+    return species._splines[kind]
 
 
 def _spline_data(spline) -> tuple[int, float, np.ndarray]:
@@ -202,8 +120,8 @@ class OverlapCalculator:
                 self._expansions[ft_key] = TwoSiteOverlapCalculator(
                     FourierTransformer(rcut=rcut, N=2 ** 10))
             tsoc = self._expansions[ft_key]
-            a = self.species[s1].splines("projectors" if kind == "P" else "basis")
-            b = self.species[s2].splines("basis")
+            a = splines(self.species[s1], "projectors" if kind == "P" else "basis")
+            b = splines(self.species[s2], "basis")
             tsoe = tsoc.calculate_expansions([f.l for f in a], tsoc.transform(a),
                                              [f.l for f in b], tsoc.transform(b))
             self._expansions[key] = tsoe
@@ -293,7 +211,7 @@ class OverlapCalculator:
                                         np.concatenate([np.zeros((nat, 3)), oD]), rcut):
             ii = np.concatenate([ar, oi])[idx]
             jj = np.concatenate([ar, oj])[idx]
-            r, c, b = _block_indices(nao[ii], nao[jj], M0[ii], M0[jj])
+            r, c, b = block_indices(nao[ii], nao[jj], M0[ii], M0[jj])
             o_rows.append(r)
             o_cols.append(c)
             o_vals.append(blocks.reshape(-1))
@@ -308,7 +226,7 @@ class OverlapCalculator:
         del neigh, i, j, S, D
         p_rows, p_cols, p_vals, p_blk = [], [], [], []
         for idx, blocks in self._blocks("P", atoms, symbols, pi_, pj, pD, rcut):
-            r, c, b = _block_indices(npr[pi_[idx]], nao[pj[idx]], I0[pi_[idx]], M0[pj[idx]])
+            r, c, b = block_indices(npr[pi_[idx]], nao[pj[idx]], I0[pi_[idx]], M0[pj[idx]])
             p_rows.append(r)
             p_cols.append(c)
             p_vals.append(blocks.reshape(-1))
@@ -348,3 +266,22 @@ class OverlapCalculator:
                 return S, O, P, dO
             out.append(S)
         return out[0] if kpts is None else out
+
+
+def basis_for_registry(registry, xc: str, setups="paw") -> dict:
+    """{symbol: SpeciesBasis} from the installed GPAW data, checked against the
+    registry's basis names, angular momenta and radii (Angstrom, 1e-6)."""
+    if not isinstance(setups, str):
+        raise BasisDataError(f"setups={setups!r}: only one setup type for all elements "
+                             f"(a string such as 'paw') is supported")
+    out = {}
+    for e in registry.species:
+        sb = species_from_gpaw([e["symbol"]], xc=xc, basis=e["name"], setups=setups)
+        sb = sb[e["symbol"]]
+        if tuple(sb.l) != tuple(e["l"]) or abs(sb.rc - e["rc"]) > 1e-6:
+            raise BasisDataError(
+                f"{e['symbol']}: the installed GPAW basis {e['name']!r} has l={sb.l}, "
+                f"rc={sb.rc:.6f} A but the training data used l={list(e['l'])}, "
+                f"rc={e['rc']:.6f} A; install the GPAW data the dataset was made with")
+        out[e["symbol"]] = sb
+    return out

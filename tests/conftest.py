@@ -196,12 +196,13 @@ def small_config(train_path, directory, **overrides):
 @pytest.fixture(scope="session")
 def small_model(water_dataset, chain_dataset):
     """A randomly initialised small model over H, C, O with fitted statistics."""
-    from ase_gearsh.config import check_config, model_settings
-    from ase_gearsh.data import Dataset
-    from ase_gearsh.engine import Model, pair_cutoff_matrix
-    from ase_gearsh.graph import attach_labels, build_graph
-    from ase_gearsh.layout import Layout, Registry
-    from ase_gearsh.statistics import fit_statistics
+    from ase_gearsh.training.config import check_config, model_settings
+    from ase_gearsh.core.data import Dataset
+    from ase_gearsh.model.engine import Model, pair_cutoff_matrix
+    from ase_gearsh.model.graph import attach_labels, build_graph
+    from ase_gearsh.model.layout import Layout
+    from ase_gearsh.core.basis import Registry
+    from ase_gearsh.model.statistics import fit_statistics
     structures = list(Dataset(water_dataset)) + list(Dataset(chain_dataset))
     registry = Registry.from_structures(structures)
     layout = Layout(registry)
@@ -209,7 +210,7 @@ def small_model(water_dataset, chain_dataset):
     pc = pair_cutoff_matrix(registry, 7.0)
     graphs = []
     for s in structures:
-        g = build_graph(s.atoms, registry, 5.0, pc)
+        g = build_graph(s.atoms, registry.species_index(s.atoms.numbers), 5.0, pc)
         attach_labels(g, s, layout)
         graphs.append(g)
     stats = fit_statistics(graphs, layout, pc)

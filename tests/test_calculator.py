@@ -10,11 +10,10 @@ from ase.build import molecule
 from ase.calculators.calculator import CalculatorSetupError, PropertyNotPresent
 
 from ase_gearsh import GearsHCalculator
-from ase_gearsh.checkpoint import CheckpointError, save_checkpoint
-from ase_gearsh.coverage import ExtrapolationWarning, training_coverage
-from ase_gearsh.data import Dataset
-from ase_gearsh.inference import PredictedBlocks
-from ase_gearsh.layout import RegistryError
+from ase_gearsh.model.checkpoint import CheckpointError, save_checkpoint
+from ase_gearsh.model.coverage import ExtrapolationWarning, training_coverage
+from ase_gearsh.core.data import Dataset
+from ase_gearsh.core.basis import RegistryError
 
 
 class Oracle:
@@ -25,19 +24,18 @@ class Oracle:
 
     def __call__(self, atoms, progress=False):
         assert np.allclose(atoms.positions, self.s.atoms.positions)
-        return PredictedBlocks.from_structure(self.s)
+        return self.s.blocks("H")
 
 
 @pytest.fixture(scope="module")
 def model(small_model, water_dataset, chain_dataset):
     """The small random model with basis functions and training coverage attached."""
-    from ase_gearsh.coverage import basis_for_registry
-    from ase_gearsh.graph import build_graph
+    from gpaw_tools.overlap import basis_for_registry
     m = small_model
     m.basis_data = {k: v.to_dict() for k, v in
                     basis_for_registry(m.registry, "PBE", "paw").items()}
     structures = list(Dataset(water_dataset)) + list(Dataset(chain_dataset))
-    graphs = [build_graph(s.atoms, m.registry, m.cutoff, m.pair_cutoff) for s in structures]
+    graphs = [m.graph(s.atoms) for s in structures]
     m.coverage = training_coverage(graphs, m.registry.n_species)
     return m
 
@@ -107,7 +105,7 @@ def test_gamma_of_supercell_equals_folded_kpoints(model):
 
 def test_rotation_invariant_eigenvalues_and_covariant_blocks(model):
     from scipy.spatial.transform import Rotation
-    from test_overlap import real_wigner_blocks
+    from ase_gearsh.testing import orbital_rotation
     a = molecule("CH3OH")
     a.rattle(0.05, seed=2)
     a.center(vacuum=4.0)
@@ -119,7 +117,7 @@ def test_rotation_invariant_eigenvalues_and_covariant_blocks(model):
     a.calc, b.calc = ca, cb
     l_per_atom = [model.registry.species[s - 1]["l"] for s in
                   model.registry.species_index(a.numbers)]
-    D = real_wigner_blocks(rot, l_per_atom)
+    D = orbital_rotation(rot, l_per_atom)
     Ha, Hb = ca.get_hamiltonian().toarray(), cb.get_hamiltonian().toarray()
     assert np.abs(D.T @ Ha @ D - Hb).max() < 2e-4 * max(1.0, np.abs(Ha).max() / 10)
     Sa, Sb = ca.get_overlap().toarray(), cb.get_overlap().toarray()
@@ -166,11 +164,15 @@ def test_kpm_dos_matches_dense(model):
     _, pk = atoms.calc.get_pdos(width=0.3, method="kpm", npts=3001, emin=lo, emax=hi)
     assert set(pk) == {"C", "H"}
     assert np.abs(sum(pk.values()) - kpm).max() < 1e-8 * max(1.0, kpm.max())
-    # the KPM Fermi level lies between HOMO and LUMO, up to the KPM resolution
-    lo_b, hi_b = atoms.calc._cache["bounds"]
-    resolution = np.pi * 0.5 * (hi_b - lo_b) / 400
+    # the KPM Fermi level (a calculator with KPM above 10 orbitals) lies between HOMO
+    # and LUMO, up to the KPM resolution
+    mom = atoms.calc.kpm_moments(0.3)
+    assert mom.moments.shape[1] == 400
+    resolution = np.pi * mom.half_width / 400
     n_occ = int(round(atoms.calc.get_number_of_electrons() / 2))
-    ef_kpm = atoms.calc._kpm(0.3)["fermi_level"]
+    kpm_calc = GearsHCalculator(model, dense_limit=10, **kw)
+    ef_kpm = kpm_calc.get_property("fermi_level", atoms)
+    assert kpm_calc.uses_kpm() and not atoms.calc.uses_kpm()
     assert eps[n_occ - 1] - 2 * resolution <= ef_kpm <= eps[n_occ] + 2 * resolution, \
         (ef_kpm, eps[n_occ - 1], eps[n_occ], resolution)
 

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from ase_gearsh.data import Dataset, assemble
-from ase_gearsh.schema import SchemaError, read_structure, write_structure, ensure_manifest
+from ase_gearsh.core.data import Dataset, assemble
+from ase_gearsh.core.schema import SchemaError, read_structure, write_structure, ensure_manifest
 from gpaw_tools.extract import extract
 
 
@@ -89,7 +89,7 @@ def test_assemble_is_hermitian_with_phases():
 
 
 def test_reader_imports_no_jax_or_gpaw():
-    code = ("import sys, ase_gearsh, ase_gearsh.data, gpaw_tools.interactions;"
+    code = ("import sys, ase_gearsh, ase_gearsh.core.data, gpaw_tools.interactions;"
             "print('jax' in sys.modules, 'gpaw' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()

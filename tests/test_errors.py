@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
-from ase_gearsh import schema
+from ase_gearsh.core import schema
 from gpaw_tools.extract import extract, extract_files, main
 from gpaw_tools.gpw import GPWError, read_parameters
 

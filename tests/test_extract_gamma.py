@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy.linalg import eigh
 
-from ase_gearsh.data import Dataset
+from ase_gearsh.core.data import Dataset
 from gpaw_tools.extract import extract, extract_files, main
 
 
@@ -59,7 +59,7 @@ def test_metadata_is_complete(h2o_gpw, tmp_path):
 
 def test_pair_block_symmetry(h2o_gpw):
     arrays, meta = extract(h2o_gpw)
-    from ase_gearsh.data import Structure
+    from ase_gearsh.core.data import Structure
     s = Structure(arrays, dict(meta, format="gearsh-hamiltonian-dataset", schema_version=1))
     H = s.hamiltonian()
     np.testing.assert_array_equal(H, H.T)
@@ -73,7 +73,7 @@ def test_classic_calculator_file(classic_h2o_gpw):
     from gpaw.calculator import GPAW as ClassicGPAW
     arrays, meta = extract(classic_h2o_gpw)
     eps = ClassicGPAW(str(classic_h2o_gpw), txt=None).get_eigenvalues()
-    from ase_gearsh.data import assemble
+    from ase_gearsh.core.data import assemble
     H = assemble(arrays["orbital_counts"], arrays["onsite_H"][0], arrays["pair_ij"],
                  arrays["pair_shift"], arrays["pair_H"][0])
     S = assemble(arrays["orbital_counts"], arrays["onsite_S"], arrays["pair_ij"],

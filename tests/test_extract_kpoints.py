@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ase_gearsh.data import Dataset
+from ase_gearsh.core.data import Dataset
 from gpaw_tools.extract import extract, extract_files, main
 from gpaw_tools.interactions import AliasingError
 
@@ -76,7 +76,7 @@ def test_time_reversal_reduced_grid_is_unfolded(chain_time_reversal_gpw, chain_k
     path_full, k_off, eps_ref = chain_kpts
     reduced, meta = extract(chain_time_reversal_gpw)
     assert len(reduced["kpts"]) == 7          # IBZ of 13 points with k -> -k
-    from ase_gearsh.data import Structure
+    from ase_gearsh.core.data import Structure
     s = Structure(reduced, meta)
     eps = s.eigenvalues(kpt=k_off)[:len(eps_ref)]
     # same physics as the full-grid run, up to SCF convergence of the two runs

@@ -5,7 +5,7 @@ from pathlib import Path
 from ase.build import molecule
 from ase.io import write
 
-from ase_gearsh.data import Dataset
+from ase_gearsh.core.data import Dataset
 from gpaw_tools.generate import main
 
 

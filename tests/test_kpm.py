@@ -9,7 +9,7 @@ import scipy.linalg as la
 import scipy.sparse as sp
 from scipy.integrate import cumulative_trapezoid, trapezoid
 
-from ase_gearsh.kpm import (KPMError, chebyshev_moments, jackson_kernel, kpm_density, kpm_dos,
+from ase_gearsh.electronic.kpm import (KPMError, chebyshev_moments, jackson_kernel, kpm_density, kpm_dos,
                             moments_from_eigen, spectral_bounds)
 
 NORB = 3

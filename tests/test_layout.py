@@ -2,26 +2,13 @@
 import numpy as np
 import pytest
 
-from ase_gearsh.layout import Layout, Registry, RegistryError
+from ase_gearsh.model.layout import Layout
+from ase_gearsh.core.basis import Registry, RegistryError
+from ase_gearsh.testing import canonical_rotation
 
 BASIS = {"H": {"l": [0, 1], "rc": 3.4, "name": "szp(dzp)"},
          "C": {"l": [0, 1, 2], "rc": 3.5, "name": "szp(dzp)"},
          "W": {"l": [0, 0, 1, 2, 3, 1], "rc": 6.8, "name": "test"}}
-
-
-def wigner(rot, layout, inversion=False):
-    """Block-diagonal D over one atom's canonical orbitals (e3x row-vector rule)."""
-    import e3x
-    import jax
-    with jax.enable_x64(True):
-        D_all = np.asarray(e3x.so3.wigner_d(np.asarray(rot, np.float64), layout.lmax,
-                                            cartesian_order=False))
-    D = np.zeros((layout.n, layout.n))
-    for (l, _), start in zip(layout.slots, layout.slot_start):
-        sign = (-1) ** l if inversion else 1
-        D[start:start + 2 * l + 1, start:start + 2 * l + 1] = \
-            sign * D_all[l * l:(l + 1) ** 2, l * l:(l + 1) ** 2]
-    return D
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +40,7 @@ def test_irreps_rotate_with_wigner_d(layout):
     import jax
     from scipy.spatial.transform import Rotation
     rot = Rotation.random(random_state=5).as_matrix()
-    D = wigner(rot, layout)
+    D = canonical_rotation(rot, layout)
     with jax.enable_x64(True):
         Dout = np.asarray(e3x.so3.wigner_d(rot, layout.lmax_out, cartesian_order=False))
     B = np.random.default_rng(1).normal(size=(layout.n, layout.n))

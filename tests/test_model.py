@@ -4,21 +4,26 @@ import pytest
 from ase import Atoms
 from ase.build import molecule
 
-from ase_gearsh.data import Dataset, assemble
-from test_layout import wigner
+from ase_gearsh.core.data import Dataset
+from ase_gearsh.model.inference import predictor_for
+from ase_gearsh.testing import canonical_rotation, forward_blocks, random_rotation
 
 TOL = 2e-4  # eV, float32 arithmetic on blocks of up to ~20 eV
 
 
 def _predict(model, atoms, **kw):
+    """Canonical blocks through the training path (one padded batch)."""
     g = model.graph(atoms)
-    on, pr = model.predict_graph(g, **kw)
+    on, pr = forward_blocks(model, g, **kw)
     return g, on, pr
 
 
+def _gpaw_h(model, g, on, pr, kpt=None):
+    return predictor_for(model).to_gpaw(g, on, pr).matrix(kpt, sparse=False)
+
+
 def _rotate_check(model, atoms, inversion):
-    from scipy.spatial.transform import Rotation
-    rot = Rotation.random(random_state=11).as_matrix()
+    rot = random_rotation(11)
     sign = -1.0 if inversion else 1.0
     g, on, pr = _predict(model, atoms)
     moved = atoms.copy()
@@ -26,7 +31,7 @@ def _rotate_check(model, atoms, inversion):
     moved.cell = sign * atoms.cell.array @ rot
     g2, on2, pr2 = _predict(model, moved)
     assert np.array_equal(g.pair_i, g2.pair_i) and np.array_equal(g.pair_j, g2.pair_j)
-    D = wigner(rot, model.layout, inversion)
+    D = canonical_rotation(rot, model.layout, inversion)
     exp_on = np.einsum("ab,nbc,cd->nad", D.T, on, D)
     exp_pr = np.einsum("ab,nbc,cd->nad", D.T, pr, D)
     # not trivially zero and really changed by the rotation
@@ -63,10 +68,7 @@ def test_translation_invariance(small_model, chain_dataset):
     Hs = []
     for a in (atoms, moved):
         g, o, p = _predict(small_model, a)
-        o_flat, p_flat = small_model.to_gpaw_order(g, o, p)
-        counts = small_model.registry.n_orbitals[g.species]
-        Hs.append(assemble(counts, o_flat, np.c_[g.pair_i, g.pair_j],
-                           g.pair_shift, p_flat, kpt=k))
+        Hs.append(_gpaw_h(small_model, g, o, p, k))
     # wrapping changes the phase convention by a diagonal unitary; eigenvalues of H agree
     e1, e2 = (np.linalg.eigvalsh(h) for h in Hs)
     assert np.abs(e1 - e2).max() < TOL
@@ -86,9 +88,7 @@ def test_permutation_equivariance_and_exact_hermiticity(small_model, water_datas
         assert np.abs(blocks[(i, j)] - pr[p]).max() < 1e-5
     # on-site blocks symmetric; the assembled H is exactly symmetric
     assert np.array_equal(on, np.swapaxes(on, 1, 2))
-    o, pf = small_model.to_gpaw_order(g, on, pr)
-    H = assemble(small_model.registry.n_orbitals[g.species], o, np.c_[g.pair_i, g.pair_j],
-                 g.pair_shift, pf)
+    H = _gpaw_h(small_model, g, on, pr)
     assert np.array_equal(H, H.T)
 
 
@@ -124,7 +124,7 @@ def test_pair_blocks_vanish_smoothly_at_the_cutoff(small_model):
 
 def test_message_passing_really_changes_outputs(small_model):
     """With mp_steps=1 an atom sees its neighbours' neighbours; without, it does not."""
-    from ase_gearsh.engine import Model
+    from ase_gearsh.model.engine import Model
     settings = dict(small_model.settings, mp_steps=1, mp_degree=2, mp_qkv_features=8,
                     mp_num_heads=2)
     mp = Model(settings, small_model.registry, {k: np.asarray(v) for k, v in
@@ -147,15 +147,16 @@ def test_message_passing_really_changes_outputs(small_model):
 
 def test_parameter_count_of_paper_configuration():
     """The paper's WSe2-like configuration (listings 2-4): about 83k parameters."""
-    from ase_gearsh.config import check_config, model_settings
-    from ase_gearsh.engine import Model
-    from ase_gearsh.layout import Layout, Registry
+    from ase_gearsh.training.config import check_config, model_settings
+    from ase_gearsh.model.engine import Model
+    from ase_gearsh.model.layout import Layout
+    from ase_gearsh.core.basis import Registry
     reg = Registry.from_basis({"W": {"l": [0, 1, 2, 1], "rc": 4.0, "name": "szp"},
                                "Se": {"l": [0, 1, 2], "rc": 4.0, "name": "szp"}})
     lay = Layout(reg)
     cfg = check_config({"data": {"train_data_path": "x"}})
     model = Model(model_settings(cfg, reg.n_species, lay.lmax_out, lay.n_features), reg,
                   {}, None, cfg)
-    from ase_gearsh.model import count_parameters
+    from ase_gearsh.model.network import count_parameters
     n = count_parameters(model.init_params(0))
     assert 40_000 < n < 200_000, n

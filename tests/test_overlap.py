@@ -6,6 +6,8 @@ from ase import Atoms
 from gpaw_tools.overlap import (BasisDataError, OverlapCalculator, SpeciesBasis,
                                 species_from_gpaw)
 
+from ase_gearsh.testing import orbital_rotation
+
 
 def _gpaw_S(path):
     from gpaw import GPAW
@@ -15,18 +17,6 @@ def _gpaw_S(path):
     atoms = calc.get_atoms()
     atoms.set_scaled_positions(np.asarray(calc.spos_ac))  # GPAW's wrapped positions
     return atoms, np.asarray(calc.get_ibz_k_points()), S_kMM
-
-
-def real_wigner_blocks(rot, l_per_atom):
-    """Block-diagonal D over all orbitals (GPAW order = e3x order, row-vector rule)."""
-    import e3x
-    import jax
-    from scipy.linalg import block_diag
-    with jax.enable_x64(True):
-        D = np.asarray(e3x.so3.wigner_d(np.asarray(rot, np.float64), 3,
-                                        cartesian_order=False))
-    return block_diag(*[D[l * l:(l + 1) ** 2, l * l:(l + 1) ** 2]
-                        for ls in l_per_atom for l in ls])
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +62,7 @@ def test_overlap_is_rotation_covariant(chon):
     oc = OverlapCalculator(chon)
     S_a = oc.overlap(a).toarray()
     S_b = oc.overlap(b).toarray()
-    D = real_wigner_blocks(rot, [chon[s].l for s in a.get_chemical_symbols()])
+    D = orbital_rotation(rot, [chon[s].l for s in a.get_chemical_symbols()])
     assert np.abs(D.T @ S_a @ D - S_b).max() < 1e-10
 
 

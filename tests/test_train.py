@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-from ase_gearsh.checkpoint import CheckpointError, load_checkpoint
-from ase_gearsh.config import ConfigError, check_config, load_config
+from ase_gearsh.model.checkpoint import CheckpointError, load_checkpoint
+from ase_gearsh.training.config import ConfigError, check_config, load_config
+from ase_gearsh.testing import forward_blocks
 from conftest import small_config
 
 HERE = Path(__file__).parent
@@ -53,7 +54,7 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 
 
 def _train(cfg, **kw):
-    from ase_gearsh.train import train
+    from ase_gearsh.training.train import train
     return train(cfg, progress=False, log=lambda *a: None, **kw)
 
 
@@ -116,14 +117,14 @@ def test_kill_mid_epoch_loses_at_most_that_epoch(water_dataset, tmp_path):
 
 
 def test_checkpoint_round_trip_and_errors(water_dataset, tmp_path):
-    from ase_gearsh.data import Dataset
-    from ase_gearsh.engine import Model
+    from ase_gearsh.core.data import Dataset
+    from ase_gearsh.model.engine import Model
     run = _train(small_config(water_dataset, tmp_path))
     model = Model.from_checkpoint(run / "model.ckpt")
     again = Model.from_checkpoint(run / "model.ckpt")
     atoms = Dataset(water_dataset)[0].atoms
-    a = model.predict_graph(model.graph(atoms))
-    b = again.predict_graph(again.graph(atoms))
+    a = forward_blocks(model, model.graph(atoms))
+    b = forward_blocks(again, again.graph(atoms))
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     ck = load_checkpoint(run / "model.ckpt")
     assert {"config", "settings", "registry", "stats", "params", "versions"} <= set(ck)
@@ -167,8 +168,8 @@ def test_two_devices_follow_the_one_device_trajectory(water_dataset, tmp_path):
 import json, sys
 sys.path.insert(0, {str(HERE)!r})
 from conftest import small_config
-from ase_gearsh.train import train
-from ase_gearsh.checkpoint import load_checkpoint
+from ase_gearsh.training.train import train
+from ase_gearsh.model.checkpoint import load_checkpoint
 out = {{}}
 for nd in (1, 2):
     cfg = small_config({str(water_dataset)!r}, {str(tmp_path)!r} + f"/d{{nd}}",
@@ -211,11 +212,11 @@ def test_eval_cli_reports_errors_and_plots(water_dataset, tmp_path, capsys):
 
 def test_oracle_blocks_give_gpaw_eigenvalues(water_dataset, small_model, monkeypatch):
     """Eval's eigenvalue path: with the reference blocks it returns GPAW's eigenvalues."""
-    from ase_gearsh import evaluate as ev
-    ds = __import__("ase_gearsh.data", fromlist=["Dataset"]).Dataset(water_dataset)
+    from ase_gearsh.training import evaluate as ev
+    ds = __import__("ase_gearsh.core.data", fromlist=["Dataset"]).Dataset(water_dataset)
     monkeypatch.setattr(ev, "predict_structure_blocks",
                         lambda model, s: (s.arrays["onsite_H"][0], s.arrays["pair_H"][0]))
-    monkeypatch.setattr("ase_gearsh.engine.Model.from_checkpoint",
+    monkeypatch.setattr("ase_gearsh.model.engine.Model.from_checkpoint",
                         classmethod(lambda cls, p: small_model))
     s = ev.evaluate("oracle", ds, progress=False)
     assert s["h_mae_meV"] == 0 and s["eig_mae_all_meV"] < 1e-6
@@ -223,7 +224,7 @@ def test_oracle_blocks_give_gpaw_eigenvalues(water_dataset, small_model, monkeyp
 
 def test_validation_elements_must_be_in_the_training_set(water_dataset, chain_dataset,
                                                          tmp_path):
-    from ase_gearsh.layout import RegistryError
+    from ase_gearsh.core.basis import RegistryError
     cfg = small_config(water_dataset, tmp_path, data={"val_data_path": str(chain_dataset),
                                                       "n_valid": None})
     with pytest.raises(RegistryError, match="element C is not in the model's registry"):

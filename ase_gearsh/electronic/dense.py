@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.linalg as sla
+import scipy.sparse as sp
 
-__all__ = ["solve_dense", "fermi_level", "gaussian_dos", "mulliken_weights", "group_matrix",
-           "time_reversal_reduce", "ElectronicError"]
+from ..core.errors import GearsHError
+
+__all__ = ["solve_dense", "fermi_level", "fermi_dirac", "occupation_numbers", "gaussian_dos",
+           "energy_grid", "mulliken_weights", "group_matrix", "time_reversal_reduce",
+           "ElectronicError"]
 
 
-class ElectronicError(ValueError):
+class ElectronicError(GearsHError, ValueError):
     """Inputs that do not describe a solvable electronic-structure problem."""
 
 
@@ -31,7 +35,6 @@ def mulliken_weights(C: np.ndarray, S) -> np.ndarray:
 
 def group_matrix(labels, n_groups: int | None = None):
     """Sparse (n_groups, n_orbitals) 0/1 matrix from one integer label per orbital."""
-    import scipy.sparse as sp
     labels = np.asarray(labels, np.int64)
     n_groups = int(labels.max()) + 1 if n_groups is None else n_groups
     return sp.csr_matrix((np.ones(len(labels)), (labels, np.arange(len(labels)))),
@@ -60,13 +63,28 @@ def solve_dense(H, S, groups=None):
     return e, np.asarray(groups @ mulliken_weights(C, Sd))
 
 
-def _occupied(eps, weights, mu, width, per_state):
+def fermi_dirac(eigenvalues, mu: float, width: float) -> np.ndarray:
+    """Fermi-Dirac occupation 0..1 of each state; ``width`` 0 gives the step (1/2 at mu)."""
+    eps = np.asarray(eigenvalues, float)
     if width > 0:
-        x = np.clip((eps - mu) / width, -200.0, 200.0)
-        f = 1.0 / (1.0 + np.exp(x))
-    else:
-        f = (eps < mu).astype(float) + 0.5 * (eps == mu)
-    return per_state * float((weights[:, None] * f).sum())
+        return 1.0 / (1.0 + np.exp(np.clip((eps - mu) / width, -200.0, 200.0)))
+    return (eps < mu).astype(float) + 0.5 * (eps == mu)
+
+
+def occupation_numbers(eigenvalues, fermi_level: float, width: float,
+                       nspins: int = 1) -> np.ndarray:
+    """Occupations per state, 0..2 / nspins (no k-point weight), at ``fermi_level`` eV.
+
+    With the Fermi level of :func:`fermi_level` (same ``width``),
+    ``sum_k w_k occupation_numbers(eps[k]).sum()`` is the electron count.
+    """
+    if not width >= 0:
+        raise ElectronicError(f"smearing width must be >= 0 eV, got {width}")
+    return (2.0 / nspins) * fermi_dirac(eigenvalues, fermi_level, width)
+
+
+def _occupied(eps, weights, mu, width, per_state):
+    return per_state * float((weights[:, None] * fermi_dirac(eps, mu, width)).sum())
 
 
 def fermi_level(eigenvalues, weights, n_electrons: float, width: float = 0.01,
@@ -130,11 +148,24 @@ def gaussian_dos(eigenvalues, weights, energies, width: float, spectral=None,
     return out
 
 
-def time_reversal_reduce(kpts, tol: float = 1e-8):
+def energy_grid(emin, emax, npts: int, lo: float, hi: float, pad: float = 0.0) -> np.ndarray:
+    """``npts`` energies (eV) from ``emin`` to ``emax``; a bound left ``None`` is the
+    spectrum's edge ``lo``/``hi`` widened by ``pad``."""
+    emin = lo - pad if emin is None else float(emin)
+    emax = hi + pad if emax is None else float(emax)
+    if int(npts) != npts or npts < 2:
+        raise ElectronicError(f"npts must be an integer >= 2, got {npts}")
+    if not emax > emin:
+        raise ElectronicError(f"need emin < emax, got emin={emin}, emax={emax}")
+    return np.linspace(emin, emax, int(npts))
+
+
+def time_reversal_reduce(kpts, tol: float = 1e-8, return_map: bool = False):
     """Merge k and -k (modulo reciprocal lattice vectors): (ibz_kpts, weights).
 
     H(-k) = conj(H(k)) for real H(R), so both have the same eigenvalues and
     Mulliken weights.  Order of first appearance is kept; weights sum to 1.
+    ``return_map``: also return the IBZ index of every input k-point.
     """
     k = np.asarray(kpts, float).reshape(-1, 3)
     scale = 1.0 / tol
@@ -153,4 +184,8 @@ def time_reversal_reduce(kpts, tol: float = 1e-8):
                                           return_inverse=True, return_counts=True)
     order = np.argsort(index)  # order of first appearance
     w = counts[order].astype(float)
-    return k[index[order]], w / w.sum()
+    if not return_map:
+        return k[index[order]], w / w.sum()
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return k[index[order]], w / w.sum(), rank[np.ravel(inverse)]

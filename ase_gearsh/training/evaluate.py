@@ -17,42 +17,47 @@ from pathlib import Path
 import numpy as np
 from scipy.linalg import eigh
 
-from .data import Dataset, assemble
+from ..core.blocks import assemble
+from ..core.data import Dataset
+from ..core.errors import GearsHError
+from ..core.io import atomic_write_text, new_figure, save_figure
+from ..model.engine import Model
+from ..model.inference import Predictor, predictor_for
 
 __all__ = ["evaluate", "predict_structure_blocks", "EvaluationError"]
 
 
-class EvaluationError(ValueError):
+class EvaluationError(GearsHError, ValueError):
     """A dataset that cannot be evaluated with this model."""
 
 WINDOW = 5.0  # eV around the Fermi level
 
 
-def predict_structure_blocks(model, structure):
-    """Predicted flat on-site and pair blocks in the dataset's own pair order."""
-    model.registry.check_basis(structure.basis, structure.meta["source"]["name"])
-    g = model.graph(structure.atoms)
-    on_c, pr_c = model.predict_graph(g)
-    on, pr = model.to_gpaw_order(g, on_c, pr_c)
+def predict_structure_blocks(predictor: Predictor, structure):
+    """Predicted flat on-site and pair blocks (GPAW order, eV) of a dataset
+    structure, through the prediction path users run, in the dataset's pair order."""
+    model = predictor.model
+    name = structure.meta["source"]["name"]
+    model.registry.check_basis(structure.basis, name)
+    bm = predictor(structure.atoms)
     counts = structure.orbital_counts
     a = structure.arrays
-    sizes = counts[g.pair_i] * counts[g.pair_j]
+    sizes = counts[bm.pair_i] * counts[bm.pair_j]
     start = np.concatenate([[0], np.cumsum(sizes)])
     key = {(int(i), int(j), *map(int, R)): p for p, (i, j, R) in
-           enumerate(zip(g.pair_i, g.pair_j, g.pair_shift))}
-    out = np.zeros_like(a["pair_H"][0])
+           enumerate(zip(bm.pair_i, bm.pair_j, bm.pair_shift))}
+    out = np.zeros_like(a["pair_H"][0], dtype=np.float64)
     off = a["pair_offsets"]
     matched = 0
     for p, ((i, j), R) in enumerate(zip(a["pair_ij"], a["pair_shift"])):
         q = key.get((int(i), int(j), *map(int, R)))
         if q is not None:
-            out[off[p]:off[p + 1]] = pr[start[q]:start[q + 1]]
+            out[off[p]:off[p + 1]] = bm.pairs[start[q]:start[q + 1]]
             matched += 1
     if matched != len(key):
-        raise RuntimeError(f"{structure.meta['source']['name']}: {len(key) - matched} "
-                           f"predicted pairs are not stored in the dataset; re-extract "
-                           f"it without --threshold")
-    return on, out
+        raise EvaluationError(f"{name}: {len(key) - matched} predicted pairs are not stored "
+                              f"in the dataset; re-extract it without --threshold")
+    return bm.onsite, out
 
 
 def evaluate(model_path, dataset, output=None, limit=None, progress=True,
@@ -60,8 +65,10 @@ def evaluate(model_path, dataset, output=None, limit=None, progress=True,
     """Errors of a model on a dataset (``validation_only``: the structures the
     checkpoint was validated on, matched by source file name)."""
     from tqdm.auto import tqdm
-    from .engine import Model
-    model = Model.from_checkpoint(model_path)
+    if limit is not None and int(limit) < 1:
+        raise EvaluationError(f"limit must be a positive number of structures, got {limit}")
+    model = model_path if isinstance(model_path, Model) else Model.from_checkpoint(model_path)
+    predictor = predictor_for(model)
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     structures = (ds[k] for k in range(len(ds)))
     if validation_only:
@@ -75,7 +82,7 @@ def evaluate(model_path, dataset, output=None, limit=None, progress=True,
     n = len(structures)
     rows, pooled = [], {"ref": [], "pred": [], "onsite": [], "eig_err": [], "eig_ref": []}
     for s in tqdm(structures, desc="evaluate", unit="structure", disable=not progress):
-        on, pr = predict_structure_blocks(model, s)
+        on, pr = predict_structure_blocks(predictor, s)
         a = s.arrays
         d_on = on - a["onsite_H"][0]
         d_pr = pr - a["pair_H"][0]
@@ -103,7 +110,7 @@ def evaluate(model_path, dataset, output=None, limit=None, progress=True,
         pooled["eig_ref"].append(eref - s.fermi_level)
     p = {k: np.concatenate(v) for k, v in pooled.items()}
     herr = np.abs(p["pred"] - p["ref"])
-    summary = {"model": str(model_path), "dataset": str(ds.path), "structures": n}
+    summary = {"model": str(getattr(model, "path", None) or model_path), "dataset": str(ds.path), "structures": n}
     for key in ("h_mae_onsite_meV", "h_mae_pair_meV", "h_mae_meV", "eig_mae_window_meV",
                 "eig_mae_all_meV"):
         summary[key] = float(np.nanmean([r[key] for r in rows]))
@@ -117,12 +124,12 @@ def evaluate(model_path, dataset, output=None, limit=None, progress=True,
     if output is not None:
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-        (out / "structures.csv").write_text(buf.getvalue())
+        atomic_write_text(out / "structures.csv", buf.getvalue())
         _plots(out, p, summary)
     return summary
 
@@ -139,11 +146,8 @@ def _cdf(ax, values, label):
 
 
 def _plots(out: Path, p: dict, summary: dict):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
-    fig, ax = plt.subplots(2, 2, figsize=(10, 8))
+    fig, ax = new_figure(2, 2, figsize=(10, 8))
     ax[0, 0].hist2d(p["eig_ref"], p["eig_err"] * 1e3, bins=(80, 80), norm=LogNorm(),
                     cmap="viridis")
     ax[0, 0].axvspan(-WINDOW, WINDOW, color="k", alpha=0.06)
@@ -162,14 +166,12 @@ def _plots(out: Path, p: dict, summary: dict):
     _cdf(ax[1, 0], np.abs(p["eig_err"]), "eigenvalues")
     _cdf(ax[1, 1], np.abs(p["pred"] - p["ref"]), "H elements")
     fig.tight_layout()
-    fig.savefig(out / "errors.png", dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    save_figure(fig, out / "errors.png")
+    fig, ax = new_figure(figsize=(4.5, 4.5))
     lim = [p["ref"].min(), p["ref"].max()]
     ax.hist2d(p["ref"], p["pred"], bins=150, norm=LogNorm(), cmap="viridis")
     ax.plot(lim, lim, "k--", lw=0.5)
     ax.set_xlabel("reference H (eV)")
     ax.set_ylabel("predicted H (eV)")
     fig.tight_layout()
-    fig.savefig(out / "parity.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "parity.png")

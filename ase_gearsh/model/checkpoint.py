@@ -11,16 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .schema import atomic_write_bytes
+from ..core.errors import GearsHError
+from ..core.io import atomic_write_bytes
 
 __all__ = ["CKPT_FORMAT", "CKPT_VERSION", "CheckpointError", "save_checkpoint",
-           "load_checkpoint", "versions", "attach_basis"]
+           "load_checkpoint", "versions", "basis_payload"]
 
 CKPT_FORMAT = "gearsh-model"
 CKPT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GearsHError, ValueError):
     """A missing, corrupt or incompatible checkpoint."""
 
 
@@ -45,7 +46,7 @@ def _to_numpy(tree):
     return np.asarray(tree)
 
 
-def _basis_payload(basis: dict) -> dict:
+def basis_payload(basis: dict) -> dict:
     """{symbol: SpeciesBasis.to_dict()} with lists as index-keyed dicts (msgpack)."""
     out = {}
     for sym, d in basis.items():
@@ -64,7 +65,7 @@ def save_checkpoint(path, *, config: dict, settings: dict, registry: dict, stats
                     basis: dict | None = None) -> None:
     """Write a checkpoint atomically.  ``params``/``state`` are pytrees of arrays.
 
-    ``basis``: {symbol: gpaw_tools.overlap.SpeciesBasis.to_dict()}, the basis
+    ``basis``: {symbol: ase_gearsh.core.basis.SpeciesBasis.to_dict()}, the basis
     functions and PAW projectors from which the exact overlap S is computed at
     inference time.
     """
@@ -78,7 +79,7 @@ def save_checkpoint(path, *, config: dict, settings: dict, registry: dict, stats
         "params": _to_numpy(serialization.to_state_dict(params)),
     }
     if basis:
-        payload["basis"] = _basis_payload(basis)
+        payload["basis"] = basis_payload(basis)
     if state is not None:
         payload["state"] = _to_numpy(serialization.to_state_dict(state))
     atomic_write_bytes(Path(path), serialization.msgpack_serialize(payload))
@@ -113,40 +114,3 @@ def load_checkpoint(path) -> dict:
     except (KeyError, TypeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: checkpoint is incomplete or corrupt ({err})") from None
     return payload
-
-
-def attach_basis(path, xc: str = "PBE", setups: str = "paw", output=None,
-                 dataset=None) -> Path:
-    """Store basis functions (from the installed GPAW data) in a checkpoint that
-    lacks them, checked against its registry; with ``dataset`` also the training
-    coverage (shortest bonds, most neighbours) of the structures the model was
-    trained on (``extra.train_names``).  Atomic rewrite of ``output`` (default:
-    in place)."""
-    from flax import serialization
-
-    from .coverage import basis_for_registry, training_coverage
-    from .layout import Registry
-    ck = load_checkpoint(path)
-    registry = Registry.from_dict(ck["registry"])
-    basis = basis_for_registry(registry, xc, setups)
-    payload = serialization.msgpack_restore(Path(path).read_bytes())
-    payload["basis"] = _basis_payload({s: b.to_dict() for s, b in basis.items()})
-    if dataset is not None:
-        from .data import Dataset
-        from .engine import pair_cutoff_matrix
-        from .graph import build_graph
-        names = set(ck["extra"].get("train_names") or [])
-        if not names:
-            raise CheckpointError(f"{path}: no training structure names stored; cannot "
-                                  f"tell which structures of {dataset} were trained on")
-        pc = pair_cutoff_matrix(registry, ck["settings"]["bond_cutoff"])
-        graphs = [build_graph(s.atoms, registry, ck["settings"]["cutoff"], pc)
-                  for s in Dataset(dataset) if s.meta["source"]["name"] in names]
-        if len(graphs) != len(names):
-            raise CheckpointError(f"{dataset} holds {len(graphs)} of the {len(names)} "
-                                  f"training structures of {path}")
-        extra = dict(ck["extra"], coverage=training_coverage(graphs, registry.n_species))
-        payload["extra"] = json.dumps(extra)
-    out = Path(output or path)
-    atomic_write_bytes(out, serialization.msgpack_serialize(payload))
-    return out

@@ -1,4 +1,5 @@
-"""Basis registry and the mapping between Hamiltonian blocks and irreps (numpy only).
+"""The mapping between Hamiltonian blocks and irreps (JAX and e3x for the
+Clebsch-Gordan table).
 
 Every atom's orbitals are placed in one *canonical* layout shared by all
 species: shell slots ordered by angular momentum l, then by the order of the
@@ -19,123 +20,22 @@ transform as ``c' = c @ D_L``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cached_property
 
+import e3x
+import jax
 import numpy as np
 
-__all__ = ["Registry", "Layout", "clebsch_gordan", "RegistryError"]
+from ..core.basis import Registry
 
-LMAX_SUPPORTED = 3  # up to f orbitals
-
-
-class RegistryError(ValueError):
-    """Species or basis sets that do not match the model's registry."""
+__all__ = ["Layout", "clebsch_gordan"]
 
 
 def clebsch_gordan(lmax: int) -> np.ndarray:
     """Real Clebsch-Gordan table ``C[l1m1, l2m2, LM]`` in GPAW/e3x orbital order."""
-    import e3x  # imported here: the rest of this module is numpy only
-    import jax
     with jax.enable_x64(True):  # float64 table: the block <-> irreps map is exact
         cg = e3x.so3.clebsch_gordan(lmax, lmax, 2 * lmax, cartesian_order=False)
     return np.asarray(cg, dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class Registry:
-    """Species -> basis (symbol, basis name, l of each shell, radii in A).
-
-    ``species`` is ordered by atomic number; species index 0 is padding, so
-    species ``k`` of this list has model index ``k + 1``.
-    """
-    species: tuple  # of dicts: symbol, number, name, l (tuple), rc, projector_rc
-
-    @classmethod
-    def from_basis(cls, basis: dict) -> "Registry":
-        from ase.data import atomic_numbers
-        entries = []
-        for sym, b in basis.items():
-            ls = tuple(int(x) for x in b["l"])
-            if max(ls) > LMAX_SUPPORTED:
-                raise RegistryError(f"{sym}: basis has l={max(ls)}; the model supports "
-                                    f"l <= {LMAX_SUPPORTED} (s, p, d, f)")
-            entries.append(dict(symbol=sym, number=int(atomic_numbers[sym]),
-                                name=str(b.get("name", "")), l=ls, rc=float(np.max(b["rc"])),
-                                projector_rc=float(b.get("projector_rc", 0.0))))
-        entries.sort(key=lambda e: e["number"])
-        return cls(tuple(entries))
-
-    @classmethod
-    def from_structures(cls, structures) -> "Registry":
-        """Union of the structures' basis sets; the same element must use one basis."""
-        merged, where = {}, {}
-        for s in structures:
-            for sym, b in s.basis.items():
-                key = (str(b.get("name", "")), tuple(int(x) for x in b["l"]))
-                if sym in merged and merged[sym][0] != key:
-                    raise RegistryError(
-                        f"element {sym} has two basis sets: {merged[sym][0][0]!r} "
-                        f"(l={list(merged[sym][0][1])}) in {where[sym]} and {key[0]!r} "
-                        f"(l={list(key[1])}) in {s.meta['source']['name']}; a model needs "
-                        f"one basis per element")
-                merged.setdefault(sym, (key, b))
-                where.setdefault(sym, s.meta["source"]["name"])
-        return cls.from_basis({sym: v[1] for sym, v in merged.items()})
-
-    def to_dict(self) -> dict:
-        return {"species": [dict(e, l=list(e["l"])) for e in self.species]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Registry":
-        return cls(tuple(dict(e, l=tuple(e["l"])) for e in d["species"]))
-
-    @property
-    def symbols(self) -> list[str]:
-        return [e["symbol"] for e in self.species]
-
-    @property
-    def n_species(self) -> int:
-        return len(self.species)
-
-    @cached_property
-    def _index(self) -> dict:
-        return {e["number"]: k + 1 for k, e in enumerate(self.species)}
-
-    def species_index(self, numbers) -> np.ndarray:
-        """Model species index (1..n) of each atomic number; clear error if unknown."""
-        numbers = np.asarray(numbers)
-        out = np.zeros(len(numbers), dtype=np.int32)
-        for z in np.unique(numbers):
-            if int(z) not in self._index:
-                from ase.data import chemical_symbols
-                raise RegistryError(
-                    f"element {chemical_symbols[int(z)]} is not known to this model; it "
-                    f"was trained on {', '.join(self.symbols)}")
-            out[numbers == z] = self._index[int(z)]
-        return out
-
-    def check_basis(self, basis: dict, where: str = "dataset") -> None:
-        """Raise if a dataset's basis sets differ from this registry's."""
-        known = {e["symbol"]: e for e in self.species}
-        for sym, b in basis.items():
-            if sym not in known:
-                raise RegistryError(f"{where}: element {sym} is not in the model's "
-                                    f"registry ({', '.join(self.symbols)})")
-            ls = tuple(int(x) for x in b["l"])
-            if ls != known[sym]["l"] or str(b.get("name", "")) != known[sym]["name"]:
-                raise RegistryError(
-                    f"{where}: {sym} uses basis {b.get('name')!r} with l={list(ls)}, the "
-                    f"model expects {known[sym]['name']!r} with l={list(known[sym]['l'])}")
-
-    @property
-    def rc(self) -> np.ndarray:
-        """Basis cut-off radius (A) per model species index (index 0: padding, 0)."""
-        return np.array([0.0] + [e["rc"] for e in self.species])
-
-    @property
-    def n_orbitals(self) -> np.ndarray:
-        return np.array([0] + [sum(2 * l + 1 for l in e["l"]) for e in self.species])
 
 
 class Layout:
@@ -271,3 +171,25 @@ class Layout:
     def from_canonical(self, block: np.ndarray, s1: int, s2: int) -> np.ndarray:
         """Canonical (..., n, n) -> GPAW-order (..., n1, n2)."""
         return block[..., self.perm[s1][:, None], self.perm[s2][None, :]]
+
+    def gpaw_blocks(self, species_a, species_b, blocks) -> np.ndarray:
+        """Canonical blocks (P, n, n) of atom pairs with species ``species_a``,
+        ``species_b`` (P,) -> their GPAW-order blocks, flat row-major and
+        concatenated in input order (as ``onsite_H``/``pair_H`` of a dataset).
+        Vectorised per species pair."""
+        species_a = np.asarray(species_a)
+        species_b = np.asarray(species_b)
+        counts = self.registry.n_orbitals
+        sizes = counts[species_a] * counts[species_b]
+        start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        out = np.empty(int(start[-1]), dtype=np.float64)
+        if not len(species_a):
+            return out
+        key = species_a.astype(np.int64) * (self.registry.n_species + 1) + species_b
+        for k in np.unique(key):
+            sel = np.flatnonzero(key == k)
+            p1, p2 = self.perm[int(species_a[sel[0]])], self.perm[int(species_b[sel[0]])]
+            vals = np.asarray(blocks[sel])[:, p1[:, None], p2[None, :]]
+            pos = start[sel][:, None] + np.arange(len(p1) * len(p2))[None, :]
+            out[pos.ravel()] = vals.reshape(len(sel), -1).ravel()
+        return out

@@ -9,10 +9,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from ..core.errors import GearsHError
+
 __all__ = ["DEFAULTS", "ConfigError", "load_config", "check_config", "model_settings"]
 
 
-class ConfigError(ValueError):
+class ConfigError(GearsHError, ValueError):
     """A configuration file that cannot be used."""
 
 

@@ -1,6 +1,6 @@
 """Reading Hamiltonian datasets (numpy, scipy and ASE only; no JAX at import).
 
->>> from ase_gearsh.data import Dataset
+>>> from ase_gearsh.core.data import Dataset
 >>> ds = Dataset("dataset/")
 >>> s = ds[0]
 >>> H = s.hamiltonian()          # dense (M, M) in eV at Gamma, GPAW orbital order
@@ -14,71 +14,10 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from .blocks import BlockMatrices, assemble, orbital_offsets
 from .schema import MANIFEST, SchemaError, read_manifest, read_structure
 
 __all__ = ["Dataset", "Structure", "assemble", "orbital_offsets"]
-
-
-def orbital_offsets(orbital_counts) -> np.ndarray:
-    """First orbital index of every atom, plus the total, (N + 1,)."""
-    return np.concatenate([[0], np.cumsum(orbital_counts)]).astype(np.int64)
-
-
-def _block_indices(counts_i, counts_j, start_i, start_j):
-    """Row and column indices of consecutive row-major blocks, vectorised."""
-    sizes = counts_i * counts_j
-    total = int(sizes.sum())
-    block = np.repeat(np.arange(len(sizes)), sizes)
-    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    local = np.arange(total) - first[block]
-    nj = counts_j[block]
-    rows = start_i[block] + local // nj
-    cols = start_j[block] + local % nj
-    return rows, cols, block
-
-
-def assemble(orbital_counts, onsite, pair_ij, pair_shift, pair_blocks, kpt=None,
-             sparse=False):
-    """Build H(k) (or S(k)) from on-site and unordered pair blocks.
-
-    ``H(k) = sum_R exp(2 pi i k.R) H(R)`` with ``H_ji(-R) = H_ij(R)^T``.
-    ``onsite`` and ``pair_blocks`` are the flat row-major block arrays of one
-    spin channel.  Returns a real matrix at Gamma (``kpt`` None or zero) and a
-    complex Hermitian one otherwise; dense numpy unless ``sparse`` is true
-    (then ``scipy.sparse.csr_matrix``).
-    """
-    counts = np.asarray(orbital_counts, dtype=np.int64)
-    off = orbital_offsets(counts)
-    M = int(off[-1])
-    pair_ij = np.asarray(pair_ij, dtype=np.int64).reshape(-1, 2)
-    pair_shift = np.asarray(pair_shift).reshape(-1, 3)
-    onsite = np.asarray(onsite)
-    pair_blocks = np.asarray(pair_blocks)
-    if onsite.shape != (int((counts ** 2).sum()),):
-        raise ValueError(f"expected {int((counts ** 2).sum())} on-site values, "
-                         f"got shape {onsite.shape}")
-    r0, c0, _ = _block_indices(counts, counts, off[:-1], off[:-1])
-    i, j = pair_ij[:, 0], pair_ij[:, 1]
-    r1, c1, blk = _block_indices(counts[i], counts[j], off[i], off[j])
-    if pair_blocks.shape != (len(r1),):
-        raise ValueError(f"expected {len(r1)} pair-block values, got shape "
-                         f"{pair_blocks.shape}")
-    gamma = kpt is None or not np.any(np.asarray(kpt, dtype=float))
-    if gamma:
-        values = pair_blocks
-        dtype = np.result_type(onsite, pair_blocks, np.float64)
-        tvalues = values
-    else:
-        k = np.asarray(kpt, dtype=float).reshape(3)
-        phase = np.exp(2j * np.pi * (pair_shift @ k))
-        values = pair_blocks * phase[blk]
-        tvalues = np.conj(values)
-        dtype = np.complex128
-    rows = np.concatenate([r0, r1, c1])
-    cols = np.concatenate([c0, c1, r1])
-    data = np.concatenate([onsite, values, tvalues]).astype(dtype, copy=False)
-    mat = sp.coo_matrix((data, (rows, cols)), shape=(M, M)).tocsr()  # sums duplicates
-    return mat if sparse else mat.toarray()
 
 
 class Structure:
@@ -156,6 +95,21 @@ class Structure:
         a = self.arrays
         return assemble(a["orbital_counts"], a["onsite_H"][spin], a["pair_ij"],
                         a["pair_shift"], a["pair_H"][spin], kpt=kpt, sparse=sparse)
+
+    def blocks(self, which: str = "H", spin: int = 0) -> BlockMatrices:
+        """The real-space H (or S) blocks as :class:`~ase_gearsh.core.blocks.BlockMatrices`."""
+        a = self.arrays
+        if which == "H":
+            self._check_spin(spin)
+            on, pr = a["onsite_H"][spin], a["pair_H"][spin]
+        elif which == "S":
+            on, pr = a["onsite_S"], a["pair_S"]
+        else:
+            raise ValueError(f"which must be 'H' or 'S', got {which!r}")
+        return BlockMatrices.from_arrays(
+            a["orbital_counts"], np.asarray(on, float), a["pair_ij"], a["pair_shift"],
+            np.asarray(pr, float), pair_distance=np.linalg.norm(
+                np.asarray(a["pair_vector"], float).reshape(-1, 3), axis=1))
 
     def overlap(self, kpt=None, sparse: bool = False):
         """S(k), GPAW orbital order; ``kpt`` is a scaled k-vector (None: Gamma)."""

@@ -14,11 +14,16 @@ from dataclasses import dataclass
 import numpy as np
 from ase.neighborlist import neighbor_list
 
-__all__ = ["Graph", "build_graph", "bond_pairs", "attach_labels", "batch_graphs",
-           "pad_size", "canonical_orientation", "LabelError"]
+from ..core.blocks import canonical_orientation
+from ..core.errors import GearsHError
+
+__all__ = ["Graph", "build_graph", "attach_labels", "batch_graphs", "pad_size", "pad_edges",
+           "FAR", "LabelError"]
+
+FAR = 1.0e3  # length (A) of padding vectors: beyond every cut-off
 
 
-class LabelError(ValueError):
+class LabelError(GearsHError, ValueError):
     """A dataset structure that cannot be used as labels for the model."""
 
 
@@ -38,6 +43,7 @@ class Graph:
     pair_j: np.ndarray        # (P,)
     pair_shift: np.ndarray    # (P, 3) int
     pair_vec: np.ndarray      # (P, 3) float32
+    pair_distance: np.ndarray | None = None  # (P,) float64, A
     onsite: np.ndarray | None = None   # (N, n, n) float32 canonical labels
     pairs: np.ndarray | None = None    # (P, n, n) float32 canonical labels
     name: str = ""
@@ -47,44 +53,30 @@ class Graph:
         return len(self.species)
 
 
-def _vectors(atoms, i, j, shifts):
-    pos = atoms.positions
-    return pos[j] - pos[i] + shifts @ atoms.cell.array
+def build_graph(atoms, species, cutoff: float, pair_cutoff: np.ndarray, name="") -> Graph:
+    """The one neighbour-list pass of the project (training, evaluation, prediction).
 
-
-def bond_pairs(atoms, species, pair_cutoff):
-    """Unordered pairs (i, j, R) with distance < pair_cutoff[s_i, s_j]."""
-    i, j, S = neighbor_list("ijS", atoms, float(np.max(pair_cutoff)), self_interaction=False)
-    keep = canonical_orientation(i, j, S)
-    i, j, S = i[keep], j[keep], S[keep]
-    vec = _vectors(atoms, i, j, S)
-    d = np.linalg.norm(vec, axis=1)
-    keep = d < pair_cutoff[species[i], species[j]]
-    order = np.lexsort((S[keep, 2], S[keep, 1], S[keep, 0], j[keep], i[keep]))
-    return i[keep][order], j[keep][order], S[keep][order], vec[keep][order]
-
-
-def canonical_orientation(i, j, S) -> np.ndarray:
-    """True where the directed pair (i, j, R) is the stored orientation of its
-    unordered pair: i < j, or i == j with R > 0 lexicographically."""
-    S = np.asarray(S).reshape(-1, 3)
-    first = np.argmax(S != 0, axis=1)
-    positive = S[np.arange(len(S)), first] > 0
-    return (np.asarray(i) < np.asarray(j)) | ((np.asarray(i) == np.asarray(j)) & positive)
-
-
-def build_graph(atoms, registry, cutoff: float, pair_cutoff: np.ndarray, name="") -> Graph:
-    """Neighbour list within ``cutoff`` and bond list for one structure."""
-    species = registry.species_index(atoms.numbers)
+    ``species``: model species index per atom (``Registry.species_index``).
+    Edges: directed pairs within ``cutoff`` (the atom descriptors).  Bonds: one
+    per unordered pair in its canonical orientation
+    (:func:`~ase_gearsh.core.blocks.canonical_orientation`) with distance below
+    ``pair_cutoff[s_i, s_j]``, sorted by (i, j, R).
+    """
+    species = np.asarray(species, np.int32)
     if len(atoms) == 0:
         raise LabelError(f"{name or 'structure'}: no atoms")
-    i, j, S = neighbor_list("ijS", atoms, float(cutoff), self_interaction=False)
-    vec = _vectors(atoms, i, j, S)
-    pi, pj, pS, pvec = bond_pairs(atoms, species, pair_cutoff)
-    return Graph(species=species, edge_i=i.astype(np.int32), edge_j=j.astype(np.int32),
-                 edge_vec=vec.astype(np.float32), pair_i=pi.astype(np.int32),
-                 pair_j=pj.astype(np.int32), pair_shift=pS.astype(np.int32),
-                 pair_vec=pvec.astype(np.float32), name=name)
+    rmax = max(float(cutoff), float(np.max(pair_cutoff)))
+    i, j, S, D = neighbor_list("ijSD", atoms, rmax, self_interaction=False)
+    d = np.linalg.norm(D, axis=1)
+    e = d < cutoff
+    keep = canonical_orientation(i, j, S) & (d < pair_cutoff[species[i], species[j]])
+    order = np.lexsort((S[keep, 2], S[keep, 1], S[keep, 0], j[keep], i[keep]))
+    return Graph(species=species, edge_i=i[e].astype(np.int32), edge_j=j[e].astype(np.int32),
+                 edge_vec=D[e].astype(np.float32),
+                 pair_i=i[keep][order].astype(np.int32), pair_j=j[keep][order].astype(np.int32),
+                 pair_shift=S[keep][order].astype(np.int32),
+                 pair_vec=D[keep][order].astype(np.float32),
+                 pair_distance=d[keep][order], name=name)
 
 
 def attach_labels(graph: Graph, structure, layout) -> dict:
@@ -118,7 +110,21 @@ def attach_labels(graph: Graph, structure, layout) -> dict:
     return {"outside": outside, "outside_max": outside_max}
 
 
-def batch_graphs(graphs, atoms_multiple: int, nl_multiple: int, far: float,
+def pad_edges(i, j, vec, size: int, pad_atom: int, far: float = FAR):
+    """Index pairs and vectors padded to ``size`` entries: padding joins the
+    padding atom ``pad_atom`` to itself with a vector of length ``far``."""
+    n = len(i)
+    if n > size:
+        raise ValueError(f"{n} entries do not fit a padded size of {size}")
+    out_i = np.full(size, pad_atom, np.int32)
+    out_j = np.full(size, pad_atom, np.int32)
+    out_v = np.zeros((size, 3), np.float32)
+    out_v[:, 0] = far
+    out_i[:n], out_j[:n], out_v[:n] = i, j, vec
+    return out_i, out_j, out_v
+
+
+def batch_graphs(graphs, atoms_multiple: int, nl_multiple: int, far: float = FAR,
                  with_labels: bool = True, sizes: tuple | None = None) -> dict:
     """Concatenate graphs and pad to multiples (or to ``sizes`` = (N, E, P)).
 
@@ -136,14 +142,8 @@ def batch_graphs(graphs, atoms_multiple: int, nl_multiple: int, far: float,
     if N <= n_at or E < n_e or P < n_p:
         raise ValueError(f"padded sizes {sizes} too small for ({n_at}, {n_e}, {n_p})")
     species = np.zeros(N, np.int32)
-    edge_i = np.full(E, N - 1, np.int32)
-    edge_j = np.full(E, N - 1, np.int32)
-    edge_vec = np.zeros((E, 3), np.float32)
-    edge_vec[:, 0] = far
-    pair_i = np.full(P, N - 1, np.int32)
-    pair_j = np.full(P, N - 1, np.int32)
-    pair_vec = np.zeros((P, 3), np.float32)
-    pair_vec[:, 0] = far
+    edge_i, edge_j, edge_vec = pad_edges([], [], np.zeros((0, 3)), E, N - 1, far)
+    pair_i, pair_j, pair_vec = pad_edges([], [], np.zeros((0, 3)), P, N - 1, far)
     out = {}
     if with_labels:
         n = graphs[0].onsite.shape[-1]

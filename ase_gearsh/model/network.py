@@ -222,9 +222,11 @@ class GearsHNet(nn.Module):
     @nn.compact
     def __call__(self, species, edge_i, edge_j, edge_vec, pair_i, pair_j, pair_vec,
                  stage="all", rho=None, descriptors=None):
-        """``stage``: 'all' (training); for chunked inference 'density' (one edge
-        chunk's neighbour density), 'atoms' (descriptors and on-site irreps from the
-        summed ``rho``) and 'bonds' (pair irreps of a pair chunk from ``descriptors``).
+        """``stage``: 'density' (the neighbour density of these edges), 'atoms'
+        (descriptors and on-site irreps from the summed ``rho``, or from these edges
+        when ``rho`` is None) and 'bonds' (pair irreps of these bonds from
+        ``descriptors``); :class:`~ase_gearsh.model.engine.Model` composes them.
+        'all' runs every stage at once and serves to initialise the parameters.
         Every stage uses the same parameters."""
         s = self.s
         shared = ResidualDense(tuple(s.mlp_layer_widths), s.activation, name="residual_dense")
@@ -298,7 +300,7 @@ def _to_blocks(irreps, index, coef, n):
 def postprocess(raw, stats, tables, species, pair_i, pair_j, pair_vec):
     """Scale-shift, envelope, irreps -> canonical blocks, symmetrisation.
 
-    ``stats`` holds the closed-form statistics (see :mod:`ase_gearsh.statistics`),
+    ``stats`` holds the closed-form statistics (see :mod:`ase_gearsh.model.statistics`),
     ``tables`` the layout's gather tables.  Returns (onsite (N, n, n),
     pairs (P, n, n)) in eV, canonical orbital layout.
     """

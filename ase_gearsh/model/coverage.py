@@ -1,40 +1,17 @@
-"""What a model was trained on: basis functions for the exact S, and the range of
-geometries it saw (to warn when a prediction is an extrapolation).
-
-numpy only at import; GPAW is imported when basis functions are built.
-"""
+"""The range of geometries a model was trained on, and warnings when a prediction
+lies outside it (numpy only)."""
 from __future__ import annotations
 
 import warnings
 
 import numpy as np
 
-__all__ = ["ExtrapolationWarning", "basis_for_registry", "training_coverage",
+__all__ = ["ExtrapolationWarning", "training_coverage",
            "coverage_messages", "warn_extrapolation"]
 
 
 class ExtrapolationWarning(UserWarning):
     """The structure lies outside what the training set covered."""
-
-
-def basis_for_registry(registry, xc: str, setups="paw") -> dict:
-    """{symbol: SpeciesBasis} from the installed GPAW data, checked against the
-    registry's basis names, angular momenta and radii (Angstrom, 1e-6)."""
-    from gpaw_tools.overlap import BasisDataError, species_from_gpaw
-    if not isinstance(setups, str):
-        raise BasisDataError(f"setups={setups!r}: only one setup type for all elements "
-                             f"(a string such as 'paw') is supported")
-    out = {}
-    for e in registry.species:
-        sb = species_from_gpaw([e["symbol"]], xc=xc, basis=e["name"], setups=setups)
-        sb = sb[e["symbol"]]
-        if tuple(sb.l) != tuple(e["l"]) or abs(sb.rc - e["rc"]) > 1e-6:
-            raise BasisDataError(
-                f"{e['symbol']}: the installed GPAW basis {e['name']!r} has l={sb.l}, "
-                f"rc={sb.rc:.6f} A but the training data used l={list(e['l'])}, "
-                f"rc={e['rc']:.6f} A; install the GPAW data the dataset was made with")
-        out[e["symbol"]] = sb
-    return out
 
 
 def training_coverage(graphs, n_species: int) -> dict:

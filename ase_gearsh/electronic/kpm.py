@@ -24,15 +24,18 @@ import scipy.linalg
 import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 
+from ..core.errors import GearsHError
+
 __all__ = ["KPMError", "KPMMoments", "spectral_bounds", "chebyshev_moments",
-           "jackson_kernel", "kpm_density", "kpm_dos", "moments_from_eigen"]
+           "jackson_kernel", "kpm_density", "kpm_dos", "kpm_n_moments", "kpm_fermi_level",
+           "moments_from_eigen"]
 
 EDGE = 0.01  # the bounds map to x = -+(1 - EDGE), away from the 1/sqrt(1 - x^2) edges
 HERMITIAN_RTOL = 1e-8
 DENSE_MAX = 200
 
 
-class KPMError(ValueError):
+class KPMError(GearsHError, ValueError):
     """Invalid input to the KPM routines."""
 
 
@@ -244,6 +247,43 @@ def kpm_density(moments: KPMMoments, energies) -> dict[str, np.ndarray]:
         T = np.cos(np.outer(np.arccos(xc), m))  # T_m(x) = cos(m arccos x)
         out[:, chunk] = (coef @ T.T) / (np.pi * moments.half_width * np.sqrt(1.0 - xc**2))
     return {name: row.reshape(E.shape) for name, row in zip(moments.names, out)}
+
+
+def kpm_n_moments(bounds, resolution: float, min_moments: int = 64,
+                  max_moments: int = 8192) -> int:
+    """Number of moments M whose Jackson resolution pi * a / M is about ``resolution``
+    eV for a spectrum within ``bounds`` = (emin, emax) (a = (emax - emin) / 2),
+    clipped to [min_moments, max_moments]."""
+    emin, emax = map(float, bounds)
+    if not emin < emax:
+        raise KPMError(f"bounds must satisfy emin < emax; got ({emin}, {emax})")
+    if not resolution > 0:
+        raise KPMError(f"resolution must be > 0 eV; got {resolution}")
+    a = 0.5 * (emax - emin)
+    return int(np.clip(np.ceil(np.pi * a / resolution), min_moments, max_moments))
+
+
+def kpm_fermi_level(moments: KPMMoments, n_electrons: float, nspins: int = 1,
+                    npts: int = 20001) -> float:
+    """Zero-temperature Fermi level (eV) from the integrated total KPM DOS.
+
+    The total DOS (per spin channel, row 0 of ``moments``) is integrated on
+    ``npts`` points across the moments' energy window; the Fermi level is where
+    it holds ``n_electrons / (2 / nspins)`` states (linear interpolation).  A
+    pure function of the moments: the same moments give the same level.
+    """
+    if int(npts) != npts or npts < 2:
+        raise KPMError(f"npts must be an integer >= 2; got {npts}")
+    n_states = float(n_electrons) * nspins / 2.0
+    if not 0.0 <= n_states <= moments.n_orbitals:
+        raise KPMError(f"{n_electrons} electrons do not fit into {moments.n_orbitals} "
+                       f"orbitals ({2 // nspins} electrons per orbital)")
+    lo = moments.center - moments.half_width
+    e = np.linspace(lo, moments.center + moments.half_width, int(npts))
+    dos = kpm_density(moments, e)["total"]
+    cum = np.concatenate([[0.0], np.cumsum(0.5 * (dos[1:] + dos[:-1]) * np.diff(e))])
+    cum = np.maximum.accumulate(cum)  # stochastic moments can dip below zero
+    return float(np.interp(n_states, cum, e))
 
 
 def kpm_dos(H, S, energies=None, n_moments: int = 512, n_random: int = 16, groups=None,

@@ -15,11 +15,12 @@ See ``docs/dataset.md`` for the description of every field.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .errors import GearsHError
+from .io import atomic_write, atomic_write_bytes
 
 FORMAT = "gearsh-hamiltonian-dataset"
 SCHEMA_VERSION = 1
@@ -50,33 +51,8 @@ META_REQUIRED = ("format", "schema_version", "units", "fermi_level", "n_electron
                  "total_energy", "nspins", "basis", "kgrid", "source", "gpaw")
 
 
-class SchemaError(ValueError):
+class SchemaError(GearsHError, ValueError):
     """A dataset file does not follow the expected schema."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename.
-
-    A kill at any point leaves either the old file or the complete new one.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    _atomic_write(Path(path), lambda fh: fh.write(data))
 
 
 def ensure_manifest(directory) -> Path:
@@ -132,7 +108,7 @@ def write_structure(path, arrays: dict, meta: dict) -> None:
     def write(fh):
         np.savez(fh, **payload)
 
-    _atomic_write(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def read_structure(path) -> tuple[dict, dict]:

@@ -1,0 +1,224 @@
+"""A model ready to run, and the one forward path of the project.
+
+:class:`Model` holds the network, its parameters, the closed-form statistics,
+the registry and the block layout.  Its forward path is three stages, each a
+pure function of (parameters, statistics, arrays):
+
+1. :meth:`Model.density`: the neighbour density of a set of edges (a sum over
+   edges, so it can be accumulated over edge chunks);
+2. :meth:`Model.atoms`: atom descriptors and on-site blocks of all atoms;
+3. :meth:`Model.bonds`: pair blocks of a set of bonds, from the descriptors.
+
+Training and evaluation of a batch call :meth:`Model.forward`, which is these
+three stages composed on one padded batch (differentiable); prediction
+(:class:`~ase_gearsh.model.inference.Predictor`) calls the same stages on
+chunks.  Blocks come out in the canonical layout, eV.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..core.basis import Registry
+from .checkpoint import CheckpointError, load_checkpoint
+from .graph import FAR, Graph, batch_graphs, build_graph, pad_size
+from .layout import Layout
+from .network import GearsHNet, ModelSettings, postprocess_onsite, postprocess_pairs
+
+__all__ = ["pair_cutoff_matrix", "Model", "FAR", "precision", "enable_compilation_cache",
+           "load_model"]
+
+PRECISION = "highest"  # float32 matmuls at full precision (no TF32 / bf16 passes on GPUs)
+
+
+@contextmanager
+def precision():
+    """The matmul precision of every network call (a context, not a global setting)."""
+    with jax.default_matmul_precision(PRECISION):
+        yield
+
+
+def enable_compilation_cache(path=None) -> str | None:
+    """Cache compiled XLA code on disk (default ``~/.cache/ase-gearsh/jax``) so a new
+    process does not recompile shapes it has seen.  Process-wide JAX setting:
+    called by the command-line tools and the demo, not by library code.  Does
+    nothing when a cache directory is already configured or ``GEARSH_NO_CACHE``
+    is set; returns the directory in use."""
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    if os.environ.get("GEARSH_NO_CACHE"):
+        return None
+    path = path or os.path.join(os.path.expanduser("~"), ".cache", "ase-gearsh", "jax")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:  # read-only home: just compile
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    return str(path)
+
+
+def pair_cutoff_matrix(registry: Registry, bond_cutoff: float) -> np.ndarray:
+    """(S+1, S+1) bond cut-off per species pair: min(rc_a + rc_b, bond cut-off), A."""
+    rc = registry.rc
+    pc = np.minimum(rc[:, None] + rc[None, :], float(bond_cutoff))
+    pc[0, :] = 0.0
+    pc[:, 0] = 0.0
+    return pc
+
+
+_EMPTY_I = np.zeros(0, np.int32)
+_EMPTY_V = np.zeros((0, 3), np.float32)
+
+
+class Model:
+    """Network + parameters + statistics + registry (see the module docstring).
+
+    Attributes set by :meth:`from_checkpoint` (``None`` for a model built in
+    memory): ``path``, ``extra`` (training record), ``versions``,
+    ``basis_data`` (basis functions for the exact S) and ``coverage``.
+    """
+
+    path: str | None = None
+    extra: dict
+    versions: dict | None = None
+    basis_data: dict | None = None
+    coverage: dict | None = None
+
+    def __init__(self, settings: dict, registry: Registry, stats: dict, params=None,
+                 config: dict | None = None):
+        self.settings = dict(settings)
+        self.settings["mlp_layer_widths"] = tuple(self.settings["mlp_layer_widths"])
+        self.registry = registry
+        self.layout = Layout(registry)
+        self.config = config or {}
+        self.extra = {}
+        self.net = GearsHNet(ModelSettings(**self.settings))
+        self.stats = {k: jnp.asarray(v) for k, v in stats.items()}
+        self.params = params
+        index, coef, _ = self.layout.gather_tables
+        self.tables = {"index": jnp.asarray(index), "coef": jnp.asarray(coef, jnp.float32),
+                       "n": self.layout.n}
+        self.cutoff = float(self.settings["cutoff"])
+        self.pair_cutoff = pair_cutoff_matrix(registry, self.settings["bond_cutoff"])
+        self.mp_steps = int(self.settings.get("mp_steps", 0) or 0)
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path) -> "Model":
+        ck = load_checkpoint(path)
+        registry = Registry.from_dict(ck["registry"])
+        model = cls(ck["settings"], registry, ck["stats"], None, ck["config"])
+        model.params = _restore(model.param_shapes(), ck["params"], path)
+        model.extra = ck["extra"]
+        model.versions = ck["versions"]
+        model.basis_data = ck.get("basis")  # for the exact overlap (None in old files)
+        model.coverage = ck["extra"].get("coverage")
+        model.path = str(path)
+        return model
+
+    def _init_args(self):
+        g = Graph(species=np.array([1, 1], np.int32), edge_i=np.array([0, 1], np.int32),
+                  edge_j=np.array([1, 0], np.int32),
+                  edge_vec=np.array([[1.0, 0, 0], [-1.0, 0, 0]], np.float32),
+                  pair_i=np.array([0], np.int32), pair_j=np.array([1], np.int32),
+                  pair_shift=np.zeros((1, 3), np.int32),
+                  pair_vec=np.array([[1.0, 0, 0]], np.float32))
+        b = batch_graphs([g], 4, 4, with_labels=False,
+                         sizes=(pad_size(2, 4), pad_size(2, 4), pad_size(1, 4)))
+        return [jnp.asarray(b[k]) for k in _INPUTS]
+
+    def param_shapes(self):
+        """The parameter tree as shapes only (no compilation)."""
+        return jax.eval_shape(self.net.init, jax.random.PRNGKey(0), *self._init_args())
+
+    def init_params(self, seed: int):
+        with precision():
+            return jax.jit(self.net.init)(jax.random.PRNGKey(seed), *self._init_args())
+
+    # -- the forward path ---------------------------------------------------
+    def species_index(self, atoms) -> np.ndarray:
+        return self.registry.species_index(atoms.numbers)
+
+    def graph(self, atoms, name: str = "") -> Graph:
+        """Neighbour and bond lists of ``atoms`` at this model's cut-offs."""
+        return build_graph(atoms, self.species_index(atoms), self.cutoff, self.pair_cutoff,
+                           name=name)
+
+    def density(self, params, species, edge_i, edge_j, edge_vec):
+        """Stage 1: neighbour density (N, 1, (L+1)^2, F) of these edges."""
+        return self.net.apply(params, species, edge_i, edge_j, edge_vec, _EMPTY_I, _EMPTY_I,
+                              _EMPTY_V, stage="density")
+
+    def atoms(self, params, stats, species, edge_i, edge_j, edge_vec, rho=None):
+        """Stage 2: (descriptors, on-site blocks (N, n, n)).  ``rho``: the summed
+        density of stage 1; ``None`` computes it from these edges (message passing
+        needs every edge here)."""
+        d, onsite = self.net.apply(params, species, edge_i, edge_j, edge_vec, _EMPTY_I,
+                                   _EMPTY_I, _EMPTY_V, stage="atoms", rho=rho)
+        return d, postprocess_onsite(onsite, stats, self.tables, species)
+
+    def bonds(self, params, stats, species, descriptors, pair_i, pair_j, pair_vec):
+        """Stage 3: pair blocks (P, n, n) of these bonds."""
+        _, fwd, rev = self.net.apply(params, species, _EMPTY_I, _EMPTY_I, _EMPTY_V, pair_i,
+                                     pair_j, pair_vec, stage="bonds", descriptors=descriptors)
+        return postprocess_pairs(fwd, rev, stats, self.tables, species, pair_i, pair_j,
+                                 pair_vec)
+
+    def forward(self, params, stats, batch):
+        """The three stages on one padded batch (jittable, differentiable):
+        canonical blocks (onsite (N, n, n), pairs (P, n, n))."""
+        sp, ei, ej, ev = (batch[k] for k in ("species", "edge_i", "edge_j", "edge_vec"))
+        rho = None if self.mp_steps else self.density(params, sp, ei, ej, ev)
+        d, onsite = self.atoms(params, stats, sp, ei, ej, ev, rho)
+        pairs = self.bonds(params, stats, sp, d, batch["pair_i"], batch["pair_j"],
+                           batch["pair_vec"])
+        return onsite, pairs
+
+
+_LOADED: dict = {}
+
+
+def load_model(path) -> Model:
+    """:meth:`Model.from_checkpoint`, shared per file: a checkpoint already loaded in
+    this process (same resolved path, modification time and size) is returned
+    as is, with its compiled prediction stages; a rewritten file is read again."""
+    from pathlib import Path
+    p = Path(path)
+    try:
+        st = p.resolve().stat()
+    except OSError:
+        raise CheckpointError(f"checkpoint {str(path)!r} not found") from None
+    key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+    model = _LOADED.get(key)
+    if model is None:
+        for old in [k for k in _LOADED if k[0] == key[0]]:
+            del _LOADED[old]  # the file changed: drop the stale model
+        model = _LOADED[key] = Model.from_checkpoint(p)
+    return model
+
+
+def _restore(template, state, path):
+    """Checkpoint arrays into the network's parameter tree, shapes checked."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves = []
+    for keypath, shape in flat:
+        node = state
+        try:
+            for k in keypath:
+                node = node[str(getattr(k, "key", getattr(k, "idx", k)))]
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{path}: parameter {jax.tree_util.keystr(keypath)} is "
+                                  f"missing; the file does not fit its own settings") from None
+        if tuple(node.shape) != tuple(shape.shape):
+            raise CheckpointError(f"{path}: parameter {jax.tree_util.keystr(keypath)} has "
+                                  f"shape {tuple(node.shape)}, the network expects "
+                                  f"{tuple(shape.shape)}")
+        leaves.append(np.asarray(node, dtype=shape.dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+_INPUTS = ("species", "edge_i", "edge_j", "edge_vec", "pair_i", "pair_j", "pair_vec")

@@ -1,0 +1,620 @@
+"""Training: ``gearsh train config.yaml`` (see :mod:`ase_gearsh.training.config` for the keys).
+
+Writes to ``<data.directory>/<data.experiment>/``: ``model.ckpt`` (best by
+validation H MAE), ``latest.ckpt`` (everything needed by ``--resume``),
+``metrics.csv`` (one row per epoch) and ``loss.png``.  Every checkpoint is
+written atomically at the end of an epoch, so an interruption loses at most
+the epoch in progress.
+
+:func:`train` is five named steps and the epoch loop:
+
+1. :func:`prepare_data`: datasets, registry and block layout, labelled graphs,
+   statistics, training coverage, basis functions (:class:`TrainingData`);
+2. :func:`build_model`: the network and its initial parameters;
+3. :class:`StepFunctions`: loss, jitted training step and evaluation sums, batches
+   sharded over ``training.num_devices`` devices;
+4. :class:`Checkpointer`: ``model.ckpt``, ``latest.ckpt`` and ``--resume``;
+5. :class:`MetricsWriter`: ``metrics.csv`` and ``loss.png``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+from optax import contrib
+from tqdm.auto import tqdm
+
+from gpaw_tools.overlap import BasisDataError, basis_for_registry
+
+from ..core.basis import Registry
+from ..core.data import Dataset, Structure
+from ..core.errors import GearsHError
+from ..core.io import atomic_write_bytes, new_figure, save_figure
+from ..model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..model.coverage import training_coverage
+from ..model.engine import FAR, Model, pair_cutoff_matrix, precision
+from ..model.graph import Graph, attach_labels, batch_graphs, build_graph, pad_size
+from ..model.layout import Layout
+from ..model.statistics import fit_statistics
+from .config import check_config, load_config, model_settings
+
+__all__ = ["train", "load_training_data", "TrainingError", "loss_from_sums", "TrainingData",
+           "prepare_data", "build_model", "StepFunctions", "TrainState", "Checkpointer",
+           "MetricsWriter"]
+
+METRICS = ["epoch", "seconds", "lr", "train_loss", "val_loss", "val_mae_onsite_meV",
+           "val_mae_pair_meV", "val_mae_all_meV"]
+
+Log = Callable[..., None]
+
+
+class TrainingError(GearsHError, RuntimeError):
+    """Training cannot start or continue with this input."""
+
+
+# -- the loop -----------------------------------------------------------------
+def train(config: str | Path | dict, resume: bool = False, output: str | Path | None = None,
+          log: Log = print, progress: bool = True) -> Path:
+    """Train a model; returns the run directory.  ``config`` is a path or a dict.
+
+    With ``resume`` the run continues from ``latest.ckpt`` exactly as if it had
+    not been interrupted (same batches, same optimiser state)."""
+    cfg, base = _read_config(config)
+    run = _run_folder(cfg, base, output, resume)
+    data = prepare_data(cfg, base, log)
+    model, params = build_model(cfg, data)
+    steps = StepFunctions(cfg, model, data, log)
+    state = TrainState(steps.replicate(params), steps.replicate(steps.tx.init(params)))
+    checkpoints = Checkpointer(run, cfg, model, data)
+    if resume:
+        state = checkpoints.restore(state, steps.replicate)
+        log(f"resuming after epoch {state.next_epoch - 1}")
+    (run / "config.json").write_text(json.dumps(cfg, indent=1))
+    metrics = MetricsWriter(run)
+
+    tcfg = cfg["training"]
+    n_epochs, lr = tcfg["n_epochs"], cfg["optimizer"]["lr"]
+    deadline = time.time() + 60 * tcfg["max_minutes"] if tcfg["max_minutes"] else None
+    bar = tqdm(range(state.next_epoch, n_epochs + 1), desc="training", unit="epoch",
+               disable=not progress, initial=state.next_epoch - 1, total=n_epochs)
+    for epoch in bar:
+        t0 = time.time()
+        state.params, state.opt_state, train_loss = steps.train_epoch(
+            state.params, state.opt_state, data.train, epoch)
+        stopping = epoch < n_epochs and bool(deadline and time.time() > deadline)
+        due = epoch % tcfg["valid_every"] == 0 or epoch == n_epochs or stopping
+        val = steps.validate(state.params, data.valid) if data.valid and due else None
+        state.history.append(metrics_row(epoch, time.time() - t0,
+                                         lr * _lr_scale(state.opt_state), train_loss, val))
+        checkpoints.end_epoch(epoch, state, _score(val, train_loss, data.valid), stopping)
+        metrics.end_epoch(epoch, state.history)
+        bar.set_postfix(loss=f"{train_loss:.3g}", val_mae=f"{val[3]:.3g} meV" if val else "-")
+        if stopping:
+            log(f"stopping after epoch {epoch}: training.max_minutes reached")
+            break
+    bar.close()
+    metrics.close(state.history)
+    return run
+
+
+def _read_config(config) -> tuple[dict, Path]:
+    """The checked config and the folder relative paths in it start from."""
+    if isinstance(config, (str, Path)):
+        return load_config(config), Path(config).resolve().parent
+    return check_config(config), Path(".")
+
+
+def _run_folder(cfg: dict, base: Path, output, resume: bool) -> Path:
+    """The run folder (created); refuses to overwrite a run or to resume none."""
+    d = cfg["data"]
+    run = Path(output) if output else Path(d["directory"]) / d["experiment"]
+    if not run.is_absolute() and not output:
+        run = base / run
+    run.mkdir(parents=True, exist_ok=True)
+    latest = run / "latest.ckpt"
+    if latest.exists() and not resume:
+        raise TrainingError(f"{run} already holds a training run (latest.ckpt); pass --resume "
+                            f"to continue it or choose another data.experiment / -o")
+    if resume and not latest.exists():
+        raise TrainingError(f"--resume: no latest.ckpt in {run}")
+    return run
+
+
+def _score(val, train_loss: float, valid: list) -> float | None:
+    """What the best model is judged by: validation H MAE when there is a validation
+    set (``None`` in epochs without validation), else the training loss."""
+    if val:
+        return val[3]
+    return None if valid else train_loss
+
+
+# -- 1. data ------------------------------------------------------------------
+def _paths(value) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _read(paths, base: Path) -> list[Structure]:
+    out = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_absolute():
+            p = (base / p) if (base / p).exists() else p
+        out.extend(Dataset(p))
+    return out
+
+
+def load_training_data(cfg: dict, base: Path = Path(".")) -> tuple[list, list]:
+    """Structures for training and validation (a split when no validation path)."""
+    d = cfg["data"]
+    train = _read(_paths(d["train_data_path"]), base)
+    valid = _read(_paths(d["val_data_path"]), base)
+    if not train:
+        raise TrainingError(f"no structures found in data.train_data_path "
+                            f"{d['train_data_path']!r}")
+    if not valid:
+        rng = np.random.default_rng(d["seed"])
+        order = rng.permutation(len(train))
+        n_valid = d["n_valid"] if d["n_valid"] is not None else max(1, len(train) // 5)
+        if n_valid >= len(train):
+            raise TrainingError(f"data.n_valid={n_valid} leaves no training structures "
+                                f"(the dataset has {len(train)})")
+        valid = [train[k] for k in order[:n_valid]]
+        train = [train[k] for k in order[n_valid:]]
+    for name, part, n in (("n_train", train, d["n_train"]), ("n_valid", valid, d["n_valid"])):
+        if n is not None:
+            if n > len(part):
+                raise TrainingError(f"data.{name}={n} but only {len(part)} structures are "
+                                    f"available")
+            part[:] = part[:n]
+    return train, valid
+
+
+@dataclass
+class TrainingData:
+    """What the model and the loop need from the datasets (step 1)."""
+    registry: Registry
+    layout: Layout
+    train: list[Graph]           # labelled graphs at the model's cut-offs
+    valid: list[Graph]
+    stats: dict                  # closed-form statistics of the training labels
+    coverage: dict               # shortest bonds, most neighbours (extrapolation warnings)
+    basis: dict | None           # basis functions for the exact S (None: not installed)
+
+
+def prepare_data(cfg: dict, base: Path = Path("."), log: Log = print) -> TrainingData:
+    """Step 1: read the datasets; one registry and block layout for both sets
+    (validation may not add elements); labelled graphs at the model's cut-offs;
+    statistics, training coverage and basis functions of the training set."""
+    train_s, valid_s = load_training_data(cfg, base)
+    registry = Registry.from_structures(train_s)
+    for s in valid_s:
+        registry.check_basis(s.basis, f"validation structure {s.meta['source']['name']}")
+    layout = Layout(registry)
+    bond = cfg["model"]["bond_centered"]
+    if layout.lmax > bond["max_basis_degree"]:
+        raise TrainingError(f"the basis sets have l={layout.lmax} but "
+                            f"model.bond_centered.max_basis_degree={bond['max_basis_degree']}")
+    pc = pair_cutoff_matrix(registry, bond["cutoff"])
+    cutoff = cfg["model"]["atom_centered"]["descriptor"]["radial_basis"]["cutoff"]
+    make = partial(_labelled_graphs, registry=registry, layout=layout, cutoff=cutoff, pc=pc)
+    tg, out_t, max_t = make(train_s, desc="training labels")
+    vg, out_v, max_v = make(valid_s, desc="validation labels")
+    rc_sum = float(np.max(registry.rc[1:, None] + registry.rc[None, 1:]))
+    if bond["cutoff"] < rc_sum:
+        log(f"note: bond cutoff {bond['cutoff']} A < largest rc_i + rc_j = {rc_sum:.2f} A; "
+            f"pairs beyond it are predicted as zero")
+    if out_t + out_v:
+        log(f"{out_t + out_v} stored blocks lie beyond the bond cut-offs (largest |H| "
+            f"{max(max_t, max_v) * 1e3:.3g} meV); they are predicted as zero")
+    return TrainingData(registry=registry, layout=layout, train=tg, valid=vg,
+                        stats=fit_statistics(tg, layout, pc),
+                        coverage=training_coverage(tg, registry.n_species),
+                        basis=_basis_data(train_s, registry, log))
+
+
+def _labelled_graphs(structures, *, registry, layout, cutoff, pc, desc=""):
+    """Graphs with H labels; also the number and largest |H| of stored blocks
+    beyond the bond cut-offs."""
+    graphs, outside, outside_max = [], 0, 0.0
+    for s in tqdm(structures, desc=desc, unit="structure", leave=False):
+        g = build_graph(s.atoms, registry.species_index(s.atoms.numbers), cutoff, pc,
+                        name=s.meta["source"]["name"])
+        info = attach_labels(g, s, layout)
+        outside += info["outside"]
+        outside_max = max(outside_max, info["outside_max"])
+        graphs.append(g)
+    return graphs, outside, outside_max
+
+
+def _basis_data(structures, registry, log):
+    """Basis functions and projectors for the exact overlap, stored in checkpoints."""
+    meta = structures[0].meta
+    xc = meta.get("xc")
+    setups = (meta.get("gpaw", {}).get("parameters") or {}).get("setups", "paw")
+    try:
+        basis = basis_for_registry(registry, xc, setups)
+    except (BasisDataError, ImportError) as err:
+        log(f"warning: basis functions not stored in the checkpoint ({err}); the ASE "
+            f"calculator will need them (gearsh attach-basis)")
+        return None
+    return {sym: b.to_dict() for sym, b in basis.items()}
+
+
+# -- 2. model -----------------------------------------------------------------
+def build_model(cfg: dict, data: TrainingData) -> tuple[Model, Any]:
+    """Step 2: the network of the ``model`` section for this registry and layout,
+    and its initial parameters (``training.seed``)."""
+    settings = model_settings(cfg, data.registry.n_species, data.layout.lmax_out,
+                              data.layout.n_features)
+    model = Model(settings, data.registry, data.stats, None, cfg)
+    return model, model.init_params(cfg["training"]["seed"])
+
+
+# -- 3. step functions --------------------------------------------------------
+def _sums(pred_on, pred_pair, b, orbital_mask):
+    """Summed squared and absolute errors and element counts, on-site and pairs."""
+    m = orbital_mask[b["species"]]
+    m_on = (m[:, :, None] & m[:, None, :]).astype(pred_on.dtype)
+    mp = orbital_mask[b["species"][b["pair_i"]]][:, :, None] & \
+        orbital_mask[b["species"][b["pair_j"]]][:, None, :]
+    m_off = mp.astype(pred_pair.dtype) * b["pair_weight"][:, None, None]
+    e_on = (pred_on - b["onsite"]) * m_on
+    e_off = (pred_pair - b["pairs"]) * m_off
+    return jnp.stack([(e_on ** 2).sum(), jnp.abs(e_on).sum(), m_on.sum(),
+                      (e_off ** 2).sum(), jnp.abs(e_off).sum(), m_off.sum()])
+
+
+def loss_from_sums(s, lp: dict):
+    """Weighted MSE + RMSE (paper listing 6) from summed squared errors and counts."""
+    mse_on = s[0] / jnp.maximum(s[2], 1.0)
+    mse_off = s[3] / jnp.maximum(s[5], 1.0)
+    term = lambda mse: lp["mse_weight"] * mse + lp["rmse_weight"] * jnp.sqrt(mse + 1e-12)  # noqa
+    return lp["loss_multiplier"] * (lp["on_diagonal_weight"] * term(mse_on)
+                                    + lp["off_diagonal_weight"] * term(mse_off))
+
+
+def _batch_sums(model: Model, orbital_mask, params, stats, batch):
+    """Error sums of a sharded batch (leading axis: devices), summed over shards."""
+    def one(b):
+        on, pr = model.forward(params, stats, b)
+        return _sums(on, pr, b, orbital_mask)
+    return jax.vmap(one)(batch).sum(axis=0)
+
+
+def _loss(model: Model, orbital_mask, lp: dict, params, stats, batch):
+    s = _batch_sums(model, orbital_mask, params, stats, batch)
+    return loss_from_sums(s, lp), s
+
+
+def _train_step(model: Model, orbital_mask, lp: dict, tx, params, opt_state, stats, batch):
+    """One optimiser step: (params, opt_state, loss, error sums)."""
+    (loss, s), grads = jax.value_and_grad(partial(_loss, model, orbital_mask, lp),
+                                          has_aux=True)(params, stats, batch)
+    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+    return optax.apply_updates(params, updates), opt_state, loss, s
+
+
+def _subsample(g, fraction, alpha, rng):
+    """The graph with a random subset of its bonds (``data.bond_fraction``)."""
+    P = len(g.pair_i)
+    if fraction >= 1.0 or P == 0:
+        return g
+    k = max(1, int(math.ceil(fraction * P)))
+    if alpha:
+        w = (np.sqrt((g.pairs.astype(np.float64) ** 2).sum(axis=(1, 2))) + 1e-6) ** alpha
+        pick = rng.choice(P, size=k, replace=False, p=w / w.sum())
+    else:
+        pick = rng.choice(P, size=k, replace=False)
+    pick.sort()
+    return replace(g, pair_i=g.pair_i[pick], pair_j=g.pair_j[pick],
+                   pair_shift=g.pair_shift[pick], pair_vec=g.pair_vec[pick],
+                   pairs=g.pairs[pick])
+
+
+def _shards(graphs, n_dev, am, nm):
+    """Split a batch over devices, pad every shard to one common shape, stack."""
+    parts = [graphs[k::n_dev] for k in range(n_dev)]
+    sizes = [(sum(g.n_atoms for g in p), sum(len(g.edge_i) for g in p),
+              sum(len(g.pair_i) for g in p)) for p in parts]
+    N = pad_size(max(s[0] for s in sizes), am)
+    E = pad_size(max(s[1] for s in sizes), nm)
+    P = pad_size(max(s[2] for s in sizes), nm)
+    out = []
+    for p in parts:
+        b = batch_graphs(p, am, nm, far=FAR, sizes=(N, E, P)) if p else \
+            batch_graphs(graphs[:1], am, nm, far=FAR, sizes=(N, E, P))
+        w = np.zeros(P, np.float32)
+        w[:sum(len(g.pair_i) for g in p)] = 1.0
+        if not p:  # an empty shard contributes nothing
+            b["species"][:] = 0
+            w[:] = 0
+        b["pair_weight"] = w
+        out.append(b)
+    return {k: np.stack([b[k] for b in out]) for k in out[0]}
+
+
+def _optimizer(cfg, steps_per_epoch, log):
+    o = cfg["optimizer"]
+    make = getattr(optax, o["name"], None)
+    if make is None or not callable(make):
+        raise TrainingError(f"optimizer.name {o['name']!r} is not an optax optimizer "
+                            f"(e.g. adan, lamb, adamw, adam)")
+    try:
+        base = make(learning_rate=o["lr"], **o["opt_kwargs"])
+    except TypeError as err:
+        raise TrainingError(f"optimizer.opt_kwargs {o['opt_kwargs']} do not fit "
+                            f"optax.{o['name']}: {err}") from None
+    parts = []
+    if o["grad_clip"]:
+        parts.append(optax.clip_by_global_norm(float(o["grad_clip"])))
+    parts.append(base)
+    sch = o["schedule"]
+    if sch["name"] == "reduce_on_plateau":
+        acc = sch["accumulation_size"]
+        if acc is not None and acc != steps_per_epoch:
+            log(f"note: schedule.accumulation_size={acc} replaced by the steps per epoch "
+                f"({steps_per_epoch}): the plateau is judged once per epoch")
+        parts.append(contrib.reduce_on_plateau(
+            factor=sch["factor"], patience=sch["patience"], rtol=sch["rtol"],
+            atol=sch["atol"], cooldown=sch["cooldown"], accumulation_size=steps_per_epoch,
+            min_scale=sch["min_scale"]))
+    return optax.chain(*parts)
+
+
+def _lr_scale(opt_state) -> float:
+    for s in opt_state:
+        if hasattr(s, "scale") and hasattr(s, "plateau_count"):
+            return float(s.scale)
+    return 1.0
+
+
+def _device_count(num_devices) -> int:
+    n_dev = len(jax.devices()) if num_devices == "all" else int(num_devices)
+    if n_dev > len(jax.devices()):
+        raise TrainingError(f"training.num_devices={n_dev} but JAX sees "
+                            f"{len(jax.devices())} device(s)")
+    return n_dev
+
+
+class StepFunctions:
+    """Step 3: the optimiser, the jitted training step and evaluation sums, and
+    batches sharded over a one-axis :class:`jax.sharding.Mesh` of
+    ``training.num_devices`` devices (parameters and optimiser state replicated).
+
+    Every jitted call runs inside :func:`~ase_gearsh.model.engine.precision`, so
+    it is traced and compiled with the project's matmul precision."""
+
+    def __init__(self, cfg: dict, model: Model, data: TrainingData, log: Log = print):
+        d = cfg["data"]
+        self.n_dev = _device_count(cfg["training"]["num_devices"])
+        self.batch_size = d["batch_size"]
+        if self.batch_size < self.n_dev:
+            raise TrainingError(f"data.batch_size={self.batch_size} is smaller than "
+                                f"training.num_devices={self.n_dev}: every device needs at "
+                                f"least one structure per step")
+        self.valid_batch_size = max(d["valid_batch_size"], self.n_dev)
+        self.steps_per_epoch = max(1, len(data.train) // self.batch_size)
+        self.seed, self.pad = d["seed"], (d["atoms_pad_multiple"], d["nl_pad_multiple"])
+        self.bond_fraction, self.sampling_alpha = d["bond_fraction"], d["sampling_alpha"]
+        self.tx = _optimizer(cfg, self.steps_per_epoch, log)
+        self.lp = cfg["loss"]["loss_parameters"]
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:self.n_dev]), ("data",))
+        self._shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        self._repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self.stats = self.replicate({k: jnp.asarray(v) for k, v in data.stats.items()})
+        mask = jnp.asarray(data.layout.orbital_mask)
+        self._step = jax.jit(partial(_train_step, model, mask, self.lp, self.tx))
+        self._eval_sums = jax.jit(partial(_batch_sums, model, mask))
+
+    def replicate(self, tree):
+        """``tree`` on every device of the mesh."""
+        return jax.device_put(tree, self._repl)
+
+    def batch(self, graphs: list[Graph]) -> dict:
+        """Padded arrays of ``graphs``, split over the devices (leading axis)."""
+        arrays = _shards(graphs, self.n_dev, *self.pad)
+        return {k: jax.device_put(jnp.asarray(v), self._shard) for k, v in arrays.items()}
+
+    def train_epoch(self, params, opt_state, graphs: list[Graph], epoch: int):
+        """One pass over ``graphs`` in an order (and bond subsample) fixed by
+        ``data.seed`` and the epoch: ``(params, opt_state, mean training loss)``."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(graphs))
+        bs, losses = self.batch_size, []
+        for k in range(self.steps_per_epoch):
+            chosen = [_subsample(graphs[i], self.bond_fraction, self.sampling_alpha, rng)
+                      for i in order[k * bs:(k + 1) * bs]]
+            batch = self.batch(chosen)
+            with precision():
+                params, opt_state, loss, _ = self._step(params, opt_state, self.stats, batch)
+            losses.append(float(loss))
+        if not np.all(np.isfinite(losses)):
+            raise TrainingError(f"epoch {epoch}: the loss became {losses[-1]}; lower "
+                                f"optimizer.lr or set optimizer.grad_clip")
+        return params, opt_state, float(np.mean(losses))
+
+    def validate(self, params, graphs: list[Graph]) -> tuple[float, float, float, float]:
+        """Validation loss and H MAE (meV): on-site, pairs, all elements."""
+        tot = np.zeros(6)
+        vb = self.valid_batch_size
+        for k in range(0, len(graphs), vb):
+            batch = self.batch(graphs[k:k + vb])
+            with precision():
+                tot += np.asarray(self._eval_sums(params, self.stats, batch))
+        loss = float(loss_from_sums(jnp.asarray(tot), self.lp))
+        mae_on = tot[1] / max(tot[2], 1) * 1e3
+        mae_off = tot[4] / max(tot[5], 1) * 1e3
+        mae_all = (tot[1] + tot[4]) / max(tot[2] + tot[5], 1) * 1e3
+        return loss, mae_on, mae_off, mae_all
+
+
+# -- 4. checkpoints -----------------------------------------------------------
+@dataclass
+class TrainState:
+    """What ``--resume`` restores: parameters, optimiser state, the next epoch,
+    the metrics history and the best score so far."""
+    params: Any
+    opt_state: Any
+    next_epoch: int = 1
+    history: list[dict] = field(default_factory=list)
+    best: float = math.inf
+
+
+def _json(value):
+    return json.loads(json.dumps(value))
+
+
+def _restore_tree(template, stored, what: str, path: Path):
+    """``stored`` (a checkpoint's state dict) in the structure of ``template``,
+    shapes checked: a :class:`CheckpointError` says what does not fit."""
+    try:
+        tree = serialization.from_state_dict(template, stored)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: the stored {what} do not fit the configured model "
+                              f"({err})") from None
+    want = jax.tree_util.tree_flatten_with_path(template)[0]
+    got = jax.tree_util.tree_leaves(tree)
+    for (keypath, a), b in zip(want, got):
+        if np.shape(a) != np.shape(b):
+            raise CheckpointError(f"{path}: stored {what} {jax.tree_util.keystr(keypath)} has "
+                                  f"shape {np.shape(b)}, the configured model expects "
+                                  f"{np.shape(a)}")
+    return tree
+
+
+class Checkpointer:
+    """Step 4: ``model.ckpt`` (the best model so far), ``latest.ckpt`` (with the
+    optimiser state, every ``training.checkpoint_every`` epochs, at the last
+    epoch and when stopping early) and ``--resume`` from ``latest.ckpt``."""
+
+    def __init__(self, run: Path, cfg: dict, model: Model, data: TrainingData):
+        self.best_path, self.latest = run / "model.ckpt", run / "latest.ckpt"
+        self.every = cfg["training"]["checkpoint_every"]
+        self.n_epochs = cfg["training"]["n_epochs"]
+        self.common = dict(config=cfg, settings=model.settings,
+                           registry=data.registry.to_dict(), stats=data.stats,
+                           basis=data.basis)
+        self.extra = {"n_train": len(data.train), "n_valid": len(data.valid),
+                      "train_names": [g.name for g in data.train],
+                      "valid_names": [g.name for g in data.valid]}
+        self.coverage = data.coverage
+
+    def restore(self, state: TrainState, place: Callable = lambda tree: tree) -> TrainState:
+        """``state`` continued from ``latest.ckpt``; the checkpoint must have been
+        written for the same model settings and registry (else CheckpointError)."""
+        ck = load_checkpoint(self.latest)
+        for key, what in (("settings", "model settings"), ("registry", "elements and basis sets")):
+            stored, now = ck.get(key), _json(self.common[key])
+            if stored != now:
+                diff = ", ".join(f"{k}: {stored.get(k)!r} in the checkpoint, {now.get(k)!r} "
+                                 f"now" for k in sorted(set(stored) | set(now))
+                                 if stored.get(k) != now.get(k)) \
+                    if isinstance(stored, dict) else f"{stored!r}"
+                raise CheckpointError(f"--resume: {self.latest} was trained with other "
+                                      f"{what} than the config and data give ({diff}); "
+                                      f"restore them or start a new run (another "
+                                      f"data.experiment or -o)")
+        opt_state = (ck.get("state") or {}).get("opt_state")
+        if opt_state is None:
+            raise CheckpointError(f"--resume: {self.latest} holds no optimiser state (a "
+                                  f"model.ckpt copied over it?)")
+        extra = ck["extra"]
+        return TrainState(
+            params=place(_restore_tree(state.params, ck["params"], "parameter",
+                                       self.latest)),
+            opt_state=place(_restore_tree(state.opt_state, opt_state, "optimiser state",
+                                          self.latest)),
+            next_epoch=int(extra["epoch"]) + 1, history=extra["history"],
+            best=float(extra["best"]))
+
+    def end_epoch(self, epoch: int, state: TrainState, score: float | None,
+                  stopping: bool = False) -> None:
+        """Save ``model.ckpt`` when ``score`` improved on the best; ``latest.ckpt``
+        when due; update ``state.best``."""
+        improved = score is not None and score < state.best
+        extra = {"epoch": epoch, "history": state.history,
+                 "best": state.best if score is None else min(state.best, score),
+                 **self.extra, "coverage": self.coverage}
+        if improved:
+            state.best = score
+        latest = epoch % self.every == 0 or epoch == self.n_epochs or stopping
+        if not (improved or latest):
+            return
+        common = dict(self.common, params=jax.device_get(state.params), extra=extra)
+        if improved:
+            save_checkpoint(self.best_path, **common)
+        if latest:
+            save_checkpoint(self.latest, **common,
+                            state={"opt_state": jax.device_get(state.opt_state)})
+
+
+# -- 5. metrics ---------------------------------------------------------------
+def metrics_row(epoch: int, seconds: float, lr: float, train_loss: float, val) -> dict:
+    """One row of ``metrics.csv`` (validation columns empty without validation)."""
+    return {"epoch": epoch, "seconds": round(seconds, 3), "lr": lr,
+            "train_loss": train_loss, "val_loss": val[0] if val else "",
+            "val_mae_onsite_meV": val[1] if val else "",
+            "val_mae_pair_meV": val[2] if val else "",
+            "val_mae_all_meV": val[3] if val else ""}
+
+
+class MetricsWriter:
+    """Step 5: ``metrics.csv`` rewritten (atomically) after every epoch, and
+    ``loss.png`` every ``plot_every`` epochs and at the end."""
+
+    def __init__(self, run: Path, plot_every: int = 10):
+        self.csv, self.png, self.plot_every = run / "metrics.csv", run / "loss.png", plot_every
+
+    def end_epoch(self, epoch: int, history: list[dict]) -> None:
+        _write_metrics(self.csv, history)
+        if epoch % self.plot_every == 0:
+            _plot_losses(self.png, history)
+
+    def close(self, history: list[dict]) -> None:
+        _plot_losses(self.png, history)
+
+
+def _write_metrics(path: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRICS)
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _plot_losses(path: Path, history: list[dict]) -> None:
+    """Training and validation loss, and validation H MAE, against the epoch."""
+    ep = [h["epoch"] for h in history]
+    fig, ax = new_figure(1, 2, figsize=(9, 3.5))
+    ax[0].semilogy(ep, [h["train_loss"] for h in history], label="train loss")
+    vl = [(h["epoch"], h["val_loss"]) for h in history if h["val_loss"] != ""]
+    if vl:
+        ax[0].semilogy(*zip(*vl), label="validation loss")
+    ax[0].set_xlabel("epoch")
+    ax[0].legend()
+    for key, lab in (("val_mae_onsite_meV", "on-site"), ("val_mae_pair_meV", "pair"),
+                     ("val_mae_all_meV", "all")):
+        v = [(h["epoch"], h[key]) for h in history if h[key] != ""]
+        if v:
+            ax[1].semilogy(*zip(*v), label=lab)
+    ax[1].set_xlabel("epoch")
+    ax[1].set_ylabel("validation H MAE (meV)")
+    if ax[1].lines:
+        ax[1].legend()
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
