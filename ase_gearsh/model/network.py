@@ -162,6 +162,22 @@ class ResidualDense(nn.Module):
 
 
 class AtomDescriptor(nn.Module):
+    """Atom-centred descriptors of body orders 2 .. 2 + num_tensordenses.
+
+    Shapes: ``species`` (N,) int (0 = padding); ``edge_i``, ``edge_j`` (E,) int
+    (centre, neighbour); ``edge_vec`` (E, 3) = r_j + R - r_i in Angstrom.
+
+    Math: the neighbour density of atom i is
+
+        rho_i = sum_{j in N(i)} g(z_i, z_j) * W [R_n(|r_ij|) Y_lm(r_ij / |r_ij|)]
+
+    (radial basis R_n scaled by the cut-off, orthonormal real spherical
+    harmonics, species gate g, linear projection W), shape (N, 1, (L+1)^2, F).
+    Each TensorDense raises the body order by one: x_{k+1} = TD(x_k).  Every
+    order goes through optional self-attention message passing and a
+    :class:`NonlinearBlock`; the orders are concatenated along features:
+    output (N, 2, (L_bond+1)^2, F * (num_tensordenses + 1)).
+    """
     s: ModelSettings
 
     @nn.compact
@@ -216,7 +232,24 @@ class AtomDescriptor(nn.Module):
 
 
 class GearsHNet(nn.Module):
-    """Returns raw readout irreps: on-site (N, ...) and pairs in both orientations."""
+    """The GEARS H network: raw readout irreps of on-site blocks and of pair blocks
+    in both orientations.
+
+    Shapes: atoms (N,), edges (E,), bonds (P,) as in :class:`AtomDescriptor`,
+    ``pair_vec`` (P, 3) = r_j + R - r_i.  Outputs are e3x irreps of shape
+    (., 2, (L_out+1)^2, F_out) with L_out = 2 l_max of the basis and F_out the
+    layout's feature count; :func:`postprocess_onsite` / :func:`postprocess_pairs`
+    map them to (., n, n) blocks.
+
+    Math: with atom descriptors d_i, a bond (i, j, R) has the descriptor
+    b = NB(d_i + d_j) (symmetric in i, j) and the oriented, species-ordered bond
+    expansion e_ij = g(z_i, z_j) * W [R_n(|r|) Y_lm(r)], r = r_ij; the forward
+    output is F(i->j) = TD(RD(b (x) e_ij)) and the reverse one uses e_ji with
+    Y_lm(-r) = (-1)^l Y_lm(r).  Blocks are H_ij = (F(i->j) + F(j->i)^T) / 2, so
+    H_ji = H_ij^T holds exactly.  On-site: TD(RD(d_i)), symmetrised.
+    (NB: nonlinear block, RD: shared residual dense block, TD: TensorDense
+    readout, (x): tensor product.)
+    """
     s: ModelSettings
 
     @nn.compact
@@ -310,7 +343,10 @@ def postprocess(raw, stats, tables, species, pair_i, pair_j, pair_vec):
 
 
 def postprocess_onsite(onsite, stats, tables, species):
-    """On-site irreps -> symmetric canonical blocks (N, n, n), eV."""
+    """On-site irreps (N, 2, (L+1)^2, F) -> symmetric canonical blocks (N, n, n), eV.
+
+    x' = x * scale[z] + shift[z] (shift on even scalars only), then the
+    Clebsch-Gordan gather of the layout, then (B + B^T) / 2."""
     index, coef, n = tables["index"], tables["coef"], tables["n"]
     on = onsite * stats["onsite_scale"][species] + stats["onsite_shift"][species]
     B = _to_blocks(on, index, coef, n)
@@ -318,7 +354,11 @@ def postprocess_onsite(onsite, stats, tables, species):
 
 
 def postprocess_pairs(fwd, rev, stats, tables, species, pair_i, pair_j, pair_vec):
-    """Pair irreps in both orientations -> canonical blocks (P, n, n), eV."""
+    """Pair irreps in both orientations (P, 2, (L+1)^2, F) -> canonical blocks (P, n, n), eV.
+
+    Per orientation: x' = env(x) * (x * scale[z_a, z_b] + sum_k a_k[z_a, z_b] P_k(2x - 1))
+    with x = d / pair_cutoff[z_a, z_b] (shift on even scalars only, Legendre P_k,
+    smooth envelope env); then B = (B(i->j) + B(j->i)^T) / 2."""
     index, coef, n = tables["index"], tables["coef"], tables["n"]
     si, sj = species[pair_i], species[pair_j]
     dist = jnp.sqrt(jnp.sum(pair_vec * pair_vec, axis=-1))
