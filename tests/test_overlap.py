@@ -75,3 +75,56 @@ def test_unknown_element_and_bad_data(chon):
         SpeciesBasis.from_dict(d)
     with pytest.raises(BasisDataError, match="incomplete basis data"):
         SpeciesBasis.from_dict({"symbol": "O"})
+
+
+def _random_periodic(seed=3):
+    """Small periodic structure, several species, rattled (images in all directions)."""
+    from ase.build import bulk
+    atoms = bulk("NaCl", "rocksalt", a=5.4, cubic=True).repeat((2, 1, 1))
+    atoms.set_chemical_symbols(["C", "N", "O", "H"] * 4)
+    atoms.rattle(0.2, seed=seed)
+    atoms.pbc = (True, True, False)  # one open direction
+    atoms.cell[2, 2] += 3.0
+    return atoms
+
+
+def test_overlap_equals_reference_implementation(chon):
+    """The fast path equals the previous implementation (benchmarks/_overlap_reference.py)
+    on a small periodic structure with four species, at Gamma and k != 0."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "benchmarks" / "_overlap_reference.py"
+    spec = importlib.util.spec_from_file_location("_overlap_reference", path)
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    atoms = _random_periodic()
+    kpts = [[0.0, 0.0, 0.0], [0.25, 0.0, 0.0], [0.1, -0.3, 0.0]]
+    new, old = OverlapCalculator(chon), ref.OverlapCalculator(chon)
+    S, S0 = new.overlap(atoms), old.overlap(atoms)
+    assert S.dtype == np.float64 and S.has_sorted_indices
+    assert np.abs((S - S0).toarray()).max() < 1e-12
+    for Sk, S0k in zip(new.overlap(atoms, kpts=kpts), old.overlap(atoms, kpts=kpts)):
+        assert np.abs((Sk - S0k).toarray()).max() < 1e-12
+        assert np.abs(Sk - Sk.conj().T).max() < 1e-12
+    Sk = new.overlap(atoms, kpts=kpts)
+    assert np.abs(Sk[1].toarray().imag).max() > 1e-3
+    assert np.abs((Sk[0] - S).toarray()).max() < 1e-14
+    # parts: S = O + P^H dO P
+    S_p, O, P, dO = new.overlap(atoms, parts=True)
+    assert np.abs((O + P.T @ dO @ P - S_p).toarray()).max() < 1e-12
+
+
+def test_neighbour_fallback_matches(chon, monkeypatch):
+    """Without vesin (ASE's neighbour list) S is the same."""
+    import builtins
+    atoms = _random_periodic(seed=5)
+    S = OverlapCalculator(chon).overlap(atoms)
+    real_import = builtins.__import__
+
+    def no_vesin(name, *a, **k):
+        if name == "vesin":
+            raise ImportError("no vesin")
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_vesin)
+    S2 = OverlapCalculator(chon).overlap(atoms)
+    assert np.abs((S - S2).toarray()).max() < 1e-14
