@@ -79,9 +79,7 @@ def predicted_blocks(model: Model, graph: Graph, edge_chunk: int = 65536,
                      pair_chunk: int = 1024):
     """Canonical blocks (onsite, pairs) of ``graph`` through the prediction path
     (:class:`~ase_gearsh.model.inference.Predictor`, chunked), float64."""
-    pred = predictor_for(model, edge_chunk, pair_chunk)
-    with precision():
-        on, pr, _ = pred.canonical_blocks(graph)
+    on, pr, _ = predictor_for(model, edge_chunk, pair_chunk).canonical_blocks(graph)
     return np.asarray(on, np.float64), np.asarray(pr, np.float64)
 
 

@@ -31,9 +31,12 @@ def calculator_basis(calc) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
     elif isinstance(basis_param, dict):
         default = basis_param.get("default")
     species: dict[str, dict] = {}
+    seen: dict[int, dict] = {}
     counts, rc, rp = [], [], []
     for setup in calc.setups:
-        info = setup_basis(setup, default)
+        if id(setup) not in seen:  # atoms of one species share their setup object
+            seen[id(setup)] = setup_basis(setup, default)
+        info = seen[id(setup)]
         known = species.setdefault(info["symbol"], info)
         if known != info:
             raise ValueError(

@@ -9,10 +9,12 @@ pure function of (parameters, statistics, arrays):
 2. :meth:`Model.atoms`: atom descriptors and on-site blocks of all atoms;
 3. :meth:`Model.bonds`: pair blocks of a set of bonds, from the descriptors.
 
-Training and evaluation of a batch call :meth:`Model.forward`, which is these
+Training and validation batches call :meth:`Model.forward`, which is these
 three stages composed on one padded batch (differentiable); prediction
-(:class:`~ase_gearsh.model.inference.Predictor`) calls the same stages on
-chunks.  Blocks come out in the canonical layout, eV.
+(:class:`~ase_gearsh.model.inference.Predictor`, used by ``gearsh eval``,
+``gearsh predict`` and the calculator) calls the same stages on chunks.  Blocks
+come out in the canonical layout, eV.  Call the stages inside :func:`precision`
+(the training loop and the Predictor do).
 """
 from __future__ import annotations
 
@@ -105,6 +107,9 @@ class Model:
         self.cutoff = float(self.settings["cutoff"])
         self.pair_cutoff = pair_cutoff_matrix(registry, self.settings["bond_cutoff"])
         self.mp_steps = int(self.settings.get("mp_steps", 0) or 0)
+        # compiled prediction stages per chunk sizes, filled by
+        # ase_gearsh.model.inference.predictor_for; they live and die with the model
+        self.predictors: dict = {}
 
     # -- construction -------------------------------------------------------
     @classmethod

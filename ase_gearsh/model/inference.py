@@ -16,7 +16,6 @@ orbital order.
 from __future__ import annotations
 
 import time
-import weakref
 
 import jax
 import jax.numpy as jnp
@@ -63,8 +62,7 @@ class Predictor:
         t0 = time.perf_counter()
         g = self.model.graph(atoms)
         t1 = time.perf_counter()
-        with precision():
-            onsite, pairs, info = self.canonical_blocks(g, progress=progress)
+        onsite, pairs, info = self.canonical_blocks(g, progress=progress)
         t2 = time.perf_counter()
         result = self.to_gpaw(g, onsite, pairs)
         t3 = time.perf_counter()
@@ -74,6 +72,10 @@ class Predictor:
 
     def canonical_blocks(self, g: Graph, progress: bool = False):
         """(onsite (N, n, n), pairs (P, n, n), info) in the canonical layout, float32."""
+        with precision():
+            return self._canonical_blocks(g, progress)
+
+    def _canonical_blocks(self, g: Graph, progress: bool):
         model, params, stats = self.model, self.model.params, self.model.stats
         N = g.n_atoms
         Np = bucket(N, self.atom_base)
@@ -137,13 +139,11 @@ class Predictor:
                              neighbours=np.bincount(g.edge_i, minlength=g.n_atoms))
 
 
-_PREDICTORS: "weakref.WeakKeyDictionary[Model, dict]" = weakref.WeakKeyDictionary()
-
-
 def predictor_for(model: Model, edge_chunk: int = 65536, pair_chunk: int = 1024) -> Predictor:
     """One :class:`Predictor` (and its compiled stages) per model and chunk sizes,
-    shared by every caller; released with the model."""
-    per_model = _PREDICTORS.setdefault(model, {})
+    shared by every caller; kept in ``model.predictors``, so it is released with
+    the model."""
+    per_model = model.predictors
     key = (int(edge_chunk), int(pair_chunk))
     if key not in per_model:
         per_model[key] = Predictor(model, edge_chunk=key[0], pair_chunk=key[1])

@@ -47,7 +47,7 @@ def _channel_rms(values, count):
 
 
 def fit_statistics(graphs, layout, pair_cutoff: np.ndarray, n_shift: int = N_SHIFT) -> dict:
-    """Statistics dict (numpy float32 arrays) for :func:`ase_gearsh.model.postprocess`."""
+    """Statistics dict (numpy float32 arrays) for :func:`ase_gearsh.model.network.postprocess_onsite` and ``postprocess_pairs``."""
     S = layout.registry.n_species + 1
     shape = layout.irreps_shape
     on_scale = np.ones((S,) + shape)
