@@ -6,17 +6,27 @@ import argparse
 import json
 import sys
 
-__all__ = ["main"]
+from ase.calculators.calculator import CalculatorSetupError, PropertyNotPresent
+
+from .core.errors import GearsHError
+from .model.engine import enable_compilation_cache
+from .predict import parse_kpts, predict_structure
+from .training.attach import attach_basis
+from .training.evaluate import evaluate
+from .training.train import train
+
+__all__ = ["main", "USER_ERRORS"]
+
+# errors that are the user's (bad input, files, options): one line, exit status 2
+USER_ERRORS = (GearsHError, CalculatorSetupError, PropertyNotPresent, OSError)
 
 
-def _train(args):
-    from .training.train import train
+def _train(args: argparse.Namespace) -> None:
     run = train(args.config, resume=args.resume, output=args.output, progress=not args.quiet)
     print(f"finished: {run}/model.ckpt (best), {run}/metrics.csv, {run}/loss.png")
 
 
-def _eval(args):
-    from .training.evaluate import evaluate
+def _eval(args: argparse.Namespace) -> None:
     s = evaluate(args.model, args.dataset, output=args.output, limit=args.limit,
                  progress=not args.quiet, validation_only=args.validation_only)
     print(f"{s['structures']} structures of {s['dataset']}")
@@ -30,22 +40,22 @@ def _eval(args):
         print(json.dumps(s, indent=1))
 
 
-def _predict(args):
-    from .predict import parse_kpts, predict_structure
+def _predict(args: argparse.Namespace) -> None:
     predict_structure(args.structure, args.model, args.output, kpts=parse_kpts(args.kpts),
                       width=args.width, npts=args.npts, emin=args.emin, emax=args.emax,
                       method=args.method, charge=args.charge, index=args.index,
                       progress=not args.quiet)
 
 
-def _attach(args):
-    from .training.attach import attach_basis
+def _attach(args: argparse.Namespace) -> None:
     out = attach_basis(args.model, xc=args.xc, setups=args.setups, output=args.output,
                        dataset=args.dataset)
     print(f"wrote {out} with basis functions of {args.xc}/{args.setups} GPAW setups")
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Run ``gearsh``; returns the exit status (2 and one line on stderr for a user
+    error, see :data:`USER_ERRORS`)."""
     p = argparse.ArgumentParser(prog="gearsh", description="GEARS H machine-learned "
                                 "Hamiltonians: training and evaluation")
     sub = p.add_subparsers(dest="command", required=True)
@@ -90,16 +100,18 @@ def main(argv=None) -> int:
                    "used for extrapolation warnings")
     b.set_defaults(func=_attach)
     args = p.parse_args(argv)
-    from ase.calculators.calculator import CalculatorSetupError, PropertyNotPresent
-
-    from .core.errors import GearsHError
+    enable_compilation_cache()  # process-wide JAX setting: the command's, not the library's
     try:
         args.func(args)
-    except (GearsHError, CalculatorSetupError, PropertyNotPresent,
-            FileNotFoundError) as err:
-        print(f"gearsh {args.command}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"gearsh {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (some come from GPAW or ASE with line breaks)."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -21,6 +21,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ase.io import write
+from scipy.linalg import eigh
+
+from gpaw_tools.extract import extract_files
+from gpaw_tools.generate import RunSettings, _prepare, run_structure
+
+from .calculator import GearsHCalculator
+from .core.data import Dataset
+from .core.io import atomic_write_text, new_figure, save_figure
+from .electronic.dense import gaussian_dos
+from .model.engine import Model, enable_compilation_cache
+from .samples import molecule_snapshots
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "molecules.ckpt"
 
@@ -31,53 +43,39 @@ def _h_mae(H_pred, H_ref) -> float:
     return float(np.abs(H_pred - H_ref)[mask].mean())
 
 
-def _plot(path, panels):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .core.io import atomic_write_bytes
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.9 * len(panels)), sharex=True)
-    for ax, p in zip(np.atleast_1d(axes), panels):
+def _plot(path: Path, panels: list[dict]) -> None:
+    """Model against GPAW density of states, one panel per molecule (no pyplot)."""
+    fig, axes = new_figure(len(panels), 1, figsize=(7, 1.9 * len(panels)))
+    axes = np.atleast_1d(axes)
+    for ax in axes[1:]:
+        ax.sharex(axes[0])
+    for ax, p in zip(axes, panels):
         ax.fill_between(p["e"], p["dos_ref"], color="0.8", label="GPAW")
         ax.plot(p["e"], p["dos_model"], color="C3", lw=1.2, label="GEARS H model")
         ax.axvline(0.0, color="grey", ls="--", lw=0.8)
         ax.text(0.01, 0.8, f"{p['name']}  (eig MAE {p['eig_mae_window_meV']:.0f} meV)",
                 transform=ax.transAxes, fontsize=9)
         ax.set_ylabel("DOS")
-    axes = np.atleast_1d(axes)
+    for ax in axes[:-1]:
+        ax.tick_params(labelbottom=False)
     axes[0].legend(frameon=False, fontsize=8, loc="upper right")
     axes[-1].set_xlabel("E - E_F(GPAW) (eV)")
     fig.suptitle("Unseen molecules: predicted vs DFT density of states (0.2 eV Gaussian)")
     fig.tight_layout()
-    import io
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    save_figure(fig, path, dpi=110)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo (see the module docstring); returns the exit status."""
     p = argparse.ArgumentParser(prog="python -m ase_gearsh.demo",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--output", default="demo-output")
     p.add_argument("--seed", type=int, default=2026, help="snapshot seed (training used 7)")
     a = p.parse_args(argv)
+    enable_compilation_cache()  # process-wide JAX setting: the program's, not the library's
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
-    from ase.io import write
-    from scipy.linalg import eigh
-
-    from gpaw_tools.extract import extract_files
-    from gpaw_tools.generate import RunSettings, _prepare, run_structure
-
-    from .calculator import GearsHCalculator
-    from .core.data import Dataset
-    from .electronic.dense import gaussian_dos
-    from .model.engine import Model
-    from .samples import molecule_snapshots
-
     settings = RunSettings()  # the training data's settings
     images = [_prepare(x, settings) for x in molecule_snapshots(1, 0.08, a.seed)]
     write(out / "molecules.extxyz", images)
@@ -164,8 +162,7 @@ def main(argv=None) -> int:
                "gpaw_scf_total_s": gpaw_t, "model_total_s": model_t,
                "speedup_after_compilation": speedup_warm,
                "units": {"energy": "eV (MAE in meV)", "time": "s"}}
-    from .core.io import atomic_write_bytes
-    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     print(f"\nwrote {out}/dos.png, {out}/summary.json, {out}/dataset/ (GPAW reference)")
     return 0
 

@@ -18,6 +18,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ase.io import write
+
+from ase_gearsh.core.data import Dataset
+from ase_gearsh.core.io import new_figure, save_figure
+
+from .extract import extract_files
+from .generate import RunSettings, generate, read_structures
 
 
 def _structures():
@@ -33,19 +40,13 @@ def _structures():
     return [water, methanol], chain
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo (see the module docstring); returns the exit status."""
     p = argparse.ArgumentParser(prog="python -m gpaw_tools.demo", description=__doc__)
     p.add_argument("--output", default="demo-output")
     a = p.parse_args(argv)
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
-    from ase.io import write
-
-    from ase_gearsh.core.data import Dataset
-
-    from .extract import extract_files
-    from .generate import RunSettings, generate, read_structures
-
     molecules, chain = _structures()
     write(out / "molecules.extxyz", molecules)
     write(out / "chain.extxyz", chain)
@@ -94,13 +95,10 @@ def main(argv=None) -> int:
     print(f"   chain bands from H(R) at 4 k-points off the 13-point grid vs GPAW "
           f"fixed-density runs: max |d eps| = {worst:.1e} eV")
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     kz = np.linspace(0, 0.5, 101)
     bands = np.array([chain_s.eigenvalues(kpt=[0, 0, k]) for k in kz])
     ef = chain_s.fermi_level
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = new_figure(figsize=(5, 5))
     ax.plot(kz, bands - ef, color="C0", lw=1.2)
     for q, k in enumerate(k_check):
         ax.plot([k[2]] * len(fd.get_eigenvalues(kpt=q)), fd.get_eigenvalues(kpt=q) - ef,
@@ -112,10 +110,9 @@ def main(argv=None) -> int:
     ax.set_title("(CH)n chain, 13-point grid")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "bands.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "bands.png", dpi=120)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     for s in ds:
         d = np.linalg.norm(s.arrays["pair_vector"], axis=1)
         hb = [np.abs(b).max() for b in s.pair_blocks("H")]
@@ -129,8 +126,7 @@ def main(argv=None) -> int:
     ax.set_title("How far H and S reach (all structures)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "blocks.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "blocks.png", dpi=120)
     print(f"4. plots: {out / 'bands.png'}, {out / 'blocks.png'}")
     ok = worst < 1e-6 and all(s.meta["checks"]["max_eigenvalue_error"] < 1e-6 for s in ds)
     print("demo", "PASSED: extracted blocks reproduce GPAW" if ok else "FAILED", flush=True)

@@ -354,7 +354,9 @@ def extract_files(paths, outdir, threshold=None, verify=True, overwrite=False,
     return written, skipped, failed
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gpaw_tools.extract``: exit status 0, 1 (some files failed, each
+    named on stderr) or 2 (unusable output folder, one line on stderr)."""
     parser = argparse.ArgumentParser(
         prog="python -m gpaw_tools.extract",
         description="Extract H and S blocks per atom pair from GPAW LCAO .gpw files "
@@ -376,8 +378,8 @@ def main(argv=None) -> int:
         written, skipped, failed = extract_files(
             args.gpw, args.output, threshold=args.threshold, verify=not args.no_verify,
             overwrite=args.overwrite, progress=not args.quiet)
-    except (OSError, SchemaError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (OSError, GearsHError) as err:
+        print(f"{parser.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     dt = time.perf_counter() - t0
     print(f"{len(written)} extracted, {len(skipped)} already present, {len(failed)} failed "

@@ -26,11 +26,21 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["RunSettings", "run_structure", "generate", "main"]
+from ase_gearsh.core.errors import GearsHError
+
+from .extract import extract_files
+
+__all__ = ["RunSettings", "run_structure", "generate", "read_structures", "main"]
+
+# BLAS/OpenMP threads of each worker process when runs go in parallel (--jobs > 1)
+WORKER_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                  "MKL_NUM_THREADS": "1"}
 
 
 @dataclass
@@ -72,26 +82,52 @@ def _prepare(atoms, settings: RunSettings):
     return atoms
 
 
-def run_structure(atoms, name: str, outdir, settings: RunSettings) -> Path:
-    """Run one LCAO SCF and write ``outdir/name.gpw`` atomically."""
+@contextmanager
+def _setup_paths(basis_dir: str | None) -> Iterator[None]:
+    """GPAW's ``setup_paths`` with ``basis_dir`` first, for the duration of the
+    block only (the caller's list is restored: no process-wide change)."""
+    if not basis_dir:
+        yield
+        return
+    from gpaw import setup_paths
+    saved = list(setup_paths)
+    setup_paths.insert(0, str(Path(basis_dir).resolve()))
+    try:
+        yield
+    finally:
+        setup_paths[:] = saved
+
+
+@contextmanager
+def _environment(values: dict) -> Iterator[None]:
+    """Environment variables not set by the user set to ``values`` inside the block
+    (inherited by processes started there), removed again afterwards."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def run_structure(atoms, name: str, outdir: str | Path, settings: RunSettings) -> Path:
+    """Run one LCAO SCF and write ``outdir/name.gpw`` atomically (a failure writes
+    ``name.error`` with the traceback and re-raises)."""
     outdir = Path(outdir)
     gpw = outdir / f"{name}.gpw"
     log = outdir / f"{name}.txt"
     error = outdir / f"{name}.error"
-    if settings.basis_dir:
-        from gpaw import setup_paths
-        path = str(Path(settings.basis_dir).resolve())
-        if path not in setup_paths:
-            setup_paths.insert(0, path)
     from gpaw import GPAW
     try:
-        atoms = _prepare(atoms, settings)
-        calc = GPAW(**settings.gpaw_parameters(log))
-        atoms.calc = calc
-        atoms.get_potential_energy()
-        tmp = outdir / f".{name}.gpw.part"
-        calc.write(str(tmp))
-        os.replace(tmp, gpw)
+        with _setup_paths(settings.basis_dir):
+            atoms = _prepare(atoms, settings)
+            calc = GPAW(**settings.gpaw_parameters(log))
+            atoms.calc = calc
+            atoms.get_potential_energy()
+            tmp = outdir / f".{name}.gpw.part"
+            calc.write(str(tmp))
+            os.replace(tmp, gpw)
     except BaseException:
         error.write_text(traceback.format_exc())
         raise
@@ -107,7 +143,7 @@ def _worker(args):
     return name, time.perf_counter() - t0
 
 
-def read_structures(paths, index=":"):
+def read_structures(paths, index: str = ":") -> list[tuple]:
     """(name, atoms) for every structure in every file, in a deterministic order."""
     from ase.io import read
     out = []
@@ -129,8 +165,13 @@ def read_structures(paths, index=":"):
     return out
 
 
-def generate(structures, outdir, settings: RunSettings, jobs: int = 1, progress=True):
-    """Run every (name, atoms) not already done. Returns (done, skipped, failed)."""
+def generate(structures, outdir: str | Path, settings: RunSettings, jobs: int = 1,
+             progress: bool = True) -> tuple[list, list, list]:
+    """Run every (name, atoms) not already done. Returns (done, skipped, failed).
+
+    With ``jobs > 1`` the runs go to spawned worker processes with one BLAS/OpenMP
+    thread each (unless the user set the thread variables); the caller's
+    environment is the same afterwards."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     todo, skipped = [], []
@@ -150,10 +191,9 @@ def generate(structures, outdir, settings: RunSettings, jobs: int = 1, progress=
                 failed.append((task[1], f"{type(err).__name__}: {err}"))
             bar.update()
     else:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         import multiprocessing as mp
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+        with _environment(WORKER_THREADS), \
+                ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
             futures = {ex.submit(_worker, task): task[1] for task in todo}
             for fut in as_completed(futures):
                 try:
@@ -165,7 +205,9 @@ def generate(structures, outdir, settings: RunSettings, jobs: int = 1, progress=
     return sorted(done), skipped, sorted(failed)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gpaw_tools.generate``: exit status 0, 1 (some runs or extractions
+    failed) or 2 (bad arguments or input, one line on stderr)."""
     p = argparse.ArgumentParser(prog="python -m gpaw_tools.generate",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("structures", nargs="+", help="ASE-readable structure files")
@@ -205,10 +247,15 @@ def main(argv=None) -> int:
                            kpts=tuple(a.kpts) if a.kpts else None, density=a.density,
                            vacuum=a.vacuum, charge=a.charge, spinpol=a.spinpol)
     try:
-        structures = read_structures(a.structures, a.index)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        return _run(a, settings)
+    except (GearsHError, OSError, ValueError) as err:
+        print(f"{p.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+
+
+def _run(a: argparse.Namespace, settings: RunSettings) -> int:
+    """The command after argument parsing: runs, report, optional extraction."""
+    structures = read_structures(a.structures, a.index)
     t0 = time.perf_counter()
     done, skipped, failed = generate(structures, a.output, settings, jobs=a.jobs,
                                      progress=not a.quiet)
@@ -219,10 +266,10 @@ def main(argv=None) -> int:
               file=sys.stderr)
     status = 1 if failed else 0
     if a.extract:
-        from .extract import extract_files
         gpws = [Path(a.output) / f"{n}.gpw" for n, _ in structures
                 if (Path(a.output) / f"{n}.gpw").exists()]
-        written, present, bad = extract_files(gpws, a.extract, progress=not a.quiet)
+        with _setup_paths(a.basis_dir):  # GPAW re-reads the basis files on restart
+            written, present, bad = extract_files(gpws, a.extract, progress=not a.quiet)
         print(f"{len(written)} extracted, {len(present)} already present, {len(bad)} failed "
               f"-> {a.extract}")
         for path, msg in bad:

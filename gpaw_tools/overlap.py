@@ -74,7 +74,10 @@ def species_from_gpaw(symbols, xc: str = "PBE", basis: str = "szp(dzp)",
     symbols = sorted(set(symbols), key=lambda s: atomic_numbers[s])
     try:
         gsetups = Setups([atomic_numbers[s] for s in symbols], setups, basis, XC(xc))
-    except (RuntimeError, OSError) as err:
+    except NameError as err:  # GPAW's answer to an unknown functional
+        raise BasisDataError(f"xc={xc!r} is not a functional GPAW knows ({err}); pass the "
+                             f"functional of the training data, e.g. PBE") from None
+    except (RuntimeError, OSError, KeyError, ValueError) as err:
         raise BasisDataError(f"GPAW could not load setups={setups!r}, basis={basis!r}, "
                              f"xc={xc!r} for {symbols}: {err}") from None
     return {s.symbol: species_from_setup(s, basis, setups, xc) for s in gsetups}

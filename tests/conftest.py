@@ -194,6 +194,39 @@ def small_config(train_path, directory, **overrides):
 
 
 @pytest.fixture(scope="session")
+def spin_dataset(spin_gpw, tmp_path_factory):
+    """The spin-polarised OH radical as a dataset folder (nspins=2)."""
+    from gpaw_tools.extract import extract_files
+    out = tmp_path_factory.mktemp("spin_dataset")
+    written, _, failed = extract_files([spin_gpw], out, progress=False, log=lambda *a: None)
+    assert not failed and len(written) == 1
+    return out
+
+
+# -- helpers as fixtures (test modules do not import conftest) ------------------
+@pytest.fixture(scope="session")
+def make_config():
+    """:func:`small_config`: ``make_config(train_path, directory, **overrides)``."""
+    return small_config
+
+
+@pytest.fixture(scope="session")
+def gpaw_run():
+    """``gpaw_run(atoms, path, calculator=None, **params)``: a GPAW LCAO run (the
+    fixtures' settings, h = 0.2 A unless given) written to ``path``."""
+    return _run
+
+
+@pytest.fixture(scope="session")
+def make_atoms():
+    """Builders of fresh test structures: ``make_atoms.chain()``,
+    ``make_atoms.low_symmetry_molecule()``, ``make_atoms.rattled_water(seed)``."""
+    from types import SimpleNamespace
+    return SimpleNamespace(chain=chain, low_symmetry_molecule=low_symmetry_molecule,
+                           rattled_water=rattled_water)
+
+
+@pytest.fixture(scope="session")
 def small_model(water_dataset, chain_dataset):
     """A randomly initialised small model over H, C, O with fitted statistics."""
     from ase_gearsh.training.config import check_config, model_settings

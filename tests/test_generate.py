@@ -1,11 +1,13 @@
 """gpaw_tools.generate: runs, resumes, isolates failures, user basis files."""
 import gzip
+import os
 from pathlib import Path
 
 from ase.build import molecule
 from ase.io import write
 
 from ase_gearsh.core.data import Dataset
+from gpaw_tools import generate
 from gpaw_tools.generate import main
 
 
@@ -46,6 +48,8 @@ def test_user_basis_file(tmp_path):
     (mine / "H.mine.dzp.basis").write_bytes(data)
     write(tmp_path / "h2.xyz", molecule("H2"))
     runs, ds = tmp_path / "runs", tmp_path / "ds"
+    from gpaw import setup_paths
+    before = list(setup_paths)
     assert main([str(tmp_path / "h2.xyz"), "-o", str(runs), "--h", "0.3", "--vacuum", "3",
                  "-q", "--basis-dir", str(mine), "--element-basis", "H=mine.dzp",
                  "--extract", str(ds)]) == 0
@@ -53,8 +57,21 @@ def test_user_basis_file(tmp_path):
     assert s.basis["H"]["name"] == "mine.dzp"
     assert s.basis["H"]["l"] == [0, 0, 1]   # full dzp, not the default szp(dzp)
     assert "mine.dzp" in (runs / "h2-00000.txt").read_text()
+    assert setup_paths == before  # the basis folder was added for the run only
 
 
 def test_bad_arguments(tmp_path, capsys):
     assert main([str(tmp_path / "none.xyz"), "-o", str(tmp_path / "r")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "python -m gpaw_tools.generate: error:" in err and "does not exist" in err
+
+
+def test_worker_environment_is_restored(monkeypatch):
+    """Thread variables for parallel runs are set for the worker processes only."""
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    before = dict(os.environ)
+    with generate._environment(generate.WORKER_THREADS):
+        assert os.environ["MKL_NUM_THREADS"] == "1"
+        assert os.environ["OMP_NUM_THREADS"] == "3"  # the user's choice is kept
+    assert dict(os.environ) == before

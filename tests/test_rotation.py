@@ -11,7 +11,6 @@ from scipy.linalg import block_diag
 from scipy.spatial.transform import Rotation
 
 from gpaw_tools.extract import extract
-from conftest import _run, low_symmetry_molecule
 
 H_TOL = 2e-2    # eV, block elements
 S_TOL = 1e-6    # overlap: two-centre integrals, no grid
@@ -31,15 +30,15 @@ def wigner_real(l, Q, rng):
 
 
 @pytest.fixture(scope="module")
-def rotated_pair(gpw_dir):
+def rotated_pair(gpw_dir, gpaw_run, make_atoms):
     rng = np.random.default_rng(7)
     Q = Rotation.random(random_state=11).as_matrix()
-    a = low_symmetry_molecule()
+    a = make_atoms.low_symmetry_molecule()
     b = a.copy()
     c = a.get_center_of_mass()
     b.positions = c + (a.positions - c) @ Q.T
-    pa = _run(a, gpw_dir / "meoh.gpw")
-    pb = _run(b, gpw_dir / "meoh_rot.gpw")
+    pa = gpaw_run(a, gpw_dir / "meoh.gpw")
+    pb = gpaw_run(b, gpw_dir / "meoh_rot.gpw")
     return extract(pa), extract(pb), Q, rng
 
 

@@ -10,9 +10,8 @@ import pytest
 import yaml
 
 from ase_gearsh.model.checkpoint import CheckpointError, load_checkpoint
-from ase_gearsh.training.config import ConfigError, check_config, load_config
 from ase_gearsh.testing import forward_blocks
-from conftest import small_config
+from ase_gearsh.training.config import ConfigError, check_config, load_config
 
 HERE = Path(__file__).parent
 
@@ -62,9 +61,9 @@ def _history(run):
     return load_checkpoint(run / "latest.ckpt")["extra"]["history"]
 
 
-def test_overfit_tiny_dataset(water_dataset, tmp_path):
-    cfg = small_config(water_dataset, tmp_path, data={"n_train": 1, "n_valid": 1},
-                       optimizer={"lr": 0.003}, training={"n_epochs": 400, "valid_every": 100})
+def test_overfit_tiny_dataset(water_dataset, tmp_path, make_config):
+    cfg = make_config(water_dataset, tmp_path, data={"n_train": 1, "n_valid": 1},
+                      optimizer={"lr": 0.003}, training={"n_epochs": 400, "valid_every": 100})
     run = _train(cfg)
     hist = _history(run)
     first, last = hist[0]["train_loss"], min(h["train_loss"] for h in hist[-20:])
@@ -75,10 +74,10 @@ def test_overfit_tiny_dataset(water_dataset, tmp_path):
     assert (run / "model.ckpt").exists()
 
 
-def test_resume_continues_exactly(water_dataset, tmp_path):
+def test_resume_continues_exactly(water_dataset, tmp_path, make_config):
     """Stopping after epoch 2 and resuming gives the uninterrupted trajectory."""
-    full = _train(small_config(water_dataset, tmp_path / "a", training={"n_epochs": 4}))
-    part_cfg = small_config(water_dataset, tmp_path / "b", training={"n_epochs": 2})
+    full = _train(make_config(water_dataset, tmp_path / "a", training={"n_epochs": 4}))
+    part_cfg = make_config(water_dataset, tmp_path / "b", training={"n_epochs": 2})
     part = _train(part_cfg)
     with pytest.raises(Exception, match="--resume"):
         _train(part_cfg)  # refuses to overwrite an existing run
@@ -90,9 +89,9 @@ def test_resume_continues_exactly(water_dataset, tmp_path):
                                rtol=1e-5)
 
 
-def test_kill_mid_epoch_loses_at_most_that_epoch(water_dataset, tmp_path):
+def test_kill_mid_epoch_loses_at_most_that_epoch(water_dataset, tmp_path, make_config):
     """kill -9 during training: latest.ckpt stays readable and --resume finishes."""
-    cfg = small_config(water_dataset, tmp_path, training={"n_epochs": 400})
+    cfg = make_config(water_dataset, tmp_path, training={"n_epochs": 400})
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "ase_gearsh", "train", str(path), "-q"],
@@ -116,10 +115,10 @@ def test_kill_mid_epoch_loses_at_most_that_epoch(water_dataset, tmp_path):
     assert [h["epoch"] for h in hist] == list(range(1, done + 3))
 
 
-def test_checkpoint_round_trip_and_errors(water_dataset, tmp_path):
+def test_checkpoint_round_trip_and_errors(water_dataset, tmp_path, make_config):
     from ase_gearsh.core.data import Dataset
     from ase_gearsh.model.engine import Model
-    run = _train(small_config(water_dataset, tmp_path))
+    run = _train(make_config(water_dataset, tmp_path))
     model = Model.from_checkpoint(run / "model.ckpt")
     again = Model.from_checkpoint(run / "model.ckpt")
     atoms = Dataset(water_dataset)[0].atoms
@@ -155,26 +154,25 @@ def test_checkpoint_round_trip_and_errors(water_dataset, tmp_path):
 
 
 def test_training_on_k_sampled_data_with_lattice_shifts(chain_dataset, water_dataset,
-                                                        tmp_path):
-    cfg = small_config([str(water_dataset), str(chain_dataset)], tmp_path,
-                       data={"val_data_path": str(chain_dataset), "n_valid": None})
+                                                        tmp_path, make_config):
+    cfg = make_config([str(water_dataset), str(chain_dataset)], tmp_path,
+                      data={"val_data_path": str(chain_dataset), "n_valid": None})
     run = _train(cfg)
     hist = _history(run)
     assert hist[-1]["val_mae_pair_meV"] != "" and np.isfinite(hist[-1]["val_mae_all_meV"])
 
 
-def test_two_devices_follow_the_one_device_trajectory(water_dataset, tmp_path):
-    script = f"""
+def test_two_devices_follow_the_one_device_trajectory(water_dataset, tmp_path, make_config):
+    configs = {nd: make_config(water_dataset, tmp_path / f"d{nd}",
+                               data={"batch_size": 2, "n_valid": 1},
+                               training={"n_epochs": 3, "num_devices": nd})
+               for nd in (1, 2)}
+    script = """
 import json, sys
-sys.path.insert(0, {str(HERE)!r})
-from conftest import small_config
 from ase_gearsh.training.train import train
 from ase_gearsh.model.checkpoint import load_checkpoint
-out = {{}}
-for nd in (1, 2):
-    cfg = small_config({str(water_dataset)!r}, {str(tmp_path)!r} + f"/d{{nd}}",
-                       data={{"batch_size": 2, "n_valid": 1}},
-                       training={{"n_epochs": 3, "num_devices": nd}})
+out = {}
+for nd, cfg in json.loads(sys.argv[1]).items():
     run = train(cfg, progress=False, log=lambda *a: None)
     out[nd] = [h["train_loss"] for h in load_checkpoint(run / "latest.ckpt")["extra"]["history"]]
 import jax
@@ -182,8 +180,8 @@ out["devices"] = len(jax.devices())
 print(json.dumps(out))
 """
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=900)
+    res = subprocess.run([sys.executable, "-c", script, json.dumps(configs)], env=env,
+                         capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["devices"] == 2
@@ -191,9 +189,9 @@ print(json.dumps(out))
     assert out["1"][0] != out["1"][-1]
 
 
-def test_eval_cli_reports_errors_and_plots(water_dataset, tmp_path, capsys):
+def test_eval_cli_reports_errors_and_plots(water_dataset, tmp_path, capsys, make_config):
     from ase_gearsh.cli import main
-    run = _train(small_config(water_dataset, tmp_path))
+    run = _train(make_config(water_dataset, tmp_path))
     assert main(["eval", str(run / "model.ckpt"), str(water_dataset), "-o",
                  str(tmp_path / "ev"), "-q"]) == 0
     out = capsys.readouterr().out
@@ -223,9 +221,9 @@ def test_oracle_blocks_give_gpaw_eigenvalues(water_dataset, small_model, monkeyp
 
 
 def test_validation_elements_must_be_in_the_training_set(water_dataset, chain_dataset,
-                                                         tmp_path):
+                                                         tmp_path, make_config):
     from ase_gearsh.core.basis import RegistryError
-    cfg = small_config(water_dataset, tmp_path, data={"val_data_path": str(chain_dataset),
-                                                      "n_valid": None})
+    cfg = make_config(water_dataset, tmp_path, data={"val_data_path": str(chain_dataset),
+                                                     "n_valid": None})
     with pytest.raises(RegistryError, match="element C is not in the model's registry"):
         _train(cfg)

@@ -15,6 +15,8 @@ See ``docs/dataset.md`` for the description of every field.
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +119,7 @@ def read_structure(path) -> tuple[dict, dict]:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise SchemaError(f"cannot read dataset file {path!r}: {err}") from err
     if "meta" not in arrays:
         raise SchemaError(f"{path!r} has no 'meta' entry: not a dataset structure file")

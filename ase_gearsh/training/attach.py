@@ -8,7 +8,7 @@ from flax import serialization
 
 from gpaw_tools.overlap import basis_for_registry
 
-from ..core.basis import Registry
+from ..core.basis import BasisDataError, Registry
 from ..core.data import Dataset
 from ..core.io import atomic_write_bytes
 from ..model.checkpoint import CheckpointError, basis_payload, load_checkpoint
@@ -19,8 +19,8 @@ from ..model.graph import build_graph
 __all__ = ["attach_basis"]
 
 
-def attach_basis(path, xc: str = "PBE", setups: str = "paw", output=None,
-                 dataset=None) -> Path:
+def attach_basis(path: str | Path, xc: str = "PBE", setups: str = "paw",
+                 output: str | Path | None = None, dataset: str | Path | None = None) -> Path:
     """Store basis functions (from the installed GPAW data) in a checkpoint that
     lacks them, checked against its registry; with ``dataset`` also the training
     coverage (shortest bonds, most neighbours) of the structures the model was
@@ -28,7 +28,11 @@ def attach_basis(path, xc: str = "PBE", setups: str = "paw", output=None,
     in place)."""
     ck = load_checkpoint(path)
     registry = Registry.from_dict(ck["registry"])
-    basis = basis_for_registry(registry, xc, setups)
+    try:
+        basis = basis_for_registry(registry, xc, setups)
+    except NameError as err:  # GPAW's answer to an unknown functional
+        raise BasisDataError(f"xc={xc!r} is not a functional GPAW knows ({err}); pass the "
+                             f"functional of the training data, e.g. PBE") from None
     payload = serialization.msgpack_restore(Path(path).read_bytes())
     payload["basis"] = basis_payload({s: b.to_dict() for s, b in basis.items()})
     if dataset is not None:

@@ -146,7 +146,7 @@ def _merge(default, given, where):
     return out
 
 
-def check_config(given: dict) -> dict:
+def check_config(given: dict | None) -> dict:
     """Merge a user config into the defaults, checking keys, types and values."""
     cfg = _merge(DEFAULTS, given or {}, "")
     d = cfg["data"]
@@ -173,7 +173,9 @@ def check_config(given: dict) -> dict:
     return cfg
 
 
-def load_config(path) -> dict:
+def load_config(path: str | Path) -> dict:
+    """Read a YAML config and check it (:func:`check_config`).  A missing file
+    raises FileNotFoundError; a file that is not YAML text, ConfigError."""
     import yaml
     path = Path(path)
     if not path.is_file():
@@ -182,10 +184,12 @@ def load_config(path) -> dict:
         given = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a YAML text file ({err})") from None
     return check_config(given or {})
 
 
-def model_settings(cfg: dict, n_species: int, out_max_degree: int, out_features: int):
+def model_settings(cfg: dict, n_species: int, out_max_degree: int, out_features: int) -> dict:
     """Translate the ``model`` section into :class:`ase_gearsh.model.ModelSettings` kwargs."""
     desc = cfg["model"]["atom_centered"]["descriptor"]
     rb = desc["radial_basis"]

@@ -74,13 +74,14 @@ def train(config: str | Path | dict, resume: bool = False, output: str | Path | 
     not been interrupted (same batches, same optimiser state)."""
     cfg, base = _read_config(config)
     run = _run_folder(cfg, base, output, resume)
-    data = prepare_data(cfg, base, log)
+    data = prepare_data(cfg, base, log, progress)
+    checkpoints = Checkpointer(run, cfg, data)
+    resumed = checkpoints.load_latest() if resume else None  # checked before compiling
     model, params = build_model(cfg, data)
     steps = StepFunctions(cfg, model, data, log)
     state = TrainState(steps.replicate(params), steps.replicate(steps.tx.init(params)))
-    checkpoints = Checkpointer(run, cfg, model, data)
-    if resume:
-        state = checkpoints.restore(state, steps.replicate)
+    if resumed is not None:
+        state = checkpoints.restore(resumed, state, steps.replicate)
         log(f"resuming after epoch {state.next_epoch - 1}")
     (run / "config.json").write_text(json.dumps(cfg, indent=1))
     metrics = MetricsWriter(run)
@@ -196,7 +197,8 @@ class TrainingData:
     basis: dict | None           # basis functions for the exact S (None: not installed)
 
 
-def prepare_data(cfg: dict, base: Path = Path("."), log: Log = print) -> TrainingData:
+def prepare_data(cfg: dict, base: Path = Path("."), log: Log = print,
+                 progress: bool = True) -> TrainingData:
     """Step 1: read the datasets; one registry and block layout for both sets
     (validation may not add elements); labelled graphs at the model's cut-offs;
     statistics, training coverage and basis functions of the training set."""
@@ -211,7 +213,8 @@ def prepare_data(cfg: dict, base: Path = Path("."), log: Log = print) -> Trainin
                             f"model.bond_centered.max_basis_degree={bond['max_basis_degree']}")
     pc = pair_cutoff_matrix(registry, bond["cutoff"])
     cutoff = cfg["model"]["atom_centered"]["descriptor"]["radial_basis"]["cutoff"]
-    make = partial(_labelled_graphs, registry=registry, layout=layout, cutoff=cutoff, pc=pc)
+    make = partial(_labelled_graphs, registry=registry, layout=layout, cutoff=cutoff, pc=pc,
+                   progress=progress)
     tg, out_t, max_t = make(train_s, desc="training labels")
     vg, out_v, max_v = make(valid_s, desc="validation labels")
     rc_sum = float(np.max(registry.rc[1:, None] + registry.rc[None, 1:]))
@@ -227,11 +230,11 @@ def prepare_data(cfg: dict, base: Path = Path("."), log: Log = print) -> Trainin
                         basis=_basis_data(train_s, registry, log))
 
 
-def _labelled_graphs(structures, *, registry, layout, cutoff, pc, desc=""):
+def _labelled_graphs(structures, *, registry, layout, cutoff, pc, desc="", progress=True):
     """Graphs with H labels; also the number and largest |H| of stored blocks
     beyond the bond cut-offs."""
     graphs, outside, outside_max = [], 0, 0.0
-    for s in tqdm(structures, desc=desc, unit="structure", leave=False):
+    for s in tqdm(structures, desc=desc, unit="structure", leave=False, disable=not progress):
         g = build_graph(s.atoms, registry.species_index(s.atoms.numbers), cutoff, pc,
                         name=s.meta["source"]["name"])
         info = attach_labels(g, s, layout)
@@ -256,12 +259,16 @@ def _basis_data(structures, registry, log):
 
 
 # -- 2. model -----------------------------------------------------------------
+def _settings(cfg: dict, data: TrainingData) -> dict:
+    """Network settings of the ``model`` section for this registry and layout."""
+    return model_settings(cfg, data.registry.n_species, data.layout.lmax_out,
+                          data.layout.n_features)
+
+
 def build_model(cfg: dict, data: TrainingData) -> tuple[Model, Any]:
     """Step 2: the network of the ``model`` section for this registry and layout,
     and its initial parameters (``training.seed``)."""
-    settings = model_settings(cfg, data.registry.n_species, data.layout.lmax_out,
-                              data.layout.n_features)
-    model = Model(settings, data.registry, data.stats, None, cfg)
+    model = Model(_settings(cfg, data), data.registry, data.stats, None, cfg)
     return model, model.init_params(cfg["training"]["seed"])
 
 
@@ -497,16 +504,26 @@ def _restore_tree(template, stored, what: str, path: Path):
     return tree
 
 
+def _difference(key: str, stored: dict, now: dict) -> str:
+    """What differs between a checkpoint's settings or registry and this run's."""
+    if key == "registry":
+        entries = [[(e["symbol"], e["name"], list(e["l"])) for e in r["species"]]
+                   for r in (stored, now)]
+        return f"{entries[0]} in the checkpoint, {entries[1]} now"
+    return ", ".join(f"{k}: {stored.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+                     for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k))
+
+
 class Checkpointer:
     """Step 4: ``model.ckpt`` (the best model so far), ``latest.ckpt`` (with the
     optimiser state, every ``training.checkpoint_every`` epochs, at the last
     epoch and when stopping early) and ``--resume`` from ``latest.ckpt``."""
 
-    def __init__(self, run: Path, cfg: dict, model: Model, data: TrainingData):
+    def __init__(self, run: Path, cfg: dict, data: TrainingData):
         self.best_path, self.latest = run / "model.ckpt", run / "latest.ckpt"
         self.every = cfg["training"]["checkpoint_every"]
         self.n_epochs = cfg["training"]["n_epochs"]
-        self.common = dict(config=cfg, settings=model.settings,
+        self.common = dict(config=cfg, settings=_settings(cfg, data),
                            registry=data.registry.to_dict(), stats=data.stats,
                            basis=data.basis)
         self.extra = {"n_train": len(data.train), "n_valid": len(data.valid),
@@ -514,21 +531,23 @@ class Checkpointer:
                       "valid_names": [g.name for g in data.valid]}
         self.coverage = data.coverage
 
-    def restore(self, state: TrainState, place: Callable = lambda tree: tree) -> TrainState:
-        """``state`` continued from ``latest.ckpt``; the checkpoint must have been
-        written for the same model settings and registry (else CheckpointError)."""
+    def load_latest(self) -> dict:
+        """``latest.ckpt``, checked to have been written for the same model
+        settings and registry as this run's (else :class:`CheckpointError`)."""
         ck = load_checkpoint(self.latest)
-        for key, what in (("settings", "model settings"), ("registry", "elements and basis sets")):
+        for key, what in (("registry", "elements and basis sets"), ("settings", "model settings")):
             stored, now = ck.get(key), _json(self.common[key])
             if stored != now:
-                diff = ", ".join(f"{k}: {stored.get(k)!r} in the checkpoint, {now.get(k)!r} "
-                                 f"now" for k in sorted(set(stored) | set(now))
-                                 if stored.get(k) != now.get(k)) \
-                    if isinstance(stored, dict) else f"{stored!r}"
                 raise CheckpointError(f"--resume: {self.latest} was trained with other "
-                                      f"{what} than the config and data give ({diff}); "
-                                      f"restore them or start a new run (another "
-                                      f"data.experiment or -o)")
+                                      f"{what} than the config and data give "
+                                      f"({_difference(key, stored, now)}); restore them or "
+                                      f"start a new run (another data.experiment or -o)")
+        return ck
+
+    def restore(self, ck: dict, state: TrainState,
+                place: Callable = lambda tree: tree) -> TrainState:
+        """``state`` continued from the checkpoint ``ck`` (:meth:`load_latest`);
+        ``place`` puts the restored trees on the devices."""
         opt_state = (ck.get("state") or {}).get("opt_state")
         if opt_state is None:
             raise CheckpointError(f"--resume: {self.latest} holds no optimiser state (a "
