@@ -32,7 +32,8 @@ from .basis import calculator_basis
 from .gpw import GPWError, open_calculator, read_parameters
 from .interactions import check_aliasing, find_interactions, interaction_radii
 
-__all__ = ["extract", "extract_calculator", "extract_files", "main", "KPointError"]
+__all__ = ["extract", "extract_calculator", "extract_files", "main", "KPointError",
+           "VerificationError", "EIGENVALUE_TOLERANCE", "check_threshold"]
 
 
 class KPointError(GearsHError, ValueError):
@@ -166,16 +167,28 @@ def _calculator_parameters(calc) -> dict:
         return {}
 
 
-def extract_calculator(calc, source: dict | None = None, threshold: float | None = None,
-                       verify: bool = True, parameters: dict | None = None):
-    """Arrays and metadata of the dataset schema from a GPAW LCAO calculator.
+EIGENVALUE_TOLERANCE = 1e-3  # eV: largest accepted |rebuilt - GPAW| eigenvalue
 
-    ``parameters``: the run's input parameters (as read from the .gpw file);
-    taken from the calculator if not given.
-    """
-    import gpaw
-    from gpaw.lcao.tools import get_lcao_hamiltonian
 
+class VerificationError(GearsHError, ValueError):
+    """The extracted blocks do not rebuild the run's eigenvalues."""
+
+
+def check_threshold(threshold) -> float | None:
+    """``None`` or a finite number >= 0 (eV); anything else is refused."""
+    if threshold is None:
+        return None
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a number of eV >= 0, got {threshold!r}") from None
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"threshold must be a finite number of eV >= 0, got {threshold!r}")
+    return value
+
+
+def _gpaw_atoms(calc):
+    """The run's atoms with GPAW's own (wrapped) scaled positions."""
     atoms = calc.get_atoms()
     spos = getattr(calc, "spos_ac", None)
     if spos is None:
@@ -183,6 +196,69 @@ def extract_calculator(calc, source: dict | None = None, threshold: float | None
         spos[:, atoms.pbc] %= 1.0
     atoms = atoms.copy()
     atoms.set_scaled_positions(np.asarray(spos))
+    return atoms
+
+
+def _drop_small_blocks(blocks: dict, threshold: float) -> dict:
+    """Pair blocks whose largest |H| (any spin) is below ``threshold`` removed."""
+    sizes = np.diff(blocks["pair_offsets"])
+    n = len(sizes)
+    blk = np.repeat(np.arange(n), sizes)
+    peak = np.zeros(n)
+    np.maximum.at(peak, blk, np.abs(blocks["pair_H"]).max(axis=0, initial=0.0))
+    keep = peak >= threshold
+    keep_el = keep[blk]
+    out = dict(blocks)
+    for key in ("pair_ij", "pair_shift", "pair_vector"):
+        out[key] = blocks[key][keep]
+    out["pair_H"] = blocks["pair_H"][:, keep_el]
+    out["pair_S"] = blocks["pair_S"][keep_el]
+    out["pair_offsets"] = np.concatenate([[0], np.cumsum(sizes[keep])]).astype(np.int64)
+    return out
+
+
+def _rebuild_errors(blocks: dict, counts, kpts, H_skMM, S_kMM, eps) -> dict:
+    """Largest |rebuilt - GPAW| of H(k), S(k) and of the eigenvalues at every k."""
+    from scipy.linalg import eigh
+    b = blocks
+    err_h = err_e = 0.0
+    for k, kpt in enumerate(kpts):
+        S_re = assemble(counts, b["onsite_S"], b["pair_ij"], b["pair_shift"], b["pair_S"],
+                        kpt=kpt)
+        err_h = max(err_h, np.abs(S_re - S_kMM[k]).max())
+        for s in range(len(H_skMM)):
+            H_re = assemble(counts, b["onsite_H"][s], b["pair_ij"], b["pair_shift"],
+                            b["pair_H"][s], kpt=kpt)
+            err_h = max(err_h, np.abs(H_re - H_skMM[s, k]).max())
+            e = eigh(H_re, S_re, eigvals_only=True)[:eps.shape[2]]
+            err_e = max(err_e, np.abs(e - eps[s, k, :len(e)]).max())
+    return {"max_matrix_error": float(err_h), "max_eigenvalue_error": float(err_e)}
+
+
+def _grid_info(calc, atoms):
+    try:
+        gpts = np.asarray(calc.get_number_of_grid_points())
+        return [int(g) for g in gpts], (atoms.cell.lengths() / gpts).tolist()
+    except Exception:
+        return None, None
+
+
+def extract_calculator(calc, source: dict | None = None, threshold: float | None = None,
+                       verify: bool = True, parameters: dict | None = None,
+                       eigenvalue_tolerance: float = EIGENVALUE_TOLERANCE):
+    """Arrays and metadata of the dataset schema from a GPAW LCAO calculator.
+
+    ``parameters``: the run's input parameters (as read from the .gpw file);
+    taken from the calculator if not given.  With ``verify`` (default) the
+    blocks must rebuild every H(k), S(k) of the run and its eigenvalues to
+    ``eigenvalue_tolerance`` eV, else :class:`VerificationError` (the errors are
+    recorded in ``meta["checks"]`` either way).
+    """
+    import gpaw
+    from gpaw.lcao.tools import get_lcao_hamiltonian
+
+    threshold = check_threshold(threshold)
+    atoms = _gpaw_atoms(calc)
     nspins = int(calc.get_number_of_spins())
     species, counts, basis_rc, proj_rc = calculator_basis(calc)
     ibzk = np.asarray(calc.get_ibz_k_points(), float).reshape(-1, 3)
@@ -190,76 +266,52 @@ def extract_calculator(calc, source: dict | None = None, threshold: float | None
     inter = find_interactions(atoms, basis_rc, proj_rc)
     check_aliasing(atoms, inter, grid, basis_rc, proj_rc)
 
-    H_skMM, S_kMM = get_lcao_hamiltonian(calc)
-    H_skMM = np.asarray(H_skMM)
-    S_kMM = np.asarray(S_kMM)
+    H_skMM, S_kMM = (np.asarray(x) for x in get_lcao_hamiltonian(calc))
     if H_skMM.shape[0] != nspins:
         raise RuntimeError(f"GPAW returned {H_skMM.shape[0]} spin channels, expected {nspins}")
-    Hk = H_skMM[:, ibz_index]
-    Sk = S_kMM[ibz_index]
-    Hk = np.where(conj[None, :, None, None], np.conj(Hk), Hk)
-    Sk = np.where(conj[:, None, None], np.conj(Sk), Sk)
+    Hk = np.where(conj[None, :, None, None], np.conj(H_skMM[:, ibz_index]), H_skMM[:, ibz_index])
+    Sk = np.where(conj[:, None, None], np.conj(S_kMM[ibz_index]), S_kMM[ibz_index])
     onsite_H, onsite_S, offsets, pair_H, pair_S, max_imag = real_space_blocks(
         Hk, Sk, kfull, counts, inter)
-
-    ij, shift, vector = inter.ij, inter.shift, inter.vector
+    blocks = {"onsite_H": onsite_H, "onsite_S": onsite_S, "pair_ij": inter.ij,
+              "pair_shift": inter.shift, "pair_vector": inter.vector, "pair_offsets": offsets,
+              "pair_H": pair_H, "pair_S": pair_S}
     if threshold is not None:
-        sizes = np.diff(offsets)
-        blk = np.repeat(np.arange(len(ij)), sizes)
-        peak = np.zeros(len(ij))
-        np.maximum.at(peak, blk, np.abs(pair_H).max(axis=0))
-        keep = peak >= threshold
-        keep_el = keep[blk]
-        ij, shift, vector = ij[keep], shift[keep], vector[keep]
-        pair_H, pair_S = pair_H[:, keep_el], pair_S[keep_el]
-        offsets = np.concatenate([[0], np.cumsum(sizes[keep])]).astype(np.int64)
-
-    weights = np.asarray(calc.get_k_point_weights(), float)
+        blocks = _drop_small_blocks(blocks, threshold)
     eps = np.array([[calc.get_eigenvalues(kpt=k, spin=s) for k in range(len(ibzk))]
                     for s in range(nspins)], dtype=float)
-
     checks = {"max_imaginary_part": max_imag}
     if verify:
-        # the blocks must rebuild every H(k) of the run and its eigenvalues
-        err_h = err_e = 0.0
-        from scipy.linalg import eigh
-        for k, kpt in enumerate(ibzk):
-            S_re = assemble(counts, onsite_S, ij, shift, pair_S, kpt=kpt)
-            err_h = max(err_h, np.abs(S_re - S_kMM[k]).max())
-            for s in range(nspins):
-                H_re = assemble(counts, onsite_H[s], ij, shift, pair_H[s], kpt=kpt)
-                err_h = max(err_h, np.abs(H_re - H_skMM[s, k]).max())
-                e = eigh(H_re, S_re, eigvals_only=True)[:eps.shape[2]]
-                err_e = max(err_e, np.abs(e - eps[s, k, :len(e)]).max())
-        checks["max_matrix_error"] = float(err_h)
-        checks["max_eigenvalue_error"] = float(err_e)
+        checks.update(_rebuild_errors(blocks, counts, ibzk, H_skMM, S_kMM, eps))
+        err = checks["max_eigenvalue_error"]
+        if not err <= eigenvalue_tolerance:
+            what = (f" with --threshold {threshold:g} eV dropping small blocks"
+                    if threshold else "")
+            raise VerificationError(
+                f"the extracted blocks rebuild GPAW's eigenvalues only to {err:.3g} eV"
+                f"{what}; expected <= {eigenvalue_tolerance:g} eV. The file may be damaged "
+                f"or inconsistent; raise --eigenvalue-tolerance only if this is intended")
 
-    params = parameters if parameters is not None else _calculator_parameters(calc)
-    h = params.get("h")
-    try:
-        gpts = np.asarray(calc.get_number_of_grid_points())
-        spacing = (atoms.cell.lengths() / gpts).tolist()
-    except Exception:
-        gpts, spacing = None, None
-    xc_name = str(calc.get_xc_functional())
     arrays = {
         "numbers": atoms.numbers.astype(np.int32),
         "positions": atoms.positions.astype(float),
         "cell": np.asarray(atoms.cell, float),
         "pbc": np.asarray(atoms.pbc, bool),
         "orbital_counts": counts.astype(np.int32),
-        "onsite_H": onsite_H,
-        "onsite_S": onsite_S,
-        "pair_ij": ij.astype(np.int32),
-        "pair_shift": shift.astype(np.int32),
-        "pair_vector": vector.astype(float),
-        "pair_offsets": offsets.astype(np.int64),
-        "pair_H": pair_H,
-        "pair_S": pair_S,
+        "onsite_H": blocks["onsite_H"],
+        "onsite_S": blocks["onsite_S"],
+        "pair_ij": blocks["pair_ij"].astype(np.int32),
+        "pair_shift": blocks["pair_shift"].astype(np.int32),
+        "pair_vector": blocks["pair_vector"].astype(float),
+        "pair_offsets": blocks["pair_offsets"].astype(np.int64),
+        "pair_H": blocks["pair_H"],
+        "pair_S": blocks["pair_S"],
         "kpts": ibzk,
-        "kpt_weights": weights,
+        "kpt_weights": np.asarray(calc.get_k_point_weights(), float),
         "eigenvalues": eps,
     }
+    params = parameters if parameters is not None else _calculator_parameters(calc)
+    gpts, spacing = _grid_info(calc, atoms)
     radii = interaction_radii(basis_rc, proj_rc)
     meta = {
         "fermi_level": _fermi_level(calc),
@@ -268,9 +320,9 @@ def extract_calculator(calc, source: dict | None = None, threshold: float | None
         "nspins": nspins,
         "basis": species,
         "kgrid": [int(g) for g in grid],
-        "xc": xc_name,
-        "h": h,
-        "grid_points": None if gpts is None else [int(g) for g in gpts],
+        "xc": str(calc.get_xc_functional()),
+        "h": params.get("h"),
+        "grid_points": gpts,
         "grid_spacing": spacing,
         "block_threshold": threshold,
         "interaction_range": {
@@ -285,7 +337,8 @@ def extract_calculator(calc, source: dict | None = None, threshold: float | None
     return arrays, meta
 
 
-def extract(path, threshold=None, verify=True, sha256=None):
+def extract(path, threshold=None, verify=True, sha256=None,
+            eigenvalue_tolerance: float = EIGENVALUE_TOLERANCE):
     """Read one .gpw file and return (arrays, meta) of the dataset schema.
 
     ``sha256``: the file's hash if already known (it is computed otherwise).
@@ -297,7 +350,7 @@ def extract(path, threshold=None, verify=True, sha256=None):
               "gpaw_version_writer": params.pop("_gpaw_version", None)}
     calc = open_calculator(path, checked=True)
     return extract_calculator(calc, source=source, threshold=threshold, verify=verify,
-                              parameters=params)
+                              parameters=params, eigenvalue_tolerance=eigenvalue_tolerance)
 
 
 def _target(outdir: Path, src: Path, sha: str) -> tuple[Path, bool]:
@@ -317,12 +370,14 @@ def _target(outdir: Path, src: Path, sha: str) -> tuple[Path, bool]:
 
 
 def extract_files(paths, outdir, threshold=None, verify=True, overwrite=False,
-                  progress=True, log=print):
+                  progress=True, log=print,
+                  eigenvalue_tolerance: float = EIGENVALUE_TOLERANCE):
     """Extract many files into one dataset; failures are isolated and returned.
 
     Returns ``(written, skipped, failed)`` lists; ``failed`` holds
     ``(path, message)``.
     """
+    threshold = check_threshold(threshold)
     outdir = Path(outdir)
     ensure_manifest(outdir)
     paths = [Path(p) for p in paths]
@@ -341,7 +396,8 @@ def extract_files(paths, outdir, threshold=None, verify=True, overwrite=False,
             if done and not overwrite:
                 skipped.append(out)
                 continue
-            arrays, meta = extract(path, threshold=threshold, verify=verify, sha256=sha)
+            arrays, meta = extract(path, threshold=threshold, verify=verify, sha256=sha,
+                                   eigenvalue_tolerance=eigenvalue_tolerance)
             write_structure(out, arrays, meta)
             written.append(out)
         except (ValueError, OSError) as err:  # GPWError, KPointError, AliasingError
@@ -369,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
                              "default: keep every block within the range of H")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip rebuilding H(k) and the eigenvalues of every k-point")
+    parser.add_argument("--eigenvalue-tolerance", type=float, default=EIGENVALUE_TOLERANCE,
+                        metavar="EV",
+                        help="refuse a file whose blocks rebuild GPAW's eigenvalues worse "
+                             f"than EV (default {EIGENVALUE_TOLERANCE:g}; raise it on purpose "
+                             "with --threshold)")
     parser.add_argument("--overwrite", action="store_true",
                         help="re-extract files already in the dataset")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -377,8 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written, skipped, failed = extract_files(
             args.gpw, args.output, threshold=args.threshold, verify=not args.no_verify,
-            overwrite=args.overwrite, progress=not args.quiet)
-    except (OSError, GearsHError) as err:
+            overwrite=args.overwrite, progress=not args.quiet,
+            eigenvalue_tolerance=args.eigenvalue_tolerance)
+    except (OSError, ValueError, GearsHError) as err:
         print(f"{parser.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     dt = time.perf_counter() - t0

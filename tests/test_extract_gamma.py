@@ -4,7 +4,7 @@ import pytest
 from scipy.linalg import eigh
 
 from ase_gearsh.core.data import Dataset
-from gpaw_tools.extract import extract, extract_files, main
+from gpaw_tools.extract import VerificationError, extract, extract_files, main
 
 
 def _gpaw_matrices(path):
@@ -98,6 +98,45 @@ def test_spin_polarised_stores_both_channels(spin_gpw, tmp_path):
 
 def test_threshold_is_recorded_and_applied(h2o_gpw):
     full, _ = extract(h2o_gpw)
-    cut, meta = extract(h2o_gpw, threshold=1e9)
+    # dropping every pair block breaks the eigenvalues: refused unless asked for
+    with pytest.raises(VerificationError, match=r"rebuild GPAW's eigenvalues only to .* eV "
+                       r"with --threshold 1e\+?0?9 eV .*expected <= 0.001 eV"):
+        extract(h2o_gpw, threshold=1e9)
+    cut, meta = extract(h2o_gpw, threshold=1e9, eigenvalue_tolerance=np.inf)
     assert meta["block_threshold"] == 1e9
+    assert meta["checks"]["max_eigenvalue_error"] > 0.1  # the effect is recorded
     assert len(cut["pair_ij"]) == 0 and len(full["pair_ij"]) == 3
+    # a threshold that keeps every block passes the default check
+    kept, meta = extract(h2o_gpw, threshold=1e-6)
+    assert len(kept["pair_ij"]) == 3 and meta["checks"]["max_eigenvalue_error"] < 1e-6
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.1, "x"])
+def test_threshold_must_be_finite_and_non_negative(h2o_gpw, tmp_path, bad):
+    with pytest.raises(ValueError, match="threshold must be a .*number of eV >= 0"):
+        extract(h2o_gpw, threshold=bad)
+    if isinstance(bad, float):
+        assert main([str(h2o_gpw), "-o", str(tmp_path / "ds"), "--threshold", str(bad),
+                     "-q"]) == 2
+        assert not (tmp_path / "ds").exists() or not list((tmp_path / "ds").glob("*.npz"))
+
+
+def test_damaged_hamiltonian_is_refused_and_counted_as_failed(h2o_gpw, tmp_path, capsys,
+                                                               monkeypatch):
+    """A run whose stored H does not give its own eigenvalues (as a .gpw with a
+    damaged potential does) is refused, counted as failed, and nothing is written."""
+    import gpaw.lcao.tools as tools
+    real = tools.get_lcao_hamiltonian
+
+    def damaged(calc):
+        H, S = real(calc)
+        H = np.array(H)
+        H[..., 0, 0] += 0.5  # eV
+        return H, S
+
+    monkeypatch.setattr(tools, "get_lcao_hamiltonian", damaged)
+    out = tmp_path / "ds"
+    assert main([str(h2o_gpw), "-o", str(out), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "rebuild GPAW's eigenvalues only to" in err and "expected <= 0.001 eV" in err
+    assert list(out.glob("*.npz")) == []
