@@ -52,34 +52,58 @@ Conventions
   method (:mod:`ase_gearsh.electronic.kpm`) at Gamma, eigenvalues are not
   available, and the Fermi level comes from the total KPM DOS at the fixed
   resolution ``kpm["fermi_width"]`` (computed once, whatever is asked first).
+
+Layout: this module holds the ASE plumbing (parameters, state, results), the
+model, predictor and overlap pieces and the cache of H(k) and S(k).  k-points
+are :class:`~ase_gearsh.electronic.kpoints.KPoints`; spectra, Fermi level, DOS
+and PDOS are :class:`~ase_gearsh.electronic.spectrum.DenseSpectrum` and
+:class:`~ase_gearsh.electronic.spectrum.KPMSpectrum`, which the getters delegate to.
 """
 from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Sequence
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.calculator import (Calculator, CalculatorSetupError, PropertyNotPresent,
-                                        all_changes, compare_atoms, kpts2ndarray)
-from ase.dft.kpoints import BandPath
+from ase.calculators.calculator import (
+    Calculator,
+    CalculatorSetupError,
+    PropertyNotPresent,
+    all_changes,
+    compare_atoms,
+)
 from ase.spectrum.band_structure import BandStructure, get_band_structure
 
 from gpaw_tools.overlap import OverlapCalculator
 
 from .core.blocks import BlockMatrices
 from .core.errors import GearsHError
-from .electronic.dense import (energy_grid, fermi_level, gaussian_dos, group_matrix,
-                               occupation_numbers, solve_dense, time_reversal_reduce)
-from .electronic.kpm import (KPMMoments, chebyshev_moments, kpm_density, kpm_fermi_level,
-                             kpm_n_moments, spectral_bounds)
+from .electronic.checks import ArgumentError, check_choice, check_positive
+from .electronic.dense import occupation_numbers
+from .electronic.kpm import KPMMoments
+from .electronic.kpoints import KPT_DICT_KEYS, KPoints, check_kpts
+from .electronic.spectrum import (
+    KPM_DEFAULTS,
+    METHODS,
+    PROJECTIONS,
+    DenseSpectrum,
+    KPMSpectrum,
+    OrbitalLabels,
+    check_dos_args,
+    check_kpm_options,
+)
 from .model.coverage import coverage_messages, warn_extrapolation
 from .model.engine import Model, load_model
 from .model.inference import predictor_for
 
-__all__ = ["GearsHCalculator", "CalculatorInputError", "PropertyUnavailableError"]
+__all__ = ["GearsHCalculator", "CalculatorInputError", "PropertyUnavailableError",
+           "KPM_DEFAULTS", "KPT_DICT_KEYS", "METHODS"]
 
 
 class CalculatorInputError(GearsHError, CalculatorSetupError, ValueError):
@@ -91,126 +115,60 @@ class PropertyUnavailableError(GearsHError, PropertyNotPresent):
     """A property this calculator cannot give for these atoms and settings."""
 
 
-KPM_DEFAULTS = {"n_moments": None, "n_random": 16, "seed": 0, "fermi_width": 0.1}
-KPT_DICT_KEYS = {"size", "gamma", "density", "even", "path", "npoints", "special_points"}
-METHODS = ("auto", "dense", "kpm")
-# parameter changes that leave the atoms-level data (blocks, H(k), S(k), bounds) valid
+# parameter changes that leave the atoms-level data (blocks, H(k), S(k), KPM at Gamma) valid
 _KEEPS_MATRICES = {"kpts", "width", "charge", "dense_limit", "kpm"}
 _NO_EFFECT = {"progress", "warn_extrapolation"}
 # overlap tables are built lazily and are costly: one OverlapCalculator per model
-_OVERLAPS: "weakref.WeakKeyDictionary[Model, tuple]" = weakref.WeakKeyDictionary()
+_OVERLAPS: weakref.WeakKeyDictionary[Model, tuple] = weakref.WeakKeyDictionary()
 
 
 # -- input checks (pure functions; they raise CalculatorInputError) -----------------
-def _check_positive(name: str, value, integer: bool = False, allow_zero: bool = False):
-    ok_type = isinstance(value, (int, np.integer)) if integer else \
-        isinstance(value, (int, float, np.integer, np.floating))
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or \
-            value < 0 or (value == 0 and not allow_zero):
-        kind = "an integer" if integer else "a finite number"
-        raise CalculatorInputError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, "
-                                   f"got {value!r}")
-
-
-def _check_mp_size(size, where: str = "kpts") -> None:
-    arr = np.asarray(size)
-    if arr.shape != (3,) or arr.dtype.kind not in "iuf" or not np.all(np.isfinite(arr)) \
-            or np.any(arr != np.round(arr)) or np.any(arr < 1):
-        raise CalculatorInputError(
-            f"{where}: a Monkhorst-Pack size must be three positive integers like (4, 4, 1), "
-            f"got {np.asarray(size).tolist()!r}; for a single k-point pass [[kx, ky, kz]]")
-
-
-def _check_kpts_dict(kpts: dict) -> dict | BandPath:
-    if "labelseq" in kpts:  # BandPath.todict(), as stored by todict()
-        return BandPath(cell=kpts["cell"], kpts=kpts["kpts"],
-                        special_points=kpts.get("special_points"), path=kpts["labelseq"])
-    unknown = sorted(set(kpts) - KPT_DICT_KEYS)
-    if unknown:
-        raise CalculatorInputError(f"kpts dict: unknown key(s) {unknown}; expected some of "
-                                   f"{sorted(KPT_DICT_KEYS)}")
-    if "path" in kpts:
-        if not isinstance(kpts["path"], str):
-            raise CalculatorInputError(f"kpts['path'] must be a string like 'GMKG', got "
-                                       f"{kpts['path']!r}")
-        if "npoints" in kpts:
-            _check_positive("kpts['npoints']", kpts["npoints"], integer=True)
-    elif "size" in kpts:
-        _check_mp_size(kpts["size"], "kpts['size']")
-    elif "density" in kpts:
-        _check_positive("kpts['density']", kpts["density"])
-    else:
-        raise CalculatorInputError(f"a kpts dict needs 'size', 'density' or 'path', got keys "
-                                   f"{sorted(kpts)}")
-    return kpts
-
-
-def _check_kpts(kpts):
-    """Validate ``kpts`` (see the module docstring); returns the value to store."""
-    if kpts is None or isinstance(kpts, BandPath):
-        return kpts
-    if isinstance(kpts, dict):
-        return _check_kpts_dict(kpts)
+@contextmanager
+def _input_errors():
+    """Re-raise the electronic layer's argument errors as :class:`CalculatorInputError`
+    (a context manager and a decorator)."""
     try:
-        arr = np.asarray(kpts, dtype=float)
-    except (TypeError, ValueError):
-        arr = None
-    if arr is not None and arr.ndim == 1 and arr.shape == (3,):
-        _check_mp_size(kpts)
-        return kpts
-    if arr is not None and arr.ndim == 2 and arr.shape[1] == 3 and len(arr) > 0:
-        if not np.all(np.isfinite(arr)):
-            raise CalculatorInputError("kpts: the scaled k-points must be finite, got "
-                                       f"{arr[~np.isfinite(arr).all(1)].tolist()}")
-        return kpts
-    shape = "ragged" if arr is None else str(arr.shape)
-    raise CalculatorInputError(
-        f"kpts must be None, a Monkhorst-Pack size (n1, n2, n3), a dict with 'size' or "
-        f"'path', a BandPath or an (n, 3) array of scaled k-points; got "
-        f"{type(kpts).__name__} of shape {shape}")
+        yield
+    except ArgumentError as err:
+        raise CalculatorInputError(str(err)) from None
 
 
-def _check_kpm(kpm) -> None:
-    if kpm is None:
-        return
-    if not isinstance(kpm, dict):
-        raise CalculatorInputError(f"kpm must be a dict with keys {sorted(KPM_DEFAULTS)}, got "
-                                   f"{type(kpm).__name__}")
-    unknown = sorted(set(kpm) - set(KPM_DEFAULTS))
+@_input_errors()
+def _check_parameters(kwargs: dict, known) -> dict:
+    """Validate ``set``'s arguments (``model`` is resolved apart); returns the values
+    to store."""
+    unknown = set(kwargs) - set(known) - {"model"}
     if unknown:
-        raise CalculatorInputError(f"kpm: unknown key(s) {unknown}; expected some of "
-                                   f"{sorted(KPM_DEFAULTS)}")
-    if kpm.get("n_moments") is not None:
-        _check_positive("kpm['n_moments']", kpm["n_moments"], integer=True)
-        if kpm["n_moments"] < 2:
-            raise CalculatorInputError(f"kpm['n_moments'] must be >= 2, got {kpm['n_moments']}")
-    if "n_random" in kpm:
-        _check_positive("kpm['n_random']", kpm["n_random"], integer=True)
-    if "fermi_width" in kpm:
-        _check_positive("kpm['fermi_width']", kpm["fermi_width"])
+        raise CalculatorInputError(f"unknown parameter(s) {sorted(unknown)}; expected "
+                                   f"some of {sorted(known)} or model")
+    return {k: v if k == "model" else _check_parameter(k, v) for k, v in kwargs.items()}
 
 
 def _check_parameter(key: str, value):
     """Validate one parameter (not ``model``); returns the value to store."""
     if key == "kpts":
-        return _check_kpts(value)
+        return check_kpts(value)
     if key == "kpm":
-        _check_kpm(value)
+        check_kpm_options(value)
     elif key == "width":
-        _check_positive("width (Fermi-Dirac smearing, eV)", value)
+        check_positive("width (Fermi-Dirac smearing, eV)", value)
     elif key == "charge":
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
                                                              np.floating)) \
                 or not math.isfinite(value):
             raise CalculatorInputError(f"charge must be a finite number, got {value!r}")
     elif key == "dense_limit":
-        _check_positive("dense_limit", value, integer=True, allow_zero=True)
+        check_positive("dense_limit", value, integer=True, allow_zero=True)
     elif key in ("edge_chunk", "pair_chunk"):
-        _check_positive(key, value, integer=True)
+        check_positive(key, value, integer=True)
     return value
 
 
-def _check_atoms(atoms) -> None:
+def _check_calculation(atoms, properties: Sequence[str], implemented: Sequence[str]) -> None:
+    """Validate the atoms and the property names of a ``calculate`` call."""
+    if atoms is None:
+        raise CalculatorInputError("no atoms: attach the calculator (atoms.calc = calc) or "
+                                   "pass atoms")
     if not isinstance(atoms, Atoms):
         raise CalculatorInputError(f"expected an ase.Atoms object, got {type(atoms).__name__}")
     if len(atoms) == 0:
@@ -226,18 +184,27 @@ def _check_atoms(atoms) -> None:
     if flat.any():
         raise CalculatorInputError(f"periodic direction(s) {np.flatnonzero(flat).tolist()} "
                                    f"have a zero cell vector (pbc={atoms.pbc.tolist()})")
+    unknown = [p for p in properties if p not in implemented]
+    if unknown:
+        raise CalculatorInputError(f"unknown properties {unknown}; this calculator "
+                                   f"computes {implemented}")
 
 
-def _check_dos_args(width, npts, emin, emax, method) -> None:
-    _check_positive("width (DOS broadening, eV)", width)
-    if isinstance(npts, bool) or not isinstance(npts, (int, np.integer)) or npts < 2:
-        raise CalculatorInputError(f"npts must be an integer >= 2, got {npts!r}")
-    if emin is not None and emax is not None and not emax > emin:
-        raise CalculatorInputError(f"need emin < emax, got emin={emin}, emax={emax}")
-    if method not in METHODS:
-        raise CalculatorInputError(f"method must be 'auto', 'dense' or 'kpm', got {method!r}")
+def _check_spin(spin) -> None:
+    if spin != 0:
+        raise CalculatorInputError(f"spin must be 0 (this calculator is spin-paired, one "
+                                   f"channel), got {spin!r}")
 
 
+def _check_dense_limit(n_orbitals: int, limit: int) -> None:
+    if n_orbitals > limit:
+        raise PropertyUnavailableError(
+            f"{n_orbitals} orbitals exceed dense_limit={limit}: dense eigenvalues would need "
+            f"{8 * n_orbitals * n_orbitals / 2**30:.1f} GiB per matrix; use get_dos()/"
+            f"get_pdos() (kernel polynomial method) or raise dense_limit")
+
+
+# -- model pieces (pure functions of the model and the atoms) -------------------------
 def _resolve_model(model) -> tuple[Model, Any]:
     """(loaded model, value recorded in ``parameters``) for a path or a Model."""
     if isinstance(model, Model):
@@ -260,6 +227,36 @@ def _overlap_calculator(model: Model) -> OverlapCalculator:
     if entry is None or entry[0] is not data:
         entry = _OVERLAPS[model] = (data, OverlapCalculator(data))
     return entry[1]
+
+
+def _overlap(model: Model, atoms: Atoms, k: np.ndarray):
+    """Exact S(k) (scipy.sparse CSR) of ``atoms`` with the model's basis functions."""
+    oc = _overlap_calculator(model)
+    return oc.overlap(atoms) if not np.any(k) else oc.overlap(atoms, kpts=[k])[0]
+
+
+def _check_coverage(model: Model, atoms: Atoms, pb: BlockMatrices) -> None:
+    """Warn about bonds and environments outside the model's training data."""
+    species = model.registry.species_index(atoms.numbers)
+    warn_extrapolation(coverage_messages(
+        getattr(model, "coverage", None), model.registry.symbols, species, pb.pair_i,
+        pb.pair_j, pb.pair_distance, pb.neighbours))
+
+
+def _n_orbitals(model: Model, atoms: Atoms) -> int:
+    registry = model.registry
+    return int(registry.n_orbitals[registry.species_index(atoms.numbers)].sum())
+
+
+def _n_electrons(model: Model, atoms: Atoms, charge: float) -> float:
+    """Valence electrons of the PAW setups (from the model's basis data) minus ``charge``."""
+    data = getattr(model, "basis_data", None) or {}
+    symbols = atoms.get_chemical_symbols()
+    missing = sorted(set(symbols) - set(data))
+    if missing:
+        raise PropertyUnavailableError(f"no valence electron count for {missing}: the "
+                                       f"model stores no basis data (gearsh attach-basis)")
+    return sum(float(data[s]["valence"]) for s in symbols) - float(charge)
 
 
 class GearsHCalculator(Calculator):
@@ -302,11 +299,7 @@ class GearsHCalculator(Calculator):
     # -- parameters -------------------------------------------------------------------
     def set(self, **kwargs) -> dict:
         """Validate and set parameters; drops exactly the results they invalidate."""
-        unknown = set(kwargs) - set(self.default_parameters) - {"model"}
-        if unknown:
-            raise CalculatorInputError(f"unknown parameter(s) {sorted(unknown)}; expected "
-                                       f"some of {sorted(self.default_parameters)} or model")
-        kwargs = {k: v if k == "model" else _check_parameter(k, v) for k, v in kwargs.items()}
+        kwargs = _check_parameters(kwargs, self.default_parameters)
         new_model = None
         if "model" in kwargs:
             new_model, kwargs["model"] = _resolve_model(kwargs["model"])
@@ -323,21 +316,18 @@ class GearsHCalculator(Calculator):
             return
         if changed <= {"width", "charge"}:  # only the Fermi level moves
             self.results.pop("fermi_level", None)
-        elif changed <= _KEEPS_MATRICES:  # the atoms-level pieces stay valid
-
-            def keep(key):
-                return key in ("blocks", "bounds") or isinstance(key, tuple) and (
-                    key[0] in ("H", "S") or key[0] == "kpm" and "kpm" not in changed)
-            self._cache = {k: v for k, v in self._cache.items() if keep(k)}
+        elif changed <= _KEEPS_MATRICES:  # blocks, H(k), S(k) and KPM bounds stay valid
+            kept = {k: v for k, v in self._cache.items()
+                    if k in ("blocks", "kpm") or isinstance(k, tuple)}
+            if "kpm" in changed and "kpm" in kept:  # new options: new moments
+                kept["kpm"] = kept["kpm"].with_options(self.parameters.kpm)
+            self._cache = kept
             self.results = {k: v for k, v in self.results.items()
                             if k in ("hamiltonian", "overlap")}
         else:  # the model or chunk sizes: start over (the atoms are kept)
             self._predictor = None
             self._cache.clear()
             self.results = {}
-
-    def _kpm_options(self) -> dict:
-        return {**KPM_DEFAULTS, **(self.parameters.kpm or {})}
 
     # -- ASE state rules --------------------------------------------------------------
     def reset(self) -> None:
@@ -389,14 +379,8 @@ class GearsHCalculator(Calculator):
                   system_changes: Sequence[str] = all_changes) -> None:
         """Compute ``properties`` (names from ``implemented_properties``) for ``atoms``
         (default: ``self.atoms``) into ``self.results``."""
-        if atoms is None and self.atoms is None:
-            raise CalculatorInputError("no atoms: attach the calculator (atoms.calc = calc) or "
-                                       "pass atoms")
-        _check_atoms(atoms if atoms is not None else self.atoms)
-        unknown = [p for p in properties if p not in self.implemented_properties]
-        if unknown:
-            raise CalculatorInputError(f"unknown properties {unknown}; this calculator "
-                                       f"computes {self.implemented_properties}")
+        _check_calculation(atoms if atoms is not None else self.atoms, properties,
+                           self.implemented_properties)
         super().calculate(atoms, properties, system_changes)
         if system_changes or self._cache_atoms is None or \
                 compare_atoms(self._cache_atoms, self.atoms):
@@ -406,7 +390,7 @@ class GearsHCalculator(Calculator):
         self._kpoints()  # checks kpts against these atoms
         compute = {"hamiltonian": lambda: self._matrix("H", np.zeros(3)),
                    "overlap": lambda: self._matrix("S", np.zeros(3)),
-                   "eigenvalues": lambda: self._eigenvalues()[None],
+                   "eigenvalues": lambda: self._dense().eigenvalues()[None],
                    "fermi_level": self._fermi_level}
         for name in properties:
             if name not in self.results:
@@ -425,175 +409,82 @@ class GearsHCalculator(Calculator):
         if "blocks" not in self._cache:
             pb = self.predictor(self.atoms, progress=self.parameters.progress)
             if self.parameters.warn_extrapolation:
-                self._check_coverage(pb)
+                _check_coverage(self.model, self.atoms, pb)
             self._cache["blocks"] = pb
         return self._cache["blocks"]
-
-    def _check_coverage(self, pb: BlockMatrices) -> None:
-        model = self.model
-        species = model.registry.species_index(self.atoms.numbers)
-        warn_extrapolation(coverage_messages(
-            getattr(model, "coverage", None), model.registry.symbols, species, pb.pair_i,
-            pb.pair_j, pb.pair_distance, pb.neighbours))
 
     def _matrix(self, kind: str, k: np.ndarray):
         """H(k) ("H") or S(k) ("S") as scipy.sparse CSR; Gamma also goes to ``results``."""
         gamma = not np.any(k)
         key = (kind, tuple(np.round(k, 12)))
         if key not in self._cache:
-            if kind == "H":
-                self._cache[key] = self._blocks().matrix(None if gamma else k)
-            else:
-                oc = _overlap_calculator(self.model)
-                self._cache[key] = oc.overlap(self.atoms) if gamma else \
-                    oc.overlap(self.atoms, kpts=[k])[0]
+            self._cache[key] = self._blocks().matrix(None if gamma else k) if kind == "H" \
+                else _overlap(self.model, self.atoms, k)
         if gamma:
             self.results["hamiltonian" if kind == "H" else "overlap"] = self._cache[key]
         return self._cache[key]
 
     def _n_orbitals(self) -> int:
-        registry = self.model.registry
-        return int(registry.n_orbitals[registry.species_index(self.atoms.numbers)].sum())
+        return _n_orbitals(self.model, self.atoms)
 
     def _n_electrons(self) -> float:
-        data = getattr(self.model, "basis_data", None) or {}
-        symbols = self.atoms.get_chemical_symbols()
-        missing = sorted(set(symbols) - set(data))
-        if missing:
-            raise PropertyUnavailableError(f"no valence electron count for {missing}: the "
-                                           f"model stores no basis data (gearsh attach-basis)")
-        return sum(float(data[s]["valence"]) for s in symbols) - float(self.parameters.charge)
+        return _n_electrons(self.model, self.atoms, self.parameters.charge)
 
-    def _kpoints(self) -> dict:
-        """{'bz', 'ibz', 'weights', 'bz2ibz'} for the ``kpts`` parameter and these atoms."""
+    @_input_errors()
+    def _kpoints(self) -> KPoints:
+        """The k-points of the ``kpts`` parameter for these atoms."""
         if "kpts" not in self._cache:
-            kp = self.parameters.kpts
-            bz = np.zeros((1, 3)) if kp is None else np.asarray(kpts2ndarray(kp, self.atoms),
-                                                                  float).reshape(-1, 3)
-            nonper = ~np.asarray(self.atoms.pbc)
-            if np.any(np.abs(bz[:, nonper]) > 1e-12):
-                raise CalculatorInputError(f"kpts={kp!r} samples non-periodic directions "
-                                           f"(pbc={self.atoms.pbc.tolist()}); expected k = 0 "
-                                           f"along them")
-            grid = isinstance(kp, dict) and "path" not in kp or np.shape(kp) == (3,)
-            if grid:
-                ibz, w, bz2ibz = time_reversal_reduce(bz, return_map=True)
-            else:
-                ibz, w, bz2ibz = bz, np.full(len(bz), 1.0 / len(bz)), np.arange(len(bz))
-            self._cache["kpts"] = {"bz": bz, "ibz": ibz, "weights": w, "bz2ibz": bz2ibz}
+            self._cache["kpts"] = KPoints.from_parameter(self.parameters.kpts, self.atoms)
         return self._cache["kpts"]
 
-    def _kvec(self, kpt) -> np.ndarray:
-        """A getter's ``kpt`` (None, IBZ index or scaled k-point) as a scaled k-vector."""
-        if kpt is None:
-            return np.zeros(3)
-        if np.ndim(kpt) == 0:
-            return self._kpoints()["ibz"][self._k_index(kpt)]
-        k = np.asarray(kpt, float)
-        if k.shape != (3,) or not np.all(np.isfinite(k)):
-            raise CalculatorInputError(f"kpt must be an index or a finite scaled k-point of "
-                                       f"shape (3,), got shape {k.shape}")
-        if np.any(np.abs(k[~np.asarray(self.atoms.pbc)]) > 1e-12):
-            raise CalculatorInputError(f"k-point {k.tolist()} has components along "
-                                       f"non-periodic directions (pbc="
-                                       f"{self.atoms.pbc.tolist()}); expected 0 there")
-        return k
+    @_input_errors()
+    def _at_k(self, kind: str, kpt, atoms: Atoms | None):
+        """H ("H") or S ("S") at a getter's ``kpt`` (None, IBZ index or scaled k-point)."""
+        self._sync(atoms)
+        k = np.zeros(3) if kpt is None else self._kpoints().vector(kpt)
+        return self._matrix(kind, k) if k.any() else \
+            self._ensure("hamiltonian" if kind == "H" else "overlap")
 
-    def _k_index(self, kpt) -> int:
-        n = len(self._kpoints()["ibz"])
-        if isinstance(kpt, bool) or not isinstance(kpt, (int, np.integer)) or \
-                not 0 <= kpt < n:
-            raise CalculatorInputError(f"k-point index must be an integer in [0, {n}), got "
-                                       f"{kpt!r}")
-        return int(kpt)
+    def _kpoint_array(self, name: str) -> np.ndarray:
+        self._sync()
+        return getattr(self._kpoints(), name).copy()
 
-    # -- dense spectrum -----------------------------------------------------------------
-    def _require_dense(self) -> None:
-        n, limit = self._n_orbitals(), self.parameters.dense_limit
-        if n > limit:
-            raise PropertyUnavailableError(
-                f"{n} orbitals exceed dense_limit={limit}: dense eigenvalues would need "
-                f"{8 * n * n / 2**30:.1f} GiB per matrix; use get_dos()/get_pdos() (kernel "
-                f"polynomial method) or raise dense_limit")
+    def _labels(self) -> OrbitalLabels:
+        return OrbitalLabels.from_counts(self._blocks().orbital_counts,
+                                         self.atoms.get_chemical_symbols())
 
-    def _k_loop(self, desc: str):
-        it = range(len(self._kpoints()["ibz"]))
-        if self.parameters.progress and len(it) > 1:
-            from tqdm.auto import tqdm
-            it = tqdm(it, desc=desc, unit="k-point", leave=False)
-        return it
+    def _dense(self) -> DenseSpectrum:
+        """Dense spectrum at the IBZ k-points (up to ``dense_limit`` orbitals)."""
+        _check_dense_limit(self._n_orbitals(), self.parameters.dense_limit)
+        if "dense" not in self._cache:
+            kp = self._kpoints()
+            self._cache["dense"] = DenseSpectrum(partial(self._matrix, "H"),
+                                                 partial(self._matrix, "S"), kp.ibz,
+                                                 kp.weights, self._labels())
+        self._cache["dense"].progress = self.parameters.progress
+        return self._cache["dense"]
 
-    def _eigenvalues(self) -> np.ndarray:
-        """(n_kpts, n_bands) eigenvalues at the IBZ k-points, eV (values only)."""
-        if "eigenvalues" not in self._cache:
-            self._require_dense()
-            ibz = self._kpoints()["ibz"]
-            self._cache["eigenvalues"] = np.array([
-                solve_dense(self._matrix("H", ibz[q]), self._matrix("S", ibz[q]))[0]
-                for q in self._k_loop("eigh")])
-        return self._cache["eigenvalues"]
-
-    def _mulliken(self) -> tuple[np.ndarray, np.ndarray]:
-        """(eigenvalues (nk, nb), per-atom Mulliken weights (nk, n_atoms, nb))."""
-        if "mulliken" not in self._cache:
-            self._require_dense()
-            ibz = self._kpoints()["ibz"]
-            counts = self._blocks().orbital_counts
-            groups = group_matrix(np.repeat(np.arange(len(counts)), counts), len(counts))
-            out = [solve_dense(self._matrix("H", ibz[q]), self._matrix("S", ibz[q]), groups)
-                   for q in self._k_loop("eigh")]
-            self._cache["mulliken"] = (np.array([e for e, _ in out]),
-                                       np.array([m for _, m in out]))
-        return self._cache["mulliken"]
-
-    def _fermi_level(self) -> float:
-        if self._n_orbitals() > self.parameters.dense_limit:
-            return self._kpm_fermi_level()
-        return fermi_level(self._eigenvalues(), self._kpoints()["weights"],
-                           self._n_electrons(), self.parameters.width)
-
-    # -- kernel polynomial method -----------------------------------------------------
-    def _kpm_bounds(self) -> tuple[float, float]:
-        if "bounds" not in self._cache:
-            self._cache["bounds"] = spectral_bounds(self._matrix("H", np.zeros(3)),
-                                                    self._matrix("S", np.zeros(3)))
-        return self._cache["bounds"]
-
-    def _kpm_moments(self, width: float, by: str = "species") -> KPMMoments:
-        """Chebyshev moments at Gamma for a resolution of about ``width`` eV, projected
-        on species or atoms (cached; the total row is the same for either)."""
-        ibz = self._kpoints()["ibz"]
-        if len(ibz) > 1 or np.any(ibz):
+    def _kpm(self) -> KPMSpectrum:
+        """Kernel polynomial spectrum of H and S at Gamma."""
+        if not self._kpoints().gamma_only:
             raise PropertyUnavailableError("the kernel polynomial method is implemented at "
                                            "Gamma only; use kpts=None (a large supercell) or "
                                            "dense diagonalisation")
-        opts = self._kpm_options()
-        bounds = self._kpm_bounds()
-        M = opts["n_moments"] or kpm_n_moments(bounds, width)
-        key = ("kpm", M, by)
-        if key not in self._cache:
-            atom_of = np.repeat(np.arange(len(self.atoms)), self._blocks().orbital_counts)
-            if by == "atom":
-                groups = {f"atom{i}": np.flatnonzero(atom_of == i)
-                          for i in range(len(self.atoms))}
-            else:
-                symbols = np.array(self.atoms.get_chemical_symbols())[atom_of]
-                groups = {s: np.flatnonzero(symbols == s) for s in dict.fromkeys(symbols)}
-            self._cache[key] = chebyshev_moments(
-                self._matrix("H", np.zeros(3)), self._matrix("S", np.zeros(3)), n_moments=M,
-                n_random=opts["n_random"], groups=groups, bounds=bounds, seed=opts["seed"],
-                progress=self.parameters.progress)
-        return self._cache[key]
+        if "kpm" not in self._cache:
+            H, S = self._matrix("H", np.zeros(3)), self._matrix("S", np.zeros(3))
+            self._cache["kpm"] = KPMSpectrum(H, S, self._labels(), self.parameters.kpm)
+        self._cache["kpm"].progress = self.parameters.progress
+        return self._cache["kpm"]
 
-    def _kpm_fermi_level(self) -> float:
-        """From the total KPM DOS at the fixed resolution ``kpm['fermi_width']``."""
-        mom = self._kpm_moments(self._kpm_options()["fermi_width"])
-        return kpm_fermi_level(mom, self._n_electrons())
+    def _fermi_level(self) -> float:
+        if self._n_orbitals() > self.parameters.dense_limit:
+            return self._kpm().fermi_level(self._n_electrons())
+        return self._dense().fermi_level(self._n_electrons(), self.parameters.width)
 
-    def _kpm_density(self, width, npts, emin, emax, by="species"):
-        mom = self._kpm_moments(width, by)
-        lo, hi = self._kpm_bounds()
-        return energy_grid(emin, emax, npts, lo, hi), mom
+    def _spectrum(self, method: str) -> DenseSpectrum | KPMSpectrum:
+        use_kpm = self.uses_kpm(method)
+        self._sync()
+        return self._kpm() if use_kpm else self._dense()
 
     # -- public getters -----------------------------------------------------------------
     def blocks(self, atoms: Atoms | None = None) -> BlockMatrices:
@@ -604,46 +495,42 @@ class GearsHCalculator(Calculator):
         self._sync(atoms)
         return self._blocks()
 
+    @_input_errors()
     def uses_kpm(self, method: str = "auto", atoms: Atoms | None = None) -> bool:
         """Whether ``get_dos``/``get_pdos(method=...)`` use the kernel polynomial method:
         ``'kpm'``, ``'dense'``, or ``'auto'`` (KPM above ``dense_limit`` orbitals)."""
-        if method not in METHODS:
-            raise CalculatorInputError(f"method must be 'auto', 'dense' or 'kpm', got "
-                                       f"{method!r}")
+        check_choice("method", method, METHODS)
         if method == "auto":
             self._sync(atoms)
             return self._n_orbitals() > self.parameters.dense_limit
         return method == "kpm"
 
+    @_input_errors()
     def kpm_moments(self, width: float = 0.1, by: str = "species",
                     atoms: Atoms | None = None) -> KPMMoments:
         """The Chebyshev moments behind ``get_dos``/``get_pdos(method='kpm', width=...)``."""
-        _check_positive("width (DOS broadening, eV)", width)
-        if by not in ("species", "atom"):
-            raise CalculatorInputError(f"by must be 'species' or 'atom', got {by!r}")
+        check_positive("width (DOS broadening, eV)", width)
+        check_choice("by", by, PROJECTIONS)
         self._sync(atoms)
-        return self._kpm_moments(width, by)
+        return self._kpm().moments(width, by)
 
     def get_hamiltonian(self, kpt=None, atoms: Atoms | None = None):
         """Predicted H(k) as scipy.sparse CSR (eV, GPAW orbital order).
 
         ``kpt``: None (Gamma), an index into ``get_ibz_k_points()`` or a scaled k-point.
         """
-        self._sync(atoms)
-        k = self._kvec(kpt)
-        return self._ensure("hamiltonian") if not k.any() else self._matrix("H", k)
+        return self._at_k("H", kpt, atoms)
 
     def get_overlap(self, kpt=None, atoms: Atoms | None = None):
         """Exact S(k) as scipy.sparse CSR (GPAW orbital order); ``kpt`` as for H."""
-        self._sync(atoms)
-        k = self._kvec(kpt)
-        return self._ensure("overlap") if not k.any() else self._matrix("S", k)
+        return self._at_k("S", kpt, atoms)
 
+    @_input_errors()
     def get_eigenvalues(self, kpt: int = 0, spin: int = 0) -> np.ndarray:
         """Eigenvalues (eV) at IBZ k-point index ``kpt`` (dense solver)."""
-        self._check_spin(spin)
+        _check_spin(spin)
         self._sync()
-        return self._ensure("eigenvalues")[spin, self._k_index(kpt)].copy()
+        return self._ensure("eigenvalues")[spin, self._kpoints().index(kpt)].copy()
 
     def get_fermi_level(self) -> float:
         """Fermi level (eV): Fermi-Dirac ``width`` smearing over the IBZ eigenvalues, or
@@ -675,31 +562,22 @@ class GearsHCalculator(Calculator):
         """Always 1 (spin-paired)."""
         return 1
 
-    def _check_spin(self, spin) -> None:
-        if spin != 0:
-            raise CalculatorInputError(f"spin must be 0 (this calculator is spin-paired, one "
-                                       f"channel), got {spin!r}")
-
     def get_bz_k_points(self) -> np.ndarray:
         """All k-points (scaled): the full grid before time-reversal reduction, or the
         path/list as given."""
-        self._sync()
-        return self._kpoints()["bz"].copy()
+        return self._kpoint_array("bz")
 
     def get_ibz_k_points(self) -> np.ndarray:
         """The k-points used (scaled): the grid reduced by time reversal (k ~ -k)."""
-        self._sync()
-        return self._kpoints()["ibz"].copy()
+        return self._kpoint_array("ibz")
 
     def get_k_point_weights(self) -> np.ndarray:
         """Weights of ``get_ibz_k_points()`` (sum 1)."""
-        self._sync()
-        return self._kpoints()["weights"].copy()
+        return self._kpoint_array("weights")
 
     def get_bz_to_ibz_map(self) -> np.ndarray:
         """IBZ index of every k-point of ``get_bz_k_points()``."""
-        self._sync()
-        return self._kpoints()["bz2ibz"].copy()
+        return self._kpoint_array("bz_to_ibz")
 
     def band_structure(self, reference: float | None = None) -> BandStructure:
         """:class:`ase.spectrum.band_structure.BandStructure` at the calculator's
@@ -710,6 +588,7 @@ class GearsHCalculator(Calculator):
         self._ensure("eigenvalues")
         return get_band_structure(atoms=atoms, calc=self, reference=reference)
 
+    @_input_errors()
     def get_dos(self, width: float = 0.1, npts: int = 2001, emin: float | None = None,
                 emax: float | None = None, method: str = "auto"):
         """(energies, dos): Gaussian-broadened DOS per spin channel (states/eV).
@@ -717,15 +596,10 @@ class GearsHCalculator(Calculator):
         ``method``: 'dense', 'kpm' or 'auto' (dense up to ``dense_limit`` orbitals).
         With KPM the broadening is the Jackson kernel's (about ``width``).
         """
-        _check_dos_args(width, npts, emin, emax, method)
-        if self.uses_kpm(method):
-            e, mom = self._kpm_density(width, npts, emin, emax)
-            return e, kpm_density(mom, e)["total"]
-        self._sync()
-        eps = self._eigenvalues()
-        e = energy_grid(emin, emax, npts, eps.min(), eps.max(), 5 * width)
-        return e, gaussian_dos(eps, self._kpoints()["weights"], e, width)
+        check_dos_args(width, npts, emin, emax, method)
+        return self._spectrum(method).dos(width, npts, emin, emax)
 
+    @_input_errors()
     def get_pdos(self, width: float = 0.1, npts: int = 2001, emin: float | None = None,
                  emax: float | None = None, by: str = "species", method: str = "auto"):
         """(energies, pdos): Mulliken-projected DOS per spin channel (states/eV).
@@ -733,21 +607,6 @@ class GearsHCalculator(Calculator):
         ``by='species'``: dict symbol -> (npts,); ``by='atom'``: (N_atoms, npts)
         array.  The projections sum to the total DOS.
         """
-        _check_dos_args(width, npts, emin, emax, method)
-        if by not in ("species", "atom"):
-            raise CalculatorInputError(f"by must be 'species' or 'atom', got {by!r}")
-        use_kpm = self.uses_kpm(method)
-        atoms = self._sync()
-        symbols = np.array(atoms.get_chemical_symbols(), dtype=object)
-        if use_kpm:
-            e, mom = self._kpm_density(width, npts, emin, emax, by)
-            out = kpm_density(mom, e)
-            if by == "species":
-                return e, {s: out[s] for s in dict.fromkeys(symbols)}
-            return e, np.array([out[f"atom{a}"] for a in range(len(atoms))])
-        eps, weights = self._mulliken()
-        e = energy_grid(emin, emax, npts, eps.min(), eps.max(), 5 * width)
-        per_atom = gaussian_dos(eps, self._kpoints()["weights"], e, width, spectral=weights)
-        if by == "atom":
-            return e, per_atom
-        return e, {s: per_atom[symbols == s].sum(0) for s in dict.fromkeys(symbols)}
+        check_dos_args(width, npts, emin, emax, method)
+        check_choice("by", by, PROJECTIONS)
+        return self._spectrum(method).pdos(width, npts, emin, emax, by)

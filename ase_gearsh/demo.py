@@ -31,7 +31,7 @@ from .calculator import GearsHCalculator
 from .core.data import Dataset
 from .core.io import atomic_write_text, new_figure, save_figure
 from .electronic.dense import gaussian_dos
-from .model.engine import Model, enable_compilation_cache
+from .model.engine import load_model, enable_compilation_cache
 from .samples import molecule_snapshots
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "molecules.ckpt"
@@ -65,26 +65,8 @@ def _plot(path: Path, panels: list[dict]) -> None:
     save_figure(fig, path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the demo (see the module docstring); returns the exit status."""
-    p = argparse.ArgumentParser(prog="python -m ase_gearsh.demo",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--output", default="demo-output")
-    p.add_argument("--seed", type=int, default=2026, help="snapshot seed (training used 7)")
-    a = p.parse_args(argv)
-    enable_compilation_cache()  # process-wide JAX setting: the program's, not the library's
-    out = Path(a.output)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = RunSettings()  # the training data's settings
-    images = [_prepare(x, settings) for x in molecule_snapshots(1, 0.08, a.seed)]
-    write(out / "molecules.extxyz", images)
-    print(f"model {a.model}")
-    t = time.perf_counter()
-    model = Model.from_checkpoint(a.model)
-    print(f"  loaded in {time.perf_counter() - t:.1f} s; trained on "
-          f"{model.extra.get('n_train', '?')} structures of {', '.join(model.registry.symbols)}")
-
+def _predict(model, images) -> list[dict]:
+    """Step 1: the model's H, eigenvalues and Fermi level of every structure."""
     print("\n1. model predictions (H from the network, exact S, dense eigensolver)")
     preds = []
     for k, atoms in enumerate(images):
@@ -98,28 +80,32 @@ def main(argv: list[str] | None = None) -> int:
         preds.append({"H": H, "eps": eps, "ef": calc.get_fermi_level(), "seconds": dt})
         print(f"  {atoms.info['molecule']:9s} {len(atoms):2d} atoms, {H.shape[0]:3d} orbitals: "
               f"{dt:6.2f} s{'  (includes one-time JIT compilation)' if k == 0 else ''}")
+    return preds
 
+
+def _gpaw_reference(images, out: Path, settings) -> tuple[dict, list[float]] | None:
+    """Step 2: GPAW LCAO SCF of every structure, extracted into a dataset."""
     print("\n2. GPAW LCAO SCF on the same structures (szp(dzp), PBE, h = 0.2 A)")
     runs = out / "runs"
     runs.mkdir(exist_ok=True)
     gpws, scf = [], []
     for k, atoms in enumerate(images):
-        name = f"demo-{k}"
         t = time.perf_counter()
-        gpws.append(run_structure(atoms, name, runs, settings))
+        gpws.append(run_structure(atoms, f"demo-{k}", runs, settings))
         scf.append(time.perf_counter() - t)
         print(f"  {atoms.info['molecule']:9s} {scf[-1]:6.2f} s")
-    written, _, failed = extract_files(gpws, out / "dataset", progress=False,
-                                       log=lambda *x: None)
+    _, _, failed = extract_files(gpws, out / "dataset", progress=False, log=lambda *x: None)
     if failed:
         print(f"extraction failed: {failed}", file=sys.stderr)
-        return 1
-    ds = {s.meta["source"]["name"]: s for s in Dataset(out / "dataset")}
+        return None
+    return {s.meta["source"]["name"]: s for s in Dataset(out / "dataset")}, scf
 
-    print("\n3. model vs GPAW")
+
+def _compare(images, preds, reference: dict, scf) -> tuple[list[dict], list[dict]]:
+    """Step 3: per-structure errors against GPAW, and DOS panels for the plot."""
     rows, panels = [], []
     for k, (atoms, pr) in enumerate(zip(images, preds)):
-        s = ds[f"demo-{k}.gpw"]
+        s = reference[f"demo-{k}.gpw"]
         H_ref = s.hamiltonian()
         e_ref = eigh(H_ref, s.overlap(), eigvals_only=True)  # all states (GPAW's to 1e-12)
         ef = s.fermi_level
@@ -137,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                        "dos_ref": gaussian_dos(e_ref[None], [1.0], e, 0.2),
                        "dos_model": gaussian_dos(pr["eps"][None], [1.0], e, 0.2),
                        "eig_mae_window_meV": row["eig_mae_window_meV"]})
+    return rows, panels
+
+
+def _report(rows, scf) -> dict:
+    """Print the comparison table and the totals; returns the summary figures."""
+    print("\n3. model vs GPAW")
     print(f"  {'molecule':9s} {'H MAE':>9s} {'eig MAE':>9s} {'eig MAE':>9s} {'E_F model':>10s} "
           f"{'E_F GPAW':>9s} {'GPAW':>7s} {'model':>7s}")
     print(f"  {'':9s} {'meV':>9s} {'+-5 eV':>9s} {'all':>9s} {'eV':>10s} {'eV':>9s} "
@@ -157,10 +149,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  time: GPAW SCF {gpaw_t:.1f} s in total, model {model_t:.1f} s including the "
           f"one-time compilation; per molecule after compilation the model is "
           f"{speedup_warm:.0f}x faster than the GPAW SCF")
+    return {"mean": mean, "gpaw_scf_total_s": gpaw_t, "model_total_s": model_t,
+            "speedup_after_compilation": speedup_warm}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo (see the module docstring); returns the exit status."""
+    p = argparse.ArgumentParser(prog="python -m ase_gearsh.demo",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--output", default="demo-output")
+    p.add_argument("--seed", type=int, default=2026, help="snapshot seed (training used 7)")
+    a = p.parse_args(argv)
+    enable_compilation_cache()  # process-wide JAX setting: the program's, not the library's
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = RunSettings()  # the training data's settings
+    images = [_prepare(x, settings) for x in molecule_snapshots(1, 0.08, a.seed)]
+    write(out / "molecules.extxyz", images)
+    print(f"model {a.model}")
+    t = time.perf_counter()
+    model = load_model(a.model)
+    print(f"  loaded in {time.perf_counter() - t:.1f} s; trained on "
+          f"{model.extra.get('n_train', '?')} structures of {', '.join(model.registry.symbols)}")
+    preds = _predict(model, images)
+    reference = _gpaw_reference(images, out, settings)
+    if reference is None:
+        return 1
+    rows, panels = _compare(images, preds, *reference)
+    figures = _report(rows, reference[1])
     _plot(out / "dos.png", panels)
-    summary = {"model": str(a.model), "seed": a.seed, "structures": rows, "mean": mean,
-               "gpaw_scf_total_s": gpaw_t, "model_total_s": model_t,
-               "speedup_after_compilation": speedup_warm,
+    summary = {"model": str(a.model), "seed": a.seed, "structures": rows, **figures,
                "units": {"energy": "eV (MAE in meV)", "time": "s"}}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     print(f"\nwrote {out}/dos.png, {out}/summary.json, {out}/dataset/ (GPAW reference)")

@@ -67,7 +67,7 @@ def main(argv=None):
         _, dk = calc.get_dos(width=a.width, npts=4001, emin=e[0], emax=e[-1], method="kpm")
         _, pk = calc.get_pdos(width=a.width, npts=4001, emin=e[0], emax=e[-1], method="kpm")
         dt = time.perf_counter() - t
-        M = calc._cache[("kpm", a.width, None)]["moments"].moments.shape[1]
+        M = calc.kpm_moments(a.width).moments.shape[1]
         err = np.abs(np.cumsum(dk - dos) * de).max()
         errs = [np.abs(np.cumsum(pk[s] - pd[s]) * de).max() for s in pd]
         print(f"{R:4d} {M:8d} {dt:7.1f} {err:8.2f} ({100 * err / n:.2f}%) "

@@ -10,6 +10,8 @@ from ase.build import molecule
 from ase.calculators.calculator import CalculatorSetupError, PropertyNotPresent
 
 from ase_gearsh import GearsHCalculator
+from ase_gearsh.calculator import CalculatorInputError, PropertyUnavailableError
+from ase_gearsh.core.errors import GearsHError
 from ase_gearsh.model.checkpoint import CheckpointError, save_checkpoint
 from ase_gearsh.model.coverage import ExtrapolationWarning, training_coverage
 from ase_gearsh.core.data import Dataset
@@ -38,6 +40,19 @@ def model(small_model, water_dataset, chain_dataset):
     graphs = [m.graph(s.atoms) for s in structures]
     m.coverage = training_coverage(graphs, m.registry.n_species)
     return m
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory):
+    """The model written to a checkpoint file (with basis functions and coverage)."""
+    import jax
+    ckpt = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
+    save_checkpoint(ckpt, config=model.config, settings=model.settings,
+                    registry=model.registry.to_dict(),
+                    stats={k: np.asarray(v) for k, v in model.stats.items()},
+                    params=jax.device_get(model.params), extra={"coverage": model.coverage},
+                    basis=model.basis_data)
+    return ckpt
 
 
 def oracle_calc(model, structure, **kw):
@@ -77,9 +92,9 @@ def test_oracle_eigenvalues_equal_gpaw_at_every_kpoint(model, chain_dataset, cha
     assert np.abs(S_k.toarray() - s.overlap(kpt=k_off)).max() < 1e-8
 
 
-def test_gamma_of_supercell_equals_folded_kpoints(model):
+def test_gamma_of_supercell_equals_folded_kpoints(model, make_atoms):
     """Model H of a 3x supercell at Gamma has the primitive eigenvalues at k = 0, +-1/3."""
-    from conftest import chain
+    chain = make_atoms.chain
     prim = chain()
     calc = GearsHCalculator(model, kpts=[[0, 0, 0], [0, 0, 1 / 3], [0, 0, -1 / 3]],
                             warn_extrapolation=False)
@@ -145,9 +160,9 @@ def test_dos_normalisation_and_pdos_sums(model, water_dataset):
     assert np.trapezoid(d.get_dos(), d.get_energies()) == pytest.approx(2 * n, rel=1e-3)
 
 
-def test_kpm_dos_matches_dense(model):
+def test_kpm_dos_matches_dense(model, make_atoms):
     """Kernel polynomial DOS and PDOS against dense diagonalisation (periodic chain)."""
-    from conftest import chain
+    chain = make_atoms.chain
     atoms = chain().repeat((1, 1, 8))
     atoms.rattle(0.02, seed=1)
     kw = dict(warn_extrapolation=False, kpm={"n_moments": 400, "n_random": 64, "seed": 1})
@@ -231,17 +246,11 @@ def test_errors_are_clear(model, tmp_path):
         model.basis_data = data
 
 
-def test_predict_cli_writes_matrices_spectrum_and_plot(model, tmp_path):
-    import jax
+def test_predict_cli_writes_matrices_spectrum_and_plot(checkpoint, tmp_path):
     from ase.io import read, write
 
     from ase_gearsh.cli import main
-    ckpt = tmp_path / "model.ckpt"
-    save_checkpoint(ckpt, config=model.config, settings=model.settings,
-                    registry=model.registry.to_dict(),
-                    stats={k: np.asarray(v) for k, v in model.stats.items()},
-                    params=jax.device_get(model.params), extra={"coverage": model.coverage},
-                    basis=model.basis_data)
+    ckpt = checkpoint
     a = molecule("CH3CH2OH")
     a.rattle(0.02, seed=3)
     a.center(vacuum=3.0)
@@ -295,3 +304,226 @@ def test_no_recompilation_for_sizes_within_a_bucket(model):
     cluster.calc = GearsHCalculator(model, warn_extrapolation=False)
     assert cluster.calc.blocks().timings["atoms_padded"] == 128
     assert len(count) > before
+
+
+# -- ASE calculator rules ---------------------------------------------------------------
+def water(seed=0):
+    a = molecule("H2O")
+    a.rattle(0.03, seed=seed)
+    a.center(vacuum=3.0)
+    return a
+
+
+def test_todict_round_trip(model, checkpoint, make_atoms):
+    calc = GearsHCalculator(str(checkpoint), kpts=(1, 1, 4), width=0.05,
+                            warn_extrapolation=False)
+    d = calc.todict()
+    assert d == {"model": str(checkpoint), "kpts": (1, 1, 4), "width": 0.05,
+                 "warn_extrapolation": False}
+    twin = GearsHCalculator(**d)
+    assert twin.todict() == d and twin.model is calc.model
+    chain = make_atoms.chain
+    atoms = chain()
+    e1 = calc.get_property("eigenvalues", atoms)
+    assert np.array_equal(twin.get_property("eigenvalues", atoms), e1)
+    assert twin.get_property("fermi_level", atoms) == calc.get_property("fermi_level", atoms)
+    # a Model object: todict records its checkpoint path (or the object without one)
+    assert GearsHCalculator(calc.model).todict()["model"] == calc.model.path
+    assert model.path is None and GearsHCalculator(model).todict()["model"] is model
+    # a band path survives the round trip through its dict form
+    from ase.dft.kpoints import BandPath
+    path = BandPath(atoms.cell, kpts=[[0, 0, x] for x in np.linspace(0, 0.5, 5)],
+                    special_points={"G": [0, 0, 0], "Z": [0, 0, 0.5]}, path="GZ")
+    bp = GearsHCalculator(model, kpts=path)
+    again = GearsHCalculator(**bp.todict())
+    assert isinstance(bp.todict()["kpts"], dict)
+    assert np.allclose(again.parameters.kpts.kpts, path.kpts)
+
+
+def test_get_property_for_any_atoms(model):
+    w, m = water(), molecule("CH3OH")
+    m.center(vacuum=3.0)
+    calc = GearsHCalculator(model, warn_extrapolation=False)
+    w.calc = calc
+    ef_w = calc.get_fermi_level()
+    ref_m = GearsHCalculator(model, warn_extrapolation=False)
+    ef_m = calc.get_property("fermi_level", m)
+    assert ef_m == ref_m.get_property("fermi_level", m) and ef_m != ef_w
+    assert np.allclose(calc.atoms.positions, m.positions)  # results belong to calc.atoms
+    assert calc.get_property("eigenvalues", m).shape == (1, 1, calc.get_hamiltonian(
+        atoms=m).shape[0])
+    # the getters follow the attached atoms again
+    assert calc.get_fermi_level() == ef_w
+    n_w = calc.get_number_of_bands()
+    assert calc.get_hamiltonian().shape[0] == n_w < ref_m.get_number_of_bands()
+    # calculate() honours its atoms argument; an unattached calculator keeps the last atoms
+    free = GearsHCalculator(model, warn_extrapolation=False)
+    free.calculate(m, ["fermi_level", "hamiltonian"])
+    assert free.results["fermi_level"] == ef_m
+    assert free.get_fermi_level() == ef_m
+    assert free.get_number_of_bands() == ref_m.get_number_of_bands()
+    free.calculate(w, ["eigenvalues"])
+    assert "fermi_level" not in free.results and free.get_fermi_level() == ef_w
+
+
+def test_fermi_level_does_not_depend_on_call_order(model, make_atoms):
+    chain = make_atoms.chain
+    atoms = chain()
+    atoms.rattle(0.02, seed=4)
+    kw = dict(kpts=(1, 1, 4), warn_extrapolation=False)
+    first = GearsHCalculator(model, **kw)
+    atoms.calc = first
+    ef, eps = first.get_fermi_level(), first.get_eigenvalues(kpt=1)
+    first.get_pdos(width=0.2)
+    last = GearsHCalculator(model, **kw)
+    atoms.calc = last
+    last.get_pdos(width=0.05, by="atom")
+    last.get_dos(width=0.3)
+    assert np.array_equal(last.get_eigenvalues(kpt=1), eps)
+    assert last.get_fermi_level() == ef
+    # KPM (above dense_limit): always from the total DOS at kpm['fermi_width']
+    big = chain().repeat((1, 1, 6))
+    big.rattle(0.02, seed=5)
+    kw = dict(dense_limit=0, warn_extrapolation=False, kpm={"n_random": 8, "seed": 2})
+    a = GearsHCalculator(model, **kw)
+    ef_a = a.get_property("fermi_level", big)
+    a.get_dos(width=0.3)
+    b = GearsHCalculator(model, **kw)
+    b.get_property("hamiltonian", big)
+    b.get_dos(width=0.3)
+    b.get_pdos(width=0.5, by="atom")
+    assert b.get_fermi_level() == ef_a == a.get_fermi_level()
+    # kpm and width settings move the Fermi level, the matrices stay
+    H = b.get_hamiltonian()
+    b.set(kpm={"n_random": 8, "seed": 3})
+    assert b.get_hamiltonian() is H and b.get_fermi_level() != ef_a
+
+
+def test_bz_and_ibz_k_points(model):
+    from ase.build import graphene
+    sheet = graphene(formula="C2", vacuum=5.0)
+    calc = GearsHCalculator(model, kpts=(2, 2, 1), warn_extrapolation=False)
+    sheet.calc = calc
+    assert calc.get_bz_k_points().shape == (4, 3)
+    assert len(calc.get_ibz_k_points()) == 2  # (1/4, 1/4) ~ (-1/4, -1/4) ...
+    assert np.allclose(calc.get_k_point_weights(), [0.5, 0.5])
+    calc.set(kpts={"size": (4, 4, 1), "gamma": True})
+    bz, ibz, w = calc.get_bz_k_points(), calc.get_ibz_k_points(), calc.get_k_point_weights()
+    assert bz.shape == (16, 3) and ibz.shape == (10, 3)  # 4 TRIM points + 12 / 2
+    assert w.sum() == pytest.approx(1.0) and sorted(set(np.round(16 * w))) == [1.0, 2.0]
+    bz2ibz = calc.get_bz_to_ibz_map()
+
+    def same(x, y):  # equal modulo reciprocal lattice vectors
+        return np.all(np.abs(x - y - np.round(x - y)) < 1e-9, axis=1)
+    # every k is its IBZ point or that point's time-reversed partner
+    assert np.all(same(ibz[bz2ibz], bz) | same(-ibz[bz2ibz], bz))
+    assert np.allclose(np.bincount(bz2ibz) / 16, w)
+    # a list of k-points is kept as given, in both
+    pts = [[0, 0, 0], [0.25, 0, 0], [-0.25, 0, 0]]
+    calc.set(kpts=pts)
+    assert np.allclose(calc.get_bz_k_points(), pts) and np.allclose(calc.get_ibz_k_points(),
+                                                                   pts)
+
+
+def test_occupation_numbers_and_ase_tools(model, water_dataset, make_atoms):
+    from ase.dft.bandgap import bandgap
+    from ase.dft.dos import DOS
+    chain = make_atoms.chain
+    s = Dataset(water_dataset)[0]
+    atoms, calc = oracle_calc(model, s)
+    occ = calc.get_occupation_numbers()
+    assert occ.shape == (calc.get_number_of_bands(),)
+    assert occ.sum() == pytest.approx(calc.get_number_of_electrons(), abs=1e-8)
+    assert np.allclose(occ[:4], 2.0) and np.allclose(occ[4:], 0.0)
+    assert calc.get_spin_polarized() is False and calc.get_number_of_spins() == 1
+    gap, p1, p2 = bandgap(calc)
+    eps = calc.get_eigenvalues()
+    assert gap == pytest.approx(eps[4] - eps[3]) and p1 == (0, 0, 3) and p2 == (0, 0, 4)
+    # a metal-like chain with k-points: weighted occupations hold the electrons
+    c = chain()
+    c.calc = GearsHCalculator(model, kpts=(1, 1, 6), width=0.1, warn_extrapolation=False)
+    w = c.calc.get_k_point_weights()
+    total = sum(wk * c.calc.get_occupation_numbers(kpt=q).sum() for q, wk in enumerate(w))
+    assert total == pytest.approx(c.calc.get_number_of_electrons(), abs=1e-8)
+    occ = np.concatenate([c.calc.get_occupation_numbers(kpt=q) for q in range(len(w))])
+    assert occ.min() >= 0.0 and occ.max() <= 2.0
+    d = DOS(c.calc, width=0.5, npts=8001)
+    assert np.trapezoid(d.get_dos(), d.get_energies()) == pytest.approx(
+        2 * c.calc.get_number_of_bands(), rel=1e-3)
+    bandgap(c.calc)  # runs on k-points
+
+
+def test_loaded_models_are_shared(checkpoint):
+    import time
+    first = GearsHCalculator(str(checkpoint))
+    t = time.perf_counter()
+    second = GearsHCalculator(checkpoint)
+    assert time.perf_counter() - t < 0.5
+    assert second.model is first.model and second.predictor is first.predictor
+    a, b = water(1), water(2)
+    a.calc, b.calc = first, second
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExtrapolationWarning)
+        assert first.get_overlap().shape == second.get_overlap().shape
+
+
+def test_bad_input_raises_clear_errors(model, make_atoms):
+    for err in (CalculatorInputError, PropertyUnavailableError):
+        assert issubclass(err, GearsHError)
+    assert issubclass(CalculatorInputError, CalculatorSetupError)
+    assert issubclass(PropertyUnavailableError, PropertyNotPresent)
+    calc = GearsHCalculator(model, warn_extrapolation=False)
+    with pytest.raises(CalculatorInputError, match="expected at least one atom, got an empty"):
+        calc.get_property("eigenvalues", Atoms())
+    nan = water()
+    nan.positions[1, 2] = np.nan
+    with pytest.raises(CalculatorInputError, match=r"expected finite positions.*\[1\]"):
+        calc.get_property("hamiltonian", nan)
+    with pytest.raises(CalculatorInputError, match="no atoms: attach the calculator"):
+        calc.get_fermi_level()
+    with pytest.raises(CalculatorInputError, match="model must be a checkpoint path or an "
+                                                   "ase_gearsh Model, got int"):
+        GearsHCalculator(3)
+    with pytest.raises(CalculatorInputError, match="a model is required"):
+        GearsHCalculator()
+    cases = [(dict(kpts=(2, 2)), r"kpts must be None.*got tuple of shape \(2,\)"),
+             (dict(kpts=(0, 1, 1)), r"three positive integers.*got \[0, 1, 1\]"),
+             (dict(kpts=[[0, 0]]), r"\(n, 3\) array.*got list of shape \(1, 2\)"),
+             (dict(kpts={"size": (2, 2, 1), "shift": 1}), r"unknown key\(s\) \['shift'\]"),
+             (dict(kpts={"gamma": True}), "needs 'size', 'density' or 'path'"),
+             (dict(width=0.0), r"width .* must be a finite number > 0, got 0.0"),
+             (dict(width=-0.1), "> 0, got -0.1"),
+             (dict(dense_limit=-1), "dense_limit must be an integer >= 0, got -1"),
+             (dict(kpm={"n_random": 0}), r"kpm\['n_random'\] must be an integer > 0, got 0"),
+             (dict(kpm={"moments": 5}), r"kpm: unknown key\(s\) \['moments'\]")]
+    for kw, match in cases:
+        with pytest.raises(CalculatorInputError, match=match):
+            GearsHCalculator(model, **kw)
+        with pytest.raises(CalculatorInputError, match=match):
+            calc.set(**kw)
+    w = water()
+    w.calc = calc
+    with pytest.raises(CalculatorInputError, match="npts must be an integer >= 2, got 1"):
+        calc.get_dos(npts=1)
+    with pytest.raises(CalculatorInputError, match=r"width \(DOS broadening, eV\) must be a "
+                                                   r"finite number > 0, got 0"):
+        calc.get_pdos(width=0)
+    with pytest.raises(CalculatorInputError, match="need emin < emax, got emin=1, emax=0"):
+        calc.get_dos(emin=1, emax=0)
+    with pytest.raises(CalculatorInputError, match="method must be 'auto', 'dense' or 'kpm'"):
+        calc.get_dos(method="lanczos")
+    with pytest.raises(CalculatorInputError, match=r"spin must be 0 .* got 1"):
+        calc.get_eigenvalues(spin=1)
+    with pytest.raises(CalculatorInputError, match=r"index must be an integer in \[0, 1\), "
+                                                   r"got 3"):
+        calc.get_eigenvalues(kpt=3)
+    with pytest.raises(CalculatorInputError, match="components along non-periodic"):
+        calc.get_hamiltonian(kpt=[0.0, 0.0, 0.25])
+    calc.set(dense_limit=5)
+    with pytest.raises(PropertyUnavailableError, match=r"\d+ orbitals exceed dense_limit=5"):
+        calc.get_eigenvalues()
+    chain = make_atoms.chain
+    c = chain()
+    c.calc = GearsHCalculator(model, kpts=(1, 1, 4), dense_limit=0, warn_extrapolation=False)
+    with pytest.raises(PropertyUnavailableError, match="at Gamma only"):
+        c.calc.get_dos()

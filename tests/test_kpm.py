@@ -9,8 +9,9 @@ import scipy.linalg as la
 import scipy.sparse as sp
 from scipy.integrate import cumulative_trapezoid, trapezoid
 
-from ase_gearsh.electronic.kpm import (KPMError, chebyshev_moments, jackson_kernel, kpm_density, kpm_dos,
-                            moments_from_eigen, spectral_bounds)
+from ase_gearsh.electronic.kpm import (KPMError, chebyshev_moments, jackson_kernel, kpm_density,
+                                      kpm_dos, kpm_fermi_level, kpm_n_moments,
+                                      moments_from_eigen, spectral_bounds)
 
 NORB = 3
 M_EXACT = 256
@@ -174,6 +175,24 @@ def test_spectral_bounds(n_atoms, seed, complex_h):  # ARPACK (n > 200) and dens
     assert lo == pytest.approx(E[0] - 0.05 * width, abs=1e-6 * width)
     assert hi == pytest.approx(E[-1] + 0.05 * width, abs=1e-6 * width)
     assert spectral_bounds(H, S, margin=0.0) == pytest.approx((E[0], E[-1]), abs=1e-6 * width)
+
+
+def test_fermi_level_from_moments(real_system):
+    E, n = real_system["E"], len(real_system["E"])
+    mom = real_system["exact"]
+    resolution = np.pi * mom.half_width / M_EXACT
+    for n_occ in (n // 3, n // 2, 2 * n // 3):
+        ef = kpm_fermi_level(mom, 2.0 * n_occ)  # spin-paired: two electrons per state
+        assert E[n_occ - 1] - 2 * resolution <= ef <= E[n_occ] + 2 * resolution, n_occ
+        assert kpm_fermi_level(mom, 2.0 * n_occ) == ef  # a pure function of the moments
+    assert kpm_fermi_level(mom, n, nspins=2) == kpm_fermi_level(mom, 2 * n)
+    assert kpm_fermi_level(mom, 0.0) == pytest.approx(mom.center - mom.half_width)
+    with pytest.raises(KPMError, match=f"{2 * n + 2} electrons do not fit into {n} orbitals"):
+        kpm_fermi_level(mom, 2 * n + 2)
+    assert kpm_n_moments((-10.0, 10.0), 0.1) == int(np.ceil(np.pi * 10 / 0.1))
+    assert kpm_n_moments((-1.0, 1.0), 1.0) == 64 and kpm_n_moments((-1e4, 1e4), 0.01) == 8192
+    with pytest.raises(KPMError, match="resolution must be > 0 eV; got 0"):
+        kpm_n_moments((-1.0, 1.0), 0)
 
 
 def test_jackson_kernel():

@@ -1,0 +1,281 @@
+"""Spectra of H(k) c = E S(k) c: eigenvalues, Fermi level, DOS and projected DOS.
+
+Two interchangeable objects with the same ``fermi_level``/``dos``/``pdos`` methods:
+
+* :class:`DenseSpectrum`: dense diagonalisation at every k-point (weights from
+  :class:`~ase_gearsh.electronic.kpoints.KPoints`), Fermi-Dirac Fermi level,
+  Gaussian-broadened DOS and Mulliken PDOS (:mod:`ase_gearsh.electronic.dense`);
+* :class:`KPMSpectrum`: the kernel polynomial method at Gamma for large sparse
+  matrices (:mod:`ase_gearsh.electronic.kpm`), moments cached per resolution.
+
+Inputs are plain: functions k -> sparse H(k), S(k) (or the Gamma matrices), the
+k-points, the atom of every orbital and the symbol of every atom
+(:class:`OrbitalLabels`).  Energies in eV; DOS per spin channel (states/eV,
+integrating to the number of orbitals); projections sum to the total DOS.
+Results are computed on first use and cached; ``progress`` may be switched at
+any time.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from .checks import ArgumentError, check_choice, check_positive
+from .dense import energy_grid, fermi_level, gaussian_dos, group_matrix, solve_dense
+from .kpm import (
+    KPMMoments,
+    chebyshev_moments,
+    kpm_density,
+    kpm_fermi_level,
+    kpm_n_moments,
+    spectral_bounds,
+)
+
+__all__ = ["DenseSpectrum", "KPMSpectrum", "KPMOptions", "OrbitalLabels", "KPM_DEFAULTS",
+           "METHODS", "PROJECTIONS", "check_dos_args", "check_kpm_options"]
+
+METHODS = ("auto", "dense", "kpm")
+PROJECTIONS = ("species", "atom")
+MatrixFunction = Callable[[np.ndarray], Any]  # scaled k-point (3,) -> sparse matrix
+
+
+@dataclass(frozen=True)
+class KPMOptions:
+    """Options of the kernel polynomial method.
+
+    n_moments: fixed number of Chebyshev moments, or None for the number whose
+    Jackson resolution matches the requested width; n_random: random vectors;
+    seed: of the random vectors; fermi_width: resolution (eV) of the total DOS
+    from which the Fermi level is taken (fixed, so that the level does not
+    depend on which DOS was asked for first).
+    """
+    n_moments: int | None = None
+    n_random: int = 16
+    seed: Any = 0
+    fermi_width: float = 0.1
+
+    @classmethod
+    def from_parameter(cls, kpm: dict | None) -> KPMOptions:
+        """From a (partial) dict of options, checked by :func:`check_kpm_options`."""
+        check_kpm_options(kpm)
+        return cls(**(kpm or {}))
+
+
+KPM_DEFAULTS = {f.name: f.default for f in fields(KPMOptions)}
+
+
+def check_kpm_options(kpm: dict | None) -> None:
+    """Require None or a dict with some of the keys of :data:`KPM_DEFAULTS`, valid values."""
+    if kpm is None:
+        return
+    if not isinstance(kpm, dict):
+        raise ArgumentError(f"kpm must be a dict with keys {sorted(KPM_DEFAULTS)}, got "
+                            f"{type(kpm).__name__}")
+    unknown = sorted(set(kpm) - set(KPM_DEFAULTS))
+    if unknown:
+        raise ArgumentError(f"kpm: unknown key(s) {unknown}; expected some of "
+                            f"{sorted(KPM_DEFAULTS)}")
+    if kpm.get("n_moments") is not None:
+        check_positive("kpm['n_moments']", kpm["n_moments"], integer=True)
+        if kpm["n_moments"] < 2:
+            raise ArgumentError(f"kpm['n_moments'] must be >= 2, got {kpm['n_moments']}")
+    if "n_random" in kpm:
+        check_positive("kpm['n_random']", kpm["n_random"], integer=True)
+    if "fermi_width" in kpm:
+        check_positive("kpm['fermi_width']", kpm["fermi_width"])
+
+
+def check_dos_args(width, npts, emin, emax, method: str = "auto") -> None:
+    """Require a DOS broadening > 0, ``npts`` >= 2, ``emin < emax`` (when both are
+    given) and a method from :data:`METHODS`."""
+    check_positive("width (DOS broadening, eV)", width)
+    if isinstance(npts, bool) or not isinstance(npts, (int, np.integer)) or npts < 2:
+        raise ArgumentError(f"npts must be an integer >= 2, got {npts!r}")
+    if emin is not None and emax is not None and not emax > emin:
+        raise ArgumentError(f"need emin < emax, got emin={emin}, emax={emax}")
+    check_choice("method", method, METHODS)
+
+
+@dataclass(frozen=True, eq=False)
+class OrbitalLabels:
+    """Which atom every orbital belongs to (``atom_of``, (n_orbitals,)) and the
+    chemical symbol of every atom (``symbols``); defines the projections."""
+    atom_of: np.ndarray
+    symbols: tuple[str, ...]
+
+    @classmethod
+    def from_counts(cls, orbital_counts: Sequence[int],
+                    symbols: Sequence[str]) -> OrbitalLabels:
+        """From the number of orbitals of every atom (atoms in orbital order)."""
+        counts = np.asarray(orbital_counts, int)
+        return cls(np.repeat(np.arange(len(counts)), counts), tuple(symbols))
+
+    @property
+    def species(self) -> list[str]:
+        """Distinct symbols in order of first appearance."""
+        return list(dict.fromkeys(self.symbols))
+
+    def atom_matrix(self):
+        """Sparse (n_atoms, n_orbitals) 0/1 matrix: orbital -> atom."""
+        return group_matrix(self.atom_of, len(self.symbols))
+
+    def groups(self, by: str = "species") -> dict[str, np.ndarray]:
+        """Orbital indices per species (``by='species'``, keyed by symbol) or per atom
+        (``'atom'``, keyed ``'atom0'``, ``'atom1'``...)."""
+        check_choice("by", by, PROJECTIONS)
+        if by == "atom":
+            return {f"atom{i}": np.flatnonzero(self.atom_of == i)
+                    for i in range(len(self.symbols))}
+        symbols = np.array(self.symbols, dtype=object)[self.atom_of]
+        return {s: np.flatnonzero(symbols == s) for s in dict.fromkeys(symbols)}
+
+    def from_atoms(self, per_atom: np.ndarray, by: str = "species"):
+        """Per-atom rows (n_atoms, ...) as returned by ``pdos``: the array itself
+        (``by='atom'``) or a dict symbol -> sum over that species' atoms."""
+        if by == "atom":
+            return per_atom
+        symbols = np.array(self.symbols, dtype=object)
+        return {s: per_atom[symbols == s].sum(0) for s in self.species}
+
+    def from_groups(self, density: dict[str, np.ndarray], by: str = "species"):
+        """:meth:`groups`-keyed rows as returned by ``pdos``: (n_atoms, ...) array
+        (``by='atom'``) or a dict symbol -> row."""
+        if by == "atom":
+            return np.array([density[f"atom{a}"] for a in range(len(self.symbols))])
+        return {s: density[s] for s in self.species}
+
+
+class DenseSpectrum:
+    """Dense eigenvalues and Mulliken weights at k-points with weights.
+
+    ``hamiltonian``/``overlap``: functions of a scaled k-point returning H(k),
+    S(k) (sparse or dense, eV); ``kpts`` (nk, 3) scaled and ``weights`` (nk,)
+    summing to 1 (e.g. the IBZ of :class:`~ase_gearsh.electronic.kpoints.KPoints`).
+    """
+
+    def __init__(self, hamiltonian: MatrixFunction, overlap: MatrixFunction, kpts,
+                 weights, labels: OrbitalLabels, progress: bool = False):
+        self.hamiltonian, self.overlap, self.labels = hamiltonian, overlap, labels
+        self.kpts = np.asarray(kpts, float).reshape(-1, 3)
+        self.weights = np.asarray(weights, float)
+        self.progress = progress
+        self._eigenvalues: np.ndarray | None = None
+        self._mulliken: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _solve(self, desc: str, groups=None) -> list:
+        it = range(len(self.kpts))
+        if self.progress and len(it) > 1:
+            from tqdm.auto import tqdm
+            it = tqdm(it, desc=desc, unit="k-point", leave=False)
+        return [solve_dense(self.hamiltonian(self.kpts[q]), self.overlap(self.kpts[q]), groups)
+                for q in it]
+
+    def eigenvalues(self) -> np.ndarray:
+        """(nk, n_bands) eigenvalues (eV) at every k-point (cached; not a copy)."""
+        if self._eigenvalues is None:
+            self._eigenvalues = np.array([e for e, _ in self._solve("eigh")])
+        return self._eigenvalues
+
+    def mulliken(self) -> tuple[np.ndarray, np.ndarray]:
+        """(eigenvalues (nk, nb), per-atom Mulliken weights (nk, n_atoms, nb)), cached."""
+        if self._mulliken is None:
+            out = self._solve("eigh", self.labels.atom_matrix())
+            self._mulliken = (np.array([e for e, _ in out]), np.array([m for _, m in out]))
+        return self._mulliken
+
+    def fermi_level(self, n_electrons: float, width: float) -> float:
+        """Fermi-Dirac (``width`` eV) Fermi level holding ``n_electrons`` (spin-paired);
+        mid-gap for insulators (:func:`~ase_gearsh.electronic.dense.fermi_level`)."""
+        return fermi_level(self.eigenvalues(), self.weights, n_electrons, width)
+
+    def dos(self, width: float = 0.1, npts: int = 2001, emin: float | None = None,
+            emax: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(energies, DOS): Gaussians of ``width`` eV; the grid defaults to the
+        spectrum widened by 5 ``width``."""
+        eps = self.eigenvalues()
+        e = energy_grid(emin, emax, npts, eps.min(), eps.max(), 5 * width)
+        return e, gaussian_dos(eps, self.weights, e, width)
+
+    def pdos(self, width: float = 0.1, npts: int = 2001, emin: float | None = None,
+             emax: float | None = None, by: str = "species"):
+        """(energies, PDOS): Mulliken-projected :meth:`dos`, a dict symbol -> (npts,)
+        (``by='species'``) or an (n_atoms, npts) array (``by='atom'``)."""
+        check_choice("by", by, PROJECTIONS)
+        eps, weights = self.mulliken()
+        e = energy_grid(emin, emax, npts, eps.min(), eps.max(), 5 * width)
+        per_atom = gaussian_dos(eps, self.weights, e, width, spectral=weights)
+        return e, self.labels.from_atoms(per_atom, by)
+
+
+class KPMSpectrum:
+    """Kernel polynomial DOS/PDOS and Fermi level of sparse ``hamiltonian`` and
+    ``overlap`` (at Gamma), with :class:`KPMOptions` (or a partial dict of them).
+
+    The spectral bounds are computed once; the moments once per (number of
+    moments, projection): every width with the same number of moments shares them.
+    """
+
+    def __init__(self, hamiltonian, overlap, labels: OrbitalLabels,
+                 options: KPMOptions | dict | None = None, progress: bool = False,
+                 bounds: tuple[float, float] | None = None):
+        self.hamiltonian, self.overlap, self.labels = hamiltonian, overlap, labels
+        self.options = options if isinstance(options, KPMOptions) else \
+            KPMOptions.from_parameter(options)
+        self.progress = progress
+        self._bounds = bounds
+        self._moments: dict[tuple[int, str], KPMMoments] = {}
+
+    def with_options(self, options: KPMOptions | dict | None) -> KPMSpectrum:
+        """The same matrices and bounds with other options (moments recomputed)."""
+        return KPMSpectrum(self.hamiltonian, self.overlap, self.labels, options,
+                           self.progress, self._bounds)
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(emin, emax) eV enclosing the spectrum (:func:`spectral_bounds`), cached."""
+        if self._bounds is None:
+            self._bounds = spectral_bounds(self.hamiltonian, self.overlap)
+        return self._bounds
+
+    def n_moments(self, width: float) -> int:
+        """``options.n_moments``, or the number whose resolution is about ``width`` eV."""
+        bounds = self.bounds
+        return self.options.n_moments or kpm_n_moments(bounds, width)
+
+    def moments(self, width: float = 0.1, by: str = "species") -> KPMMoments:
+        """Chebyshev moments for a resolution of about ``width`` eV, projected on species
+        or atoms (cached; the total row is the same for either)."""
+        check_choice("by", by, PROJECTIONS)
+        key = (self.n_moments(width), by)
+        if key not in self._moments:
+            opts = self.options
+            self._moments[key] = chebyshev_moments(
+                self.hamiltonian, self.overlap, n_moments=key[0], n_random=opts.n_random,
+                groups=self.labels.groups(by), bounds=self.bounds, seed=opts.seed,
+                progress=self.progress)
+        return self._moments[key]
+
+    def fermi_level(self, n_electrons: float) -> float:
+        """From the integrated total DOS at the fixed resolution ``options.fermi_width``."""
+        return kpm_fermi_level(self.moments(self.options.fermi_width), n_electrons)
+
+    def _density(self, width, npts, emin, emax, by) -> tuple[np.ndarray, dict]:
+        mom = self.moments(width, by)
+        e = energy_grid(emin, emax, npts, *self.bounds)
+        return e, kpm_density(mom, e)
+
+    def dos(self, width: float = 0.1, npts: int = 2001, emin: float | None = None,
+            emax: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(energies, DOS), Jackson kernel of resolution about ``width`` eV; the grid
+        defaults to the spectral bounds."""
+        e, density = self._density(width, npts, emin, emax, "species")
+        return e, density["total"]
+
+    def pdos(self, width: float = 0.1, npts: int = 2001, emin: float | None = None,
+             emax: float | None = None, by: str = "species"):
+        """(energies, PDOS) as :meth:`DenseSpectrum.pdos`, from the projected moments."""
+        e, density = self._density(width, npts, emin, emax, by)
+        return e, self.labels.from_groups(density, by)
