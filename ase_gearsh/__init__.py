@@ -14,5 +14,6 @@ __all__ = ["GearsHCalculator", "__version__"]
 def __getattr__(name):
     if name == "GearsHCalculator":  # lazy: keeps JAX out of `import ase_gearsh.core`
         from .calculator import GearsHCalculator
+
         return GearsHCalculator
     raise AttributeError(f"module 'ase_gearsh' has no attribute {name!r}")

@@ -59,6 +59,7 @@ are :class:`~ase_gearsh.electronic.kpoints.KPoints`; spectra, Fermi level, DOS
 and PDOS are :class:`~ase_gearsh.electronic.spectrum.DenseSpectrum` and
 :class:`~ase_gearsh.electronic.spectrum.KPMSpectrum`, which the getters delegate to.
 """
+
 from __future__ import annotations
 
 import math
@@ -102,8 +103,14 @@ from .model.coverage import coverage_messages, warn_extrapolation
 from .model.engine import Model, load_model
 from .model.inference import predictor_for
 
-__all__ = ["GearsHCalculator", "CalculatorInputError", "PropertyUnavailableError",
-           "KPM_DEFAULTS", "KPT_DICT_KEYS", "METHODS"]
+__all__ = [
+    "GearsHCalculator",
+    "CalculatorInputError",
+    "PropertyUnavailableError",
+    "KPM_DEFAULTS",
+    "KPT_DICT_KEYS",
+    "METHODS",
+]
 
 
 class CalculatorInputError(GearsHError, CalculatorSetupError, ValueError):
@@ -139,8 +146,9 @@ def _check_parameters(kwargs: dict, known) -> dict:
     to store."""
     unknown = set(kwargs) - set(known) - {"model"}
     if unknown:
-        raise CalculatorInputError(f"unknown parameter(s) {sorted(unknown)}; expected "
-                                   f"some of {sorted(known)} or model")
+        raise CalculatorInputError(
+            f"unknown parameter(s) {sorted(unknown)}; expected some of {sorted(known)} or model"
+        )
     return {k: v if k == "model" else _check_parameter(k, v) for k, v in kwargs.items()}
 
 
@@ -153,9 +161,11 @@ def _check_parameter(key: str, value):
     elif key == "width":
         check_positive("width (Fermi-Dirac smearing, eV)", value)
     elif key == "charge":
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
-                                                             np.floating)) \
-                or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float, np.integer, np.floating))
+            or not math.isfinite(value)
+        ):
             raise CalculatorInputError(f"charge must be a finite number, got {value!r}")
     elif key == "dense_limit":
         check_positive("dense_limit", value, integer=True, allow_zero=True)
@@ -167,33 +177,39 @@ def _check_parameter(key: str, value):
 def _check_calculation(atoms, properties: Sequence[str], implemented: Sequence[str]) -> None:
     """Validate the atoms and the property names of a ``calculate`` call."""
     if atoms is None:
-        raise CalculatorInputError("no atoms: attach the calculator (atoms.calc = calc) or "
-                                   "pass atoms")
+        raise CalculatorInputError(
+            "no atoms: attach the calculator (atoms.calc = calc) or pass atoms"
+        )
     if not isinstance(atoms, Atoms):
         raise CalculatorInputError(f"expected an ase.Atoms object, got {type(atoms).__name__}")
     if len(atoms) == 0:
         raise CalculatorInputError("expected at least one atom, got an empty Atoms object")
     bad = np.flatnonzero(~np.isfinite(atoms.positions).all(axis=1))
     if len(bad):
-        raise CalculatorInputError(f"expected finite positions, got NaN or inf for atom(s) "
-                                   f"{bad[:10].tolist()}")
+        raise CalculatorInputError(
+            f"expected finite positions, got NaN or inf for atom(s) {bad[:10].tolist()}"
+        )
     cell = np.asarray(atoms.cell)
     if not np.all(np.isfinite(cell)):
         raise CalculatorInputError(f"expected a finite cell, got {cell.tolist()}")
     flat = np.asarray(atoms.pbc) & (np.linalg.norm(cell, axis=1) == 0)
     if flat.any():
-        raise CalculatorInputError(f"periodic direction(s) {np.flatnonzero(flat).tolist()} "
-                                   f"have a zero cell vector (pbc={atoms.pbc.tolist()})")
+        raise CalculatorInputError(
+            f"periodic direction(s) {np.flatnonzero(flat).tolist()} "
+            f"have a zero cell vector (pbc={atoms.pbc.tolist()})"
+        )
     unknown = [p for p in properties if p not in implemented]
     if unknown:
-        raise CalculatorInputError(f"unknown properties {unknown}; this calculator "
-                                   f"computes {implemented}")
+        raise CalculatorInputError(
+            f"unknown properties {unknown}; this calculator computes {implemented}"
+        )
 
 
 def _check_spin(spin) -> None:
     if spin != 0:
-        raise CalculatorInputError(f"spin must be 0 (this calculator is spin-paired, one "
-                                   f"channel), got {spin!r}")
+        raise CalculatorInputError(
+            f"spin must be 0 (this calculator is spin-paired, one channel), got {spin!r}"
+        )
 
 
 def _check_dense_limit(n_orbitals: int, limit: int) -> None:
@@ -201,7 +217,8 @@ def _check_dense_limit(n_orbitals: int, limit: int) -> None:
         raise PropertyUnavailableError(
             f"{n_orbitals} orbitals exceed dense_limit={limit}: dense eigenvalues would need "
             f"{8 * n_orbitals * n_orbitals / 2**30:.1f} GiB per matrix; use get_dos()/"
-            f"get_pdos() (kernel polynomial method) or raise dense_limit")
+            f"get_pdos() (kernel polynomial method) or raise dense_limit"
+        )
 
 
 # -- model pieces (pure functions of the model and the atoms) -------------------------
@@ -211,8 +228,9 @@ def _resolve_model(model) -> tuple[Model, Any]:
         return model, (model.path if getattr(model, "path", None) else model)
     if isinstance(model, (str, Path)):
         return load_model(model), str(model)
-    raise CalculatorInputError(f"model must be a checkpoint path or an ase_gearsh Model, got "
-                               f"{type(model).__name__}")
+    raise CalculatorInputError(
+        f"model must be a checkpoint path or an ase_gearsh Model, got {type(model).__name__}"
+    )
 
 
 def _overlap_calculator(model: Model) -> OverlapCalculator:
@@ -222,7 +240,8 @@ def _overlap_calculator(model: Model) -> OverlapCalculator:
         raise PropertyUnavailableError(
             f"the model {getattr(model, 'path', '') or ''} stores no basis functions, so S "
             f"cannot be computed; add them with `gearsh attach-basis MODEL --xc XC` (the "
-            f"functional of the training data)")
+            f"functional of the training data)"
+        )
     entry = _OVERLAPS.get(model)
     if entry is None or entry[0] is not data:
         entry = _OVERLAPS[model] = (data, OverlapCalculator(data))
@@ -238,9 +257,17 @@ def _overlap(model: Model, atoms: Atoms, k: np.ndarray):
 def _check_coverage(model: Model, atoms: Atoms, pb: BlockMatrices) -> None:
     """Warn about bonds and environments outside the model's training data."""
     species = model.registry.species_index(atoms.numbers)
-    warn_extrapolation(coverage_messages(
-        getattr(model, "coverage", None), model.registry.symbols, species, pb.pair_i,
-        pb.pair_j, pb.pair_distance, pb.neighbours))
+    warn_extrapolation(
+        coverage_messages(
+            getattr(model, "coverage", None),
+            model.registry.symbols,
+            species,
+            pb.pair_i,
+            pb.pair_j,
+            pb.pair_distance,
+            pb.neighbours,
+        )
+    )
 
 
 def _n_orbitals(model: Model, atoms: Atoms) -> int:
@@ -254,8 +281,10 @@ def _n_electrons(model: Model, atoms: Atoms, charge: float) -> float:
     symbols = atoms.get_chemical_symbols()
     missing = sorted(set(symbols) - set(data))
     if missing:
-        raise PropertyUnavailableError(f"no valence electron count for {missing}: the "
-                                       f"model stores no basis data (gearsh attach-basis)")
+        raise PropertyUnavailableError(
+            f"no valence electron count for {missing}: the "
+            f"model stores no basis data (gearsh attach-basis)"
+        )
     return sum(float(data[s]["valence"]) for s in symbols) - float(charge)
 
 
@@ -270,20 +299,21 @@ class GearsHCalculator(Calculator):
     implemented_properties = ["hamiltonian", "overlap", "eigenvalues", "fermi_level"]
     default_parameters = {
         "kpts": None,
-        "width": 0.01,           # Fermi-Dirac smearing for the Fermi level, eV
+        "width": 0.01,  # Fermi-Dirac smearing for the Fermi level, eV
         "charge": 0.0,
-        "dense_limit": 20000,    # orbitals; above: KPM for DOS/PDOS and the Fermi level
+        "dense_limit": 20000,  # orbitals; above: KPM for DOS/PDOS and the Fermi level
         "kpm": dict(KPM_DEFAULTS),
         "edge_chunk": 65536,
-        "pair_chunk": 1024,       # bonds per network call (small chunks are cache-friendly)
+        "pair_chunk": 1024,  # bonds per network call (small chunks are cache-friendly)
         "warn_extrapolation": True,
         "progress": False,
     }
 
     def __init__(self, model=None, atoms: Atoms | None = None, **kwargs):
         if model is None:
-            raise CalculatorInputError("a model is required: a checkpoint path or an "
-                                       "ase_gearsh Model, got None")
+            raise CalculatorInputError(
+                "a model is required: a checkpoint path or an ase_gearsh Model, got None"
+            )
         self._model: Model | None = None
         self._predictor = None
         self._cache: dict = {}
@@ -317,13 +347,17 @@ class GearsHCalculator(Calculator):
         if changed <= {"width", "charge"}:  # only the Fermi level moves
             self.results.pop("fermi_level", None)
         elif changed <= _KEEPS_MATRICES:  # blocks, H(k), S(k) and KPM bounds stay valid
-            kept = {k: v for k, v in self._cache.items()
-                    if k in ("blocks", "kpm") or isinstance(k, tuple)}
+            kept = {
+                k: v
+                for k, v in self._cache.items()
+                if k in ("blocks", "kpm") or isinstance(k, tuple)
+            }
             if "kpm" in changed and "kpm" in kept:  # new options: new moments
                 kept["kpm"] = kept["kpm"].with_options(self.parameters.kpm)
             self._cache = kept
-            self.results = {k: v for k, v in self.results.items()
-                            if k in ("hamiltonian", "overlap")}
+            self.results = {
+                k: v for k, v in self.results.items() if k in ("hamiltonian", "overlap")
+            }
         else:  # the model or chunk sizes: start over (the atoms are kept)
             self._predictor = None
             self._cache.clear()
@@ -355,15 +389,15 @@ class GearsHCalculator(Calculator):
         fresh :meth:`calculate` if they differ); return ``self.atoms``."""
         target = self._target(atoms)
         if target is None:
-            raise CalculatorInputError("no atoms: attach the calculator (atoms.calc = calc) or "
-                                       "pass atoms")
+            raise CalculatorInputError(
+                "no atoms: attach the calculator (atoms.calc = calc) or pass atoms"
+            )
         if self.atoms is None or self.check_state(target):
             self.reset()
             self.calculate(target, [], all_changes)
         return self.atoms
 
-    def get_property(self, name: str, atoms: Atoms | None = None,
-                     allow_calculation: bool = True):
+    def get_property(self, name: str, atoms: Atoms | None = None, allow_calculation: bool = True):
         """ASE's ``get_property``; ``atoms=None`` means the attached atoms (else the atoms
         of the last calculation).  Results are recomputed whenever the atoms differ."""
         return super().get_property(name, self._target(atoms), allow_calculation)
@@ -375,23 +409,33 @@ class GearsHCalculator(Calculator):
             self.calculate(self.atoms, [name], [])
         return self.results[name]
 
-    def calculate(self, atoms: Atoms | None = None, properties: Sequence[str] = ("eigenvalues",),
-                  system_changes: Sequence[str] = all_changes) -> None:
+    def calculate(
+        self,
+        atoms: Atoms | None = None,
+        properties: Sequence[str] = ("eigenvalues",),
+        system_changes: Sequence[str] = all_changes,
+    ) -> None:
         """Compute ``properties`` (names from ``implemented_properties``) for ``atoms``
         (default: ``self.atoms``) into ``self.results``."""
-        _check_calculation(atoms if atoms is not None else self.atoms, properties,
-                           self.implemented_properties)
+        _check_calculation(
+            atoms if atoms is not None else self.atoms, properties, self.implemented_properties
+        )
         super().calculate(atoms, properties, system_changes)
-        if system_changes or self._cache_atoms is None or \
-                compare_atoms(self._cache_atoms, self.atoms):
+        if (
+            system_changes
+            or self._cache_atoms is None
+            or compare_atoms(self._cache_atoms, self.atoms)
+        ):
             self._cache.clear()  # derived from other atoms
             self.results = {}
             self._cache_atoms = self.atoms.copy()
         self._kpoints()  # checks kpts against these atoms
-        compute = {"hamiltonian": lambda: self._matrix("H", np.zeros(3)),
-                   "overlap": lambda: self._matrix("S", np.zeros(3)),
-                   "eigenvalues": lambda: self._dense().eigenvalues()[None],
-                   "fermi_level": self._fermi_level}
+        compute = {
+            "hamiltonian": lambda: self._matrix("H", np.zeros(3)),
+            "overlap": lambda: self._matrix("S", np.zeros(3)),
+            "eigenvalues": lambda: self._dense().eigenvalues()[None],
+            "fermi_level": self._fermi_level,
+        }
         for name in properties:
             if name not in self.results:
                 self.results[name] = compute[name]()
@@ -401,8 +445,9 @@ class GearsHCalculator(Calculator):
     def predictor(self):
         """The shared :class:`~ase_gearsh.model.inference.Predictor` of the model."""
         if self._predictor is None:
-            self._predictor = predictor_for(self.model, self.parameters.edge_chunk,
-                                            self.parameters.pair_chunk)
+            self._predictor = predictor_for(
+                self.model, self.parameters.edge_chunk, self.parameters.pair_chunk
+            )
         return self._predictor
 
     def _blocks(self) -> BlockMatrices:
@@ -418,8 +463,11 @@ class GearsHCalculator(Calculator):
         gamma = not np.any(k)
         key = (kind, tuple(np.round(k, 12)))
         if key not in self._cache:
-            self._cache[key] = self._blocks().matrix(None if gamma else k) if kind == "H" \
+            self._cache[key] = (
+                self._blocks().matrix(None if gamma else k)
+                if kind == "H"
                 else _overlap(self.model, self.atoms, k)
+            )
         if gamma:
             self.results["hamiltonian" if kind == "H" else "overlap"] = self._cache[key]
         return self._cache[key]
@@ -442,34 +490,44 @@ class GearsHCalculator(Calculator):
         """H ("H") or S ("S") at a getter's ``kpt`` (None, IBZ index or scaled k-point)."""
         self._sync(atoms)
         k = np.zeros(3) if kpt is None else self._kpoints().vector(kpt)
-        return self._matrix(kind, k) if k.any() else \
-            self._ensure("hamiltonian" if kind == "H" else "overlap")
+        return (
+            self._matrix(kind, k)
+            if k.any()
+            else self._ensure("hamiltonian" if kind == "H" else "overlap")
+        )
 
     def _kpoint_array(self, name: str) -> np.ndarray:
         self._sync()
         return getattr(self._kpoints(), name).copy()
 
     def _labels(self) -> OrbitalLabels:
-        return OrbitalLabels.from_counts(self._blocks().orbital_counts,
-                                         self.atoms.get_chemical_symbols())
+        return OrbitalLabels.from_counts(
+            self._blocks().orbital_counts, self.atoms.get_chemical_symbols()
+        )
 
     def _dense(self) -> DenseSpectrum:
         """Dense spectrum at the IBZ k-points (up to ``dense_limit`` orbitals)."""
         _check_dense_limit(self._n_orbitals(), self.parameters.dense_limit)
         if "dense" not in self._cache:
             kp = self._kpoints()
-            self._cache["dense"] = DenseSpectrum(partial(self._matrix, "H"),
-                                                 partial(self._matrix, "S"), kp.ibz,
-                                                 kp.weights, self._labels())
+            self._cache["dense"] = DenseSpectrum(
+                partial(self._matrix, "H"),
+                partial(self._matrix, "S"),
+                kp.ibz,
+                kp.weights,
+                self._labels(),
+            )
         self._cache["dense"].progress = self.parameters.progress
         return self._cache["dense"]
 
     def _kpm(self) -> KPMSpectrum:
         """Kernel polynomial spectrum of H and S at Gamma."""
         if not self._kpoints().gamma_only:
-            raise PropertyUnavailableError("the kernel polynomial method is implemented at "
-                                           "Gamma only; use kpts=None (a large supercell) or "
-                                           "dense diagonalisation")
+            raise PropertyUnavailableError(
+                "the kernel polynomial method is implemented at "
+                "Gamma only; use kpts=None (a large supercell) or "
+                "dense diagonalisation"
+            )
         if "kpm" not in self._cache:
             H, S = self._matrix("H", np.zeros(3)), self._matrix("S", np.zeros(3))
             self._cache["kpm"] = KPMSpectrum(H, S, self._labels(), self.parameters.kpm)
@@ -506,8 +564,9 @@ class GearsHCalculator(Calculator):
         return method == "kpm"
 
     @_input_errors()
-    def kpm_moments(self, width: float = 0.1, by: str = "species",
-                    atoms: Atoms | None = None) -> KPMMoments:
+    def kpm_moments(
+        self, width: float = 0.1, by: str = "species", atoms: Atoms | None = None
+    ) -> KPMMoments:
         """The Chebyshev moments behind ``get_dos``/``get_pdos(method='kpm', width=...)``."""
         check_positive("width (DOS broadening, eV)", width)
         check_choice("by", by, PROJECTIONS)
@@ -589,8 +648,14 @@ class GearsHCalculator(Calculator):
         return get_band_structure(atoms=atoms, calc=self, reference=reference)
 
     @_input_errors()
-    def get_dos(self, width: float = 0.1, npts: int = 2001, emin: float | None = None,
-                emax: float | None = None, method: str = "auto"):
+    def get_dos(
+        self,
+        width: float = 0.1,
+        npts: int = 2001,
+        emin: float | None = None,
+        emax: float | None = None,
+        method: str = "auto",
+    ):
         """(energies, dos): Gaussian-broadened DOS per spin channel (states/eV).
 
         ``method``: 'dense', 'kpm' or 'auto' (dense up to ``dense_limit`` orbitals).
@@ -600,8 +665,15 @@ class GearsHCalculator(Calculator):
         return self._spectrum(method).dos(width, npts, emin, emax)
 
     @_input_errors()
-    def get_pdos(self, width: float = 0.1, npts: int = 2001, emin: float | None = None,
-                 emax: float | None = None, by: str = "species", method: str = "auto"):
+    def get_pdos(
+        self,
+        width: float = 0.1,
+        npts: int = 2001,
+        emin: float | None = None,
+        emax: float | None = None,
+        by: str = "species",
+        method: str = "auto",
+    ):
         """(energies, pdos): Mulliken-projected DOS per spin channel (states/eV).
 
         ``by='species'``: dict symbol -> (npts,); ``by='atom'``: (N_atoms, npts)

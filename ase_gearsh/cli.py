@@ -1,5 +1,6 @@
 """The ``gearsh`` command: ``train CONFIG``, ``eval MODEL DATASET``,
 ``predict STRUCTURE -m MODEL -o OUT``, ``attach-basis MODEL``."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,13 +28,23 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    s = evaluate(args.model, args.dataset, output=args.output, limit=args.limit,
-                 progress=not args.quiet, validation_only=args.validation_only)
+    s = evaluate(
+        args.model,
+        args.dataset,
+        output=args.output,
+        limit=args.limit,
+        progress=not args.quiet,
+        validation_only=args.validation_only,
+    )
     print(f"{s['structures']} structures of {s['dataset']}")
-    print(f"  H MAE          {s['h_mae_meV']:9.3f} meV   (on-site {s['h_mae_onsite_meV']:.3f},"
-          f" pair {s['h_mae_pair_meV']:.3f})")
-    print(f"  eigenvalue MAE {s['eig_mae_window_meV']:9.3f} meV   within +-5 eV of E_F "
-          f"(all states {s['eig_mae_all_meV']:.3f})")
+    print(
+        f"  H MAE          {s['h_mae_meV']:9.3f} meV   (on-site {s['h_mae_onsite_meV']:.3f},"
+        f" pair {s['h_mae_pair_meV']:.3f})"
+    )
+    print(
+        f"  eigenvalue MAE {s['eig_mae_window_meV']:9.3f} meV   within +-5 eV of E_F "
+        f"(all states {s['eig_mae_all_meV']:.3f})"
+    )
     if args.output:
         print(f"  wrote {args.output}/summary.json, structures.csv, errors.png, parity.png")
     if args.json:
@@ -41,23 +52,35 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    predict_structure(args.structure, args.model, args.output, kpts=parse_kpts(args.kpts),
-                      width=args.width, npts=args.npts, emin=args.emin, emax=args.emax,
-                      method=args.method, charge=args.charge, index=args.index,
-                      progress=not args.quiet)
+    predict_structure(
+        args.structure,
+        args.model,
+        args.output,
+        kpts=parse_kpts(args.kpts),
+        width=args.width,
+        npts=args.npts,
+        emin=args.emin,
+        emax=args.emax,
+        method=args.method,
+        charge=args.charge,
+        index=args.index,
+        progress=not args.quiet,
+    )
 
 
 def _attach(args: argparse.Namespace) -> None:
-    out = attach_basis(args.model, xc=args.xc, setups=args.setups, output=args.output,
-                       dataset=args.dataset)
+    out = attach_basis(
+        args.model, xc=args.xc, setups=args.setups, output=args.output, dataset=args.dataset
+    )
     print(f"wrote {out} with basis functions of {args.xc}/{args.setups} GPAW setups")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``gearsh``; returns the exit status (2 and one line on stderr for a user
     error, see :data:`USER_ERRORS`)."""
-    p = argparse.ArgumentParser(prog="gearsh", description="GEARS H machine-learned "
-                                "Hamiltonians: training and evaluation")
+    p = argparse.ArgumentParser(
+        prog="gearsh", description="GEARS H machine-learned Hamiltonians: training and evaluation"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("config")
@@ -70,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("dataset")
     e.add_argument("-o", "--output", help="folder for summary.json, CSV and PNG files")
     e.add_argument("--limit", type=int, help="only the first N structures")
-    e.add_argument("--validation-only", action="store_true",
-                   help="only the structures the model was validated on (held out)")
+    e.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="only the structures the model was validated on (held out)",
+    )
     e.add_argument("--json", action="store_true", help="also print the summary as JSON")
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=_eval)
@@ -84,20 +110,28 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--npts", type=int, default=2001, help="DOS energy points (2001)")
     r.add_argument("--emin", type=float, help="DOS window start, eV")
     r.add_argument("--emax", type=float, help="DOS window end, eV")
-    r.add_argument("--method", choices=["auto", "dense", "kpm"], default="auto",
-                   help="spectrum solver (auto: dense up to 20000 orbitals, then KPM)")
+    r.add_argument(
+        "--method",
+        choices=["auto", "dense", "kpm"],
+        default="auto",
+        help="spectrum solver (auto: dense up to 20000 orbitals, then KPM)",
+    )
     r.add_argument("--charge", type=float, default=0.0, help="net charge (e)")
     r.add_argument("--index", default=-1, help="frame of a multi-frame file (default last)")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=_predict)
-    b = sub.add_parser("attach-basis", help="store basis functions (for the exact S) in a "
-                       "checkpoint that lacks them")
+    b = sub.add_parser(
+        "attach-basis",
+        help="store basis functions (for the exact S) in a checkpoint that lacks them",
+    )
     b.add_argument("model")
     b.add_argument("--xc", default="PBE", help="functional of the training data (PBE)")
     b.add_argument("--setups", default="paw")
     b.add_argument("-o", "--output", help="write here instead of in place")
-    b.add_argument("--dataset", help="training dataset: also store the training coverage "
-                   "used for extrapolation warnings")
+    b.add_argument(
+        "--dataset",
+        help="training dataset: also store the training coverage used for extrapolation warnings",
+    )
     b.set_defaults(func=_attach)
     args = p.parse_args(argv)
     enable_compilation_cache()  # process-wide JAX setting: the command's, not the library's

@@ -12,6 +12,7 @@
    states) and the speed-up over the GPAW SCF; writes ``dos.png`` (model vs
    GPAW DOS per molecule) and ``summary.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ from .calculator import GearsHCalculator
 from .core.data import Dataset
 from .core.io import atomic_write_text, new_figure, save_figure
 from .electronic.dense import gaussian_dos
-from .model.engine import load_model, enable_compilation_cache
+from .model.engine import enable_compilation_cache, load_model
 from .samples import molecule_snapshots
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "molecules.ckpt"
@@ -53,8 +54,13 @@ def _plot(path: Path, panels: list[dict]) -> None:
         ax.fill_between(p["e"], p["dos_ref"], color="0.8", label="GPAW")
         ax.plot(p["e"], p["dos_model"], color="C3", lw=1.2, label="GEARS H model")
         ax.axvline(0.0, color="grey", ls="--", lw=0.8)
-        ax.text(0.01, 0.8, f"{p['name']}  (eig MAE {p['eig_mae_window_meV']:.0f} meV)",
-                transform=ax.transAxes, fontsize=9)
+        ax.text(
+            0.01,
+            0.8,
+            f"{p['name']}  (eig MAE {p['eig_mae_window_meV']:.0f} meV)",
+            transform=ax.transAxes,
+            fontsize=9,
+        )
         ax.set_ylabel("DOS")
     for ax in axes[:-1]:
         ax.tick_params(labelbottom=False)
@@ -78,8 +84,10 @@ def _predict(model, images) -> list[dict]:
         eps = calc.get_eigenvalues()
         dt = time.perf_counter() - t
         preds.append({"H": H, "eps": eps, "ef": calc.get_fermi_level(), "seconds": dt})
-        print(f"  {atoms.info['molecule']:9s} {len(atoms):2d} atoms, {H.shape[0]:3d} orbitals: "
-              f"{dt:6.2f} s{'  (includes one-time JIT compilation)' if k == 0 else ''}")
+        print(
+            f"  {atoms.info['molecule']:9s} {len(atoms):2d} atoms, {H.shape[0]:3d} orbitals: "
+            f"{dt:6.2f} s{'  (includes one-time JIT compilation)' if k == 0 else ''}"
+        )
     return preds
 
 
@@ -110,53 +118,80 @@ def _compare(images, preds, reference: dict, scf) -> tuple[list[dict], list[dict
         e_ref = eigh(H_ref, s.overlap(), eigvals_only=True)  # all states (GPAW's to 1e-12)
         ef = s.fermi_level
         win = np.abs(e_ref - ef) <= 5.0
-        row = {"molecule": atoms.info["molecule"], "atoms": len(atoms),
-               "orbitals": int(H_ref.shape[0]),
-               "h_mae_meV": 1e3 * _h_mae(pr["H"], H_ref),
-               "eig_mae_window_meV": 1e3 * float(np.abs(pr["eps"] - e_ref)[win].mean()),
-               "eig_mae_all_meV": 1e3 * float(np.abs(pr["eps"] - e_ref).mean()),
-               "fermi_model_eV": pr["ef"], "fermi_gpaw_eV": ef,
-               "gpaw_scf_s": scf[k], "model_s": pr["seconds"]}
+        row = {
+            "molecule": atoms.info["molecule"],
+            "atoms": len(atoms),
+            "orbitals": int(H_ref.shape[0]),
+            "h_mae_meV": 1e3 * _h_mae(pr["H"], H_ref),
+            "eig_mae_window_meV": 1e3 * float(np.abs(pr["eps"] - e_ref)[win].mean()),
+            "eig_mae_all_meV": 1e3 * float(np.abs(pr["eps"] - e_ref).mean()),
+            "fermi_model_eV": pr["ef"],
+            "fermi_gpaw_eV": ef,
+            "gpaw_scf_s": scf[k],
+            "model_s": pr["seconds"],
+        }
         rows.append(row)
         e = np.linspace(ef - 25, ef + 10, 1401)
-        panels.append({"name": row["molecule"], "e": e - ef,
-                       "dos_ref": gaussian_dos(e_ref[None], [1.0], e, 0.2),
-                       "dos_model": gaussian_dos(pr["eps"][None], [1.0], e, 0.2),
-                       "eig_mae_window_meV": row["eig_mae_window_meV"]})
+        panels.append(
+            {
+                "name": row["molecule"],
+                "e": e - ef,
+                "dos_ref": gaussian_dos(e_ref[None], [1.0], e, 0.2),
+                "dos_model": gaussian_dos(pr["eps"][None], [1.0], e, 0.2),
+                "eig_mae_window_meV": row["eig_mae_window_meV"],
+            }
+        )
     return rows, panels
 
 
 def _report(rows, scf) -> dict:
     """Print the comparison table and the totals; returns the summary figures."""
     print("\n3. model vs GPAW")
-    print(f"  {'molecule':9s} {'H MAE':>9s} {'eig MAE':>9s} {'eig MAE':>9s} {'E_F model':>10s} "
-          f"{'E_F GPAW':>9s} {'GPAW':>7s} {'model':>7s}")
-    print(f"  {'':9s} {'meV':>9s} {'+-5 eV':>9s} {'all':>9s} {'eV':>10s} {'eV':>9s} "
-          f"{'s':>7s} {'s':>7s}")
+    print(
+        f"  {'molecule':9s} {'H MAE':>9s} {'eig MAE':>9s} {'eig MAE':>9s} {'E_F model':>10s} "
+        f"{'E_F GPAW':>9s} {'GPAW':>7s} {'model':>7s}"
+    )
+    print(
+        f"  {'':9s} {'meV':>9s} {'+-5 eV':>9s} {'all':>9s} {'eV':>10s} {'eV':>9s} "
+        f"{'s':>7s} {'s':>7s}"
+    )
     for r in rows:
-        print(f"  {r['molecule']:9s} {r['h_mae_meV']:9.1f} {r['eig_mae_window_meV']:9.1f} "
-              f"{r['eig_mae_all_meV']:9.1f} {r['fermi_model_eV']:10.3f} "
-              f"{r['fermi_gpaw_eV']:9.3f} {r['gpaw_scf_s']:7.2f} {r['model_s']:7.2f}")
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in
-            ("h_mae_meV", "eig_mae_window_meV", "eig_mae_all_meV")}
+        print(
+            f"  {r['molecule']:9s} {r['h_mae_meV']:9.1f} {r['eig_mae_window_meV']:9.1f} "
+            f"{r['eig_mae_all_meV']:9.1f} {r['fermi_model_eV']:10.3f} "
+            f"{r['fermi_gpaw_eV']:9.3f} {r['gpaw_scf_s']:7.2f} {r['model_s']:7.2f}"
+        )
+    mean = {
+        k: float(np.mean([r[k] for r in rows]))
+        for k in ("h_mae_meV", "eig_mae_window_meV", "eig_mae_all_meV")
+    }
     gpaw_t = float(np.sum(scf))
     warm = [r["model_s"] for r in rows[1:]] or [rows[0]["model_s"]]
     model_t = float(np.sum([r["model_s"] for r in rows]))
     speedup_warm = float(np.mean(scf[1:] or scf) / np.mean(warm))
-    print(f"\n  mean H MAE {mean['h_mae_meV']:.1f} meV; eigenvalue MAE "
-          f"{mean['eig_mae_window_meV']:.1f} meV within E_F +- 5 eV "
-          f"({mean['eig_mae_all_meV']:.1f} meV over all states)")
-    print(f"  time: GPAW SCF {gpaw_t:.1f} s in total, model {model_t:.1f} s including the "
-          f"one-time compilation; per molecule after compilation the model is "
-          f"{speedup_warm:.0f}x faster than the GPAW SCF")
-    return {"mean": mean, "gpaw_scf_total_s": gpaw_t, "model_total_s": model_t,
-            "speedup_after_compilation": speedup_warm}
+    print(
+        f"\n  mean H MAE {mean['h_mae_meV']:.1f} meV; eigenvalue MAE "
+        f"{mean['eig_mae_window_meV']:.1f} meV within E_F +- 5 eV "
+        f"({mean['eig_mae_all_meV']:.1f} meV over all states)"
+    )
+    print(
+        f"  time: GPAW SCF {gpaw_t:.1f} s in total, model {model_t:.1f} s including the "
+        f"one-time compilation; per molecule after compilation the model is "
+        f"{speedup_warm:.0f}x faster than the GPAW SCF"
+    )
+    return {
+        "mean": mean,
+        "gpaw_scf_total_s": gpaw_t,
+        "model_total_s": model_t,
+        "speedup_after_compilation": speedup_warm,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo (see the module docstring); returns the exit status."""
-    p = argparse.ArgumentParser(prog="python -m ase_gearsh.demo",
-                                description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m ase_gearsh.demo", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--output", default="demo-output")
     p.add_argument("--seed", type=int, default=2026, help="snapshot seed (training used 7)")
@@ -170,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {a.model}")
     t = time.perf_counter()
     model = load_model(a.model)
-    print(f"  loaded in {time.perf_counter() - t:.1f} s; trained on "
-          f"{model.extra.get('n_train', '?')} structures of {', '.join(model.registry.symbols)}")
+    print(
+        f"  loaded in {time.perf_counter() - t:.1f} s; trained on "
+        f"{model.extra.get('n_train', '?')} structures of {', '.join(model.registry.symbols)}"
+    )
     preds = _predict(model, images)
     reference = _gpaw_reference(images, out, settings)
     if reference is None:
@@ -179,8 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     rows, panels = _compare(images, preds, *reference)
     figures = _report(rows, reference[1])
     _plot(out / "dos.png", panels)
-    summary = {"model": str(a.model), "seed": a.seed, "structures": rows, **figures,
-               "units": {"energy": "eV (MAE in meV)", "time": "s"}}
+    summary = {
+        "model": str(a.model),
+        "seed": a.seed,
+        "structures": rows,
+        **figures,
+        "units": {"energy": "eV (MAE in meV)", "time": "s"},
+    }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     print(f"\nwrote {out}/dos.png, {out}/summary.json, {out}/dataset/ (GPAW reference)")
     return 0

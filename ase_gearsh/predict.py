@@ -10,6 +10,7 @@ Writes (atomically, units recorded in ``summary.json``):
 * ``dos.csv`` and ``dos.png``: total and species-projected DOS with E_F;
 * ``summary.json``: sizes, Fermi level, timings, model and options.
 """
+
 from __future__ import annotations
 
 import io
@@ -74,9 +75,21 @@ def plot_dos(path: Path, energies, dos, pdos: dict, fermi: float, title: str = "
     save_figure(fig, path, dpi=120)
 
 
-def predict_structure(structure, model, output, kpts=None, width: float = 0.1,
-                      npts: int = 2001, emin=None, emax=None, method: str = "auto",
-                      charge: float = 0.0, index=-1, progress: bool = True, log=print) -> dict:
+def predict_structure(
+    structure,
+    model,
+    output,
+    kpts=None,
+    width: float = 0.1,
+    npts: int = 2001,
+    emin=None,
+    emax=None,
+    method: str = "auto",
+    charge: float = 0.0,
+    index=-1,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Run the calculator on one structure file (or Atoms) and write ``output``."""
     out = Path(output)
     if isinstance(structure, Atoms):
@@ -88,8 +101,9 @@ def predict_structure(structure, model, output, kpts=None, width: float = 0.1,
         try:
             atoms = read(path, index=index)
         except Exception as err:  # ase.io raises many types on bad files
-            raise PredictError(f"cannot read {path} with ase.io.read: "
-                               f"{type(err).__name__}: {err}") from None
+            raise PredictError(
+                f"cannot read {path} with ase.io.read: {type(err).__name__}: {err}"
+            ) from None
         name = path.name
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -105,11 +119,19 @@ def predict_structure(structure, model, output, kpts=None, width: float = 0.1,
     pb = calc.blocks()
     onsite, pairs = pb.flat()
     buf = io.BytesIO()
-    np.savez_compressed(buf, orbital_counts=pb.orbital_counts,
-                        pair_ij=np.column_stack([pb.pair_i, pb.pair_j]),
-                        pair_shift=pb.pair_shift, onsite_H=onsite, pair_H=pairs,
-                        numbers=atoms.numbers, positions=atoms.positions,
-                        cell=np.asarray(atoms.cell), pbc=atoms.pbc, units=np.array("eV"))
+    np.savez_compressed(
+        buf,
+        orbital_counts=pb.orbital_counts,
+        pair_ij=np.column_stack([pb.pair_i, pb.pair_j]),
+        pair_shift=pb.pair_shift,
+        onsite_H=onsite,
+        pair_H=pairs,
+        numbers=atoms.numbers,
+        positions=atoms.positions,
+        cell=np.asarray(atoms.cell),
+        pbc=atoms.pbc,
+        units=np.array("eV"),
+    )
     atomic_write_bytes(out / "blocks.npz", buf.getvalue())
     use_kpm = calc.uses_kpm(method)
     e, dos = calc.get_dos(width=width, npts=npts, emin=emin, emax=emax, method=method)
@@ -121,8 +143,7 @@ def predict_structure(structure, model, output, kpts=None, width: float = 0.1,
         rows = ["kpt,kx,ky,kz,weight,band,energy_eV"]
         for q in range(len(k)):
             for n, x in enumerate(calc.get_eigenvalues(kpt=q)):
-                rows.append(f"{q},{k[q][0]:.8f},{k[q][1]:.8f},{k[q][2]:.8f},{w[q]:.8f},{n},"
-                            f"{x:.8f}")
+                rows.append(f"{q},{k[q][0]:.8f},{k[q][1]:.8f},{k[q][2]:.8f},{w[q]:.8f},{n},{x:.8f}")
         _write_text(out / "eigenvalues.csv", "\n".join(rows) + "\n")
     names = list(pdos)
     table = np.column_stack([e, dos] + [pdos[s] for s in names])
@@ -130,25 +151,44 @@ def predict_structure(structure, model, output, kpts=None, width: float = 0.1,
     sio = io.StringIO()
     np.savetxt(sio, table, delimiter=",", header=header, comments="", fmt="%.8g")
     _write_text(out / "dos.csv", sio.getvalue())
-    plot_dos(out / "dos.png", e, dos, pdos, ef,
-             title=f"{name}: {len(atoms)} atoms, {H.shape[0]} orbitals"
-                   f" ({'KPM' if use_kpm else 'dense'})")
+    plot_dos(
+        out / "dos.png",
+        e,
+        dos,
+        pdos,
+        ef,
+        title=f"{name}: {len(atoms)} atoms, {H.shape[0]} orbitals"
+        f" ({'KPM' if use_kpm else 'dense'})",
+    )
     summary = {
-        "structure": name, "atoms": len(atoms), "orbitals": int(H.shape[0]),
-        "bonds": int(len(pb.pair_i)), "fermi_level_eV": ef, "method": "kpm" if use_kpm else
-        "dense", "kpts": calc.get_ibz_k_points().tolist(),
+        "structure": name,
+        "atoms": len(atoms),
+        "orbitals": int(H.shape[0]),
+        "bonds": int(len(pb.pair_i)),
+        "fermi_level_eV": ef,
+        "method": "kpm" if use_kpm else "dense",
+        "kpts": calc.get_ibz_k_points().tolist(),
         "kpt_weights": calc.get_k_point_weights().tolist(),
-        "n_electrons": calc.get_number_of_electrons(), "width_eV": width,
+        "n_electrons": calc.get_number_of_electrons(),
+        "width_eV": width,
         "units": {"energy": "eV", "length": "Angstrom", "dos": "states/eV per spin"},
-        "timings_s": {"load_model": t1 - t0, "hamiltonian": t2 - t1, "overlap": t3 - t2,
-                      "spectrum": t4 - t3, **{k: v for k, v in pb.timings.items()
-                                              if isinstance(v, float)}},
+        "timings_s": {
+            "load_model": t1 - t0,
+            "hamiltonian": t2 - t1,
+            "overlap": t3 - t2,
+            "spectrum": t4 - t3,
+            **{k: v for k, v in pb.timings.items() if isinstance(v, float)},
+        },
         "model": str(getattr(calc.model, "path", "")),
     }
     _write_text(out / "summary.json", json.dumps(summary, indent=1))
-    log(f"{name}: {len(atoms)} atoms, {H.shape[0]} orbitals, {len(pb.pair_i)} bonds; "
+    log(
+        f"{name}: {len(atoms)} atoms, {H.shape[0]} orbitals, {len(pb.pair_i)} bonds; "
         f"E_F = {ef:.4f} eV; H in {t2 - t1:.2f} s, S in {t3 - t2:.2f} s, spectrum in "
-        f"{t4 - t3:.2f} s ({summary['method']})")
-    log(f"wrote {out}/: hamiltonian.npz overlap.npz blocks.npz "
-        f"{'' if use_kpm else 'eigenvalues.csv '}dos.csv dos.png summary.json")
+        f"{t4 - t3:.2f} s ({summary['method']})"
+    )
+    log(
+        f"wrote {out}/: hamiltonian.npz overlap.npz blocks.npz "
+        f"{'' if use_kpm else 'eigenvalues.csv '}dos.csv dos.png summary.json"
+    )
     return summary

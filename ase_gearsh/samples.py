@@ -1,4 +1,5 @@
 """Reproducible sample structures (used by the benchmarks and the demo)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,9 +22,13 @@ def molecule_snapshots(per_molecule: int, rattle: float, seed: int, names=MOLECU
             q = rng.normal(size=4)
             q /= np.linalg.norm(q)
             a, b, c, d = q
-            rot = np.array([[a*a+b*b-c*c-d*d, 2*(b*c-a*d), 2*(b*d+a*c)],
-                            [2*(b*c+a*d), a*a-b*b+c*c-d*d, 2*(c*d-a*b)],
-                            [2*(b*d-a*c), 2*(c*d+a*b), a*a-b*b-c*c+d*d]])
+            rot = np.array(
+                [
+                    [a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                    [2 * (b * c + a * d), a * a - b * b + c * c - d * d, 2 * (c * d - a * b)],
+                    [2 * (b * d - a * c), 2 * (c * d + a * b), a * a - b * b - c * c + d * d],
+                ]
+            )
             atoms.positions = atoms.positions @ rot.T
             atoms.info["molecule"] = name
             images.append(atoms)

@@ -10,6 +10,7 @@ picks up ``(-1)**l``.
 >>> R = random_rotation(seed=1)
 >>> err = check_block_equivariance(model, atoms, R, inversion=True)   # eV
 """
+
 from __future__ import annotations
 
 import e3x
@@ -22,13 +23,21 @@ from .model.graph import Graph, batch_graphs
 from .model.inference import predictor_for
 from .model.layout import Layout
 
-__all__ = ["random_rotation", "wigner_d", "orbital_rotation", "canonical_rotation",
-           "forward_blocks", "predicted_blocks", "check_block_equivariance"]
+__all__ = [
+    "random_rotation",
+    "wigner_d",
+    "orbital_rotation",
+    "canonical_rotation",
+    "forward_blocks",
+    "predicted_blocks",
+    "check_block_equivariance",
+]
 
 
 def random_rotation(seed: int = 0) -> np.ndarray:
     """A uniformly random proper rotation matrix (3, 3), reproducible from ``seed``."""
     from scipy.spatial.transform import Rotation
+
     return Rotation.random(random_state=seed).as_matrix()
 
 
@@ -37,8 +46,10 @@ def wigner_d(rot, lmax: int, inversion: bool = False) -> np.ndarray:
     builder of the project's tests.  With ``inversion`` the rotation is followed
     by r -> -r (degree l multiplied by (-1)^l)."""
     with jax.enable_x64(True):
-        D = np.asarray(e3x.so3.wigner_d(np.asarray(rot, np.float64), lmax,
-                                        cartesian_order=False), dtype=np.float64)
+        D = np.asarray(
+            e3x.so3.wigner_d(np.asarray(rot, np.float64), lmax, cartesian_order=False),
+            dtype=np.float64,
+        )
     if inversion:
         degree = np.repeat(np.arange(lmax + 1), 2 * np.arange(lmax + 1) + 1)
         D = D * ((-1.0) ** degree)[:, None]
@@ -50,8 +61,9 @@ def orbital_rotation(rot, l_per_atom, inversion: bool = False) -> np.ndarray:
     (``l_per_atom``: the l of every radial function of every atom)."""
     lmax = max((max(ls) for ls in l_per_atom if len(ls)), default=0)
     D = wigner_d(rot, lmax, inversion)
-    return block_diag(*[D[l * l:(l + 1) ** 2, l * l:(l + 1) ** 2]
-                        for ls in l_per_atom for l in ls])
+    return block_diag(
+        *[D[l * l : (l + 1) ** 2, l * l : (l + 1) ** 2] for ls in l_per_atom for l in ls]
+    )
 
 
 def canonical_rotation(rot, layout: Layout, inversion: bool = False) -> np.ndarray:
@@ -59,32 +71,34 @@ def canonical_rotation(rot, layout: Layout, inversion: bool = False) -> np.ndarr
     D_all = wigner_d(rot, layout.lmax, inversion)
     D = np.zeros((layout.n, layout.n))
     for (l, _), start in zip(layout.slots, layout.slot_start):
-        D[start:start + 2 * l + 1, start:start + 2 * l + 1] = \
-            D_all[l * l:(l + 1) ** 2, l * l:(l + 1) ** 2]
+        D[start : start + 2 * l + 1, start : start + 2 * l + 1] = D_all[
+            l * l : (l + 1) ** 2, l * l : (l + 1) ** 2
+        ]
     return D
 
 
-def forward_blocks(model: Model, graph: Graph, atoms_multiple: int = 100,
-                   nl_multiple: int = 10000):
+def forward_blocks(model: Model, graph: Graph, atoms_multiple: int = 100, nl_multiple: int = 10000):
     """Canonical blocks (onsite, pairs) of ``graph`` through the training path
     (:meth:`Model.forward` on one padded batch), float64."""
     b = batch_graphs([graph], atoms_multiple, nl_multiple, with_labels=False)
     with precision():
         on, pr = jax.jit(model.forward)(model.params, model.stats, b)
-    return (np.asarray(on, np.float64)[:graph.n_atoms],
-            np.asarray(pr, np.float64)[:len(graph.pair_i)])
+    return (
+        np.asarray(on, np.float64)[: graph.n_atoms],
+        np.asarray(pr, np.float64)[: len(graph.pair_i)],
+    )
 
 
-def predicted_blocks(model: Model, graph: Graph, edge_chunk: int = 65536,
-                     pair_chunk: int = 1024):
+def predicted_blocks(model: Model, graph: Graph, edge_chunk: int = 65536, pair_chunk: int = 1024):
     """Canonical blocks (onsite, pairs) of ``graph`` through the prediction path
     (:class:`~ase_gearsh.model.inference.Predictor`, chunked), float64."""
     on, pr, _ = predictor_for(model, edge_chunk, pair_chunk).canonical_blocks(graph)
     return np.asarray(on, np.float64), np.asarray(pr, np.float64)
 
 
-def check_block_equivariance(model: Model, atoms, rot, inversion: bool = False,
-                             shift=(0.3, -1.1, 2.0)) -> tuple[float, float]:
+def check_block_equivariance(
+    model: Model, atoms, rot, inversion: bool = False, shift=(0.3, -1.1, 2.0)
+) -> tuple[float, float]:
     """Largest deviation (eV) of on-site and pair blocks of the rotated (and
     translated, optionally inverted) structure from ``D^T H D``.
 
@@ -99,8 +113,9 @@ def check_block_equivariance(model: Model, atoms, rot, inversion: bool = False,
     moved.cell = sign * atoms.cell.array @ rot
     g2 = model.graph(moved)
     on2, pr2 = predicted_blocks(model, g2)
-    assert np.array_equal(g.pair_i, g2.pair_i) and np.array_equal(g.pair_j, g2.pair_j), \
+    assert np.array_equal(g.pair_i, g2.pair_i) and np.array_equal(g.pair_j, g2.pair_j), (
         "the bond list changed under the rotation"
+    )
     assert len(pr) == 0 or np.abs(pr).max() > 1e-3, "pair blocks are trivially zero"
     D = canonical_rotation(rot, model.layout, inversion)
     exp_on = np.einsum("ab,nbc,cd->nad", D.T, on, D)

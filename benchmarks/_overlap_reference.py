@@ -15,6 +15,7 @@ inside model checkpoints: S does not depend on the installed basis files.
 Orbital order is GPAW's (atom, radial function, m); lengths in the public API
 are Angstrom, S is dimensionless.  Matches GPAW's S to ~1e-15 (tests).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,8 +28,15 @@ from ase.units import Bohr
 from ase_gearsh.core.basis import BasisDataError, SpeciesBasis
 from ase_gearsh.core.blocks import block_indices, canonical_orientation
 
-__all__ = ["SpeciesBasis", "OverlapCalculator", "species_from_gpaw", "species_from_setup",
-           "BasisDataError", "splines", "basis_for_registry"]
+__all__ = [
+    "SpeciesBasis",
+    "OverlapCalculator",
+    "species_from_gpaw",
+    "species_from_setup",
+    "BasisDataError",
+    "splines",
+    "basis_for_registry",
+]
 
 
 # GPAW's two-centre evaluator (c/ tci_overlap) drops expansion terms whose radial
@@ -40,8 +48,11 @@ def splines(species: SpeciesBasis, kind: str):
     """GPAW Spline objects of ``kind`` 'basis' or 'projectors' (cached on ``species``)."""
     if kind not in species._splines:
         from gpaw.spline import Spline
-        species._splines[kind] = [Spline.from_data(int(l), float(rmax), np.asarray(f, float))
-                                  for l, rmax, f in getattr(species, kind)]
+
+        species._splines[kind] = [
+            Spline.from_data(int(l), float(rmax), np.asarray(f, float))
+            for l, rmax, f in getattr(species, kind)
+        ]
     return species._splines[kind]
 
 
@@ -51,32 +62,43 @@ def _spline_data(spline) -> tuple[int, float, np.ndarray]:
     return int(spline.get_angular_momentum_number()), rmax, values
 
 
-def species_from_setup(setup, name: str = "", setup_type: str = "paw",
-                       xc: str = "") -> SpeciesBasis:
+def species_from_setup(
+    setup, name: str = "", setup_type: str = "paw", xc: str = ""
+) -> SpeciesBasis:
     """Plain-array description of one GPAW setup (``calc.setups[a]``)."""
     bfs = getattr(setup, "basis_functions_J", None)
     if bfs is None:
         bfs = setup.phit_j
-    return SpeciesBasis(symbol=setup.symbol, valence=float(setup.Nv),
-                        basis=[_spline_data(s) for s in bfs],
-                        projectors=[_spline_data(p) for p in setup.pt_j],
-                        dO=np.array(setup.dO_ii, float), name=name, setup=setup_type, xc=xc)
+    return SpeciesBasis(
+        symbol=setup.symbol,
+        valence=float(setup.Nv),
+        basis=[_spline_data(s) for s in bfs],
+        projectors=[_spline_data(p) for p in setup.pt_j],
+        dO=np.array(setup.dO_ii, float),
+        name=name,
+        setup=setup_type,
+        xc=xc,
+    )
 
 
-def species_from_gpaw(symbols, xc: str = "PBE", basis: str = "szp(dzp)",
-                      setups: str = "paw") -> dict[str, SpeciesBasis]:
+def species_from_gpaw(
+    symbols, xc: str = "PBE", basis: str = "szp(dzp)", setups: str = "paw"
+) -> dict[str, SpeciesBasis]:
     """Build :class:`SpeciesBasis` from the installed GPAW data files.
 
     ``basis`` and ``setups`` take the values of GPAW's keywords of the same name.
     """
     from gpaw.setup import Setups
     from gpaw.xc import XC
+
     symbols = sorted(set(symbols), key=lambda s: atomic_numbers[s])
     try:
         gsetups = Setups([atomic_numbers[s] for s in symbols], setups, basis, XC(xc))
     except (RuntimeError, OSError) as err:
-        raise BasisDataError(f"GPAW could not load setups={setups!r}, basis={basis!r}, "
-                             f"xc={xc!r} for {symbols}: {err}") from None
+        raise BasisDataError(
+            f"GPAW could not load setups={setups!r}, basis={basis!r}, "
+            f"xc={xc!r} for {symbols}: {err}"
+        ) from None
     return {s.symbol: species_from_setup(s, basis, setups, xc) for s in gsetups}
 
 
@@ -89,8 +111,10 @@ class OverlapCalculator:
     """
 
     def __init__(self, species: dict, chunk: int = 50_000):
-        self.species = {k: (v if isinstance(v, SpeciesBasis) else SpeciesBasis.from_dict(v))
-                        for k, v in species.items()}
+        self.species = {
+            k: (v if isinstance(v, SpeciesBasis) else SpeciesBasis.from_dict(v))
+            for k, v in species.items()
+        }
         self.chunk = int(chunk)
         self._expansions: dict = {}
 
@@ -99,31 +123,41 @@ class OverlapCalculator:
         symbols = atoms.get_chemical_symbols()
         missing = sorted(set(symbols) - set(self.species))
         if missing:
-            raise BasisDataError(f"no basis functions for element(s) {missing}; available: "
-                                 f"{sorted(self.species, key=lambda s: atomic_numbers[s])}")
+            raise BasisDataError(
+                f"no basis functions for element(s) {missing}; available: "
+                f"{sorted(self.species, key=lambda s: atomic_numbers[s])}"
+            )
         return symbols
 
     def _transformer(self, present):
         # GPAW's rule (TCIExpansions): one Fourier-Bessel grid for the whole
         # calculation, sized by the longest basis function or projector present.
-        rc = [max([b[1] for b in self.species[s].basis] + [p[1] for p in
-                                                            self.species[s].projectors]
-                  + [1e-3]) for s in present]
+        rc = [
+            max(
+                [b[1] for b in self.species[s].basis]
+                + [p[1] for p in self.species[s].projectors]
+                + [1e-3]
+            )
+            for s in present
+        ]
         return max(rc + [1e-3])
 
     def _expansion(self, kind, s1, s2, rcut):
         key = (kind, s1, s2, rcut)
         if key not in self._expansions:
             from gpaw.lcao.overlap import FourierTransformer, TwoSiteOverlapCalculator
+
             ft_key = ("ft", rcut)
             if ft_key not in self._expansions:
                 self._expansions[ft_key] = TwoSiteOverlapCalculator(
-                    FourierTransformer(rcut=rcut, N=2 ** 10))
+                    FourierTransformer(rcut=rcut, N=2**10)
+                )
             tsoc = self._expansions[ft_key]
             a = splines(self.species[s1], "projectors" if kind == "P" else "basis")
             b = splines(self.species[s2], "basis")
-            tsoe = tsoc.calculate_expansions([f.l for f in a], tsoc.transform(a),
-                                             [f.l for f in b], tsoc.transform(b))
+            tsoe = tsoc.calculate_expansions(
+                [f.l for f in a], tsoc.transform(a), [f.l for f in b], tsoc.transform(b)
+            )
             self._expansions[key] = tsoe
         return self._expansions[key]
 
@@ -132,6 +166,7 @@ class OverlapCalculator:
         """Blocks (P, n1, n2) for displacement vectors (P, 3) in Bohr."""
         from gpaw.sphere.gaunt import gaunt
         from gpaw.sphere.spherical_harmonics import Y
+
         n = len(vec_bohr)
         out = np.zeros((n,) + tsoe.shape)
         if n == 0 or tsoe.oe_jj.size == 0:
@@ -139,17 +174,19 @@ class OverlapCalculator:
         r = np.ascontiguousarray(np.linalg.norm(vec_bohr, axis=1))
         lmax = tsoe.lmaxspline
         x, y, z = vec_bohr.T
-        rlY = np.stack([Y(L, x, y, z) * np.ones(n) for L in range(lmax ** 2)], axis=1) \
-            if lmax else np.ones((n, 1))
+        rlY = (
+            np.stack([Y(L, x, y, z) * np.ones(n) for L in range(lmax**2)], axis=1)
+            if lmax
+            else np.ones((n, 1))
+        )
         G = gaunt(tsoe.lmaxgaunt)
         for x_mm, oe in tsoe.slice(out):
             la, lb = oe.la, oe.lb
             for k, l in enumerate(range((la + lb) % 2, la + lb + 1, 2)):
                 s = oe.spline_l[k].map(r)
                 s[np.abs(s) < _SPLINE_ZERO] = 0.0  # GPAW's C evaluator skips these terms
-                g = G[la * la:(la + 1) ** 2, lb * lb:(lb + 1) ** 2, l * l:(l + 1) ** 2]
-                x_mm += s[:, None, None] * np.einsum("pm,abm->pab", rlY[:, l * l:(l + 1) ** 2],
-                                                     g)
+                g = G[la * la : (la + 1) ** 2, lb * lb : (lb + 1) ** 2, l * l : (l + 1) ** 2]
+                x_mm += s[:, None, None] * np.einsum("pm,abm->pab", rlY[:, l * l : (l + 1) ** 2], g)
         return out
 
     @staticmethod
@@ -163,9 +200,12 @@ class OverlapCalculator:
         if half:  # on-site blocks (i, i, 0) are added separately
             return i[keep], j[keep], S[keep], D[keep]
         ar = np.arange(n)
-        return (np.concatenate([ar, i[keep]]), np.concatenate([ar, j[keep]]),
-                np.concatenate([np.zeros((n, 3), int), S[keep]]),
-                np.concatenate([np.zeros((n, 3)), D[keep]]))
+        return (
+            np.concatenate([ar, i[keep]]),
+            np.concatenate([ar, j[keep]]),
+            np.concatenate([np.zeros((n, 3), int), S[keep]]),
+            np.concatenate([np.zeros((n, 3)), D[keep]]),
+        )
 
     def _blocks(self, kind, atoms, symbols, i, j, D, rcut):
         """Evaluate all blocks grouped by species pair; yields (index array, blocks)."""
@@ -177,7 +217,7 @@ class OverlapCalculator:
                     continue
                 tsoe = self._expansion(kind, s1, s2, rcut)
                 for c in range(0, len(sel), self.chunk):
-                    part = sel[c:c + self.chunk]
+                    part = sel[c : c + self.chunk]
                     yield part, self._evaluate(tsoe, D[part] / Bohr)
 
     def overlap(self, atoms: Atoms, kpts=None, parts: bool = False):
@@ -206,9 +246,15 @@ class OverlapCalculator:
         oi, oj, oS, oD = self._pairs(neigh, rc, rc, half=True)
         o_rows, o_cols, o_vals, o_shift_blk = [], [], [], []
         ar = np.arange(nat)
-        for idx, blocks in self._blocks("O", atoms, symbols, np.concatenate([ar, oi]),
-                                        np.concatenate([ar, oj]),
-                                        np.concatenate([np.zeros((nat, 3)), oD]), rcut):
+        for idx, blocks in self._blocks(
+            "O",
+            atoms,
+            symbols,
+            np.concatenate([ar, oi]),
+            np.concatenate([ar, oj]),
+            np.concatenate([np.zeros((nat, 3)), oD]),
+            rcut,
+        ):
             ii = np.concatenate([ar, oi])[idx]
             jj = np.concatenate([ar, oj])[idx]
             r, c, b = block_indices(nao[ii], nao[jj], M0[ii], M0[jj])
@@ -235,9 +281,13 @@ class OverlapCalculator:
         p_cols = np.concatenate(p_cols) if p_cols else np.zeros(0, int)
         p_vals = np.concatenate(p_vals) if p_vals else np.zeros(0)
         p_blk = np.concatenate(p_blk) if p_blk else np.zeros(0, int)
-        dO = sp.block_diag([self.species[s].dO for s in symbols if
-                            self.species[s].n_projectors], format="csr") \
-            if I0[-1] else sp.csr_matrix((0, 0))
+        dO = (
+            sp.block_diag(
+                [self.species[s].dO for s in symbols if self.species[s].n_projectors], format="csr"
+            )
+            if I0[-1]
+            else sp.csr_matrix((0, 0))
+        )
 
         nM, nI = int(M0[-1]), int(I0[-1])
         out = []
@@ -250,10 +300,12 @@ class OverlapCalculator:
                 ph_o = np.exp(2j * np.pi * (shifts @ k))
                 ph_p = np.exp(2j * np.pi * (pS @ k))
             vo = o_vals * ph_o[o_pair]
-            half = sp.coo_matrix((vo[~onsite], (o_rows[~onsite], o_cols[~onsite])),
-                                 shape=(nM, nM)).tocsr()
-            diag = sp.coo_matrix((vo[onsite], (o_rows[onsite], o_cols[onsite])),
-                                 shape=(nM, nM)).tocsr()
+            half = sp.coo_matrix(
+                (vo[~onsite], (o_rows[~onsite], o_cols[~onsite])), shape=(nM, nM)
+            ).tocsr()
+            diag = sp.coo_matrix(
+                (vo[onsite], (o_rows[onsite], o_cols[onsite])), shape=(nM, nM)
+            ).tocsr()
             O = diag + half + half.conj().T
             P = sp.coo_matrix((p_vals * ph_p[p_blk], (p_rows, p_cols)), shape=(nI, nM)).tocsr()
             P.eliminate_zeros()  # terms GPAW's evaluator drops: fewer products below
@@ -272,8 +324,10 @@ def basis_for_registry(registry, xc: str, setups="paw") -> dict:
     """{symbol: SpeciesBasis} from the installed GPAW data, checked against the
     registry's basis names, angular momenta and radii (Angstrom, 1e-6)."""
     if not isinstance(setups, str):
-        raise BasisDataError(f"setups={setups!r}: only one setup type for all elements "
-                             f"(a string such as 'paw') is supported")
+        raise BasisDataError(
+            f"setups={setups!r}: only one setup type for all elements "
+            f"(a string such as 'paw') is supported"
+        )
     out = {}
     for e in registry.species:
         sb = species_from_gpaw([e["symbol"]], xc=xc, basis=e["name"], setups=setups)
@@ -282,6 +336,7 @@ def basis_for_registry(registry, xc: str, setups="paw") -> dict:
             raise BasisDataError(
                 f"{e['symbol']}: the installed GPAW basis {e['name']!r} has l={sb.l}, "
                 f"rc={sb.rc:.6f} A but the training data used l={list(e['l'])}, "
-                f"rc={e['rc']:.6f} A; install the GPAW data the dataset was made with")
+                f"rc={e['rc']:.6f} A; install the GPAW data the dataset was made with"
+            )
         out[e["symbol"]] = sb
     return out

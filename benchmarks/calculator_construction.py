@@ -8,19 +8,36 @@ and the compiled network and overlap tables are shared per model, so only the
 first construction reads the file; later ones cost milliseconds.  "Scoring" a
 molecule is H, S, the eigenvalues and the Fermi level.
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
 
-MOLECULES = ["CH4", "H2O", "NH3", "CH3OH", "C2H6", "HCOOH", "CH3CHO", "C2H4", "HCN",
-             "CH3CN", "H2CO", "CO2", "N2", "C2H2", "CH3OCH3"]
+MOLECULES = [
+    "CH4",
+    "H2O",
+    "NH3",
+    "CH3OH",
+    "C2H6",
+    "HCOOH",
+    "CH3CHO",
+    "C2H4",
+    "HCN",
+    "CH3CN",
+    "H2CO",
+    "CO2",
+    "N2",
+    "C2H2",
+    "CH3OCH3",
+]
 
 
 def molecules(n: int, seed: int = 0):
     """``n`` rattled small molecules (C, H, N, O), cycling over ``MOLECULES``."""
     from ase.build import molecule
+
     out = []
     for k in range(n):
         a = molecule(MOLECULES[k % len(MOLECULES)])
@@ -40,6 +57,7 @@ def main(argv=None):
 
     from ase_gearsh import GearsHCalculator
     from ase_gearsh.model.coverage import ExtrapolationWarning
+
     warnings.simplefilter("ignore", ExtrapolationWarning)
 
     t = time.perf_counter()
@@ -53,8 +71,10 @@ def main(argv=None):
         assert calc.model is first.model
     print(f"model {a.model}")
     print(f"first construction (loads the checkpoint):  {1e3 * t_first:9.1f} ms")
-    print(f"construction on the loaded model (median of {a.repeat}): "
-          f"{1e3 * statistics.median(times):9.3f} ms")
+    print(
+        f"construction on the loaded model (median of {a.repeat}): "
+        f"{1e3 * statistics.median(times):9.3f} ms"
+    )
 
     images = molecules(a.molecules)
     warm = images[0].copy()  # compile the network once, outside the timing
@@ -72,10 +92,12 @@ def main(argv=None):
         per.append(time.perf_counter() - t1)
     total = time.perf_counter() - t
     formulas = sorted({x.get_chemical_formula() for x in images})
-    print(f"{len(images)} molecules ({len(formulas)} kinds, {min(len(x) for x in images)}-"
-          f"{max(len(x) for x in images)} atoms), one new calculator each: {total:.2f} s "
-          f"({1e3 * total / len(images):.1f} ms per molecule, median "
-          f"{1e3 * statistics.median(per):.1f} ms, max {1e3 * max(per):.1f} ms)")
+    print(
+        f"{len(images)} molecules ({len(formulas)} kinds, {min(len(x) for x in images)}-"
+        f"{max(len(x) for x in images)} atoms), one new calculator each: {total:.2f} s "
+        f"({1e3 * total / len(images):.1f} ms per molecule, median "
+        f"{1e3 * statistics.median(per):.1f} ms, max {1e3 * max(per):.1f} ms)"
+    )
 
 
 if __name__ == "__main__":

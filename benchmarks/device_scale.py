@@ -11,6 +11,7 @@ size (another seed) shows the cost without compilation (same shape bucket).
 Spectra are not timed here: a random model has no physical spectrum (see
 ``kpm_accuracy.py`` for KPM against dense diagonalisation with a trained model).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,6 @@ import resource
 import sys
 import time
 from pathlib import Path
-
 
 sys.path.insert(0, str(Path(__file__).parent))
 from device_structure import build_device  # noqa: E402
@@ -31,18 +31,27 @@ def rss_gib() -> float:
 
 
 def paper_model(seed: int = 0, readout_fused_tensor: bool = True):
-    from ase_gearsh.training.config import check_config, model_settings
+    from ase_gearsh.core.basis import Registry
     from ase_gearsh.model.engine import Model, pair_cutoff_matrix
     from ase_gearsh.model.layout import Layout
-    from ase_gearsh.core.basis import Registry
     from ase_gearsh.model.statistics import neutral_statistics
+    from ase_gearsh.training.config import check_config, model_settings
     from gpaw_tools.overlap import species_from_gpaw
+
     basis = species_from_gpaw(ELEMENTS, xc="PBE", basis="szp(dzp)")
-    reg = Registry.from_basis({s: {"l": b.l, "rc": b.rc, "name": "szp(dzp)",
-                                   "projector_rc": b.projector_rc} for s, b in basis.items()})
+    reg = Registry.from_basis(
+        {
+            s: {"l": b.l, "rc": b.rc, "name": "szp(dzp)", "projector_rc": b.projector_rc}
+            for s, b in basis.items()
+        }
+    )
     lay = Layout(reg)
-    cfg = check_config({"data": {"train_data_path": "unused"},  # paper defaults
-                        "model": {"mlp": {"readout_fused_tensor": readout_fused_tensor}}})
+    cfg = check_config(
+        {
+            "data": {"train_data_path": "unused"},  # paper defaults
+            "model": {"mlp": {"readout_fused_tensor": readout_fused_tensor}},
+        }
+    )
     settings = model_settings(cfg, reg.n_species, lay.lmax_out, lay.n_features)
     stats = neutral_statistics(lay, pair_cutoff_matrix(reg, settings["bond_cutoff"]))
     model = Model(settings, reg, stats, None, cfg)
@@ -54,6 +63,7 @@ def paper_model(seed: int = 0, readout_fused_tensor: bool = True):
 
 def time_prediction(model, atoms, compiles, label):
     from ase_gearsh import GearsHCalculator
+
     calc = GearsHCalculator(model, warn_extrapolation=False, progress=True)
     atoms.calc = calc
     n0, c0 = compiles["n"], compiles["seconds"]
@@ -65,18 +75,22 @@ def time_prediction(model, atoms, compiles, label):
     S = calc.get_overlap()
     t3 = time.perf_counter()
     tm = pb.timings
-    print(f"\n[{label}] {len(atoms)} atoms ({atoms.get_chemical_formula()}), "
-          f"{pb.n_orbitals} orbitals, {tm['n_edges']} edges, {tm['n_bonds']} bonds "
-          f"(x2 orientations), atoms padded to {tm['atoms_padded']}, chunks: edges "
-          f"{tm['edge_chunk']}, bonds {tm['pair_chunk']}")
+    print(
+        f"\n[{label}] {len(atoms)} atoms ({atoms.get_chemical_formula()}), "
+        f"{pb.n_orbitals} orbitals, {tm['n_edges']} edges, {tm['n_bonds']} bonds "
+        f"(x2 orientations), atoms padded to {tm['atoms_padded']}, chunks: edges "
+        f"{tm['edge_chunk']}, bonds {tm['pair_chunk']}"
+    )
     print(f"  neighbour list      {tm['neighbour_list']:7.2f} s")
     print(f"  network: atoms      {tm['atoms']:7.2f} s   (edge density + descriptors + on-site)")
     print(f"  network: bonds      {tm['bonds']:7.2f} s")
     print(f"  to GPAW order       {tm['to_gpaw_order']:7.2f} s")
     print(f"  sparse H assembly   {t2 - t1:7.2f} s   (nnz {H.nnz:,})")
     print(f"  exact sparse S      {t3 - t2:7.2f} s   (nnz {S.nnz:,})")
-    print(f"  total               {t3 - t0:7.2f} s   of which XLA compilation "
-          f"{compiles['seconds'] - c0:.2f} s in {compiles['n'] - n0} compilations")
+    print(
+        f"  total               {t3 - t0:7.2f} s   of which XLA compilation "
+        f"{compiles['seconds'] - c0:.2f} s in {compiles['n'] - n0} compilations"
+    )
     print(f"  peak memory (max RSS so far) {rss_gib():.2f} GiB")
     return calc
 
@@ -84,25 +98,35 @@ def time_prediction(model, atoms, compiles, label):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--atoms", type=int, default=4000)
-    p.add_argument("--unfused-readout", action="store_true",
-                   help="model.mlp.readout_fused_tensor: false (the slower readouts)")
+    p.add_argument(
+        "--unfused-readout",
+        action="store_true",
+        help="model.mlp.readout_fused_tensor: false (the slower readouts)",
+    )
     args = p.parse_args(argv)
     import jax
-
     from compilations import compilation_counter
+
     compiles = compilation_counter()
     print(f"JAX {jax.__version__} on {jax.devices()}; {__import__('os').cpu_count()} CPU cores")
     t = time.perf_counter()
     model = paper_model(readout_fused_tensor=not args.unfused_readout)
     from ase_gearsh.model.network import count_parameters
-    print(f"paper configuration, random weights: {count_parameters(model.params):,} parameters, "
-          f"{model.layout.n} canonical orbitals/atom, built in {time.perf_counter() - t:.1f} s")
+
+    print(
+        f"paper configuration, random weights: {count_parameters(model.params):,} parameters, "
+        f"{model.layout.n} canonical orbitals/atom, built in {time.perf_counter() - t:.1f} s"
+    )
     for k, seed in enumerate((0, 1)):
         t = time.perf_counter()
         atoms = build_device(args.atoms, seed=seed)
         print(f"\nstructure (seed {seed}) built in {time.perf_counter() - t:.2f} s")
-        calc = time_prediction(model, atoms, compiles, "first call, compiles" if k == 0 else
-                               "same size bucket, no compilation")
+        calc = time_prediction(
+            model,
+            atoms,
+            compiles,
+            "first call, compiles" if k == 0 else "same size bucket, no compilation",
+        )
         del calc, atoms
 
 

@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (long lines: the usage line and a few formulas read better unwrapped)
 """Device-like benchmark structure: amorphous HfO2 (a few Ni on Hf sites) under a 2H-WSe2 monolayer.
 
     python benchmarks/device_structure.py [--atoms 4000] [--seed 0] [--ni-fraction 0.03] [-o device.extxyz]
@@ -13,6 +14,7 @@ Only meant as input for timing benchmarks of the tight-binding model (no DFT, no
   pushed apart until every minimum distance holds (RuntimeError if that fails: density too high).
 * Device: oxide at the bottom, WSe2 `gap` A above the top-most oxide atom, vacuum above; pbc in x, y, z.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +29,7 @@ from ase.io import write
 from ase.neighborlist import neighbor_list
 from scipy.spatial import cKDTree
 
-SE_HEIGHT = 3.34                          # Se-Se distance across the layer; W sits in the midplane
+SE_HEIGHT = 3.34  # Se-Se distance across the layer; W sits in the midplane
 CUT = np.array([[3.1, 1.9], [1.9, 2.4]])  # minimum distances; species 0 = Hf (or Ni), 1 = O
 AVOGADRO = 6.02214076e23
 
@@ -39,10 +41,19 @@ def wse2_layer(nx: int, ny: int, a: float = 3.32, z0: float = 0.0) -> Atoms:
     The cell has 10 A of vacuum above the top Se plane; pbc = (True, True, False).
     """
     b, zw, zt = a * np.sqrt(3), z0 + SE_HEIGHT / 2, z0 + SE_HEIGHT
-    unit = Atoms("W2Se4", pbc=(True, True, False), cell=[a, b, zt + 10.0],
-                 positions=[(0, 0, zw), (a / 2, b / 2, zw),
-                            (a / 2, b / 6, z0), (a / 2, b / 6, zt),
-                            (0, 2 * b / 3, z0), (0, 2 * b / 3, zt)])
+    unit = Atoms(
+        "W2Se4",
+        pbc=(True, True, False),
+        cell=[a, b, zt + 10.0],
+        positions=[
+            (0, 0, zw),
+            (a / 2, b / 2, zw),
+            (a / 2, b / 6, z0),
+            (a / 2, b / 6, zt),
+            (0, 2 * b / 3, z0),
+            (0, 2 * b / 3, zt),
+        ],
+    )
     return unit.repeat((nx, ny, 1))
 
 
@@ -82,7 +93,9 @@ def _insert(counts, box, rng, batch=512, min_accept=2, anchor=0.9, shell=0.3):
             if n:
                 m = np.flatnonzero(rng.random(batch) < anchor)
                 a, v = rng.integers(0, n, len(m)), rng.normal(size=(len(m), 3))
-                v *= ((CUT[sp, typ[a]] + shell * rng.random(len(m))) / np.linalg.norm(v, axis=1))[:, None]
+                v *= ((CUT[sp, typ[a]] + shell * rng.random(len(m))) / np.linalg.norm(v, axis=1))[
+                    :, None
+                ]
                 P[m] = pos[a] + v
                 P[:, :2] %= box[:2]
                 P[:, 2] = np.clip(P[:, 2], 0.0, box[2])
@@ -97,7 +110,10 @@ def _insert(counts, box, rng, batch=512, min_accept=2, anchor=0.9, shell=0.3):
             acc = []  # survivors must also keep apart from each other
             for q in np.flatnonzero(~bad):
                 dq = _wrap(P[acc] - P[q], box)
-                if len(acc) < need[sp] and not (np.einsum("ij,ij->i", dq, dq) < CUT[sp, sp] ** 2).any():
+                if (
+                    len(acc) < need[sp]
+                    and not (np.einsum("ij,ij->i", dq, dq) < CUT[sp, sp] ** 2).any()
+                ):
                     acc.append(q)
             need[sp] -= len(acc)
             new = np.arange(n, n + len(acc))
@@ -126,12 +142,20 @@ def _separate(pos, typ, box, max_iter=500, margin=0.01):
         np.add.at(pos, pairs[v, 1], shift)
         np.add.at(pos, pairs[v, 0], -shift)
         pos[:, 2] = np.clip(pos[:, 2], 0.0, box[2])
-    raise RuntimeError(f"cannot reach the requested density: {v.sum()} pairs still violate the "
-                       f"minimum distances after {max_iter} sweeps; lower the density")
+    raise RuntimeError(
+        f"cannot reach the requested density: {v.sum()} pairs still violate the "
+        f"minimum distances after {max_iter} sweeps; lower the density"
+    )
 
 
-def amorphous_hfo2(cell_xy: tuple[float, float], thickness: float, density: float = 9.0,
-                   ni_fraction: float = 0.03, seed: int = 0, z0: float = 0.0) -> Atoms:
+def amorphous_hfo2(
+    cell_xy: tuple[float, float],
+    thickness: float,
+    density: float = 9.0,
+    ni_fraction: float = 0.03,
+    seed: int = 0,
+    z0: float = 0.0,
+) -> Atoms:
     """Random Hf:O = 1:2 packing of a cell_xy[0] x cell_xy[1] x thickness box at `density` g/cm3.
 
     Atoms lie in z0 <= z <= z0 + thickness; cell z = z0 + thickness, pbc = (True, True, False).
@@ -150,12 +174,21 @@ def amorphous_hfo2(cell_xy: tuple[float, float], thickness: float, density: floa
     symbols = np.where(typ == 0, "Hf", "O").astype(object)  # Ni: random Hf sites
     n_ni = min(n_hf, max(1, round(ni_fraction * n_hf))) if ni_fraction > 0 else 0
     symbols[rng.choice(np.flatnonzero(typ == 0), n_ni, replace=False)] = "Ni"
-    return Atoms(symbols=list(symbols), positions=pos + [0.0, 0.0, z0],
-                 cell=[box[0], box[1], z0 + thickness], pbc=(True, True, False))
+    return Atoms(
+        symbols=list(symbols),
+        positions=pos + [0.0, 0.0, z0],
+        cell=[box[0], box[1], z0 + thickness],
+        pbc=(True, True, False),
+    )
 
 
-def build_device(n_atoms: int = 4000, seed: int = 0, ni_fraction: float = 0.03,
-                 vacuum: float = 8.0, gap: float = 3.0) -> Atoms:
+def build_device(
+    n_atoms: int = 4000,
+    seed: int = 0,
+    ni_fraction: float = 0.03,
+    vacuum: float = 8.0,
+    gap: float = 3.0,
+) -> Atoms:
     """HfO2:Ni slab (9.0 g/cm3) under 2H-WSe2, about n_atoms atoms (within a few atoms).
 
     The lateral size L solves sigma*L^2 + rho*L^3/2 = n_atoms (slab about L/2 thick); the
@@ -177,8 +210,10 @@ def build_device(n_atoms: int = 4000, seed: int = 0, ni_fraction: float = 0.03,
     atoms += wse2_layer(nx, ny, a, z0=z_top + gap)
     atoms.set_cell([nx * a, ny * b, z_top + gap + SE_HEIGHT + vacuum])
     atoms.pbc = True
-    desc = (f"amorphous HfO2:Ni ({density} g/cm3, {thickness:.2f} A) under 2H-WSe2 "
-            f"({nx}x{ny} rectangular cells), gap {gap} A, vacuum {vacuum} A")
+    desc = (
+        f"amorphous HfO2:Ni ({density} g/cm3, {thickness:.2f} A) under 2H-WSe2 "
+        f"({nx}x{ny} rectangular cells), gap {gap} A, vacuum {vacuum} A"
+    )
     atoms.info = {"description": desc, "seed": seed}
     return atoms
 
@@ -199,7 +234,9 @@ def main(argv=None):
     print(f"atoms       {len(atoms)} (target {args.atoms})")
     print("composition", dict(sorted(Counter(atoms.get_chemical_symbols()).items())))
     print("cell (A)    ", np.round(atoms.cell.lengths(), 3).tolist())
-    print(f"oxide       {oxide.get_masses().sum() / AVOGADRO / volume:.3f} g/cm3, {np.ptp(z):.2f} A thick")
+    print(
+        f"oxide       {oxide.get_masses().sum() / AVOGADRO / volume:.3f} g/cm3, {np.ptp(z):.2f} A thick"
+    )
     print(f"min dist    {neighbor_list('d', atoms, 3.5).min():.3f} A")
     print(f"time        {elapsed:.2f} s")
 

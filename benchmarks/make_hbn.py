@@ -7,6 +7,7 @@ Writes ``OUT_DIR/hbn.extxyz``, runs GPAW LCAO (szp(dzp), PBE, h = 0.2 A) on a
 Gamma-centred 5x5x1 grid with symmetry off through ``gpaw_tools.generate`` and
 extracts H(R), S(R) to ``OUT_DIR/dataset``.  Resumable.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ from ase.build import graphene
 from ase.io import write
 
 
-def cells(n: int, seed: int, strain: float = 0.03, rattle: float = 0.07,
-          vacancy_fraction: float = 0.25):
+def cells(
+    n: int, seed: int, strain: float = 0.03, rattle: float = 0.07, vacancy_fraction: float = 0.25
+):
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -49,9 +51,24 @@ def main(argv=None):
     xyz = out / "hbn.extxyz"
     if not xyz.exists():
         write(xyz, cells(args.n, args.seed))
-    return subprocess.call([sys.executable, "-m", "gpaw_tools.generate", str(xyz), "-o",
-                            str(out / "runs"), "--kpts", "5", "5", "1", "--jobs",
-                            str(args.jobs), "--extract", str(out / "dataset")])
+    return subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "gpaw_tools.generate",
+            str(xyz),
+            "-o",
+            str(out / "runs"),
+            "--kpts",
+            "5",
+            "5",
+            "1",
+            "--jobs",
+            str(args.jobs),
+            "--extract",
+            str(out / "dataset"),
+        ]
+    )
 
 
 if __name__ == "__main__":

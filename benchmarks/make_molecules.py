@@ -7,6 +7,7 @@ Gamma point; the paper's settings) for every snapshot through
 ``gpaw_tools.generate`` and extracts the blocks to ``OUT_DIR/dataset``.
 Resumable: re-running skips finished structures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,18 @@ def main(argv=None):
     xyz = out / "molecules.extxyz"
     if not xyz.exists():
         write(xyz, snapshots(args.per_molecule, args.rattle, args.seed))
-    cmd = [sys.executable, "-m", "gpaw_tools.generate", str(xyz), "-o", str(out / "runs"),
-           "--jobs", str(args.jobs), "--extract", str(out / "dataset")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gpaw_tools.generate",
+        str(xyz),
+        "-o",
+        str(out / "runs"),
+        "--jobs",
+        str(args.jobs),
+        "--extract",
+        str(out / "dataset"),
+    ]
     return subprocess.call(cmd)
 
 

@@ -10,6 +10,7 @@ a small warm-up structure, so only the per-structure work is timed).  Printed: t
 their ratio, the peak memory allocated during each call (tracemalloc: numpy arrays),
 the max RSS of the process, nnz and max |S_new - S_old|.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,13 @@ def timed(calc, atoms, repeat: int):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--atoms", type=int, nargs="+", default=[1000, 4000],
-                   help="structure sizes (e.g. 200 for a quick run)")
+    p.add_argument(
+        "--atoms",
+        type=int,
+        nargs="+",
+        default=[1000, 4000],
+        help="structure sizes (e.g. 200 for a quick run)",
+    )
     p.add_argument("--repeat", type=int, default=1, help="runs per implementation (best)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-reference", action="store_true", help="time the new code only")
@@ -62,6 +68,7 @@ def main(argv=None):
     import _overlap_reference as reference
 
     from gpaw_tools import overlap as new
+
     species = new.species_from_gpaw(ELEMENTS, xc="PBE", basis="szp(dzp)")
     calcs = {"new": new.OverlapCalculator(species)}
     if not args.no_reference:
@@ -75,13 +82,18 @@ def main(argv=None):
         for name, calc in calcs.items():
             res[name] = timed(calc, atoms, args.repeat)
             t, S, peak = res[name]
-            print(f"{len(atoms):5d} atoms, {S.shape[0]} orbitals  {name}: {t:7.2f} s, "
-                  f"peak allocated {peak / 2**30:5.2f} GiB, nnz {S.nnz:,}", flush=True)
+            print(
+                f"{len(atoms):5d} atoms, {S.shape[0]} orbitals  {name}: {t:7.2f} s, "
+                f"peak allocated {peak / 2**30:5.2f} GiB, nnz {S.nnz:,}",
+                flush=True,
+            )
         if "old" in res:
             (t1, S1, _), (t0, S0, _) = res["new"], res["old"]
             diff = abs(S1 - S0).max()
-            print(f"{len(atoms):5d} atoms  speed-up {t0 / t1:.1f}x, max |S_new - S_old| "
-                  f"= {diff:.2e}", flush=True)
+            print(
+                f"{len(atoms):5d} atoms  speed-up {t0 / t1:.1f}x, max |S_new - S_old| = {diff:.2e}",
+                flush=True,
+            )
         del res
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"max RSS of the process {rss:.2f} GiB")

@@ -8,6 +8,7 @@ szp(dzp) basis sets; the paper reports 82,909), then for a short training run on
 DATASET the number of XLA compilations and their total time, the time of the
 first epoch (compilation included) and the steady-state structures per second.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,18 +22,24 @@ HERE = Path(__file__).parent
 
 
 def paper_parameter_count() -> int:
-    from ase_gearsh.training.config import check_config, model_settings
+    from ase_gearsh.core.basis import Registry
     from ase_gearsh.model.engine import Model
     from ase_gearsh.model.layout import Layout
-    from ase_gearsh.core.basis import Registry
     from ase_gearsh.model.network import count_parameters
+    from ase_gearsh.training.config import check_config, model_settings
+
     # l of the szp(dzp) radial functions in GPAW's basis order
-    reg = Registry.from_basis({"W": {"l": [0, 0, 1, 1, 2, 1], "rc": 6.84, "name": "szp(dzp)"},
-                               "Se": {"l": [0, 1, 2], "rc": 3.84, "name": "szp(dzp)"}})
+    reg = Registry.from_basis(
+        {
+            "W": {"l": [0, 0, 1, 1, 2, 1], "rc": 6.84, "name": "szp(dzp)"},
+            "Se": {"l": [0, 1, 2], "rc": 3.84, "name": "szp(dzp)"},
+        }
+    )
     lay = Layout(reg)
     cfg = check_config({"data": {"train_data_path": "unused"}})
-    model = Model(model_settings(cfg, reg.n_species, lay.lmax_out, lay.n_features), reg, {},
-                  None, cfg)
+    model = Model(
+        model_settings(cfg, reg.n_species, lay.lmax_out, lay.n_features), reg, {}, None, cfg
+    )
     return count_parameters(model.init_params(0)), lay
 
 
@@ -44,16 +51,19 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     n, lay = paper_parameter_count()
-    print(f"paper WSe2-like configuration: {n:,} parameters (paper: 82,909); output irreps "
-          f"{lay.irreps_shape}, {lay.n} canonical orbitals per atom")
+    print(
+        f"paper WSe2-like configuration: {n:,} parameters (paper: 82,909); output irreps "
+        f"{lay.irreps_shape}, {lay.n} canonical orbitals per atom"
+    )
 
     import jax
-
     from compilations import compilation_counter
+
     compiles = compilation_counter()
 
     from ase_gearsh.model.checkpoint import load_checkpoint
     from ase_gearsh.training.train import train
+
     cfg = yaml.safe_load(Path(args.config).read_text())
     cfg["data"]["train_data_path"] = args.dataset
     cfg["training"] = dict(cfg.get("training", {}), n_epochs=args.epochs, max_minutes=None)
@@ -65,13 +75,19 @@ def main(argv=None):
     hist = ck["extra"]["history"]
     n_train = ck["extra"]["n_train"]
     steady = [h["seconds"] for h in hist[1:]] or [hist[0]["seconds"]]
-    print(f"training set: {n_train} structures, batch {cfg['data']['batch_size']}, "
-          f"bond_fraction {cfg['data'].get('bond_fraction', 1.0)}")
+    print(
+        f"training set: {n_train} structures, batch {cfg['data']['batch_size']}, "
+        f"bond_fraction {cfg['data'].get('bond_fraction', 1.0)}"
+    )
     print(f"XLA compilations: {compiles['n']} ({compiles['seconds']:.1f} s in total)")
-    print(f"epoch 1 (with compilation): {hist[0]['seconds']:.1f} s; later epochs: "
-          f"{sum(steady) / len(steady):.1f} s each")
-    print(f"throughput: {n_train / (sum(steady) / len(steady)):.1f} structures/s "
-          f"(epoch time, validation included); whole run {wall:.1f} s for {len(hist)} epochs")
+    print(
+        f"epoch 1 (with compilation): {hist[0]['seconds']:.1f} s; later epochs: "
+        f"{sum(steady) / len(steady):.1f} s each"
+    )
+    print(
+        f"throughput: {n_train / (sum(steady) / len(steady)):.1f} structures/s "
+        f"(epoch time, validation included); whole run {wall:.1f} s for {len(hist)} epochs"
+    )
     print(f"devices: {jax.devices()}")
 
 

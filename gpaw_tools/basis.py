@@ -1,4 +1,5 @@
 """Basis-set metadata from a GPAW calculator: orbital counts, l, cut-off radii."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,9 @@ def setup_basis(setup, default_name: str | None = None) -> dict:
     name = getattr(getattr(setup, "basis", None), "name", None) or default_name
     sb = species_from_setup(setup, name=name)
     if int(setup.nao) != sb.n_orbitals:
-        raise RuntimeError(f"{setup.symbol}: {int(setup.nao)} orbitals but radial functions "
-                           f"with l = {sb.l}")
+        raise RuntimeError(
+            f"{setup.symbol}: {int(setup.nao)} orbitals but radial functions with l = {sb.l}"
+        )
     return sb.summary()
 
 
@@ -41,7 +43,8 @@ def calculator_basis(calc) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
         if known != info:
             raise ValueError(
                 f"atoms of {info['symbol']} use different basis sets ({known['name']} and "
-                f"{info['name']}); one basis per species is required")
+                f"{info['name']}); one basis per species is required"
+            )
         counts.append(info["n_orbitals"])
         rc.append(max(info["rc"]))
         rp.append(info["projector_rc"])

@@ -10,6 +10,7 @@
 4. writes ``bands.png`` (chain bands, H(R) vs GPAW) and ``blocks.png`` (block
    size against pair distance: how far H and S reach).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,16 @@ from .generate import RunSettings, generate, read_structures
 def _structures():
     from ase import Atoms
     from ase.build import molecule
+
     water = molecule("H2O")
     methanol = molecule("CH3OH")
     methanol.rattle(0.05, seed=1)
-    chain = Atoms("C2H2", positions=[[0, 0, 0], [0.7, 0.1, 1.23], [-0.95, -0.1, -0.1],
-                                     [1.65, 0.25, 1.3]],
-                  cell=[8, 8, 2.46], pbc=[False, False, True])
+    chain = Atoms(
+        "C2H2",
+        positions=[[0, 0, 0], [0.7, 0.1, 1.23], [-0.95, -0.1, -0.1], [1.65, 0.25, 1.3]],
+        cell=[8, 8, 2.46],
+        pbc=[False, False, True],
+    )
     chain.center(axis=(0, 1))
     return [water, methanol], chain
 
@@ -54,15 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     runs = out / "runs"
     print("1. GPAW LCAO runs (szp(dzp), PBE, h=0.2 A)")
     r1 = generate(read_structures([out / "molecules.extxyz"]), runs, RunSettings())
-    r2 = generate(read_structures([out / "chain.extxyz"]), runs,
-                  RunSettings(kpts=(1, 1, 13)))
+    r2 = generate(read_structures([out / "chain.extxyz"]), runs, RunSettings(kpts=(1, 1, 13)))
     failed = r1[2] + r2[2]
     if failed:
         print(f"GPAW runs failed: {failed}", file=sys.stderr)
         return 1
     t_gpaw = time.perf_counter() - t0
-    print(f"   done in {t_gpaw:.1f} s ({len(r1[0]) + len(r2[0])} run, "
-          f"{len(r1[1]) + len(r2[1])} reused)")
+    print(
+        f"   done in {t_gpaw:.1f} s ({len(r1[0]) + len(r2[0])} run, "
+        f"{len(r1[1]) + len(r2[1])} reused)"
+    )
 
     print("2. extraction: python -m gpaw_tools.extract runs/*.gpw -o dataset")
     gpws = sorted(runs.glob("*.gpw"))
@@ -75,15 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     ds = Dataset(out / "dataset")
 
     print("3. checks against GPAW")
-    print(f"   {'structure':<16}{'k-grid':>10}{'orbitals':>10}{'pairs':>8}"
-          f"{'max |dH| (eV)':>16}{'max |d eps| (eV)':>18}")
+    print(
+        f"   {'structure':<16}{'k-grid':>10}{'orbitals':>10}{'pairs':>8}"
+        f"{'max |dH| (eV)':>16}{'max |d eps| (eV)':>18}"
+    )
     for s in ds:
         c = s.meta["checks"]
-        print(f"   {s.path.stem:<16}{'x'.join(map(str, s.meta['kgrid'])):>10}"
-              f"{s.n_orbitals:>10}{len(s.arrays['pair_ij']):>8}"
-              f"{c['max_matrix_error']:>16.1e}{c['max_eigenvalue_error']:>18.1e}")
+        print(
+            f"   {s.path.stem:<16}{'x'.join(map(str, s.meta['kgrid'])):>10}"
+            f"{s.n_orbitals:>10}{len(s.arrays['pair_ij']):>8}"
+            f"{c['max_matrix_error']:>16.1e}{c['max_eigenvalue_error']:>18.1e}"
+        )
 
     from gpaw import GPAW
+
     chain_s = next(s for s in ds if s.meta["kgrid"] != [1, 1, 1])
     calc = GPAW(str(runs / f"{chain_s.path.stem}.gpw"), txt=None)
     k_check = np.array([[0, 0, x] for x in (0.05, 0.137, 0.29, 0.41)])
@@ -91,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     worst = 0.0
     for q, k in enumerate(k_check):
         ref = fd.get_eigenvalues(kpt=q)
-        worst = max(worst, np.abs(chain_s.eigenvalues(kpt=k)[:len(ref)] - ref).max())
-    print(f"   chain bands from H(R) at 4 k-points off the 13-point grid vs GPAW "
-          f"fixed-density runs: max |d eps| = {worst:.1e} eV")
+        worst = max(worst, np.abs(chain_s.eigenvalues(kpt=k)[: len(ref)] - ref).max())
+    print(
+        f"   chain bands from H(R) at 4 k-points off the 13-point grid vs GPAW "
+        f"fixed-density runs: max |d eps| = {worst:.1e} eV"
+    )
 
     kz = np.linspace(0, 0.5, 101)
     bands = np.array([chain_s.eigenvalues(kpt=[0, 0, k]) for k in kz])
@@ -101,8 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     fig, ax = new_figure(figsize=(5, 5))
     ax.plot(kz, bands - ef, color="C0", lw=1.2)
     for q, k in enumerate(k_check):
-        ax.plot([k[2]] * len(fd.get_eigenvalues(kpt=q)), fd.get_eigenvalues(kpt=q) - ef,
-                "o", mfc="none", color="C3", label="GPAW fixed density" if q == 0 else None)
+        ax.plot(
+            [k[2]] * len(fd.get_eigenvalues(kpt=q)),
+            fd.get_eigenvalues(kpt=q) - ef,
+            "o",
+            mfc="none",
+            color="C3",
+            label="GPAW fixed density" if q == 0 else None,
+        )
     ax.plot([], [], color="C0", label="from extracted H(R), S(R)")
     ax.set_xlabel("k_z (2 pi / c)")
     ax.set_ylabel("E - E_F (eV)")

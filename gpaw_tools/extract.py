@@ -13,6 +13,7 @@ Gamma-centred k-point grid give the real-space blocks
 for every pair (i, j, R) within the range of H; the grid must separate all
 images (checked).  Spin-polarised runs store both spin channels.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,16 @@ from .basis import calculator_basis
 from .gpw import GPWError, open_calculator, read_parameters
 from .interactions import check_aliasing, find_interactions, interaction_radii
 
-__all__ = ["extract", "extract_calculator", "extract_files", "main", "KPointError",
-           "VerificationError", "EIGENVALUE_TOLERANCE", "check_threshold"]
+__all__ = [
+    "extract",
+    "extract_calculator",
+    "extract_files",
+    "main",
+    "KPointError",
+    "VerificationError",
+    "EIGENVALUE_TOLERANCE",
+    "check_threshold",
+]
 
 
 class KPointError(GearsHError, ValueError):
@@ -59,13 +68,16 @@ def kpoint_grid(bzk, ibzk, pbc):
     ibzk = np.asarray(ibzk, float).reshape(-1, 3)
     grid = np.array([len(np.unique(np.round(bzk[:, c] % 1.0, 8) % 1.0)) for c in range(3)])
     if np.prod(grid) != len(bzk):
-        raise KPointError(f"the {len(bzk)} k-points of the run do not form a full "
-                          f"Monkhorst-Pack grid (distinct values per axis: {tuple(grid)})")
+        raise KPointError(
+            f"the {len(bzk)} k-points of the run do not form a full "
+            f"Monkhorst-Pack grid (distinct values per axis: {tuple(grid)})"
+        )
     scaled = bzk * grid
     if not np.allclose(scaled, np.round(scaled), atol=1e-6):
         raise KPointError(
             f"the {tuple(int(g) for g in grid)} k-point grid is not Gamma-centred; real-space "
-            "blocks need k = n/N. Use kpts={'size': (N1, N2, N3), 'gamma': True}")
+            "blocks need k = n/N. Use kpts={'size': (N1, N2, N3), 'gamma': True}"
+        )
     for c in range(3):
         if not pbc[c] and grid[c] != 1:
             raise KPointError(f"{grid[c]} k-points along non-periodic axis {c}")
@@ -86,7 +98,8 @@ def kpoint_grid(bzk, ibzk, pbc):
             raise KPointError(
                 "the run used point-group symmetry to reduce the k-points; H(k) at the "
                 "other points needs orbital rotations that are not supported. Rerun with "
-                "symmetry='off' (or symmetry={'point_group': False})")
+                "symmetry='off' (or symmetry={'point_group': False})"
+            )
     # order the full grid deterministically
     kfull = n / grid
     kfull = np.where(kfull > 0.5 + 1e-9, kfull - 1, kfull)
@@ -126,11 +139,18 @@ def real_space_blocks(Hk, Sk, kfull, counts, inter):
     nspins = Hk.shape[0]
     off = np.concatenate([[0], np.cumsum(counts)])
     onsite_H = np.concatenate(
-        [Hk[:, :, off[a]:off[a + 1], off[a]:off[a + 1]].mean(axis=1).reshape(nspins, -1)
-         for a in range(len(counts))], axis=1)
+        [
+            Hk[:, :, off[a] : off[a + 1], off[a] : off[a + 1]].mean(axis=1).reshape(nspins, -1)
+            for a in range(len(counts))
+        ],
+        axis=1,
+    )
     onsite_S = np.concatenate(
-        [Sk[:, off[a]:off[a + 1], off[a]:off[a + 1]].mean(axis=0).ravel()
-         for a in range(len(counts))])
+        [
+            Sk[:, off[a] : off[a + 1], off[a] : off[a + 1]].mean(axis=0).ravel()
+            for a in range(len(counts))
+        ]
+    )
     max_imag = max(np.abs(onsite_H.imag).max(initial=0), np.abs(onsite_S.imag).max(initial=0))
     ij = inter.ij.astype(np.int64)
     sizes = counts[ij[:, 0]] * counts[ij[:, 1]]
@@ -143,18 +163,18 @@ def real_space_blocks(Hk, Sk, kfull, counts, inter):
         order = np.argsort(inverse, kind="stable")
         bounds = np.searchsorted(inverse[order], np.arange(len(keys) + 1))
         for g, (i, j) in enumerate(keys):
-            sel = order[bounds[g]:bounds[g + 1]]
+            sel = order[bounds[g] : bounds[g + 1]]
             R = inter.shift[sel]
-            phase = np.exp(-2j * np.pi * (kfull @ R.T)) / nk          # (nk, r)
-            hb = np.einsum("kr,skab->srab", phase,
-                           Hk[:, :, off[i]:off[i + 1], off[j]:off[j + 1]])
-            sb = np.einsum("kr,kab->rab", phase, Sk[:, off[i]:off[i + 1], off[j]:off[j + 1]])
+            phase = np.exp(-2j * np.pi * (kfull @ R.T)) / nk  # (nk, r)
+            hb = np.einsum(
+                "kr,skab->srab", phase, Hk[:, :, off[i] : off[i + 1], off[j] : off[j + 1]]
+            )
+            sb = np.einsum("kr,kab->rab", phase, Sk[:, off[i] : off[i + 1], off[j] : off[j + 1]])
             max_imag = max(max_imag, np.abs(hb.imag).max(), np.abs(sb.imag).max())
             for q, p in enumerate(sel):
-                pair_H[:, offsets[p]:offsets[p + 1]] = hb[:, q].real.reshape(nspins, -1)
-                pair_S[offsets[p]:offsets[p + 1]] = sb[q].real.ravel()
-    return (onsite_H.real.copy(), onsite_S.real.copy(), offsets, pair_H, pair_S,
-            float(max_imag))
+                pair_H[:, offsets[p] : offsets[p + 1]] = hb[:, q].real.reshape(nspins, -1)
+                pair_S[offsets[p] : offsets[p + 1]] = sb[q].real.ravel()
+    return (onsite_H.real.copy(), onsite_S.real.copy(), offsets, pair_H, pair_S, float(max_imag))
 
 
 def _calculator_parameters(calc) -> dict:
@@ -220,18 +240,19 @@ def _drop_small_blocks(blocks: dict, threshold: float) -> dict:
 def _rebuild_errors(blocks: dict, counts, kpts, H_skMM, S_kMM, eps) -> dict:
     """Largest |rebuilt - GPAW| of H(k), S(k) and of the eigenvalues at every k."""
     from scipy.linalg import eigh
+
     b = blocks
     err_h = err_e = 0.0
     for k, kpt in enumerate(kpts):
-        S_re = assemble(counts, b["onsite_S"], b["pair_ij"], b["pair_shift"], b["pair_S"],
-                        kpt=kpt)
+        S_re = assemble(counts, b["onsite_S"], b["pair_ij"], b["pair_shift"], b["pair_S"], kpt=kpt)
         err_h = max(err_h, np.abs(S_re - S_kMM[k]).max())
         for s in range(len(H_skMM)):
-            H_re = assemble(counts, b["onsite_H"][s], b["pair_ij"], b["pair_shift"],
-                            b["pair_H"][s], kpt=kpt)
+            H_re = assemble(
+                counts, b["onsite_H"][s], b["pair_ij"], b["pair_shift"], b["pair_H"][s], kpt=kpt
+            )
             err_h = max(err_h, np.abs(H_re - H_skMM[s, k]).max())
-            e = eigh(H_re, S_re, eigvals_only=True)[:eps.shape[2]]
-            err_e = max(err_e, np.abs(e - eps[s, k, :len(e)]).max())
+            e = eigh(H_re, S_re, eigvals_only=True)[: eps.shape[2]]
+            err_e = max(err_e, np.abs(e - eps[s, k, : len(e)]).max())
     return {"max_matrix_error": float(err_h), "max_eigenvalue_error": float(err_e)}
 
 
@@ -243,9 +264,14 @@ def _grid_info(calc, atoms):
         return None, None
 
 
-def extract_calculator(calc, source: dict | None = None, threshold: float | None = None,
-                       verify: bool = True, parameters: dict | None = None,
-                       eigenvalue_tolerance: float = EIGENVALUE_TOLERANCE):
+def extract_calculator(
+    calc,
+    source: dict | None = None,
+    threshold: float | None = None,
+    verify: bool = True,
+    parameters: dict | None = None,
+    eigenvalue_tolerance: float = EIGENVALUE_TOLERANCE,
+):
     """Arrays and metadata of the dataset schema from a GPAW LCAO calculator.
 
     ``parameters``: the run's input parameters (as read from the .gpw file);
@@ -272,25 +298,35 @@ def extract_calculator(calc, source: dict | None = None, threshold: float | None
     Hk = np.where(conj[None, :, None, None], np.conj(H_skMM[:, ibz_index]), H_skMM[:, ibz_index])
     Sk = np.where(conj[:, None, None], np.conj(S_kMM[ibz_index]), S_kMM[ibz_index])
     onsite_H, onsite_S, offsets, pair_H, pair_S, max_imag = real_space_blocks(
-        Hk, Sk, kfull, counts, inter)
-    blocks = {"onsite_H": onsite_H, "onsite_S": onsite_S, "pair_ij": inter.ij,
-              "pair_shift": inter.shift, "pair_vector": inter.vector, "pair_offsets": offsets,
-              "pair_H": pair_H, "pair_S": pair_S}
+        Hk, Sk, kfull, counts, inter
+    )
+    blocks = {
+        "onsite_H": onsite_H,
+        "onsite_S": onsite_S,
+        "pair_ij": inter.ij,
+        "pair_shift": inter.shift,
+        "pair_vector": inter.vector,
+        "pair_offsets": offsets,
+        "pair_H": pair_H,
+        "pair_S": pair_S,
+    }
     if threshold is not None:
         blocks = _drop_small_blocks(blocks, threshold)
-    eps = np.array([[calc.get_eigenvalues(kpt=k, spin=s) for k in range(len(ibzk))]
-                    for s in range(nspins)], dtype=float)
+    eps = np.array(
+        [[calc.get_eigenvalues(kpt=k, spin=s) for k in range(len(ibzk))] for s in range(nspins)],
+        dtype=float,
+    )
     checks = {"max_imaginary_part": max_imag}
     if verify:
         checks.update(_rebuild_errors(blocks, counts, ibzk, H_skMM, S_kMM, eps))
         err = checks["max_eigenvalue_error"]
         if not err <= eigenvalue_tolerance:
-            what = (f" with --threshold {threshold:g} eV dropping small blocks"
-                    if threshold else "")
+            what = f" with --threshold {threshold:g} eV dropping small blocks" if threshold else ""
             raise VerificationError(
                 f"the extracted blocks rebuild GPAW's eigenvalues only to {err:.3g} eV"
                 f"{what}; expected <= {eigenvalue_tolerance:g} eV. The file may be damaged "
-                f"or inconsistent; raise --eigenvalue-tolerance only if this is intended")
+                f"or inconsistent; raise --eigenvalue-tolerance only if this is intended"
+            )
 
     arrays = {
         "numbers": atoms.numbers.astype(np.int32),
@@ -330,27 +366,41 @@ def extract_calculator(calc, source: dict | None = None, threshold: float | None
             "max": float(2 * radii.max()),
         },
         "checks": checks,
-        "gpaw": {"version_reader": gpaw.__version__,
-                 "parameters": _json_safe(params)},
+        "gpaw": {"version_reader": gpaw.__version__, "parameters": _json_safe(params)},
         "source": source or {"name": None},
     }
     return arrays, meta
 
 
-def extract(path, threshold=None, verify=True, sha256=None,
-            eigenvalue_tolerance: float = EIGENVALUE_TOLERANCE):
+def extract(
+    path,
+    threshold=None,
+    verify=True,
+    sha256=None,
+    eigenvalue_tolerance: float = EIGENVALUE_TOLERANCE,
+):
     """Read one .gpw file and return (arrays, meta) of the dataset schema.
 
     ``sha256``: the file's hash if already known (it is computed otherwise).
     """
     path = Path(path)
     params = read_parameters(path)
-    source = {"name": path.name, "path": str(path.resolve()),
-              "sha256": sha256 or file_sha256(path), "size": path.stat().st_size,
-              "gpaw_version_writer": params.pop("_gpaw_version", None)}
+    source = {
+        "name": path.name,
+        "path": str(path.resolve()),
+        "sha256": sha256 or file_sha256(path),
+        "size": path.stat().st_size,
+        "gpaw_version_writer": params.pop("_gpaw_version", None),
+    }
     calc = open_calculator(path, checked=True)
-    return extract_calculator(calc, source=source, threshold=threshold, verify=verify,
-                              parameters=params, eigenvalue_tolerance=eigenvalue_tolerance)
+    return extract_calculator(
+        calc,
+        source=source,
+        threshold=threshold,
+        verify=verify,
+        parameters=params,
+        eigenvalue_tolerance=eigenvalue_tolerance,
+    )
 
 
 def _target(outdir: Path, src: Path, sha: str) -> tuple[Path, bool]:
@@ -365,13 +415,21 @@ def _target(outdir: Path, src: Path, sha: str) -> tuple[Path, bool]:
             return out, False  # damaged: rewrite it
         if meta["source"].get("sha256") == sha:
             return out, True
-    raise FileExistsError(f"{outdir}: {src.stem}.npz and {src.stem}-{sha[:10]}.npz exist "
-                          "for other sources")
+    raise FileExistsError(
+        f"{outdir}: {src.stem}.npz and {src.stem}-{sha[:10]}.npz exist for other sources"
+    )
 
 
-def extract_files(paths, outdir, threshold=None, verify=True, overwrite=False,
-                  progress=True, log=print,
-                  eigenvalue_tolerance: float = EIGENVALUE_TOLERANCE):
+def extract_files(
+    paths,
+    outdir,
+    threshold=None,
+    verify=True,
+    overwrite=False,
+    progress=True,
+    log=print,
+    eigenvalue_tolerance: float = EIGENVALUE_TOLERANCE,
+):
     """Extract many files into one dataset; failures are isolated and returned.
 
     Returns ``(written, skipped, failed)`` lists; ``failed`` holds
@@ -384,6 +442,7 @@ def extract_files(paths, outdir, threshold=None, verify=True, overwrite=False,
     written, skipped, failed = [], [], []
     try:
         from tqdm import tqdm
+
         it = tqdm(paths, desc="extract", unit="file", disable=not progress)
     except ImportError:  # pragma: no cover
         it = paths
@@ -396,8 +455,13 @@ def extract_files(paths, outdir, threshold=None, verify=True, overwrite=False,
             if done and not overwrite:
                 skipped.append(out)
                 continue
-            arrays, meta = extract(path, threshold=threshold, verify=verify, sha256=sha,
-                                   eigenvalue_tolerance=eigenvalue_tolerance)
+            arrays, meta = extract(
+                path,
+                threshold=threshold,
+                verify=verify,
+                sha256=sha,
+                eigenvalue_tolerance=eigenvalue_tolerance,
+            )
             write_structure(out, arrays, meta)
             written.append(out)
         except (ValueError, OSError) as err:  # GPWError, KPointError, AliasingError
@@ -405,8 +469,10 @@ def extract_files(paths, outdir, threshold=None, verify=True, overwrite=False,
             log(f"FAILED {path}: {err}", file=sys.stderr)
         except Exception as err:  # isolate unexpected failures too, with detail
             failed.append((path, f"{type(err).__name__}: {err}"))
-            log(f"FAILED {path}: {type(err).__name__}: {err}\n{traceback.format_exc()}",
-                file=sys.stderr)
+            log(
+                f"FAILED {path}: {type(err).__name__}: {err}\n{traceback.format_exc()}",
+                file=sys.stderr,
+            )
     return written, skipped, failed
 
 
@@ -416,36 +482,61 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gpaw_tools.extract",
         description="Extract H and S blocks per atom pair from GPAW LCAO .gpw files "
-                    "into a dataset directory (see docs/dataset.md).")
+        "into a dataset directory (see docs/dataset.md).",
+    )
     parser.add_argument("gpw", nargs="+", help="GPAW LCAO restart files")
-    parser.add_argument("-o", "--output", default="dataset",
-                        help="dataset directory (created if needed; default: dataset)")
-    parser.add_argument("--threshold", type=float, default=None, metavar="EV",
-                        help="drop pair blocks whose largest |H| is below EV (recorded); "
-                             "default: keep every block within the range of H")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="skip rebuilding H(k) and the eigenvalues of every k-point")
-    parser.add_argument("--eigenvalue-tolerance", type=float, default=EIGENVALUE_TOLERANCE,
-                        metavar="EV",
-                        help="refuse a file whose blocks rebuild GPAW's eigenvalues worse "
-                             f"than EV (default {EIGENVALUE_TOLERANCE:g}; raise it on purpose "
-                             "with --threshold)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="re-extract files already in the dataset")
+    parser.add_argument(
+        "-o",
+        "--output",
+        default="dataset",
+        help="dataset directory (created if needed; default: dataset)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        metavar="EV",
+        help="drop pair blocks whose largest |H| is below EV (recorded); "
+        "default: keep every block within the range of H",
+    )
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip rebuilding H(k) and the eigenvalues of every k-point",
+    )
+    parser.add_argument(
+        "--eigenvalue-tolerance",
+        type=float,
+        default=EIGENVALUE_TOLERANCE,
+        metavar="EV",
+        help="refuse a file whose blocks rebuild GPAW's eigenvalues worse "
+        f"than EV (default {EIGENVALUE_TOLERANCE:g}; raise it on purpose "
+        "with --threshold)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="re-extract files already in the dataset"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
         written, skipped, failed = extract_files(
-            args.gpw, args.output, threshold=args.threshold, verify=not args.no_verify,
-            overwrite=args.overwrite, progress=not args.quiet,
-            eigenvalue_tolerance=args.eigenvalue_tolerance)
+            args.gpw,
+            args.output,
+            threshold=args.threshold,
+            verify=not args.no_verify,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+            eigenvalue_tolerance=args.eigenvalue_tolerance,
+        )
     except (OSError, ValueError, GearsHError) as err:
         print(f"{parser.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     dt = time.perf_counter() - t0
-    print(f"{len(written)} extracted, {len(skipped)} already present, {len(failed)} failed "
-          f"-> {args.output} ({dt:.1f} s)")
+    print(
+        f"{len(written)} extracted, {len(skipped)} already present, {len(failed)} failed "
+        f"-> {args.output} ({dt:.1f} s)"
+    )
     for path, msg in failed:
         print(f"  failed: {path}: {msg}", file=sys.stderr)
     return 1 if failed else 0

@@ -19,6 +19,7 @@ generator, ``gpaw-basis``) are files named ``<Symbol>.<name>.basis``: pass
 their folder with ``--basis-dir DIR`` and select them per element with
 ``--element-basis Hf=confined.dzp`` (GPAW's ``basis={'Hf': 'confined.dzp'}``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,7 @@ from .extract import extract_files
 __all__ = ["RunSettings", "run_structure", "generate", "read_structures", "main"]
 
 # BLAS/OpenMP threads of each worker process when runs go in parallel (--jobs > 1)
-WORKER_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-                  "MKL_NUM_THREADS": "1"}
+WORKER_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @dataclass
@@ -50,9 +50,9 @@ class RunSettings:
     basis_dir: str | None = None
     xc: str = "PBE"
     h: float = 0.2
-    kpts: tuple | None = None          # Gamma-centred grid, None: Gamma only
+    kpts: tuple | None = None  # Gamma-centred grid, None: Gamma only
     density: float = 1e-3
-    vacuum: float = 5.0                # added around molecules without a cell
+    vacuum: float = 5.0  # added around molecules without a cell
     charge: float = 0.0
     spinpol: bool = False
     maxiter: int = 333
@@ -61,9 +61,17 @@ class RunSettings:
     def gpaw_parameters(self, log) -> dict:
         basis = dict(self.element_basis)
         basis = {"default": self.basis, **basis} if basis else self.basis
-        params = dict(mode="lcao", basis=basis, xc=self.xc, h=self.h, txt=str(log),
-                      convergence={"density": self.density}, charge=self.charge,
-                      spinpol=self.spinpol, maxiter=self.maxiter)
+        params = dict(
+            mode="lcao",
+            basis=basis,
+            xc=self.xc,
+            h=self.h,
+            txt=str(log),
+            convergence={"density": self.density},
+            charge=self.charge,
+            spinpol=self.spinpol,
+            maxiter=self.maxiter,
+        )
         if self.kpts is not None:
             params["kpts"] = {"size": tuple(int(k) for k in self.kpts), "gamma": True}
             params["symmetry"] = "off"
@@ -76,8 +84,10 @@ def _prepare(atoms, settings: RunSettings):
     atoms.calc = None
     if atoms.cell.rank < 3:
         if atoms.pbc.any():
-            raise ValueError(f"periodic structure with a degenerate cell "
-                             f"{atoms.cell.cellpar().round(3).tolist()}")
+            raise ValueError(
+                f"periodic structure with a degenerate cell "
+                f"{atoms.cell.cellpar().round(3).tolist()}"
+            )
         atoms.center(vacuum=settings.vacuum)
     return atoms
 
@@ -90,6 +100,7 @@ def _setup_paths(basis_dir: str | None) -> Iterator[None]:
         yield
         return
     from gpaw import setup_paths
+
     saved = list(setup_paths)
     setup_paths.insert(0, str(Path(basis_dir).resolve()))
     try:
@@ -119,6 +130,7 @@ def run_structure(atoms, name: str, outdir: str | Path, settings: RunSettings) -
     log = outdir / f"{name}.txt"
     error = outdir / f"{name}.error"
     from gpaw import GPAW
+
     try:
         with _setup_paths(settings.basis_dir):
             atoms = _prepare(atoms, settings)
@@ -146,6 +158,7 @@ def _worker(args):
 def read_structures(paths, index: str = ":") -> list[tuple]:
     """(name, atoms) for every structure in every file, in a deterministic order."""
     from ase.io import read
+
     out = []
     for path in paths:
         path = Path(path)
@@ -165,8 +178,9 @@ def read_structures(paths, index: str = ":") -> list[tuple]:
     return out
 
 
-def generate(structures, outdir: str | Path, settings: RunSettings, jobs: int = 1,
-             progress: bool = True) -> tuple[list, list, list]:
+def generate(
+    structures, outdir: str | Path, settings: RunSettings, jobs: int = 1, progress: bool = True
+) -> tuple[list, list, list]:
     """Run every (name, atoms) not already done. Returns (done, skipped, failed).
 
     With ``jobs > 1`` the runs go to spawned worker processes with one BLAS/OpenMP
@@ -182,6 +196,7 @@ def generate(structures, outdir: str | Path, settings: RunSettings, jobs: int = 
             todo.append((atoms, name, outdir, settings))
     done, failed = [], []
     from tqdm import tqdm
+
     bar = tqdm(total=len(todo), desc="GPAW LCAO", unit="run", disable=not progress)
     if jobs <= 1:
         for task in todo:
@@ -192,8 +207,11 @@ def generate(structures, outdir: str | Path, settings: RunSettings, jobs: int = 
             bar.update()
     else:
         import multiprocessing as mp
-        with _environment(WORKER_THREADS), \
-                ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+
+        with (
+            _environment(WORKER_THREADS),
+            ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex,
+        ):
             futures = {ex.submit(_worker, task): task[1] for task in todo}
             for fut in as_completed(futures):
                 try:
@@ -208,28 +226,45 @@ def generate(structures, outdir: str | Path, settings: RunSettings, jobs: int = 
 def main(argv: list[str] | None = None) -> int:
     """``python -m gpaw_tools.generate``: exit status 0, 1 (some runs or extractions
     failed) or 2 (bad arguments or input, one line on stderr)."""
-    p = argparse.ArgumentParser(prog="python -m gpaw_tools.generate",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m gpaw_tools.generate", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("structures", nargs="+", help="ASE-readable structure files")
     p.add_argument("-o", "--output", required=True, help="folder for .gpw files and logs")
     p.add_argument("--index", default=":", help="ASE index of the images to run (default :)")
     p.add_argument("--basis", default="szp(dzp)", help="basis set (default szp(dzp))")
-    p.add_argument("--element-basis", action="append", default=[], metavar="EL=NAME",
-                   help="basis of one element, e.g. Hf=confined.dzp (repeatable)")
+    p.add_argument(
+        "--element-basis",
+        action="append",
+        default=[],
+        metavar="EL=NAME",
+        help="basis of one element, e.g. Hf=confined.dzp (repeatable)",
+    )
     p.add_argument("--basis-dir", help="folder holding user basis files <El>.<name>.basis")
     p.add_argument("--xc", default="PBE")
     p.add_argument("--h", type=float, default=0.2, help="grid spacing in A (default 0.2)")
-    p.add_argument("--kpts", type=int, nargs=3, metavar="N",
-                   help="Gamma-centred k-grid (symmetry off); default: Gamma only")
-    p.add_argument("--density", type=float, default=1e-3,
-                   help="density convergence (electrons per valence electron)")
-    p.add_argument("--vacuum", type=float, default=5.0,
-                   help="vacuum (A) around structures without a cell")
+    p.add_argument(
+        "--kpts",
+        type=int,
+        nargs=3,
+        metavar="N",
+        help="Gamma-centred k-grid (symmetry off); default: Gamma only",
+    )
+    p.add_argument(
+        "--density",
+        type=float,
+        default=1e-3,
+        help="density convergence (electrons per valence electron)",
+    )
+    p.add_argument(
+        "--vacuum", type=float, default=5.0, help="vacuum (A) around structures without a cell"
+    )
     p.add_argument("--charge", type=float, default=0.0)
     p.add_argument("--spinpol", action="store_true")
     p.add_argument("--jobs", type=int, default=1, help="parallel GPAW processes")
-    p.add_argument("--extract", metavar="DATASET_DIR",
-                   help="extract every finished run into this dataset")
+    p.add_argument(
+        "--extract", metavar="DATASET_DIR", help="extract every finished run into this dataset"
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
     element_basis = {}
@@ -242,10 +277,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--basis-dir {a.basis_dir!r} is not a folder")
     if a.jobs < 1:
         p.error(f"--jobs must be >= 1, got {a.jobs}")
-    settings = RunSettings(basis=a.basis, element_basis=element_basis,
-                           basis_dir=a.basis_dir, xc=a.xc, h=a.h,
-                           kpts=tuple(a.kpts) if a.kpts else None, density=a.density,
-                           vacuum=a.vacuum, charge=a.charge, spinpol=a.spinpol)
+    settings = RunSettings(
+        basis=a.basis,
+        element_basis=element_basis,
+        basis_dir=a.basis_dir,
+        xc=a.xc,
+        h=a.h,
+        kpts=tuple(a.kpts) if a.kpts else None,
+        density=a.density,
+        vacuum=a.vacuum,
+        charge=a.charge,
+        spinpol=a.spinpol,
+    )
     try:
         return _run(a, settings)
     except (GearsHError, OSError, ValueError) as err:
@@ -257,21 +300,30 @@ def _run(a: argparse.Namespace, settings: RunSettings) -> int:
     """The command after argument parsing: runs, report, optional extraction."""
     structures = read_structures(a.structures, a.index)
     t0 = time.perf_counter()
-    done, skipped, failed = generate(structures, a.output, settings, jobs=a.jobs,
-                                     progress=not a.quiet)
-    print(f"{len(done)} run, {len(skipped)} already done, {len(failed)} failed "
-          f"-> {a.output} ({time.perf_counter() - t0:.1f} s)")
+    done, skipped, failed = generate(
+        structures, a.output, settings, jobs=a.jobs, progress=not a.quiet
+    )
+    print(
+        f"{len(done)} run, {len(skipped)} already done, {len(failed)} failed "
+        f"-> {a.output} ({time.perf_counter() - t0:.1f} s)"
+    )
     for name, msg in failed:
-        print(f"  failed: {name}: {msg} (see {Path(a.output) / (name + '.error')})",
-              file=sys.stderr)
+        print(
+            f"  failed: {name}: {msg} (see {Path(a.output) / (name + '.error')})", file=sys.stderr
+        )
     status = 1 if failed else 0
     if a.extract:
-        gpws = [Path(a.output) / f"{n}.gpw" for n, _ in structures
-                if (Path(a.output) / f"{n}.gpw").exists()]
+        gpws = [
+            Path(a.output) / f"{n}.gpw"
+            for n, _ in structures
+            if (Path(a.output) / f"{n}.gpw").exists()
+        ]
         with _setup_paths(a.basis_dir):  # GPAW re-reads the basis files on restart
             written, present, bad = extract_files(gpws, a.extract, progress=not a.quiet)
-        print(f"{len(written)} extracted, {len(present)} already present, {len(bad)} failed "
-              f"-> {a.extract}")
+        print(
+            f"{len(written)} extracted, {len(present)} already present, {len(bad)} failed "
+            f"-> {a.extract}"
+        )
         for path, msg in bad:
             print(f"  failed: {path}: {msg}", file=sys.stderr)
         status = status or (1 if bad else 0)

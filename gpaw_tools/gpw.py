@@ -4,6 +4,7 @@ Works for files written by today's GPAW (``gpaw.GPAW``) and by the classic
 calculator (``gpaw.calculator.GPAW``).  GPAW is imported only when a file is
 actually opened.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,8 +34,10 @@ def read_parameters(path) -> dict:
     if not head.startswith(ULM_MAGIC):
         raise GPWError(
             f"{str(path)!r}: not a GPAW restart file: expected a ULM file starting with "
-            f"{ULM_MAGIC!r}, found {head[:8]!r}")
+            f"{ULM_MAGIC!r}, found {head[:8]!r}"
+        )
     import ase.io.ulm as ulm
+
     try:
         with ulm.open(str(path)) as reader:
             tag = reader.get_tag() if hasattr(reader, "get_tag") else "gpaw"
@@ -46,14 +49,17 @@ def read_parameters(path) -> dict:
     if tag.lower() != "gpaw":
         raise GPWError(f"{str(path)!r}: ULM file of type {tag!r}, expected a GPAW restart file")
     if "wave_functions" not in keys:
-        raise GPWError(f"{str(path)!r}: the file holds no wave functions; write it after "
-                       "the SCF has run (calc.write('run.gpw'))")
+        raise GPWError(
+            f"{str(path)!r}: the file holds no wave functions; write it after "
+            "the SCF has run (calc.write('run.gpw'))"
+        )
     mode = params.get("mode", "fd")
     name = mode.get("name") if isinstance(mode, dict) else str(mode)
     if name != "lcao":
         raise GPWError(
             f"{str(path)!r}: mode {name!r}: expected an LCAO run (mode='lcao'); plane-wave "
-            "and finite-difference runs have no Hamiltonian in an atomic-orbital basis")
+            "and finite-difference runs have no Hamiltonian in an atomic-orbital basis"
+        )
     params["_gpaw_version"] = writer
     return params
 
@@ -66,8 +72,11 @@ def open_calculator(path, checked: bool = False):
     if not checked:
         read_parameters(path)
     from gpaw import GPAW
+
     try:
         return GPAW(str(path), txt=None)
     except Exception as err:
-        raise GPWError(f"{str(path)!r}: GPAW could not restart from this file; it may be "
-                       f"truncated or written by an incompatible GPAW ({err})") from err
+        raise GPWError(
+            f"{str(path)!r}: GPAW could not restart from this file; it may be "
+            f"truncated or written by an incompatible GPAW ({err})"
+        ) from err

@@ -15,6 +15,7 @@ possibly non-zero blocks from the geometry and checks whether a Gamma-centred
 k-point grid (``(1, 1, 1)`` for a Gamma-only run) can resolve every block
 without aliasing.  Only numpy and ASE are used.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +41,8 @@ class Interactions:
     ``(i, i, 0)`` are not listed here.
     """
 
-    ij: np.ndarray      # (P, 2) int
-    shift: np.ndarray   # (P, 3) int, R in units of the cell vectors
+    ij: np.ndarray  # (P, 2) int
+    shift: np.ndarray  # (P, 3) int, R in units of the cell vectors
     vector: np.ndarray  # (P, 3) float, r_j + R @ cell - r_i, Angstrom
     two_centre: np.ndarray  # (P,) bool, True if the basis spheres overlap
 
@@ -76,7 +77,8 @@ def interaction_radii(basis_rc, projector_rc) -> np.ndarray:
     if basis_rc.shape != projector_rc.shape or basis_rc.ndim != 1:
         raise ValueError(
             f"expected one basis and one projector radius per atom, got shapes "
-            f"{basis_rc.shape} and {projector_rc.shape}")
+            f"{basis_rc.shape} and {projector_rc.shape}"
+        )
     return basis_rc + (projector_rc.max() if len(projector_rc) else 0.0)
 
 
@@ -100,8 +102,12 @@ def find_interactions(atoms: Atoms, basis_rc, projector_rc) -> Interactions:
     dist = np.linalg.norm(vec, axis=1)
     basis_rc = np.asarray(basis_rc, dtype=float)
     two = dist < basis_rc[ci] + basis_rc[cj]
-    return Interactions(ij=np.column_stack([ci, cj]).astype(np.int32),
-                        shift=cS.astype(np.int32), vector=vec, two_centre=two)
+    return Interactions(
+        ij=np.column_stack([ci, cj]).astype(np.int32),
+        shift=cS.astype(np.int32),
+        vector=vec,
+        two_centre=two,
+    )
 
 
 def _pair_images(inter: Interactions):
@@ -142,8 +148,7 @@ def check_aliasing(atoms: Atoms, inter: Interactions, grid, basis_rc, projector_
     grid = np.asarray(grid, dtype=int)
     for key, R, vec in _pair_images(inter):
         folded = np.mod(R, grid)
-        _, inverse, counts = np.unique(folded, axis=0, return_inverse=True,
-                                       return_counts=True)
+        _, inverse, counts = np.unique(folded, axis=0, return_inverse=True, return_counts=True)
         inverse = inverse.ravel()
         if (counts == 1).all():
             continue
@@ -155,20 +160,25 @@ def check_aliasing(atoms: Atoms, inter: Interactions, grid, basis_rc, projector_
         lengths = atoms.cell.lengths()
         grid_t = tuple(int(x) for x in grid)
         if (grid == 1).all():
-            advice = ("Gamma-only data needs every atom to see at most one image of "
-                      "any other atom within the range of H. Use a supercell repeated "
-                      f"{tuple(int(x) for x in need)} times (cell lengths >= "
-                      f"{tuple(round(float(x), 2) for x in need * lengths)} A) or a "
-                      f"k-sampled run with a Gamma-centred grid of at least "
-                      f"{tuple(int(x) for x in need)} and symmetry='off'.")
+            advice = (
+                "Gamma-only data needs every atom to see at most one image of "
+                "any other atom within the range of H. Use a supercell repeated "
+                f"{tuple(int(x) for x in need)} times (cell lengths >= "
+                f"{tuple(round(float(x), 2) for x in need * lengths)} A) or a "
+                f"k-sampled run with a Gamma-centred grid of at least "
+                f"{tuple(int(x) for x in need)} and symmetry='off'."
+            )
         else:
-            advice = (f"the k-point grid {grid_t} is too coarse for the range of H; use "
-                      f"a Gamma-centred grid of at least "
-                      f"{tuple(int(x) for x in np.maximum(need, grid))}.")
+            advice = (
+                f"the k-point grid {grid_t} is too coarse for the range of H; use "
+                f"a Gamma-centred grid of at least "
+                f"{tuple(int(x) for x in np.maximum(need, grid))}."
+            )
         raise AliasingError(
             f"atoms {key[0]} ({sym[key[0]]}) and {key[1]} ({sym[key[1]]}) interact "
             f"through two periodic images that the k-grid {grid_t} cannot separate: "
             f"shift {tuple(int(x) for x in R[a])} at {np.linalg.norm(vec[a]):.3f} A and "
             f"shift {tuple(int(x) for x in R[b])} at {np.linalg.norm(vec[b]):.3f} A "
             f"(H can reach up to {reach:.2f} A for this pair through PAW projectors). "
-            f"{advice}")
+            f"{advice}"
+        )

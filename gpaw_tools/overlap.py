@@ -15,6 +15,7 @@ inside model checkpoints: S does not depend on the installed basis files.
 Orbital order is GPAW's (atom, radial function, m); lengths in the public API
 are Angstrom, S is dimensionless.  Matches GPAW's S to ~1e-15 (tests).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,8 +28,15 @@ from ase.units import Bohr
 from ase_gearsh.core.basis import BasisDataError, SpeciesBasis
 from ase_gearsh.core.blocks import block_indices, canonical_orientation
 
-__all__ = ["SpeciesBasis", "OverlapCalculator", "species_from_gpaw", "species_from_setup",
-           "BasisDataError", "splines", "basis_for_registry"]
+__all__ = [
+    "SpeciesBasis",
+    "OverlapCalculator",
+    "species_from_gpaw",
+    "species_from_setup",
+    "BasisDataError",
+    "splines",
+    "basis_for_registry",
+]
 
 
 # GPAW's two-centre evaluator (c/ tci_overlap) drops expansion terms whose radial
@@ -40,8 +48,11 @@ def splines(species: SpeciesBasis, kind: str):
     """GPAW Spline objects of ``kind`` 'basis' or 'projectors' (cached on ``species``)."""
     if kind not in species._splines:
         from gpaw.spline import Spline
-        species._splines[kind] = [Spline.from_data(int(l), float(rmax), np.asarray(f, float))
-                                  for l, rmax, f in getattr(species, kind)]
+
+        species._splines[kind] = [
+            Spline.from_data(int(l), float(rmax), np.asarray(f, float))
+            for l, rmax, f in getattr(species, kind)
+        ]
     return species._splines[kind]
 
 
@@ -51,35 +62,48 @@ def _spline_data(spline) -> tuple[int, float, np.ndarray]:
     return int(spline.get_angular_momentum_number()), rmax, values
 
 
-def species_from_setup(setup, name: str = "", setup_type: str = "paw",
-                       xc: str = "") -> SpeciesBasis:
+def species_from_setup(
+    setup, name: str = "", setup_type: str = "paw", xc: str = ""
+) -> SpeciesBasis:
     """Plain-array description of one GPAW setup (``calc.setups[a]``)."""
     bfs = getattr(setup, "basis_functions_J", None)
     if bfs is None:
         bfs = setup.phit_j
-    return SpeciesBasis(symbol=setup.symbol, valence=float(setup.Nv),
-                        basis=[_spline_data(s) for s in bfs],
-                        projectors=[_spline_data(p) for p in setup.pt_j],
-                        dO=np.array(setup.dO_ii, float), name=name, setup=setup_type, xc=xc)
+    return SpeciesBasis(
+        symbol=setup.symbol,
+        valence=float(setup.Nv),
+        basis=[_spline_data(s) for s in bfs],
+        projectors=[_spline_data(p) for p in setup.pt_j],
+        dO=np.array(setup.dO_ii, float),
+        name=name,
+        setup=setup_type,
+        xc=xc,
+    )
 
 
-def species_from_gpaw(symbols, xc: str = "PBE", basis: str = "szp(dzp)",
-                      setups: str = "paw") -> dict[str, SpeciesBasis]:
+def species_from_gpaw(
+    symbols, xc: str = "PBE", basis: str = "szp(dzp)", setups: str = "paw"
+) -> dict[str, SpeciesBasis]:
     """Build :class:`SpeciesBasis` from the installed GPAW data files.
 
     ``basis`` and ``setups`` take the values of GPAW's keywords of the same name.
     """
     from gpaw.setup import Setups
     from gpaw.xc import XC
+
     symbols = sorted(set(symbols), key=lambda s: atomic_numbers[s])
     try:
         gsetups = Setups([atomic_numbers[s] for s in symbols], setups, basis, XC(xc))
     except NameError as err:  # GPAW's answer to an unknown functional
-        raise BasisDataError(f"xc={xc!r} is not a functional GPAW knows ({err}); pass the "
-                             f"functional of the training data, e.g. PBE") from None
+        raise BasisDataError(
+            f"xc={xc!r} is not a functional GPAW knows ({err}); pass the "
+            f"functional of the training data, e.g. PBE"
+        ) from None
     except (RuntimeError, OSError, KeyError, ValueError) as err:
-        raise BasisDataError(f"GPAW could not load setups={setups!r}, basis={basis!r}, "
-                             f"xc={xc!r} for {symbols}: {err}") from None
+        raise BasisDataError(
+            f"GPAW could not load setups={setups!r}, basis={basis!r}, "
+            f"xc={xc!r} for {symbols}: {err}"
+        ) from None
     return {s.symbol: species_from_setup(s, basis, setups, xc) for s in gsetups}
 
 
@@ -102,7 +126,8 @@ def _neighbour_pairs(atoms: Atoms, cutoff: np.ndarray):
         NeighborList = None
     if NeighborList is not None:
         i, j, S, D, d = NeighborList(cutoff=rmax, full_list=False).compute(
-            atoms.positions, atoms.cell.array, atoms.pbc, "ijSDd")
+            atoms.positions, atoms.cell.array, atoms.pbc, "ijSDd"
+        )
         i, j, S = i.astype(np.int64), j.astype(np.int64), S.astype(np.int64)
         keep = (d < cutoff[i] + cutoff[j]) & ~((i == j) & ~S.any(axis=1))
         i, j, S, D, d = i[keep], j[keep], S[keep], D[keep], d[keep]
@@ -121,6 +146,7 @@ def _neighbour_pairs(atoms: Atoms, cutoff: np.ndarray):
 def _real_harmonics(vec: np.ndarray, lmax: int) -> np.ndarray:
     """r^l Y_L(vec) for L < (lmax + 1)^2 (GPAW's real harmonics), shape (P, (lmax+1)^2)."""
     from gpaw.sphere.spherical_harmonics import Y
+
     x, y, z = np.ascontiguousarray(vec.T)
     out = np.empty((len(vec), (lmax + 1) ** 2))
     for L in range(out.shape[1]):
@@ -139,6 +165,7 @@ class _PairTable:
 
     def __init__(self, tsoe):
         from gpaw.sphere.gaunt import gaunt
+
         self.shape = tsoe.shape
         self.splines, self.ls, rows = [], [], []
         if tsoe.oe_jj.size == 0:
@@ -151,9 +178,9 @@ class _PairTable:
             Ma, Mb = self._offsets(x_mm, n2)
             la, lb = oe.la, oe.lb
             for k, l in enumerate(range((la + lb) % 2, la + lb + 1, 2)):
-                g = G[la * la:(la + 1) ** 2, lb * lb:(lb + 1) ** 2, l * l:(l + 1) ** 2]
+                g = G[la * la : (la + 1) ** 2, lb * lb : (lb + 1) ** 2, l * l : (l + 1) ** 2]
                 blk = np.zeros((2 * l + 1,) + self.shape)
-                blk[:, Ma:Ma + 2 * la + 1, Mb:Mb + 2 * lb + 1] = g.transpose(2, 0, 1)
+                blk[:, Ma : Ma + 2 * la + 1, Mb : Mb + 2 * lb + 1] = g.transpose(2, 0, 1)
                 rows.append(blk.reshape(2 * l + 1, -1))
                 self.splines.append(oe.spline_l[k])
                 self.ls.append(l)
@@ -163,8 +190,9 @@ class _PairTable:
     @staticmethod
     def _offsets(view, n2):
         """(row, column) of a sub-block view inside its (n1, n2) parent array."""
-        off = (view.__array_interface__["data"][0]
-               - view.base.__array_interface__["data"][0]) // view.itemsize
+        off = (
+            view.__array_interface__["data"][0] - view.base.__array_interface__["data"][0]
+        ) // view.itemsize
         return divmod(off, n2)
 
     def evaluate(self, r: np.ndarray, rlY: np.ndarray) -> np.ndarray:
@@ -174,7 +202,7 @@ class _PairTable:
         for spline, l in zip(self.splines, self.ls):
             s = spline.map(r)
             s[np.abs(s) < _SPLINE_ZERO] = 0.0  # GPAW's C evaluator skips these terms
-            np.multiply(rlY[:, l * l:(l + 1) ** 2], s[:, None], out=A[:, c:c + 2 * l + 1])
+            np.multiply(rlY[:, l * l : (l + 1) ** 2], s[:, None], out=A[:, c : c + 2 * l + 1])
             c += 2 * l + 1
         return A @ self.B
 
@@ -199,11 +227,11 @@ class _Layout:
         w = nao[self.acol]
         cum = np.concatenate([[0], np.cumsum(w)])
         row = np.repeat(np.arange(self.nat), np.diff(self.aptr))
-        self.coloff = cum[:-1] - cum[self.aptr[:-1]][row]          # per atom-level entry
-        self.L = cum[self.aptr[1:]] - cum[self.aptr[:-1]]          # row length per atom
+        self.coloff = cum[:-1] - cum[self.aptr[:-1]][row]  # per atom-level entry
+        self.L = cum[self.aptr[1:]] - cum[self.aptr[:-1]]  # row length per atom
         self.rowbase = np.concatenate([[0], np.cumsum(nao * self.L)]).astype(np.int64)
         self.nnz = int(self.rowbase[-1])
-        self.keys = row * self.nat + self.acol                     # sorted
+        self.keys = row * self.nat + self.acol  # sorted
 
     def entry(self, a, b) -> np.ndarray:
         """Atom-level entry index of pairs (a, b) (they must be in the pattern)."""
@@ -215,23 +243,26 @@ class _Layout:
 
     def rows(self, data, a):
         """The orbital rows of atom a as a (nao_a, L_a) view into ``data``."""
-        return data[self.rowbase[a]:self.rowbase[a + 1]].reshape(self.nao[a], self.L[a])
+        return data[self.rowbase[a] : self.rowbase[a + 1]].reshape(self.nao[a], self.L[a])
 
     def csr(self, data) -> sp.csr_matrix:
         """CSR matrix on this layout (indices written atom row by atom row)."""
         nM = int(self.M0[-1])
-        idx_t = np.int32 if max(self.nnz, nM) < 2 ** 31 - 1 else np.int64
+        idx_t = np.int32 if max(self.nnz, nM) < 2**31 - 1 else np.int64
         indptr = np.empty(nM + 1, idx_t)
         indptr[0] = 0
         indptr[1:] = np.cumsum(np.repeat(self.L, self.nao))
         indices = np.empty(self.nnz, idx_t)
         for a in range(self.nat):
-            ent = self.acol[self.aptr[a]:self.aptr[a + 1]]
+            ent = self.acol[self.aptr[a] : self.aptr[a + 1]]
             if not len(ent) or not self.nao[a]:
                 continue
-            pat = np.concatenate([np.arange(self.M0[b], self.M0[b + 1]) for b in ent]) \
-                if len(ent) < 8 else _ranges(self.M0[ent], self.nao[ent])
-            indices[self.rowbase[a]:self.rowbase[a + 1]] = np.tile(pat, self.nao[a])
+            pat = (
+                np.concatenate([np.arange(self.M0[b], self.M0[b + 1]) for b in ent])
+                if len(ent) < 8
+                else _ranges(self.M0[ent], self.nao[ent])
+            )
+            indices[self.rowbase[a] : self.rowbase[a + 1]] = np.tile(pat, self.nao[a])
         S = sp.csr_matrix((data, indices, indptr), shape=(nM, nM), copy=False)
         S.has_sorted_indices = True
         return S
@@ -241,8 +272,9 @@ def _ranges(starts, counts) -> np.ndarray:
     """Concatenation of arange(s, s + c) for all (s, c), vectorised."""
     counts = np.asarray(counts, np.int64)
     total = int(counts.sum())
-    first = np.repeat(np.asarray(starts, np.int64) - np.concatenate([[0], np.cumsum(counts)[:-1]]),
-                      counts)
+    first = np.repeat(
+        np.asarray(starts, np.int64) - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts
+    )
     return first + np.arange(total)
 
 
@@ -254,6 +286,7 @@ def _single_threaded_blas():
         from threadpoolctl import threadpool_limits
     except ImportError:
         import contextlib
+
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
 
@@ -286,8 +319,10 @@ class OverlapCalculator:
     """
 
     def __init__(self, species: dict, chunk: int = 20_000):
-        self.species = {k: (v if isinstance(v, SpeciesBasis) else SpeciesBasis.from_dict(v))
-                        for k, v in species.items()}
+        self.species = {
+            k: (v if isinstance(v, SpeciesBasis) else SpeciesBasis.from_dict(v))
+            for k, v in species.items()
+        }
         self.chunk = int(chunk)
         self._expansions: dict = {}
 
@@ -296,31 +331,41 @@ class OverlapCalculator:
         symbols = atoms.get_chemical_symbols()
         missing = sorted(set(symbols) - set(self.species))
         if missing:
-            raise BasisDataError(f"no basis functions for element(s) {missing}; available: "
-                                 f"{sorted(self.species, key=lambda s: atomic_numbers[s])}")
+            raise BasisDataError(
+                f"no basis functions for element(s) {missing}; available: "
+                f"{sorted(self.species, key=lambda s: atomic_numbers[s])}"
+            )
         return symbols
 
     def _transformer(self, present):
         # GPAW's rule (TCIExpansions): one Fourier-Bessel grid for the whole
         # calculation, sized by the longest basis function or projector present.
-        rc = [max([b[1] for b in self.species[s].basis] + [p[1] for p in
-                                                            self.species[s].projectors]
-                  + [1e-3]) for s in present]
+        rc = [
+            max(
+                [b[1] for b in self.species[s].basis]
+                + [p[1] for p in self.species[s].projectors]
+                + [1e-3]
+            )
+            for s in present
+        ]
         return max(rc + [1e-3])
 
     def _expansion(self, kind, s1, s2, rcut):
         key = (kind, s1, s2, rcut)
         if key not in self._expansions:
             from gpaw.lcao.overlap import FourierTransformer, TwoSiteOverlapCalculator
+
             ft_key = ("ft", rcut)
             if ft_key not in self._expansions:
                 self._expansions[ft_key] = TwoSiteOverlapCalculator(
-                    FourierTransformer(rcut=rcut, N=2 ** 10))
+                    FourierTransformer(rcut=rcut, N=2**10)
+                )
             tsoc = self._expansions[ft_key]
             a = splines(self.species[s1], "projectors" if kind == "P" else "basis")
             b = splines(self.species[s2], "basis")
-            tsoe = tsoc.calculate_expansions([f.l for f in a], tsoc.transform(a),
-                                             [f.l for f in b], tsoc.transform(b))
+            tsoe = tsoc.calculate_expansions(
+                [f.l for f in a], tsoc.transform(a), [f.l for f in b], tsoc.transform(b)
+            )
             self._expansions[key] = tsoe
         return self._expansions[key]
 
@@ -341,13 +386,13 @@ class OverlapCalculator:
         order = np.argsort(group, kind="stable")
         bounds = np.searchsorted(group[order], np.arange(nsp * nsp + 1))
         for g in range(nsp * nsp):
-            sel = order[bounds[g]:bounds[g + 1]]
+            sel = order[bounds[g] : bounds[g + 1]]
             if not len(sel):
                 continue
             s1, s2 = self._present[g // nsp], self._present[g % nsp]
             table = self._table(kind, s1, s2, rcut)
             for c in range(0, len(sel), self.chunk):
-                part = sel[c:c + self.chunk]
+                part = sel[c : c + self.chunk]
                 vec = D[part] / Bohr
                 r = np.linalg.norm(vec, axis=1)
                 if not len(table.B):
@@ -381,13 +426,23 @@ class OverlapCalculator:
                 start = lay.rowbase[ra] + lay.coloff[ent]
                 L = lay.L[ra]
                 if direct:  # element (mu, nu) at row mu of atom a, column nu of atom b
-                    idx = start[:, None, None] + mu[None, :, None] * L[:, None, None] \
+                    idx = (
+                        start[:, None, None]
+                        + mu[None, :, None] * L[:, None, None]
                         + nu[None, None, :]
+                    )
                 else:  # element (mu, nu) at row nu of atom b, column mu of atom a
-                    idx = start[:, None, None] + nu[None, None, :] * L[:, None, None] \
+                    idx = (
+                        start[:, None, None]
+                        + nu[None, None, :] * L[:, None, None]
                         + mu[None, :, None]
-                _scatter_add(data, idx.ravel(), np.ascontiguousarray(vals).ravel(),
-                             len(np.unique(ent)) == len(ent))
+                    )
+                _scatter_add(
+                    data,
+                    idx.ravel(),
+                    np.ascontiguousarray(vals).ravel(),
+                    len(np.unique(ent)) == len(ent),
+                )
                 del idx
         return data
 
@@ -420,18 +475,19 @@ class OverlapCalculator:
                 continue
             nb = b_all[p0:p1]
             counts = nao[nb]
-            PT = flat[off[p0]:off[p1]].reshape(-1, ni)             # (m_c, ni) = P_c^T
-            keep = np.flatnonzero(PT.any(axis=1))                  # orbitals c reaches
+            PT = flat[off[p0] : off[p1]].reshape(-1, ni)  # (m_c, ni) = P_c^T
+            keep = np.flatnonzero(PT.any(axis=1))  # orbitals c reaches
             if not len(keep):
                 continue
             PT = PT[keep]
-            owner = np.repeat(np.arange(len(nb)), counts)[keep]    # neighbour entry
-            local = (np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts,
-                                                             counts))[keep]
+            owner = np.repeat(np.arange(len(nb)), counts)[keep]  # neighbour entry
+            local = (np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts))[
+                keep
+            ]
             if phase is not None:
                 PT = PT * phase[p0:p1][owner][:, None]
             dO = self.species[symbols[c]].dO
-            R = PT.conj() @ (PT @ dO.T).T                           # (m, m)
+            R = PT.conj() @ (PT @ dO.T).T  # (m, m)
             n = len(nb)
             coloff = lay.coloff[lay.entry(np.repeat(nb, n), np.tile(nb, n))].reshape(n, n)
             atom = nb[owner]
@@ -450,8 +506,11 @@ class OverlapCalculator:
         """
         symbols = self._check(atoms)
         self._present = sorted(set(symbols))
-        codes = np.array([self._present.index(s) for s in symbols], np.int64) \
-            if symbols else np.zeros(0, np.int64)
+        codes = (
+            np.array([self._present.index(s) for s in symbols], np.int64)
+            if symbols
+            else np.zeros(0, np.int64)
+        )
         rcut = self._transformer(self._present)
         nat = len(atoms)
         sb = [self.species[s] for s in symbols]
@@ -475,13 +534,16 @@ class OverlapCalculator:
                 O = lay.csr(data.copy())
                 O.eliminate_zeros()
             with _single_threaded_blas():  # many small products: threads only cost
-                self._add_paw(data, lay, ppairs, flat, off, npr, symbols, ph_p,
-                              _local_order(atoms))
+                self._add_paw(data, lay, ppairs, flat, off, npr, symbols, ph_p, _local_order(atoms))
             S = lay.csr(data)
             S.eliminate_zeros()
             if parts and kpts is None:
-                return S, O, self._projector_matrix(ppairs, flat, off, nao, npr), \
-                    self._dO_matrix(symbols, npr)
+                return (
+                    S,
+                    O,
+                    self._projector_matrix(ppairs, flat, off, nao, npr),
+                    self._dO_matrix(symbols, npr),
+                )
             out.append(S)
         return out[0] if kpts is None else out
 
@@ -496,9 +558,13 @@ class OverlapCalculator:
         ar = np.arange(nat, dtype=np.int64)
         z3i, z3 = np.zeros((nat, 3), np.int64), np.zeros((nat, 3))
         ko = d < rc[i] + rc[j]
-        opairs = (np.concatenate([ar, i[ko]]), np.concatenate([ar, j[ko]]),
-                  np.concatenate([z3i, S[ko]]), np.concatenate([z3, D[ko]]),
-                  np.concatenate([np.ones(nat, bool), np.zeros(int(ko.sum()), bool)]))
+        opairs = (
+            np.concatenate([ar, i[ko]]),
+            np.concatenate([ar, j[ko]]),
+            np.concatenate([z3i, S[ko]]),
+            np.concatenate([z3, D[ko]]),
+            np.concatenate([np.ones(nat, bool), np.zeros(int(ko.sum()), bool)]),
+        )
         fwd = d < rp[i] + rc[j]
         bwd = d < rp[j] + rc[i]
         c = np.concatenate([ar, i[fwd], j[bwd]])
@@ -517,8 +583,9 @@ class OverlapCalculator:
         A = sp.csr_matrix((one, (i, j)), shape=(nat, nat))
         c, b = ppairs[0], ppairs[1]
         has = npr[c] > 0
-        Pa = sp.csr_matrix((np.ones(int(has.sum()), np.float32), (c[has], b[has])),
-                           shape=(nat, nat))
+        Pa = sp.csr_matrix(
+            (np.ones(int(has.sum()), np.float32), (c[has], b[has])), shape=(nat, nat)
+        )
         return (A + A.T + Pa.T @ Pa).tocsr()
 
     @staticmethod
@@ -535,16 +602,19 @@ class OverlapCalculator:
     def _dO_matrix(self, symbols, npr) -> sp.csr_matrix:
         if not npr.sum():
             return sp.csr_matrix((0, 0))
-        return sp.block_diag([self.species[s].dO for s in symbols if self.species[s].n_projectors],
-                             format="csr")
+        return sp.block_diag(
+            [self.species[s].dO for s in symbols if self.species[s].n_projectors], format="csr"
+        )
 
 
 def basis_for_registry(registry, xc: str, setups="paw") -> dict:
     """{symbol: SpeciesBasis} from the installed GPAW data, checked against the
     registry's basis names, angular momenta and radii (Angstrom, 1e-6)."""
     if not isinstance(setups, str):
-        raise BasisDataError(f"setups={setups!r}: only one setup type for all elements "
-                             f"(a string such as 'paw') is supported")
+        raise BasisDataError(
+            f"setups={setups!r}: only one setup type for all elements "
+            f"(a string such as 'paw') is supported"
+        )
     out = {}
     for e in registry.species:
         sb = species_from_gpaw([e["symbol"]], xc=xc, basis=e["name"], setups=setups)
@@ -553,6 +623,7 @@ def basis_for_registry(registry, xc: str, setups="paw") -> dict:
             raise BasisDataError(
                 f"{e['symbol']}: the installed GPAW basis {e['name']!r} has l={sb.l}, "
                 f"rc={sb.rc:.6f} A but the training data used l={list(e['l'])}, "
-                f"rc={e['rc']:.6f} A; install the GPAW data the dataset was made with")
+                f"rc={e['rc']:.6f} A; install the GPAW data the dataset was made with"
+            )
         out[e["symbol"]] = sb
     return out

@@ -1,4 +1,5 @@
 """GearsHCalculator: physics against GPAW (oracle blocks), symmetry, DOS, errors."""
+
 import json
 import warnings
 
@@ -11,11 +12,11 @@ from ase.calculators.calculator import CalculatorSetupError, PropertyNotPresent
 
 from ase_gearsh import GearsHCalculator
 from ase_gearsh.calculator import CalculatorInputError, PropertyUnavailableError
+from ase_gearsh.core.basis import RegistryError
+from ase_gearsh.core.data import Dataset
 from ase_gearsh.core.errors import GearsHError
 from ase_gearsh.model.checkpoint import CheckpointError, save_checkpoint
 from ase_gearsh.model.coverage import ExtrapolationWarning, training_coverage
-from ase_gearsh.core.data import Dataset
-from ase_gearsh.core.basis import RegistryError
 
 
 class Oracle:
@@ -33,9 +34,9 @@ class Oracle:
 def model(small_model, water_dataset, chain_dataset):
     """The small random model with basis functions and training coverage attached."""
     from gpaw_tools.overlap import basis_for_registry
+
     m = small_model
-    m.basis_data = {k: v.to_dict() for k, v in
-                    basis_for_registry(m.registry, "PBE", "paw").items()}
+    m.basis_data = {k: v.to_dict() for k, v in basis_for_registry(m.registry, "PBE", "paw").items()}
     structures = list(Dataset(water_dataset)) + list(Dataset(chain_dataset))
     graphs = [m.graph(s.atoms) for s in structures]
     m.coverage = training_coverage(graphs, m.registry.n_species)
@@ -46,12 +47,18 @@ def model(small_model, water_dataset, chain_dataset):
 def checkpoint(model, tmp_path_factory):
     """The model written to a checkpoint file (with basis functions and coverage)."""
     import jax
+
     ckpt = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
-    save_checkpoint(ckpt, config=model.config, settings=model.settings,
-                    registry=model.registry.to_dict(),
-                    stats={k: np.asarray(v) for k, v in model.stats.items()},
-                    params=jax.device_get(model.params), extra={"coverage": model.coverage},
-                    basis=model.basis_data)
+    save_checkpoint(
+        ckpt,
+        config=model.config,
+        settings=model.settings,
+        registry=model.registry.to_dict(),
+        stats={k: np.asarray(v) for k, v in model.stats.items()},
+        params=jax.device_get(model.params),
+        extra={"coverage": model.coverage},
+        basis=model.basis_data,
+    )
     return ckpt
 
 
@@ -69,7 +76,7 @@ def test_oracle_eigenvalues_equal_gpaw_gamma(model, water_dataset):
     assert np.abs(calc.get_overlap().toarray() - s.overlap()).max() < 1e-8  # exact S
     ref = s.reference_eigenvalues[0, 0]
     eps = calc.get_eigenvalues()
-    assert np.abs(eps[:len(ref)] - ref).max() < 1e-6
+    assert np.abs(eps[: len(ref)] - ref).max() < 1e-6
     assert calc.get_number_of_electrons() == 8.0
     homo, lumo = eps[3], eps[4]
     assert calc.get_fermi_level() == pytest.approx(0.5 * (homo + lumo), abs=1e-9)
@@ -83,11 +90,11 @@ def test_oracle_eigenvalues_equal_gpaw_at_every_kpoint(model, chain_dataset, cha
     assert len(calc.get_ibz_k_points()) == len(kpts)
     for q in range(len(kpts)):
         ref = s.reference_eigenvalues[0, q]
-        assert np.abs(calc.get_eigenvalues(kpt=q)[:len(ref)] - ref).max() < 1e-6
+        assert np.abs(calc.get_eigenvalues(kpt=q)[: len(ref)] - ref).max() < 1e-6
     # an off-grid k against GPAW's fixed-density run: H(R) and S(R) from all images
     _, k_off, eps_ref = chain_kpts
     atoms, calc = oracle_calc(model, s, kpts=[k_off])
-    assert np.abs(calc.get_eigenvalues(kpt=0)[:len(eps_ref)] - eps_ref).max() < 1e-6
+    assert np.abs(calc.get_eigenvalues(kpt=0)[: len(eps_ref)] - eps_ref).max() < 1e-6
     S_k = calc.get_overlap(kpt=k_off)
     assert np.abs(S_k.toarray() - s.overlap(kpt=k_off)).max() < 1e-8
 
@@ -96,8 +103,9 @@ def test_gamma_of_supercell_equals_folded_kpoints(model, make_atoms):
     """Model H of a 3x supercell at Gamma has the primitive eigenvalues at k = 0, +-1/3."""
     chain = make_atoms.chain
     prim = chain()
-    calc = GearsHCalculator(model, kpts=[[0, 0, 0], [0, 0, 1 / 3], [0, 0, -1 / 3]],
-                            warn_extrapolation=False)
+    calc = GearsHCalculator(
+        model, kpts=[[0, 0, 0], [0, 0, 1 / 3], [0, 0, -1 / 3]], warn_extrapolation=False
+    )
     prim.calc = calc
     folded = np.sort(np.concatenate([calc.get_eigenvalues(kpt=q) for q in range(3)]))
     sup = prim.repeat((1, 1, 3))
@@ -120,7 +128,9 @@ def test_gamma_of_supercell_equals_folded_kpoints(model, make_atoms):
 
 def test_rotation_invariant_eigenvalues_and_covariant_blocks(model):
     from scipy.spatial.transform import Rotation
+
     from ase_gearsh.testing import orbital_rotation
+
     a = molecule("CH3OH")
     a.rattle(0.05, seed=2)
     a.center(vacuum=4.0)
@@ -130,8 +140,9 @@ def test_rotation_invariant_eigenvalues_and_covariant_blocks(model):
     ca = GearsHCalculator(model, warn_extrapolation=False)
     cb = GearsHCalculator(model, warn_extrapolation=False)
     a.calc, b.calc = ca, cb
-    l_per_atom = [model.registry.species[s - 1]["l"] for s in
-                  model.registry.species_index(a.numbers)]
+    l_per_atom = [
+        model.registry.species[s - 1]["l"] for s in model.registry.species_index(a.numbers)
+    ]
     D = orbital_rotation(rot, l_per_atom)
     Ha, Hb = ca.get_hamiltonian().toarray(), cb.get_hamiltonian().toarray()
     assert np.abs(D.T @ Ha @ D - Hb).max() < 2e-4 * max(1.0, np.abs(Ha).max() / 10)
@@ -156,6 +167,7 @@ def test_dos_normalisation_and_pdos_sums(model, water_dataset):
     assert np.abs(per_atom.sum(0) - dos).max() < 1e-10
     # ASE's DOS tool works on the calculator (it counts both spins of a spin-paired run)
     from ase.dft.dos import DOS
+
     d = DOS(calc, width=0.1, npts=801)
     assert np.trapezoid(d.get_dos(), d.get_energies()) == pytest.approx(2 * n, rel=1e-3)
 
@@ -188,8 +200,12 @@ def test_kpm_dos_matches_dense(model, make_atoms):
     kpm_calc = GearsHCalculator(model, dense_limit=10, **kw)
     ef_kpm = kpm_calc.get_property("fermi_level", atoms)
     assert kpm_calc.uses_kpm() and not atoms.calc.uses_kpm()
-    assert eps[n_occ - 1] - 2 * resolution <= ef_kpm <= eps[n_occ] + 2 * resolution, \
-        (ef_kpm, eps[n_occ - 1], eps[n_occ], resolution)
+    assert eps[n_occ - 1] - 2 * resolution <= ef_kpm <= eps[n_occ] + 2 * resolution, (
+        ef_kpm,
+        eps[n_occ - 1],
+        eps[n_occ],
+        resolution,
+    )
 
 
 def test_state_is_cached_until_atoms_change(model):
@@ -208,8 +224,9 @@ def test_state_is_cached_until_atoms_change(model):
 def test_errors_are_clear(model, tmp_path):
     atoms = Atoms("SiH", positions=[[0, 0, 0], [0, 0, 1.5]])
     atoms.calc = GearsHCalculator(model)
-    with pytest.raises(RegistryError, match="element Si is not known to this model; it was "
-                                            "trained on H, C, O"):
+    with pytest.raises(
+        RegistryError, match="element Si is not known to this model; it was trained on H, C, O"
+    ):
         atoms.calc.get_hamiltonian()
     with pytest.raises(CheckpointError, match="not found"):
         GearsHCalculator(tmp_path / "missing.ckpt")
@@ -250,6 +267,7 @@ def test_predict_cli_writes_matrices_spectrum_and_plot(checkpoint, tmp_path):
     from ase.io import read, write
 
     from ase_gearsh.cli import main
+
     ckpt = checkpoint
     a = molecule("CH3CH2OH")
     a.rattle(0.02, seed=3)
@@ -258,8 +276,10 @@ def test_predict_cli_writes_matrices_spectrum_and_plot(checkpoint, tmp_path):
     out = tmp_path / "out"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExtrapolationWarning)
-        assert main(["predict", str(tmp_path / "ethanol.xyz"), "-m", str(ckpt), "-o", str(out),
-                     "-q"]) == 0
+        assert (
+            main(["predict", str(tmp_path / "ethanol.xyz"), "-m", str(ckpt), "-o", str(out), "-q"])
+            == 0
+        )
     H = sp.load_npz(out / "hamiltonian.npz")
     S = sp.load_npz(out / "overlap.npz")
     a = read(tmp_path / "ethanol.xyz")  # positions as rounded in the file
@@ -272,16 +292,16 @@ def test_predict_cli_writes_matrices_spectrum_and_plot(checkpoint, tmp_path):
     assert (out / "dos.png").stat().st_size > 10_000
     rows = (out / "eigenvalues.csv").read_text().splitlines()
     assert len(rows) == 1 + H.shape[0]
-    assert main(["predict", str(tmp_path / "nope.xyz"), "-m", str(ckpt), "-o",
-                 str(out)]) == 2
+    assert main(["predict", str(tmp_path / "nope.xyz"), "-m", str(ckpt), "-o", str(out)]) == 2
 
 
 def test_no_recompilation_for_sizes_within_a_bucket(model):
     import jax
+
     count = []
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kw: count.append(event) if "backend_compile" in event
-        else None)
+        lambda event, duration, **kw: count.append(event) if "backend_compile" in event else None
+    )
     first = molecule("CH3CH2OH")
     first.center(vacuum=3.0)
     first.calc = GearsHCalculator(model, warn_extrapolation=False)
@@ -315,11 +335,14 @@ def water(seed=0):
 
 
 def test_todict_round_trip(model, checkpoint, make_atoms):
-    calc = GearsHCalculator(str(checkpoint), kpts=(1, 1, 4), width=0.05,
-                            warn_extrapolation=False)
+    calc = GearsHCalculator(str(checkpoint), kpts=(1, 1, 4), width=0.05, warn_extrapolation=False)
     d = calc.todict()
-    assert d == {"model": str(checkpoint), "kpts": (1, 1, 4), "width": 0.05,
-                 "warn_extrapolation": False}
+    assert d == {
+        "model": str(checkpoint),
+        "kpts": (1, 1, 4),
+        "width": 0.05,
+        "warn_extrapolation": False,
+    }
     twin = GearsHCalculator(**d)
     assert twin.todict() == d and twin.model is calc.model
     chain = make_atoms.chain
@@ -332,8 +355,13 @@ def test_todict_round_trip(model, checkpoint, make_atoms):
     assert model.path is None and GearsHCalculator(model).todict()["model"] is model
     # a band path survives the round trip through its dict form
     from ase.dft.kpoints import BandPath
-    path = BandPath(atoms.cell, kpts=[[0, 0, x] for x in np.linspace(0, 0.5, 5)],
-                    special_points={"G": [0, 0, 0], "Z": [0, 0, 0.5]}, path="GZ")
+
+    path = BandPath(
+        atoms.cell,
+        kpts=[[0, 0, x] for x in np.linspace(0, 0.5, 5)],
+        special_points={"G": [0, 0, 0], "Z": [0, 0, 0.5]},
+        path="GZ",
+    )
     bp = GearsHCalculator(model, kpts=path)
     again = GearsHCalculator(**bp.todict())
     assert isinstance(bp.todict()["kpts"], dict)
@@ -350,8 +378,11 @@ def test_get_property_for_any_atoms(model):
     ef_m = calc.get_property("fermi_level", m)
     assert ef_m == ref_m.get_property("fermi_level", m) and ef_m != ef_w
     assert np.allclose(calc.atoms.positions, m.positions)  # results belong to calc.atoms
-    assert calc.get_property("eigenvalues", m).shape == (1, 1, calc.get_hamiltonian(
-        atoms=m).shape[0])
+    assert calc.get_property("eigenvalues", m).shape == (
+        1,
+        1,
+        calc.get_hamiltonian(atoms=m).shape[0],
+    )
     # the getters follow the attached atoms again
     assert calc.get_fermi_level() == ef_w
     n_w = calc.get_number_of_bands()
@@ -401,6 +432,7 @@ def test_fermi_level_does_not_depend_on_call_order(model, make_atoms):
 
 def test_bz_and_ibz_k_points(model):
     from ase.build import graphene
+
     sheet = graphene(formula="C2", vacuum=5.0)
     calc = GearsHCalculator(model, kpts=(2, 2, 1), warn_extrapolation=False)
     sheet.calc = calc
@@ -415,19 +447,20 @@ def test_bz_and_ibz_k_points(model):
 
     def same(x, y):  # equal modulo reciprocal lattice vectors
         return np.all(np.abs(x - y - np.round(x - y)) < 1e-9, axis=1)
+
     # every k is its IBZ point or that point's time-reversed partner
     assert np.all(same(ibz[bz2ibz], bz) | same(-ibz[bz2ibz], bz))
     assert np.allclose(np.bincount(bz2ibz) / 16, w)
     # a list of k-points is kept as given, in both
     pts = [[0, 0, 0], [0.25, 0, 0], [-0.25, 0, 0]]
     calc.set(kpts=pts)
-    assert np.allclose(calc.get_bz_k_points(), pts) and np.allclose(calc.get_ibz_k_points(),
-                                                                   pts)
+    assert np.allclose(calc.get_bz_k_points(), pts) and np.allclose(calc.get_ibz_k_points(), pts)
 
 
 def test_occupation_numbers_and_ase_tools(model, water_dataset, make_atoms):
     from ase.dft.bandgap import bandgap
     from ase.dft.dos import DOS
+
     chain = make_atoms.chain
     s = Dataset(water_dataset)[0]
     atoms, calc = oracle_calc(model, s)
@@ -449,12 +482,14 @@ def test_occupation_numbers_and_ase_tools(model, water_dataset, make_atoms):
     assert occ.min() >= 0.0 and occ.max() <= 2.0
     d = DOS(c.calc, width=0.5, npts=8001)
     assert np.trapezoid(d.get_dos(), d.get_energies()) == pytest.approx(
-        2 * c.calc.get_number_of_bands(), rel=1e-3)
+        2 * c.calc.get_number_of_bands(), rel=1e-3
+    )
     bandgap(c.calc)  # runs on k-points
 
 
 def test_loaded_models_are_shared(checkpoint):
     import time
+
     first = GearsHCalculator(str(checkpoint))
     t = time.perf_counter()
     second = GearsHCalculator(checkpoint)
@@ -481,21 +516,25 @@ def test_bad_input_raises_clear_errors(model, make_atoms):
         calc.get_property("hamiltonian", nan)
     with pytest.raises(CalculatorInputError, match="no atoms: attach the calculator"):
         calc.get_fermi_level()
-    with pytest.raises(CalculatorInputError, match="model must be a checkpoint path or an "
-                                                   "ase_gearsh Model, got int"):
+    with pytest.raises(
+        CalculatorInputError,
+        match="model must be a checkpoint path or an ase_gearsh Model, got int",
+    ):
         GearsHCalculator(3)
     with pytest.raises(CalculatorInputError, match="a model is required"):
         GearsHCalculator()
-    cases = [(dict(kpts=(2, 2)), r"kpts must be None.*got tuple of shape \(2,\)"),
-             (dict(kpts=(0, 1, 1)), r"three positive integers.*got \[0, 1, 1\]"),
-             (dict(kpts=[[0, 0]]), r"\(n, 3\) array.*got list of shape \(1, 2\)"),
-             (dict(kpts={"size": (2, 2, 1), "shift": 1}), r"unknown key\(s\) \['shift'\]"),
-             (dict(kpts={"gamma": True}), "needs 'size', 'density' or 'path'"),
-             (dict(width=0.0), r"width .* must be a finite number > 0, got 0.0"),
-             (dict(width=-0.1), "> 0, got -0.1"),
-             (dict(dense_limit=-1), "dense_limit must be an integer >= 0, got -1"),
-             (dict(kpm={"n_random": 0}), r"kpm\['n_random'\] must be an integer > 0, got 0"),
-             (dict(kpm={"moments": 5}), r"kpm: unknown key\(s\) \['moments'\]")]
+    cases = [
+        (dict(kpts=(2, 2)), r"kpts must be None.*got tuple of shape \(2,\)"),
+        (dict(kpts=(0, 1, 1)), r"three positive integers.*got \[0, 1, 1\]"),
+        (dict(kpts=[[0, 0]]), r"\(n, 3\) array.*got list of shape \(1, 2\)"),
+        (dict(kpts={"size": (2, 2, 1), "shift": 1}), r"unknown key\(s\) \['shift'\]"),
+        (dict(kpts={"gamma": True}), "needs 'size', 'density' or 'path'"),
+        (dict(width=0.0), r"width .* must be a finite number > 0, got 0.0"),
+        (dict(width=-0.1), "> 0, got -0.1"),
+        (dict(dense_limit=-1), "dense_limit must be an integer >= 0, got -1"),
+        (dict(kpm={"n_random": 0}), r"kpm\['n_random'\] must be an integer > 0, got 0"),
+        (dict(kpm={"moments": 5}), r"kpm: unknown key\(s\) \['moments'\]"),
+    ]
     for kw, match in cases:
         with pytest.raises(CalculatorInputError, match=match):
             GearsHCalculator(model, **kw)
@@ -505,8 +544,11 @@ def test_bad_input_raises_clear_errors(model, make_atoms):
     w.calc = calc
     with pytest.raises(CalculatorInputError, match="npts must be an integer >= 2, got 1"):
         calc.get_dos(npts=1)
-    with pytest.raises(CalculatorInputError, match=r"width \(DOS broadening, eV\) must be a "
-                                                   r"finite number > 0, got 0"):
+    with pytest.raises(
+        CalculatorInputError,
+        match=r"width \(DOS broadening, eV\) must be a "
+        r"finite number > 0, got 0",
+    ):
         calc.get_pdos(width=0)
     with pytest.raises(CalculatorInputError, match="need emin < emax, got emin=1, emax=0"):
         calc.get_dos(emin=1, emax=0)
@@ -514,8 +556,11 @@ def test_bad_input_raises_clear_errors(model, make_atoms):
         calc.get_dos(method="lanczos")
     with pytest.raises(CalculatorInputError, match=r"spin must be 0 .* got 1"):
         calc.get_eigenvalues(spin=1)
-    with pytest.raises(CalculatorInputError, match=r"index must be an integer in \[0, 1\), "
-                                                   r"got 3"):
+    with pytest.raises(
+        CalculatorInputError,
+        match=r"index must be an integer in \[0, 1\), "
+        r"got 3",
+    ):
         calc.get_eigenvalues(kpt=3)
     with pytest.raises(CalculatorInputError, match="components along non-periodic"):
         calc.get_hamiltonian(kpt=[0.0, 0.0, 0.25])

@@ -1,4 +1,5 @@
 """Dataset schema and reader: validation, no code execution, deterministic order."""
+
 import json
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from ase_gearsh.core.data import Dataset, assemble
-from ase_gearsh.core.schema import SchemaError, read_structure, write_structure, ensure_manifest
+from ase_gearsh.core.schema import SchemaError, ensure_manifest, read_structure, write_structure
 from gpaw_tools.extract import extract
 
 
@@ -71,8 +72,9 @@ def test_not_a_dataset(tmp_path):
 def test_assemble_is_hermitian_with_phases():
     rng = np.random.default_rng(0)
     counts = np.array([2, 3])
-    onsite = np.concatenate([(lambda m: (m + m.T).ravel())(rng.normal(size=(n, n)))
-                             for n in counts])
+    onsite = np.concatenate(
+        [(lambda m: (m + m.T).ravel())(rng.normal(size=(n, n))) for n in counts]
+    )
     ij = np.array([[0, 1], [0, 0], [0, 1]])
     shift = np.array([[0, 0, 0], [0, 0, 1], [0, 0, -1]])
     blocks = rng.normal(size=6 + 4 + 6)
@@ -82,15 +84,19 @@ def test_assemble_is_hermitian_with_phases():
     assert H0.dtype == np.float64
     np.testing.assert_allclose(H0, H0.T)
     # Gamma equals the sum over images
-    np.testing.assert_allclose(assemble(counts, onsite, ij, shift, blocks, kpt=[0, 0, 1]),
-                               H0, atol=1e-12)
+    np.testing.assert_allclose(
+        assemble(counts, onsite, ij, shift, blocks, kpt=[0, 0, 1]), H0, atol=1e-12
+    )
     with pytest.raises(ValueError, match="pair-block values"):
         assemble(counts, onsite, ij, shift, blocks[:-1])
 
 
 def test_reader_imports_no_jax_or_gpaw():
-    code = ("import sys, ase_gearsh, ase_gearsh.core.data, gpaw_tools.interactions;"
-            "print('jax' in sys.modules, 'gpaw' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.split()
+    code = (
+        "import sys, ase_gearsh, ase_gearsh.core.data, gpaw_tools.interactions;"
+        "print('jax' in sys.modules, 'gpaw' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["False", "False"]

@@ -1,4 +1,5 @@
 """Bad input: clear messages, non-zero exit, nothing partial left behind."""
+
 import shutil
 
 import numpy as np
@@ -47,8 +48,9 @@ def test_batch_isolates_failures(h2o_gpw, pw_gpw, tmp_path, capsys):
     bad = tmp_path / "bad.gpw"
     bad.write_text("junk")
     out = tmp_path / "ds"
-    code = main([str(bad), str(h2o_gpw), str(pw_gpw), str(tmp_path / "missing.gpw"),
-                 "-o", str(out), "-q"])
+    code = main(
+        [str(bad), str(h2o_gpw), str(pw_gpw), str(tmp_path / "missing.gpw"), "-o", str(out), "-q"]
+    )
     assert code == 1
     err = capsys.readouterr()
     assert "1 extracted" in err.out and "3 failed" in err.out
@@ -70,6 +72,7 @@ def test_unwritable_output(h2o_gpw, tmp_path, capsys):
 def test_failed_write_leaves_nothing(h2o_gpw, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
+
     monkeypatch.setattr(np, "savez", boom)
     written, _, failed = extract_files([h2o_gpw], tmp_path, progress=False)
     assert not written and "disk full" in failed[0][1]
@@ -81,7 +84,6 @@ def test_same_stem_different_source(h2o_gpw, classic_h2o_gpw, tmp_path):
     d = tmp_path / "other"
     d.mkdir()
     shutil.copy(classic_h2o_gpw, d / "h2o.gpw")
-    written, _, failed = extract_files([h2o_gpw, d / "h2o.gpw"], tmp_path / "ds",
-                                       progress=False)
+    written, _, failed = extract_files([h2o_gpw, d / "h2o.gpw"], tmp_path / "ds", progress=False)
     assert not failed and len(written) == 2
     assert written[0].name == "h2o.npz" and written[1].name.startswith("h2o-")

@@ -1,4 +1,5 @@
 """Gamma-point extraction from molecules: blocks rebuild GPAW's H, S and eigenvalues."""
+
 import numpy as np
 import pytest
 from scipy.linalg import eigh
@@ -10,6 +11,7 @@ from gpaw_tools.extract import VerificationError, extract, extract_files, main
 def _gpaw_matrices(path):
     from gpaw import GPAW
     from gpaw.lcao.tools import get_lcao_hamiltonian
+
     calc = GPAW(str(path), txt=None)
     H, S = get_lcao_hamiltonian(calc)
     return calc, np.asarray(H), np.asarray(S)
@@ -25,7 +27,7 @@ def test_molecule_eigenvalues_match_gpaw(h2o_gpw, tmp_path):
     np.testing.assert_allclose(s.hamiltonian(), H[0, 0], atol=1e-10)
     np.testing.assert_allclose(s.overlap(), S[0], atol=1e-12)
     eps = calc.get_eigenvalues()
-    mine = s.eigenvalues()[:len(eps)]
+    mine = s.eigenvalues()[: len(eps)]
     assert np.abs(mine - eps).max() < 1e-6
     np.testing.assert_allclose(s.reference_eigenvalues[0, 0], eps)
     assert s.fermi_level == pytest.approx(calc.get_fermi_level())
@@ -54,12 +56,14 @@ def test_metadata_is_complete(h2o_gpw, tmp_path):
     # every unordered pair of the molecule is kept, in canonical orientation
     assert arrays["pair_ij"].tolist() == [[0, 1], [0, 2], [1, 2]]
     np.testing.assert_allclose(
-        arrays["pair_vector"][0], arrays["positions"][1] - arrays["positions"][0])
+        arrays["pair_vector"][0], arrays["positions"][1] - arrays["positions"][0]
+    )
 
 
 def test_pair_block_symmetry(h2o_gpw):
     arrays, meta = extract(h2o_gpw)
     from ase_gearsh.core.data import Structure
+
     s = Structure(arrays, dict(meta, format="gearsh-hamiltonian-dataset", schema_version=1))
     H = s.hamiltonian()
     np.testing.assert_array_equal(H, H.T)
@@ -71,25 +75,38 @@ def test_pair_block_symmetry(h2o_gpw):
 
 def test_classic_calculator_file(classic_h2o_gpw):
     from gpaw.calculator import GPAW as ClassicGPAW
+
     arrays, meta = extract(classic_h2o_gpw)
     eps = ClassicGPAW(str(classic_h2o_gpw), txt=None).get_eigenvalues()
     from ase_gearsh.core.data import assemble
-    H = assemble(arrays["orbital_counts"], arrays["onsite_H"][0], arrays["pair_ij"],
-                 arrays["pair_shift"], arrays["pair_H"][0])
-    S = assemble(arrays["orbital_counts"], arrays["onsite_S"], arrays["pair_ij"],
-                 arrays["pair_shift"], arrays["pair_S"])
-    assert np.abs(eigh(H, S, eigvals_only=True)[:len(eps)] - eps).max() < 1e-6
+
+    H = assemble(
+        arrays["orbital_counts"],
+        arrays["onsite_H"][0],
+        arrays["pair_ij"],
+        arrays["pair_shift"],
+        arrays["pair_H"][0],
+    )
+    S = assemble(
+        arrays["orbital_counts"],
+        arrays["onsite_S"],
+        arrays["pair_ij"],
+        arrays["pair_shift"],
+        arrays["pair_S"],
+    )
+    assert np.abs(eigh(H, S, eigvals_only=True)[: len(eps)] - eps).max() < 1e-6
 
 
 def test_spin_polarised_stores_both_channels(spin_gpw, tmp_path):
     from gpaw import GPAW
+
     extract_files([spin_gpw], tmp_path, progress=False)
     s = Dataset(tmp_path)[0]
     assert s.nspins == 2
     calc = GPAW(str(spin_gpw), txt=None)
     for spin in (0, 1):
         eps = calc.get_eigenvalues(spin=spin)
-        assert np.abs(s.eigenvalues(spin=spin)[:len(eps)] - eps).max() < 1e-6
+        assert np.abs(s.eigenvalues(spin=spin)[: len(eps)] - eps).max() < 1e-6
     up, down = s.hamiltonian(spin=0), s.hamiltonian(spin=1)
     assert np.abs(up - down).max() > 0.1  # the channels really differ
     with pytest.raises(IndexError, match="2 spin channel"):
@@ -99,8 +116,11 @@ def test_spin_polarised_stores_both_channels(spin_gpw, tmp_path):
 def test_threshold_is_recorded_and_applied(h2o_gpw):
     full, _ = extract(h2o_gpw)
     # dropping every pair block breaks the eigenvalues: refused unless asked for
-    with pytest.raises(VerificationError, match=r"rebuild GPAW's eigenvalues only to .* eV "
-                       r"with --threshold 1e\+?0?9 eV .*expected <= 0.001 eV"):
+    with pytest.raises(
+        VerificationError,
+        match=r"rebuild GPAW's eigenvalues only to .* eV "
+        r"with --threshold 1e\+?0?9 eV .*expected <= 0.001 eV",
+    ):
         extract(h2o_gpw, threshold=1e9)
     cut, meta = extract(h2o_gpw, threshold=1e9, eigenvalue_tolerance=np.inf)
     assert meta["block_threshold"] == 1e9
@@ -116,16 +136,17 @@ def test_threshold_must_be_finite_and_non_negative(h2o_gpw, tmp_path, bad):
     with pytest.raises(ValueError, match="threshold must be a .*number of eV >= 0"):
         extract(h2o_gpw, threshold=bad)
     if isinstance(bad, float):
-        assert main([str(h2o_gpw), "-o", str(tmp_path / "ds"), "--threshold", str(bad),
-                     "-q"]) == 2
+        assert main([str(h2o_gpw), "-o", str(tmp_path / "ds"), "--threshold", str(bad), "-q"]) == 2
         assert not (tmp_path / "ds").exists() or not list((tmp_path / "ds").glob("*.npz"))
 
 
-def test_damaged_hamiltonian_is_refused_and_counted_as_failed(h2o_gpw, tmp_path, capsys,
-                                                               monkeypatch):
+def test_damaged_hamiltonian_is_refused_and_counted_as_failed(
+    h2o_gpw, tmp_path, capsys, monkeypatch
+):
     """A run whose stored H does not give its own eigenvalues (as a .gpw with a
     damaged potential does) is refused, counted as failed, and nothing is written."""
     import gpaw.lcao.tools as tools
+
     real = tools.get_lcao_hamiltonian
 
     def damaged(calc):

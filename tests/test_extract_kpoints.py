@@ -1,4 +1,5 @@
 """Real-space blocks H(R) from k-sampled runs, checked against GPAW."""
+
 import numpy as np
 import pytest
 
@@ -13,11 +14,12 @@ def test_off_grid_k_matches_gpaw_fixed_density(chain_kpts, tmp_path):
     assert not failed
     s = Dataset(tmp_path)[0]
     assert s.meta["kgrid"] == [1, 1, 13]
-    eps = s.eigenvalues(kpt=k_off)[:len(eps_ref)]
+    eps = s.eigenvalues(kpt=k_off)[: len(eps_ref)]
     assert np.abs(eps - eps_ref).max() < 1e-6
     # and at the grid points the matrices are GPAW's own
     from gpaw import GPAW
     from gpaw.lcao.tools import get_lcao_hamiltonian
+
     calc = GPAW(str(path), txt=None)
     H, S = get_lcao_hamiltonian(calc)
     for q, kpt in enumerate(calc.get_ibz_k_points()):
@@ -31,6 +33,7 @@ def test_blocks_vanish_outside_the_h_range(chain_kpts):
     path, _, _ = chain_kpts
     from gpaw import GPAW
     from gpaw.lcao.tools import get_lcao_hamiltonian
+
     arrays, meta = extract(path)
     calc = GPAW(str(path), txt=None)
     H, _ = get_lcao_hamiltonian(calc)
@@ -47,15 +50,17 @@ def test_blocks_vanish_outside_the_h_range(chain_kpts):
         HR = np.einsum("k,kmn->mn", np.exp(-2j * np.pi * k * R), H[0]) / len(k)
         for i in range(4):
             for j in range(4):
-                m = np.abs(HR[off[i]:off[i + 1], off[j]:off[j + 1]]).max()
+                m = np.abs(HR[off[i] : off[i + 1], off[j] : off[j + 1]]).max()
                 d = np.linalg.norm(pos[j] + R * cell[2] - pos[i])
                 if (i, j, R) not in kept:
                     outside = max(outside, m)
                 elif d > rc[sym[i]] + rc[sym[j]]:
                     beyond_basis = max(beyond_basis, m)
-    print(f"largest |H_ij(R)| outside the kept set {outside:.1e} eV, "
-          f"beyond the basis spheres {beyond_basis:.1e} eV")
-    assert outside < 1e-10         # measured: 1e-14 eV (round-off)
+    print(
+        f"largest |H_ij(R)| outside the kept set {outside:.1e} eV, "
+        f"beyond the basis spheres {beyond_basis:.1e} eV"
+    )
+    assert outside < 1e-10  # measured: 1e-14 eV (round-off)
     # PAW projectors: H reaches (weakly) beyond the basis spheres; measured 1.1e-7 eV
     assert beyond_basis > 1e-9
 
@@ -68,17 +73,20 @@ def test_gamma_cell_too_small(chain_gamma_gpw, tmp_path):
 
 
 def test_kgrid_too_coarse(chain_coarse_gpw):
-    with pytest.raises(AliasingError, match=r"grid \(1, 1, 3\) is too coarse.*at least \(1, 1, \d+\)"):
+    with pytest.raises(
+        AliasingError, match=r"grid \(1, 1, 3\) is too coarse.*at least \(1, 1, \d+\)"
+    ):
         extract(chain_coarse_gpw)
 
 
 def test_time_reversal_reduced_grid_is_unfolded(chain_time_reversal_gpw, chain_kpts):
     path_full, k_off, eps_ref = chain_kpts
     reduced, meta = extract(chain_time_reversal_gpw)
-    assert len(reduced["kpts"]) == 7          # IBZ of 13 points with k -> -k
+    assert len(reduced["kpts"]) == 7  # IBZ of 13 points with k -> -k
     from ase_gearsh.core.data import Structure
+
     s = Structure(reduced, meta)
-    eps = s.eigenvalues(kpt=k_off)[:len(eps_ref)]
+    eps = s.eigenvalues(kpt=k_off)[: len(eps_ref)]
     # same physics as the full-grid run, up to SCF convergence of the two runs
     assert np.abs(eps - eps_ref).max() < 1e-3
     assert meta["checks"]["max_eigenvalue_error"] < 1e-8

@@ -1,5 +1,6 @@
 """One forward path: prediction (chunked, bucketed) equals training (one padded batch),
 and the shipped model still reproduces a stored Hamiltonian."""
+
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,16 @@ TOL = 1e-4  # eV: float32 sums in a different order (blocks of up to ~20 eV)
 @pytest.fixture(scope="module")
 def mp_model(small_model):
     """The small model with one message-passing step (all edges in one call)."""
-    settings = dict(small_model.settings, mp_steps=1, mp_degree=2, mp_num_heads=2,
-                    mp_qkv_features=8)
-    m = Model(settings, small_model.registry,
-              {k: np.asarray(v) for k, v in small_model.stats.items()}, None,
-              small_model.config)
+    settings = dict(
+        small_model.settings, mp_steps=1, mp_degree=2, mp_num_heads=2, mp_qkv_features=8
+    )
+    m = Model(
+        settings,
+        small_model.registry,
+        {k: np.asarray(v) for k, v in small_model.stats.items()},
+        None,
+        small_model.config,
+    )
     m.params = m.init_params(3)
     return m
 
@@ -34,8 +40,9 @@ def _structure(name, water_dataset, chain_dataset):
 
 @pytest.mark.parametrize("mp", [0, 1])
 @pytest.mark.parametrize("system", ["molecule", "periodic"])
-def test_chunked_prediction_equals_training_path(small_model, mp_model, water_dataset,
-                                                 chain_dataset, mp, system):
+def test_chunked_prediction_equals_training_path(
+    small_model, mp_model, water_dataset, chain_dataset, mp, system
+):
     model = mp_model if mp else small_model
     atoms = _structure(system, water_dataset, chain_dataset)
     g = model.graph(atoms)

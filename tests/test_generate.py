@@ -1,4 +1,5 @@
 """gpaw_tools.generate: runs, resumes, isolates failures, user basis files."""
+
 import gzip
 import os
 from pathlib import Path
@@ -23,8 +24,7 @@ def _inputs(tmp_path):
 def test_generate_resume_and_failures(tmp_path, capsys):
     src = _inputs(tmp_path)
     runs, ds = tmp_path / "runs", tmp_path / "ds"
-    args = [str(src), "-o", str(runs), "--h", "0.3", "--vacuum", "3", "-q",
-            "--extract", str(ds)]
+    args = [str(src), "-o", str(runs), "--h", "0.3", "--vacuum", "3", "-q", "--extract", str(ds)]
     assert main(args) == 1
     out = capsys.readouterr()
     assert "1 run, 0 already done, 1 failed" in out.out
@@ -42,6 +42,7 @@ def test_user_basis_file(tmp_path):
     """A basis file in --basis-dir, selected per element (here a renamed copy of
     GPAW's H dzp basis)."""
     import gpaw_data
+
     data = gzip.open(Path(gpaw_data.__file__).parent / "setups" / "H.dzp.basis.gz").read()
     mine = tmp_path / "mybasis"
     mine.mkdir()
@@ -49,13 +50,32 @@ def test_user_basis_file(tmp_path):
     write(tmp_path / "h2.xyz", molecule("H2"))
     runs, ds = tmp_path / "runs", tmp_path / "ds"
     from gpaw import setup_paths
+
     before = list(setup_paths)
-    assert main([str(tmp_path / "h2.xyz"), "-o", str(runs), "--h", "0.3", "--vacuum", "3",
-                 "-q", "--basis-dir", str(mine), "--element-basis", "H=mine.dzp",
-                 "--extract", str(ds)]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "h2.xyz"),
+                "-o",
+                str(runs),
+                "--h",
+                "0.3",
+                "--vacuum",
+                "3",
+                "-q",
+                "--basis-dir",
+                str(mine),
+                "--element-basis",
+                "H=mine.dzp",
+                "--extract",
+                str(ds),
+            ]
+        )
+        == 0
+    )
     s = Dataset(ds)[0]
     assert s.basis["H"]["name"] == "mine.dzp"
-    assert s.basis["H"]["l"] == [0, 0, 1]   # full dzp, not the default szp(dzp)
+    assert s.basis["H"]["l"] == [0, 0, 1]  # full dzp, not the default szp(dzp)
     assert "mine.dzp" in (runs / "h2-00000.txt").read_text()
     assert setup_paths == before  # the basis folder was added for the run only
 

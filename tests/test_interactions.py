@@ -1,15 +1,19 @@
 """Geometry of the H range and the aliasing check (no GPAW needed)."""
+
 import numpy as np
 import pytest
 from ase import Atoms
 
-from gpaw_tools.interactions import (AliasingError, check_aliasing, find_interactions,
-                                     required_grid)
+from gpaw_tools.interactions import AliasingError, check_aliasing, find_interactions, required_grid
 
 
 def dimer(length):
-    return Atoms("H2", positions=[[0, 0, 0], [0.3, 0.2, 0.8]], cell=[10, 10, length],
-                 pbc=[False, False, True])
+    return Atoms(
+        "H2",
+        positions=[[0, 0, 0], [0.3, 0.2, 0.8]],
+        cell=[10, 10, length],
+        pbc=[False, False, True],
+    )
 
 
 def test_canonical_unordered_pairs():
@@ -21,7 +25,8 @@ def test_canonical_unordered_pairs():
     assert (inter.shift[self_pairs][:, 2] > 0).all()
     np.testing.assert_allclose(
         inter.vector,
-        a.positions[inter.ij[:, 1]] + inter.shift @ a.cell.array - a.positions[inter.ij[:, 0]])
+        a.positions[inter.ij[:, 1]] + inter.shift @ a.cell.array - a.positions[inter.ij[:, 0]],
+    )
     d = np.linalg.norm(inter.vector, axis=1)
     assert d.max() < 2 * (2.0 + 0.5)
     # projector reach: pairs beyond the basis spheres are kept but flagged

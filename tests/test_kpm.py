@@ -1,4 +1,5 @@
 """KPM DOS / projected DOS of H c = E S c checked against dense scipy.linalg.eigh."""
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -9,9 +10,17 @@ import scipy.linalg as la
 import scipy.sparse as sp
 from scipy.integrate import cumulative_trapezoid, trapezoid
 
-from ase_gearsh.electronic.kpm import (KPMError, chebyshev_moments, jackson_kernel, kpm_density,
-                                      kpm_dos, kpm_fermi_level, kpm_n_moments,
-                                      moments_from_eigen, spectral_bounds)
+from ase_gearsh.electronic.kpm import (
+    KPMError,
+    chebyshev_moments,
+    jackson_kernel,
+    kpm_density,
+    kpm_dos,
+    kpm_fermi_level,
+    kpm_n_moments,
+    moments_from_eigen,
+    spectral_bounds,
+)
 
 NORB = 3
 M_EXACT = 256
@@ -31,7 +40,7 @@ def chain(n_atoms=150, seed=1, complex_h=False, complex_s=False):
                 blk = rng.normal(scale=scale / (1 + j - i), size=(NORB, NORB))
                 if cplx:  # adds an i * antisymmetric part to the Hermitian matrix
                     blk = blk + 1j * rng.normal(scale=0.3 * scale / (1 + j - i), size=(NORB, NORB))
-                M[i * NORB:(i + 1) * NORB, j * NORB:(j + 1) * NORB] = blk
+                M[i * NORB : (i + 1) * NORB, j * NORB : (j + 1) * NORB] = blk
         M = 0.5 * (M + M.conj().T)
         M[np.diag_indices(n)] += diag
         return M
@@ -83,7 +92,9 @@ def test_exact_moments_match_dense(real_system):
     mom = real_system["exact"]
     n = real_system["H"].shape[0]
     assert mom.names == ["total", "even", "odd", "s"] and mom.n_random == 0 and mom.n_orbitals == n
-    ref = moments_from_eigen(real_system["E"], real_system["W"], mom.center, mom.half_width, M_EXACT)
+    ref = moments_from_eigen(
+        real_system["E"], real_system["W"], mom.center, mom.half_width, M_EXACT
+    )
     assert ref.shape == mom.moments.shape
     assert np.abs(mom.moments - ref).max() < 1e-8 * n
     assert mom.moments[0, 0] == pytest.approx(n, abs=1e-10)
@@ -111,7 +122,9 @@ def test_stochastic_moments(real_system):
         # standard deviation ~ sqrt(2 / (size R)); allow 3 sigma (2.5 % of n for the total)
         assert 1e-6 < err < 3 * np.sqrt(2 / (size * R_STOCH)), name
     H, S, bounds = real_system["H"], real_system["S"], real_system["bounds"]
-    run = [chebyshev_moments(H, S, 16, n_random=4, bounds=bounds, seed=s).moments for s in (5, 5, 6)]
+    run = [
+        chebyshev_moments(H, S, 16, n_random=4, bounds=bounds, seed=s).moments for s in (5, 5, 6)
+    ]
     np.testing.assert_array_equal(run[0], run[1])  # seeded
     assert np.abs(run[0] - run[2]).max() > 1e-3
 
@@ -148,7 +161,11 @@ def test_kpm_dos_matches_broadened_dense(real_system):
     # the Jackson kernel's exact width (Weisse et al. 2006, eq. 73) narrows towards |x| -> 1;
     # with it the DOS itself agrees (measured: L1 0.8 % of n, max 1.4 % of the peak)
     x = (E - b) / a
-    var = (M_EXACT - x**2 * (M_EXACT - 1)) / (2 * (M_EXACT + 1)) * (1 - np.cos(2 * np.pi / (M_EXACT + 1)))
+    var = (
+        (M_EXACT - x**2 * (M_EXACT - 1))
+        / (2 * (M_EXACT + 1))
+        * (1 - np.cos(2 * np.pi / (M_EXACT + 1)))
+    )
     dense = gaussians(a * np.sqrt(var))
     assert trapezoid(np.abs(kpm - dense), grid) < 2e-2 * n
     assert np.abs(kpm - dense).max() < 4e-2 * dense.max()
@@ -166,7 +183,9 @@ def test_complex_hermitian_matches_dense(complex_s):
     assert trapezoid(dos["total"], energies) == pytest.approx(len(E), rel=1e-4)
 
 
-@pytest.mark.parametrize("n_atoms, seed, complex_h", [(150, 1, False), (50, 1, False), (80, 2, True)])
+@pytest.mark.parametrize(
+    "n_atoms, seed, complex_h", [(150, 1, False), (50, 1, False), (80, 2, True)]
+)
 def test_spectral_bounds(n_atoms, seed, complex_h):  # ARPACK (n > 200) and dense (n <= 200) paths
     H, S, _, E, _ = reference(n_atoms, seed, complex_h)
     width = E[-1] - E[0]

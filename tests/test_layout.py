@@ -1,14 +1,17 @@
 """Block <-> irreps mapping: exact round trip and the rotation rule, l up to f."""
+
 import numpy as np
 import pytest
 
-from ase_gearsh.model.layout import Layout
 from ase_gearsh.core.basis import Registry, RegistryError
+from ase_gearsh.model.layout import Layout
 from ase_gearsh.testing import canonical_rotation
 
-BASIS = {"H": {"l": [0, 1], "rc": 3.4, "name": "szp(dzp)"},
-         "C": {"l": [0, 1, 2], "rc": 3.5, "name": "szp(dzp)"},
-         "W": {"l": [0, 0, 1, 2, 3, 1], "rc": 6.8, "name": "test"}}
+BASIS = {
+    "H": {"l": [0, 1], "rc": 3.4, "name": "szp(dzp)"},
+    "C": {"l": [0, 1, 2], "rc": 3.5, "name": "szp(dzp)"},
+    "W": {"l": [0, 0, 1, 2, 3, 1], "rc": 6.8, "name": "test"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def test_every_l1_l2_pair_up_to_f_round_trips(layout):
     a, b, l1, l2, p, f = next(sb for sb in layout.subblocks if sb[2:4] == (1, 2))
     only = np.zeros((layout.n, layout.n))
     sa, sb_ = layout.slot_start[a], layout.slot_start[b]
-    only[sa:sa + 3, sb_:sb_ + 5] = rng.normal(size=(3, 5))
+    only[sa : sa + 3, sb_ : sb_ + 5] = rng.normal(size=(3, 5))
     c = layout.blocks_to_irreps(only)
     nz = np.argwhere(np.abs(c) > 1e-12)
     assert set(nz[:, 0]) == {1} and set(nz[:, 2]) == {f}
@@ -39,6 +42,7 @@ def test_irreps_rotate_with_wigner_d(layout):
     import e3x
     import jax
     from scipy.spatial.transform import Rotation
+
     rot = Rotation.random(random_state=5).as_matrix()
     D = canonical_rotation(rot, layout)
     with jax.enable_x64(True):

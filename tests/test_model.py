@@ -1,4 +1,5 @@
 """Symmetries and locality of the full model, measured on reconstructed blocks."""
+
 import numpy as np
 import pytest
 from ase import Atoms
@@ -111,8 +112,9 @@ def test_atoms_beyond_the_cutoff_change_nothing(small_model, water_dataset):
 
 
 def test_pair_blocks_vanish_smoothly_at_the_cutoff(small_model):
-    rc = small_model.pair_cutoff[small_model.registry.species_index([8])[0]] \
-        [small_model.registry.species_index([8])[0]]
+    rc = small_model.pair_cutoff[small_model.registry.species_index([8])[0]][
+        small_model.registry.species_index([8])[0]
+    ]
     sizes = []
     for frac in (0.5, 0.9, 0.99, 0.999):
         a = Atoms("O2", positions=[[0, 0, 0], [0, 0, frac * rc]], cell=[30, 30, 30])
@@ -125,14 +127,21 @@ def test_pair_blocks_vanish_smoothly_at_the_cutoff(small_model):
 def test_message_passing_really_changes_outputs(small_model):
     """With mp_steps=1 an atom sees its neighbours' neighbours; without, it does not."""
     from ase_gearsh.model.engine import Model
-    settings = dict(small_model.settings, mp_steps=1, mp_degree=2, mp_qkv_features=8,
-                    mp_num_heads=2)
-    mp = Model(settings, small_model.registry, {k: np.asarray(v) for k, v in
-                                               small_model.stats.items()}, None)
+
+    settings = dict(
+        small_model.settings, mp_steps=1, mp_degree=2, mp_qkv_features=8, mp_num_heads=2
+    )
+    mp = Model(
+        settings,
+        small_model.registry,
+        {k: np.asarray(v) for k, v in small_model.stats.items()},
+        None,
+    )
     mp.params = mp.init_params(3)
     cut = small_model.cutoff
-    base = Atoms("OCO", positions=[[0, 0, 0], [0, 0, 0.6 * cut], [0, 0, 1.2 * cut]],
-                 cell=[40, 40, 40])
+    base = Atoms(
+        "OCO", positions=[[0, 0, 0], [0, 0, 0.6 * cut], [0, 0, 1.2 * cut]], cell=[40, 40, 40]
+    )
     moved = base.copy()
     moved.positions[2, 2] += 0.3  # still beyond the cut-off of atom 0
     for model, should_change in ((small_model, False), (mp, True)):
@@ -147,16 +156,23 @@ def test_message_passing_really_changes_outputs(small_model):
 
 def test_parameter_count_of_paper_configuration():
     """The paper's WSe2-like configuration (listings 2-4): about 83k parameters."""
-    from ase_gearsh.training.config import check_config, model_settings
+    from ase_gearsh.core.basis import Registry
     from ase_gearsh.model.engine import Model
     from ase_gearsh.model.layout import Layout
-    from ase_gearsh.core.basis import Registry
-    reg = Registry.from_basis({"W": {"l": [0, 1, 2, 1], "rc": 4.0, "name": "szp"},
-                               "Se": {"l": [0, 1, 2], "rc": 4.0, "name": "szp"}})
+    from ase_gearsh.training.config import check_config, model_settings
+
+    reg = Registry.from_basis(
+        {
+            "W": {"l": [0, 1, 2, 1], "rc": 4.0, "name": "szp"},
+            "Se": {"l": [0, 1, 2], "rc": 4.0, "name": "szp"},
+        }
+    )
     lay = Layout(reg)
     cfg = check_config({"data": {"train_data_path": "x"}})
-    model = Model(model_settings(cfg, reg.n_species, lay.lmax_out, lay.n_features), reg,
-                  {}, None, cfg)
+    model = Model(
+        model_settings(cfg, reg.n_species, lay.lmax_out, lay.n_features), reg, {}, None, cfg
+    )
     from ase_gearsh.model.network import count_parameters
+
     n = count_parameters(model.init_params(0))
     assert 40_000 < n < 200_000, n

@@ -1,17 +1,17 @@
 """Exact overlap S from the basis functions, against GPAW's own S."""
+
 import numpy as np
 import pytest
 from ase import Atoms
 
-from gpaw_tools.overlap import (BasisDataError, OverlapCalculator, SpeciesBasis,
-                                species_from_gpaw)
-
 from ase_gearsh.testing import orbital_rotation
+from gpaw_tools.overlap import BasisDataError, OverlapCalculator, SpeciesBasis, species_from_gpaw
 
 
 def _gpaw_S(path):
     from gpaw import GPAW
     from gpaw.lcao.tools import get_lcao_hamiltonian
+
     calc = GPAW(str(path), txt=None)
     _, S_kMM = get_lcao_hamiltonian(calc)
     atoms = calc.get_atoms()
@@ -54,6 +54,7 @@ def test_overlap_is_rotation_covariant(chon):
     """S of a rotated molecule is D^T S D (the rotation rule of the guide)."""
     from ase.build import molecule
     from scipy.spatial.transform import Rotation
+
     a = molecule("CH3OH")
     a.rattle(0.05, seed=1)
     rot = Rotation.random(random_state=4).as_matrix()
@@ -80,6 +81,7 @@ def test_unknown_element_and_bad_data(chon):
 def _random_periodic(seed=3):
     """Small periodic structure, several species, rattled (images in all directions)."""
     from ase.build import bulk
+
     atoms = bulk("NaCl", "rocksalt", a=5.4, cubic=True).repeat((2, 1, 1))
     atoms.set_chemical_symbols(["C", "N", "O", "H"] * 4)
     atoms.rattle(0.2, seed=seed)
@@ -93,6 +95,7 @@ def test_overlap_equals_reference_implementation(chon):
     on a small periodic structure with four species, at Gamma and k != 0."""
     import importlib.util
     from pathlib import Path
+
     path = Path(__file__).parents[1] / "benchmarks" / "_overlap_reference.py"
     spec = importlib.util.spec_from_file_location("_overlap_reference", path)
     ref = importlib.util.module_from_spec(spec)
@@ -117,6 +120,7 @@ def test_overlap_equals_reference_implementation(chon):
 def test_neighbour_fallback_matches(chon, monkeypatch):
     """Without vesin (ASE's neighbour list) S is the same."""
     import builtins
+
     atoms = _random_periodic(seed=5)
     S = OverlapCalculator(chon).overlap(atoms)
     real_import = builtins.__import__
@@ -125,6 +129,7 @@ def test_neighbour_fallback_matches(chon, monkeypatch):
         if name == "vesin":
             raise ImportError("no vesin")
         return real_import(name, *a, **k)
+
     monkeypatch.setattr(builtins, "__import__", no_vesin)
     S2 = OverlapCalculator(chon).overlap(atoms)
     assert np.abs((S - S2).toarray()).max() < 1e-14

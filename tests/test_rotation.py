@@ -5,6 +5,7 @@ The real-space grid breaks rotation symmetry slightly (egg-box effect), so the
 comparison has a tolerance; measured at h = 0.2 A on rattled methanol (this
 seed): largest block deviation 4.9e-3 eV, eigenvalues 4.6e-3 eV, S 2e-15.
 """
+
 import numpy as np
 import pytest
 from scipy.linalg import block_diag
@@ -12,13 +13,14 @@ from scipy.spatial.transform import Rotation
 
 from gpaw_tools.extract import extract
 
-H_TOL = 2e-2    # eV, block elements
-S_TOL = 1e-6    # overlap: two-centre integrals, no grid
+H_TOL = 2e-2  # eV, block elements
+S_TOL = 1e-6  # overlap: two-centre integrals, no grid
 EPS_TOL = 2e-2  # eV, eigenvalues
 
 
 def wigner_real(l, Q, rng):
     from gpaw.sphere.spherical_harmonics import Y
+
     x = rng.normal(size=(64, 3))
     x /= np.linalg.norm(x, axis=1)[:, None]
     Qx = x @ Q.T
@@ -47,6 +49,7 @@ def test_blocks_rotate_as_DT_H_D(rotated_pair):
     Dl = {l: wigner_real(l, Q, rng) for l in range(3)}
     D = {sym: block_diag(*[Dl[l] for l in b["l"]]) for sym, b in ma["basis"].items()}
     from ase import Atoms
+
     syms = Atoms(numbers=A["numbers"]).get_chemical_symbols()
     n = A["orbital_counts"]
     off2 = np.concatenate([[0], np.cumsum(n * n)])

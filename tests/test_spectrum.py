@@ -1,4 +1,5 @@
 """Electronic-layer spectra and k-points on small hand-made matrices (no GPAW, no JAX)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,7 @@ from ase_gearsh.electronic.spectrum import (
     check_kpm_options,
 )
 
-COUNTS = [4, 1, 1, 4, 1, 1]          # orbitals per atom: two "water-like" molecules
+COUNTS = [4, 1, 1, 4, 1, 1]  # orbitals per atom: two "water-like" molecules
 SYMBOLS = ["O", "H", "H", "O", "H", "H"]
 N = sum(COUNTS)
 
@@ -44,6 +45,7 @@ def chain():
             phase = np.exp(2j * np.pi * k[2])
             M = M0 + M1 * phase + M1.T * np.conj(phase)
             return sp.csr_matrix(M.real if not np.any(k) else M)
+
         return at
 
     H, S = bloch(H0, H1), bloch(S0, S1)
@@ -73,8 +75,9 @@ def test_orbital_labels(labels):
     assert labels.from_atoms(per_atom, "atom") is per_atom
     species = labels.from_atoms(per_atom, "species")
     assert np.allclose(species["O"], per_atom[0] + per_atom[3])
-    assert np.allclose(labels.from_groups({f"atom{i}": per_atom[i] for i in range(6)}, "atom"),
-                       per_atom)
+    assert np.allclose(
+        labels.from_groups({f"atom{i}": per_atom[i] for i in range(6)}, "atom"), per_atom
+    )
     with pytest.raises(ArgumentError, match="by must be 'species' or 'atom', got 'orbital'"):
         labels.groups("orbital")
 
@@ -91,8 +94,10 @@ def test_dense_eigenvalues_match_eigh(chain, labels):
     assert spec.eigenvalues() is eps  # cached
     # time reversal: H(-k) = conj H(k), same spectrum, so the IBZ loses nothing
     k = np.array([0.0, 0.0, 1 / 3])
-    assert np.allclose(la.eigh(H(k).toarray(), S(k).toarray(), eigvals_only=True),
-                       la.eigh(H(-k).toarray(), S(-k).toarray(), eigvals_only=True))
+    assert np.allclose(
+        la.eigh(H(k).toarray(), S(k).toarray(), eigvals_only=True),
+        la.eigh(H(-k).toarray(), S(-k).toarray(), eigvals_only=True),
+    )
     e_m, weights = spec.mulliken()
     assert np.abs(e_m - eps).max() < 1e-9
     assert weights.shape == (len(kp.ibz), 6, N)
@@ -118,8 +123,9 @@ def test_fermi_level_and_occupations(chain, labels, width):
 def test_fermi_level_of_an_insulator_is_mid_gap(labels):
     rng = np.random.default_rng(3)
     H, S = hermitian(rng, N, 2.0), np.eye(N) + 0.05 * hermitian(rng, N)
-    spec = DenseSpectrum(lambda k: sp.csr_matrix(H), lambda k: sp.csr_matrix(S),
-                         np.zeros((1, 3)), [1.0], labels)
+    spec = DenseSpectrum(
+        lambda k: sp.csr_matrix(H), lambda k: sp.csr_matrix(S), np.zeros((1, 3)), [1.0], labels
+    )
     eps = la.eigh(H, S, eigvals_only=True)
     assert np.abs(spec.eigenvalues()[0] - eps).max() < 1e-10
     assert spec.fermi_level(8.0, 0.001) == pytest.approx(0.5 * (eps[3] + eps[4]))
@@ -176,8 +182,12 @@ def test_kpm_spectrum(chain, labels):
 
 
 def test_kpoint_grid_reduction():
-    sheet = Atoms("C2", cell=[[2.46, 0, 0], [-1.23, 2.13, 0], [0, 0, 10.0]],
-                  positions=[[0, 0, 5], [0, 1.42, 5]], pbc=[True, True, False])
+    sheet = Atoms(
+        "C2",
+        cell=[[2.46, 0, 0], [-1.23, 2.13, 0], [0, 0, 10.0]],
+        positions=[[0, 0, 5], [0, 1.42, 5]],
+        pbc=[True, True, False],
+    )
     kp = KPoints.from_parameter({"size": (4, 4, 1), "gamma": True}, sheet)
     assert kp.bz.shape == (16, 3) and kp.ibz.shape == (10, 3)  # 4 TRIM points + 12 / 2
     assert kp.weights.sum() == pytest.approx(1.0)
@@ -186,6 +196,7 @@ def test_kpoint_grid_reduction():
 
     def same(x, y):  # equal modulo reciprocal lattice vectors
         return np.all(np.abs(x - y - np.round(x - y)) < 1e-9, axis=1)
+
     assert np.all(same(kp.ibz[kp.bz_to_ibz], kp.bz) | same(-kp.ibz[kp.bz_to_ibz], kp.bz))
     assert not kp.gamma_only and not kp.ibz.flags.writeable
     # an MP size is a grid, a list is kept as given
@@ -211,11 +222,13 @@ def test_kpoint_grid_reduction():
 
 def test_argument_checks():
     assert check_kpts((4, 4, 1)) == (4, 4, 1) and check_kpts(None) is None
-    for bad, match in [((2, 2), r"kpts must be None.*tuple of shape \(2,\)"),
-                       ((0, 1, 1), r"three positive integers.*got \[0, 1, 1\]"),
-                       ({"size": (2, 2, 1), "shift": 1}, r"unknown key\(s\) \['shift'\]"),
-                       ({"gamma": True}, "needs 'size', 'density' or 'path'"),
-                       ([[0, np.nan, 0]], "must be finite")]:
+    for bad, match in [
+        ((2, 2), r"kpts must be None.*tuple of shape \(2,\)"),
+        ((0, 1, 1), r"three positive integers.*got \[0, 1, 1\]"),
+        ({"size": (2, 2, 1), "shift": 1}, r"unknown key\(s\) \['shift'\]"),
+        ({"gamma": True}, "needs 'size', 'density' or 'path'"),
+        ([[0, np.nan, 0]], "must be finite"),
+    ]:
         with pytest.raises(ArgumentError, match=match):
             check_kpts(bad)
     check_kpm_options(None)
@@ -226,10 +239,15 @@ def test_argument_checks():
         KPMOptions.from_parameter({"moments": 5})
     assert KPM_DEFAULTS == {"n_moments": None, "n_random": 16, "seed": 0, "fermi_width": 0.1}
     check_dos_args(0.1, 2001, None, None, "auto")
-    for args, match in [((0, 10, None, None), r"width \(DOS broadening, eV\) must be a finite "
-                                              r"number > 0, got 0"),
-                        ((0.1, 1, None, None), "npts must be an integer >= 2, got 1"),
-                        ((0.1, 10, 1, 0), "need emin < emax, got emin=1, emax=0")]:
+    for args, match in [
+        (
+            (0, 10, None, None),
+            r"width \(DOS broadening, eV\) must be a finite "
+            r"number > 0, got 0",
+        ),
+        ((0.1, 1, None, None), "npts must be an integer >= 2, got 1"),
+        ((0.1, 10, 1, 0), "need emin < emax, got emin=1, emax=0"),
+    ]:
         with pytest.raises(ArgumentError, match=match):
             check_dos_args(*args)
     with pytest.raises(ArgumentError, match="method must be 'auto', 'dense' or 'kpm', got 'x'"):

@@ -1,4 +1,5 @@
 """Configuration, training, checkpoints, resume, multi-device and evaluation."""
+
 import json
 import os
 import subprocess
@@ -24,20 +25,31 @@ def test_paper_listings_parse_as_written():
     assert cfg["loss"]["loss_parameters"]["off_diagonal_weight"] == 4.0
 
 
-@pytest.mark.parametrize("patch, message", [
-    ({"data": {"train_data_path": "x", "n_trian": 3}}, r"unknown key 'data.n_trian'"),
-    ({"data": {"train_data_path": "x"}, "model": {"bond_centered": {"cutof": 8}}},
-     r"unknown key 'model.bond_centered.cutof'.*cutoff"),
-    ({"data": {"train_data_path": "x", "batch_size": "two"}},
-     r"'data.batch_size' must be int, got 'two'"),
-    ({"data": {"train_data_path": "x"}, "optimizer": {"lr": "fast"}},
-     r"'optimizer.lr' must be int or float"),
-    ({"data": {"train_data_path": "x"}, "loss": {"name": "mae"}},
-     r"'loss.name' must be one of"),
-    ({"data": {"train_data_path": "x", "energy_unit": "Ha"}}, r"'data.energy_unit'"),
-    ({"data": {}}, r"'data.train_data_path' is required"),
-    ({"data": {"train_data_path": "x", "bond_fraction": 1.5}}, r"bond_fraction"),
-])
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"data": {"train_data_path": "x", "n_trian": 3}}, r"unknown key 'data.n_trian'"),
+        (
+            {"data": {"train_data_path": "x"}, "model": {"bond_centered": {"cutof": 8}}},
+            r"unknown key 'model.bond_centered.cutof'.*cutoff",
+        ),
+        (
+            {"data": {"train_data_path": "x", "batch_size": "two"}},
+            r"'data.batch_size' must be int, got 'two'",
+        ),
+        (
+            {"data": {"train_data_path": "x"}, "optimizer": {"lr": "fast"}},
+            r"'optimizer.lr' must be int or float",
+        ),
+        (
+            {"data": {"train_data_path": "x"}, "loss": {"name": "mae"}},
+            r"'loss.name' must be one of",
+        ),
+        ({"data": {"train_data_path": "x", "energy_unit": "Ha"}}, r"'data.energy_unit'"),
+        ({"data": {}}, r"'data.train_data_path' is required"),
+        ({"data": {"train_data_path": "x", "bond_fraction": 1.5}}, r"bond_fraction"),
+    ],
+)
 def test_config_errors_name_the_key(patch, message):
     with pytest.raises(ConfigError, match=message):
         check_config(patch)
@@ -54,6 +66,7 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 
 def _train(cfg, **kw):
     from ase_gearsh.training.train import train
+
     return train(cfg, progress=False, log=lambda *a: None, **kw)
 
 
@@ -62,8 +75,13 @@ def _history(run):
 
 
 def test_overfit_tiny_dataset(water_dataset, tmp_path, make_config):
-    cfg = make_config(water_dataset, tmp_path, data={"n_train": 1, "n_valid": 1},
-                      optimizer={"lr": 0.003}, training={"n_epochs": 400, "valid_every": 100})
+    cfg = make_config(
+        water_dataset,
+        tmp_path,
+        data={"n_train": 1, "n_valid": 1},
+        optimizer={"lr": 0.003},
+        training={"n_epochs": 400, "valid_every": 100},
+    )
     run = _train(cfg)
     hist = _history(run)
     first, last = hist[0]["train_loss"], min(h["train_loss"] for h in hist[-20:])
@@ -85,8 +103,9 @@ def test_resume_continues_exactly(water_dataset, tmp_path, make_config):
     _train(part_cfg, resume=True)
     a, b = _history(full), _history(part)
     assert [h["epoch"] for h in b] == [1, 2, 3, 4]
-    np.testing.assert_allclose([h["train_loss"] for h in a], [h["train_loss"] for h in b],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        [h["train_loss"] for h in a], [h["train_loss"] for h in b], rtol=1e-5
+    )
 
 
 def test_kill_mid_epoch_loses_at_most_that_epoch(water_dataset, tmp_path, make_config):
@@ -94,10 +113,14 @@ def test_kill_mid_epoch_loses_at_most_that_epoch(water_dataset, tmp_path, make_c
     cfg = make_config(water_dataset, tmp_path, training={"n_epochs": 400})
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "ase_gearsh", "train", str(path), "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ase_gearsh", "train", str(path), "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     latest = tmp_path / "run" / "latest.ckpt"
     import time
+
     deadline = time.time() + 300
     while time.time() < deadline:
         if latest.exists() and load_checkpoint(latest)["extra"]["epoch"] >= 3:
@@ -110,6 +133,7 @@ def test_kill_mid_epoch_loses_at_most_that_epoch(water_dataset, tmp_path, make_c
     cfg["training"]["n_epochs"] = done + 2
     path.write_text(yaml.safe_dump(cfg))
     from ase_gearsh.cli import main
+
     assert main(["train", str(path), "--resume", "-q"]) == 0
     hist = _history(tmp_path / "run")
     assert [h["epoch"] for h in hist] == list(range(1, done + 3))
@@ -118,6 +142,7 @@ def test_kill_mid_epoch_loses_at_most_that_epoch(water_dataset, tmp_path, make_c
 def test_checkpoint_round_trip_and_errors(water_dataset, tmp_path, make_config):
     from ase_gearsh.core.data import Dataset
     from ase_gearsh.model.engine import Model
+
     run = _train(make_config(water_dataset, tmp_path))
     model = Model.from_checkpoint(run / "model.ckpt")
     again = Model.from_checkpoint(run / "model.ckpt")
@@ -135,6 +160,7 @@ def test_checkpoint_round_trip_and_errors(water_dataset, tmp_path, make_config):
     with pytest.raises(CheckpointError, match="not a"):
         load_checkpoint(junk)
     from flax import serialization
+
     payload = serialization.msgpack_restore((run / "model.ckpt").read_bytes())
     payload["version"] = 99
     old = tmp_path / "future.ckpt"
@@ -153,20 +179,29 @@ def test_checkpoint_round_trip_and_errors(water_dataset, tmp_path, make_config):
         Model.from_checkpoint(wrong)
 
 
-def test_training_on_k_sampled_data_with_lattice_shifts(chain_dataset, water_dataset,
-                                                        tmp_path, make_config):
-    cfg = make_config([str(water_dataset), str(chain_dataset)], tmp_path,
-                      data={"val_data_path": str(chain_dataset), "n_valid": None})
+def test_training_on_k_sampled_data_with_lattice_shifts(
+    chain_dataset, water_dataset, tmp_path, make_config
+):
+    cfg = make_config(
+        [str(water_dataset), str(chain_dataset)],
+        tmp_path,
+        data={"val_data_path": str(chain_dataset), "n_valid": None},
+    )
     run = _train(cfg)
     hist = _history(run)
     assert hist[-1]["val_mae_pair_meV"] != "" and np.isfinite(hist[-1]["val_mae_all_meV"])
 
 
 def test_two_devices_follow_the_one_device_trajectory(water_dataset, tmp_path, make_config):
-    configs = {nd: make_config(water_dataset, tmp_path / f"d{nd}",
-                               data={"batch_size": 2, "n_valid": 1},
-                               training={"n_epochs": 3, "num_devices": nd})
-               for nd in (1, 2)}
+    configs = {
+        nd: make_config(
+            water_dataset,
+            tmp_path / f"d{nd}",
+            data={"batch_size": 2, "n_valid": 1},
+            training={"n_epochs": 3, "num_devices": nd},
+        )
+        for nd in (1, 2)
+    }
     script = """
 import json, sys
 from ase_gearsh.training.train import train
@@ -180,8 +215,13 @@ out["devices"] = len(jax.devices())
 print(json.dumps(out))
 """
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    res = subprocess.run([sys.executable, "-c", script, json.dumps(configs)], env=env,
-                         capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(configs)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["devices"] == 2
@@ -191,9 +231,14 @@ print(json.dumps(out))
 
 def test_eval_cli_reports_errors_and_plots(water_dataset, tmp_path, capsys, make_config):
     from ase_gearsh.cli import main
+
     run = _train(make_config(water_dataset, tmp_path))
-    assert main(["eval", str(run / "model.ckpt"), str(water_dataset), "-o",
-                 str(tmp_path / "ev"), "-q"]) == 0
+    assert (
+        main(
+            ["eval", str(run / "model.ckpt"), str(water_dataset), "-o", str(tmp_path / "ev"), "-q"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "H MAE" in out and "eigenvalue MAE" in out
     s = json.loads((tmp_path / "ev" / "summary.json").read_text())
@@ -201,8 +246,9 @@ def test_eval_cli_reports_errors_and_plots(water_dataset, tmp_path, capsys, make
     assert s["eig_mae_window_meV"] > 0
     for png in ("errors.png", "parity.png"):
         assert (tmp_path / "ev" / png).stat().st_size > 10000
-    assert main(["eval", str(run / "model.ckpt"), str(water_dataset), "--validation-only",
-                 "-q"]) == 0
+    assert (
+        main(["eval", str(run / "model.ckpt"), str(water_dataset), "--validation-only", "-q"]) == 0
+    )
     assert "1 structures" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "missing.ckpt"), str(water_dataset)]) == 2
     assert "not found" in capsys.readouterr().err
@@ -211,19 +257,27 @@ def test_eval_cli_reports_errors_and_plots(water_dataset, tmp_path, capsys, make
 def test_oracle_blocks_give_gpaw_eigenvalues(water_dataset, small_model, monkeypatch):
     """Eval's eigenvalue path: with the reference blocks it returns GPAW's eigenvalues."""
     from ase_gearsh.training import evaluate as ev
+
     ds = __import__("ase_gearsh.core.data", fromlist=["Dataset"]).Dataset(water_dataset)
-    monkeypatch.setattr(ev, "predict_structure_blocks",
-                        lambda model, s: (s.arrays["onsite_H"][0], s.arrays["pair_H"][0]))
-    monkeypatch.setattr("ase_gearsh.model.engine.Model.from_checkpoint",
-                        classmethod(lambda cls, p: small_model))
+    monkeypatch.setattr(
+        ev,
+        "predict_structure_blocks",
+        lambda model, s: (s.arrays["onsite_H"][0], s.arrays["pair_H"][0]),
+    )
+    monkeypatch.setattr(
+        "ase_gearsh.model.engine.Model.from_checkpoint", classmethod(lambda cls, p: small_model)
+    )
     s = ev.evaluate("oracle", ds, progress=False)
     assert s["h_mae_meV"] == 0 and s["eig_mae_all_meV"] < 1e-6
 
 
-def test_validation_elements_must_be_in_the_training_set(water_dataset, chain_dataset,
-                                                         tmp_path, make_config):
+def test_validation_elements_must_be_in_the_training_set(
+    water_dataset, chain_dataset, tmp_path, make_config
+):
     from ase_gearsh.core.basis import RegistryError
-    cfg = make_config(water_dataset, tmp_path, data={"val_data_path": str(chain_dataset),
-                                                     "n_valid": None})
+
+    cfg = make_config(
+        water_dataset, tmp_path, data={"val_data_path": str(chain_dataset), "n_valid": None}
+    )
     with pytest.raises(RegistryError, match="element C is not in the model's registry"):
         _train(cfg)

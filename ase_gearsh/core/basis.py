@@ -10,6 +10,7 @@ One description at two levels of detail:
   function.  Stored in every dataset file (``meta["basis"]``) and in the
   :class:`Registry` of a model, which maps elements to model species indices.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class SpeciesBasis:
     spline stores it (so the spline is rebuilt bit for bit).  ``dO`` is the PAW
     overlap correction ``dO_ii`` and ``valence`` the number of valence electrons.
     """
+
     symbol: str
     valence: float
     basis: list
@@ -78,40 +80,66 @@ class SpeciesBasis:
 
     def to_dict(self) -> dict:
         def fns(items):
-            return [{"l": int(l), "rmax": float(r), "values": np.asarray(f, float)}
-                    for l, r, f in items]
-        return {"symbol": self.symbol, "valence": float(self.valence), "name": self.name,
-                "setup": self.setup, "xc": self.xc, "units": "bohr",
-                "basis": fns(self.basis), "projectors": fns(self.projectors),
-                "dO": np.asarray(self.dO, float)}
+            return [
+                {"l": int(l), "rmax": float(r), "values": np.asarray(f, float)} for l, r, f in items
+            ]
+
+        return {
+            "symbol": self.symbol,
+            "valence": float(self.valence),
+            "name": self.name,
+            "setup": self.setup,
+            "xc": self.xc,
+            "units": "bohr",
+            "basis": fns(self.basis),
+            "projectors": fns(self.projectors),
+            "dO": np.asarray(self.dO, float),
+        }
 
     def summary(self) -> dict:
         """The short description stored in datasets and registries: basis name, l
         and radius (Angstrom) of every radial function, largest projector radius."""
-        return {"symbol": self.symbol, "name": self.name, "l": self.l,
-                "rc": [float(b[1]) * Bohr for b in self.basis],
-                "projector_rc": self.projector_rc, "n_orbitals": self.n_orbitals}
+        return {
+            "symbol": self.symbol,
+            "name": self.name,
+            "l": self.l,
+            "rc": [float(b[1]) * Bohr for b in self.basis],
+            "projector_rc": self.projector_rc,
+            "n_orbitals": self.n_orbitals,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SpeciesBasis":
+    def from_dict(cls, d: dict) -> SpeciesBasis:
         try:
+
             def fns(items):
                 if isinstance(items, dict):  # msgpack turns lists into {'0': ..}
                     items = [items[k] for k in sorted(items, key=int)]
-                return [(int(f["l"]), float(f["rmax"]), np.asarray(f["values"], float))
-                        for f in items]
-            out = cls(symbol=str(d["symbol"]), valence=float(d["valence"]),
-                      basis=fns(d["basis"]), projectors=fns(d["projectors"]),
-                      dO=np.asarray(d["dO"], float), name=str(d.get("name", "")),
-                      setup=str(d.get("setup", "paw")), xc=str(d.get("xc", "")))
+                return [
+                    (int(f["l"]), float(f["rmax"]), np.asarray(f["values"], float)) for f in items
+                ]
+
+            out = cls(
+                symbol=str(d["symbol"]),
+                valence=float(d["valence"]),
+                basis=fns(d["basis"]),
+                projectors=fns(d["projectors"]),
+                dO=np.asarray(d["dO"], float),
+                name=str(d.get("name", "")),
+                setup=str(d.get("setup", "paw")),
+                xc=str(d.get("xc", "")),
+            )
         except (KeyError, TypeError, ValueError) as err:
-            raise BasisDataError(f"incomplete basis data for {d.get('symbol', '?')!r}: "
-                                 f"{type(err).__name__}: {err}") from None
+            raise BasisDataError(
+                f"incomplete basis data for {d.get('symbol', '?')!r}: {type(err).__name__}: {err}"
+            ) from None
         ni = out.n_projectors
         if out.dO.shape != (ni, ni):
-            raise BasisDataError(f"{out.symbol}: dO has shape {out.dO.shape}, expected "
-                                 f"({ni}, {ni}) for projectors with l = "
-                                 f"{[p[0] for p in out.projectors]}")
+            raise BasisDataError(
+                f"{out.symbol}: dO has shape {out.dO.shape}, expected "
+                f"({ni}, {ni}) for projectors with l = "
+                f"{[p[0] for p in out.projectors]}"
+            )
         return out
 
 
@@ -126,10 +154,11 @@ class Registry:
     ``species`` is ordered by atomic number; species index 0 is padding, so
     species ``k`` of this list has model index ``k + 1``.
     """
+
     species: tuple  # of dicts: symbol, number, name, l (tuple), rc, projector_rc
 
     @classmethod
-    def from_basis(cls, basis: dict) -> "Registry":
+    def from_basis(cls, basis: dict) -> Registry:
         """From {symbol: summary dict or :class:`SpeciesBasis`}."""
         entries = []
         for sym, b in basis.items():
@@ -137,16 +166,25 @@ class Registry:
                 b = b.summary()
             ls = tuple(int(x) for x in b["l"])
             if max(ls) > LMAX_SUPPORTED:
-                raise RegistryError(f"{sym}: basis has l={max(ls)}; the model supports "
-                                    f"l <= {LMAX_SUPPORTED} (s, p, d, f)")
-            entries.append(dict(symbol=sym, number=int(atomic_numbers[sym]),
-                                name=str(b.get("name", "")), l=ls, rc=float(np.max(b["rc"])),
-                                projector_rc=float(b.get("projector_rc", 0.0))))
+                raise RegistryError(
+                    f"{sym}: basis has l={max(ls)}; the model supports "
+                    f"l <= {LMAX_SUPPORTED} (s, p, d, f)"
+                )
+            entries.append(
+                dict(
+                    symbol=sym,
+                    number=int(atomic_numbers[sym]),
+                    name=str(b.get("name", "")),
+                    l=ls,
+                    rc=float(np.max(b["rc"])),
+                    projector_rc=float(b.get("projector_rc", 0.0)),
+                )
+            )
         entries.sort(key=lambda e: e["number"])
         return cls(tuple(entries))
 
     @classmethod
-    def from_structures(cls, structures) -> "Registry":
+    def from_structures(cls, structures) -> Registry:
         """Union of the structures' basis sets; the same element must use one basis."""
         merged, where = {}, {}
         for s in structures:
@@ -157,7 +195,8 @@ class Registry:
                         f"element {sym} has two basis sets: {merged[sym][0][0]!r} "
                         f"(l={list(merged[sym][0][1])}) in {where[sym]} and {key[0]!r} "
                         f"(l={list(key[1])}) in {s.meta['source']['name']}; a model needs "
-                        f"one basis per element")
+                        f"one basis per element"
+                    )
                 merged.setdefault(sym, (key, b))
                 where.setdefault(sym, s.meta["source"]["name"])
         return cls.from_basis({sym: v[1] for sym, v in merged.items()})
@@ -166,7 +205,7 @@ class Registry:
         return {"species": [dict(e, l=list(e["l"])) for e in self.species]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Registry":
+    def from_dict(cls, d: dict) -> Registry:
         return cls(tuple(dict(e, l=tuple(e["l"])) for e in d["species"]))
 
     @property
@@ -189,7 +228,8 @@ class Registry:
             if int(z) not in self._index:
                 raise RegistryError(
                     f"element {chemical_symbols[int(z)]} is not known to this model; it "
-                    f"was trained on {', '.join(self.symbols)}")
+                    f"was trained on {', '.join(self.symbols)}"
+                )
             out[numbers == z] = self._index[int(z)]
         return out
 
@@ -198,13 +238,16 @@ class Registry:
         known = {e["symbol"]: e for e in self.species}
         for sym, b in basis.items():
             if sym not in known:
-                raise RegistryError(f"{where}: element {sym} is not in the model's "
-                                    f"registry ({', '.join(self.symbols)})")
+                raise RegistryError(
+                    f"{where}: element {sym} is not in the model's "
+                    f"registry ({', '.join(self.symbols)})"
+                )
             ls = tuple(int(x) for x in b["l"])
             if ls != known[sym]["l"] or str(b.get("name", "")) != known[sym]["name"]:
                 raise RegistryError(
                     f"{where}: {sym} uses basis {b.get('name')!r} with l={list(ls)}, the "
-                    f"model expects {known[sym]['name']!r} with l={list(known[sym]['l'])}")
+                    f"model expects {known[sym]['name']!r} with l={list(known[sym]['l'])}"
+                )
 
     @property
     def rc(self) -> np.ndarray:
@@ -214,5 +257,3 @@ class Registry:
     @property
     def n_orbitals(self) -> np.ndarray:
         return np.array([0] + [sum(2 * l + 1 for l in e["l"]) for e in self.species])
-
-

@@ -13,6 +13,7 @@ Conventions (shared by datasets, the model and the calculator):
 :class:`BlockMatrices` is the one sparse assembler of the project: datasets
 (:func:`assemble`), predictions and the calculator all build H(k) through it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,8 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["orbital_offsets", "block_indices", "canonical_orientation", "BlockMatrices",
-           "assemble"]
+__all__ = ["orbital_offsets", "block_indices", "canonical_orientation", "BlockMatrices", "assemble"]
 
 
 def orbital_offsets(orbital_counts) -> np.ndarray:
@@ -65,14 +65,15 @@ class BlockMatrices:
     ``matrix(kpt)`` is ``sum_R exp(2 pi i k.R) M(R)`` with ``M_ji(-R) = M_ij(R)^T``.
     ``onsite`` and ``pairs`` are the flat row-major blocks (float64).
     """
-    orbital_counts: np.ndarray            # (N,)
-    pair_i: np.ndarray                    # (P,)
-    pair_j: np.ndarray                    # (P,)
-    pair_shift: np.ndarray                # (P, 3) int
-    onsite: np.ndarray                    # (sum_a n_a^2,)
-    pairs: np.ndarray                     # (sum_p n_i n_j,)
-    pair_distance: np.ndarray | None = None   # (P,) Angstrom, when known
-    neighbours: np.ndarray | None = None      # (N,) neighbours within the descriptor cut-off
+
+    orbital_counts: np.ndarray  # (N,)
+    pair_i: np.ndarray  # (P,)
+    pair_j: np.ndarray  # (P,)
+    pair_shift: np.ndarray  # (P, 3) int
+    onsite: np.ndarray  # (sum_a n_a^2,)
+    pairs: np.ndarray  # (sum_p n_i n_j,)
+    pair_distance: np.ndarray | None = None  # (P,) Angstrom, when known
+    neighbours: np.ndarray | None = None  # (N,) neighbours within the descriptor cut-off
     timings: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -81,21 +82,27 @@ class BlockMatrices:
         self.pair_j = np.asarray(self.pair_j, np.int64).reshape(-1)
         self.pair_shift = np.asarray(self.pair_shift, np.int64).reshape(-1, 3)
         counts = self.orbital_counts
-        n_on = int((counts ** 2).sum())
+        n_on = int((counts**2).sum())
         if np.shape(self.onsite) != (n_on,):
-            raise ValueError(f"expected {n_on} on-site values, got shape "
-                             f"{np.shape(self.onsite)}")
+            raise ValueError(f"expected {n_on} on-site values, got shape {np.shape(self.onsite)}")
         n_pair = int((counts[self.pair_i] * counts[self.pair_j]).sum())
         if np.shape(self.pairs) != (n_pair,):
-            raise ValueError(f"expected {n_pair} pair-block values, got shape "
-                             f"{np.shape(self.pairs)}")
+            raise ValueError(
+                f"expected {n_pair} pair-block values, got shape {np.shape(self.pairs)}"
+            )
 
     @classmethod
     def from_arrays(cls, orbital_counts, onsite, pair_ij, pair_shift, pairs, **kw):
         ij = np.asarray(pair_ij, np.int64).reshape(-1, 2)
-        return cls(orbital_counts=orbital_counts, pair_i=ij[:, 0], pair_j=ij[:, 1],
-                   pair_shift=pair_shift, onsite=np.asarray(onsite),
-                   pairs=np.asarray(pairs), **kw)
+        return cls(
+            orbital_counts=orbital_counts,
+            pair_i=ij[:, 0],
+            pair_j=ij[:, 1],
+            pair_shift=pair_shift,
+            onsite=np.asarray(onsite),
+            pairs=np.asarray(pairs),
+            **kw,
+        )
 
     @property
     def n_orbitals(self) -> int:
@@ -110,8 +117,9 @@ class BlockMatrices:
             counts = self.orbital_counts
             off = orbital_offsets(counts)
             r0, c0, _ = block_indices(counts, counts, off[:-1], off[:-1])
-            r1, c1, blk = block_indices(counts[self.pair_i], counts[self.pair_j],
-                                        off[self.pair_i], off[self.pair_j])
+            r1, c1, blk = block_indices(
+                counts[self.pair_i], counts[self.pair_j], off[self.pair_i], off[self.pair_j]
+            )
             self._idx = (r0, c0, r1, c1, blk)
         return self._idx
 
@@ -145,12 +153,12 @@ class BlockMatrices:
         counts = self.orbital_counts
         sizes = counts[self.pair_i] * counts[self.pair_j]
         start = int(sizes[:p].sum())
-        return self.pairs[start:start + sizes[p]].reshape(counts[self.pair_i[p]],
-                                                          counts[self.pair_j[p]])
+        return self.pairs[start : start + sizes[p]].reshape(
+            counts[self.pair_i[p]], counts[self.pair_j[p]]
+        )
 
 
-def assemble(orbital_counts, onsite, pair_ij, pair_shift, pair_blocks, kpt=None,
-             sparse=False):
+def assemble(orbital_counts, onsite, pair_ij, pair_shift, pair_blocks, kpt=None, sparse=False):
     """Build H(k) (or S(k)) from on-site and unordered pair blocks (see
     :class:`BlockMatrices`).  Dense numpy unless ``sparse`` is true."""
     bm = BlockMatrices.from_arrays(orbital_counts, onsite, pair_ij, pair_shift, pair_blocks)

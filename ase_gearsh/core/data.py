@@ -6,13 +6,13 @@
 >>> H = s.hamiltonian()          # dense (M, M) in eV at Gamma, GPAW orbital order
 >>> Hk = s.hamiltonian(kpt=[0, 0, 0.25])   # complex, from the real-space blocks
 """
+
 from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 from .blocks import BlockMatrices, assemble, orbital_offsets
 from .schema import MANIFEST, SchemaError, read_manifest, read_structure
@@ -29,16 +29,18 @@ class Structure:
         self.path = path
 
     def __repr__(self):
-        return (f"Structure({self.atoms.get_chemical_formula()!r}, "
-                f"orbitals={self.n_orbitals}, pairs={len(self.arrays['pair_ij'])}, "
-                f"kgrid={tuple(self.meta['kgrid'])}, source={self.meta['source']['name']!r})")
+        return (
+            f"Structure({self.atoms.get_chemical_formula()!r}, "
+            f"orbitals={self.n_orbitals}, pairs={len(self.arrays['pair_ij'])}, "
+            f"kgrid={tuple(self.meta['kgrid'])}, source={self.meta['source']['name']!r})"
+        )
 
     @cached_property
     def atoms(self):
         from ase import Atoms
+
         a = self.arrays
-        return Atoms(numbers=a["numbers"], positions=a["positions"], cell=a["cell"],
-                     pbc=a["pbc"])
+        return Atoms(numbers=a["numbers"], positions=a["positions"], cell=a["cell"], pbc=a["pbc"])
 
     @property
     def fermi_level(self) -> float:
@@ -86,15 +88,23 @@ class Structure:
 
     def _check_spin(self, spin):
         if not 0 <= spin < self.nspins:
-            raise IndexError(f"spin {spin} out of range: this structure has "
-                             f"{self.nspins} spin channel(s)")
+            raise IndexError(
+                f"spin {spin} out of range: this structure has {self.nspins} spin channel(s)"
+            )
 
     def hamiltonian(self, kpt=None, spin: int = 0, sparse: bool = False):
         """H(k) in eV, GPAW orbital order; ``kpt`` is a scaled k-vector (None: Gamma)."""
         self._check_spin(spin)
         a = self.arrays
-        return assemble(a["orbital_counts"], a["onsite_H"][spin], a["pair_ij"],
-                        a["pair_shift"], a["pair_H"][spin], kpt=kpt, sparse=sparse)
+        return assemble(
+            a["orbital_counts"],
+            a["onsite_H"][spin],
+            a["pair_ij"],
+            a["pair_shift"],
+            a["pair_H"][spin],
+            kpt=kpt,
+            sparse=sparse,
+        )
 
     def blocks(self, which: str = "H", spin: int = 0) -> BlockMatrices:
         """The real-space H (or S) blocks as :class:`~ase_gearsh.core.blocks.BlockMatrices`."""
@@ -107,27 +117,41 @@ class Structure:
         else:
             raise ValueError(f"which must be 'H' or 'S', got {which!r}")
         return BlockMatrices.from_arrays(
-            a["orbital_counts"], np.asarray(on, float), a["pair_ij"], a["pair_shift"],
-            np.asarray(pr, float), pair_distance=np.linalg.norm(
-                np.asarray(a["pair_vector"], float).reshape(-1, 3), axis=1))
+            a["orbital_counts"],
+            np.asarray(on, float),
+            a["pair_ij"],
+            a["pair_shift"],
+            np.asarray(pr, float),
+            pair_distance=np.linalg.norm(
+                np.asarray(a["pair_vector"], float).reshape(-1, 3), axis=1
+            ),
+        )
 
     def overlap(self, kpt=None, sparse: bool = False):
         """S(k), GPAW orbital order; ``kpt`` is a scaled k-vector (None: Gamma)."""
         a = self.arrays
-        return assemble(a["orbital_counts"], a["onsite_S"], a["pair_ij"], a["pair_shift"],
-                        a["pair_S"], kpt=kpt, sparse=sparse)
+        return assemble(
+            a["orbital_counts"],
+            a["onsite_S"],
+            a["pair_ij"],
+            a["pair_shift"],
+            a["pair_S"],
+            kpt=kpt,
+            sparse=sparse,
+        )
 
     def eigenvalues(self, kpt=None, spin: int = 0) -> np.ndarray:
         """Eigenvalues (eV) of the generalised problem H(k) c = e S(k) c."""
         from scipy.linalg import eigh
+
         return eigh(self.hamiltonian(kpt, spin), self.overlap(kpt), eigvals_only=True)
 
     def onsite_blocks(self, which: str = "H", spin: int = 0) -> list[np.ndarray]:
         """On-site blocks as a list of (n_i, n_i) arrays."""
         data = self.arrays["onsite_H"][spin] if which == "H" else self.arrays["onsite_S"]
         counts = self.orbital_counts
-        off = orbital_offsets(counts ** 2)
-        return [data[off[a]:off[a + 1]].reshape(n, n) for a, n in enumerate(counts)]
+        off = orbital_offsets(counts**2)
+        return [data[off[a] : off[a + 1]].reshape(n, n) for a, n in enumerate(counts)]
 
     def pair_blocks(self, which: str = "H", spin: int = 0) -> list[np.ndarray]:
         """Pair blocks H_ij(R) as a list of (n_i, n_j) arrays, in ``pair_ij`` order."""
@@ -135,8 +159,10 @@ class Structure:
         data = a["pair_H"][spin] if which == "H" else a["pair_S"]
         off = a["pair_offsets"]
         counts = self.orbital_counts
-        return [data[off[p]:off[p + 1]].reshape(counts[i], counts[j])
-                for p, (i, j) in enumerate(a["pair_ij"])]
+        return [
+            data[off[p] : off[p + 1]].reshape(counts[i], counts[j])
+            for p, (i, j) in enumerate(a["pair_ij"])
+        ]
 
 
 class Dataset:
@@ -161,8 +187,9 @@ class Dataset:
         try:
             path = self.files[index]
         except IndexError:
-            raise IndexError(f"structure {index} out of range: the dataset has "
-                             f"{len(self)}") from None
+            raise IndexError(
+                f"structure {index} out of range: the dataset has {len(self)}"
+            ) from None
         arrays, meta = read_structure(path)
         return Structure(arrays, meta, path)
 

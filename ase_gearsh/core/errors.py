@@ -5,6 +5,7 @@ Each layer defines its own subclasses (``SchemaError``, ``CheckpointError``,
 (``ValueError`` for bad input), so ``except ValueError`` keeps working; the
 command-line tools catch :class:`GearsHError` and print its one-line message.
 """
+
 from __future__ import annotations
 
 __all__ = ["GearsHError"]

@@ -4,16 +4,16 @@ A write goes to a temporary file in the target's folder, is flushed to disk and
 renamed over the target: a kill at any point leaves the old file or the complete
 new one, never a mix.
 """
+
 from __future__ import annotations
 
 import io
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "new_figure",
-           "save_figure"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "new_figure", "save_figure"]
 
 
 def atomic_write(path, write: Callable) -> None:
@@ -46,6 +46,7 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize=(7, 4)):
     """``(fig, axes)`` from :class:`matplotlib.figure.Figure`: no pyplot, no global
     backend switch, nothing left open in the caller's process."""
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=figsize)
     return fig, fig.subplots(nrows, ncols)
 

@@ -12,6 +12,7 @@ Each structure file is an uncompressed ``.npz`` archive that loads with
 ``allow_pickle=False``.  Metadata is a JSON text stored in the ``meta`` array.
 See ``docs/dataset.md`` for the description of every field.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,19 @@ ARRAYS = {
     "kpt_weights": ("f", 1, "k-point weights (nk,), summing to 1"),
     "eigenvalues": ("f", 3, "GPAW eigenvalues (nspins, nk, nbands), eV"),
 }
-META_REQUIRED = ("format", "schema_version", "units", "fermi_level", "n_electrons",
-                 "total_energy", "nspins", "basis", "kgrid", "source", "gpaw")
+META_REQUIRED = (
+    "format",
+    "schema_version",
+    "units",
+    "fermi_level",
+    "n_electrons",
+    "total_energy",
+    "nspins",
+    "basis",
+    "kgrid",
+    "source",
+    "gpaw",
+)
 
 
 class SchemaError(GearsHError, ValueError):
@@ -61,8 +73,7 @@ def ensure_manifest(directory) -> Path:
     """Create the dataset directory and its manifest if needed; check it otherwise."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(
-            f"dataset path {str(directory)!r} exists and is not a directory")
+        raise NotADirectoryError(f"dataset path {str(directory)!r} exists and is not a directory")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -71,8 +82,9 @@ def ensure_manifest(directory) -> Path:
     if manifest.exists():
         read_manifest(directory)
     else:
-        text = json.dumps({"format": FORMAT, "schema_version": SCHEMA_VERSION,
-                           "units": UNITS}, indent=1)
+        text = json.dumps(
+            {"format": FORMAT, "schema_version": SCHEMA_VERSION, "units": UNITS}, indent=1
+        )
         atomic_write_bytes(manifest, text.encode())
     return manifest
 
@@ -97,7 +109,8 @@ def _check_version(meta: dict, where: str) -> None:
         raise SchemaError(
             f"{where}: schema version {version!r} is not supported by this version of "
             f"ase_gearsh (expected {SCHEMA_VERSION}); re-extract the data with the "
-            f"matching gpaw_tools")
+            f"matching gpaw_tools"
+        )
 
 
 def write_structure(path, arrays: dict, meta: dict) -> None:
@@ -144,7 +157,8 @@ def validate(arrays: dict, meta: dict, where: str = "structure") -> None:
         if a.dtype.kind != kind or a.ndim != ndim:
             raise SchemaError(
                 f"{where}: array {name!r} should be {ndim}-d of kind {kind!r} ({desc}), "
-                f"got {a.ndim}-d {a.dtype}")
+                f"got {a.ndim}-d {a.dtype}"
+            )
     n = len(arrays["numbers"])
     nspins = int(meta["nspins"])
     counts = np.asarray(arrays["orbital_counts"], dtype=np.int64)
@@ -152,25 +166,36 @@ def validate(arrays: dict, meta: dict, where: str = "structure") -> None:
     offsets = np.asarray(arrays["pair_offsets"], dtype=np.int64)
     ij = np.asarray(arrays["pair_ij"], dtype=np.int64)
     expected = {
-        "positions": (n, 3), "cell": (3, 3), "pbc": (3,), "orbital_counts": (n,),
-        "onsite_H": (nspins, int((counts ** 2).sum())),
-        "onsite_S": (int((counts ** 2).sum()),),
-        "pair_shift": (P, 3), "pair_vector": (P, 3), "pair_offsets": (P + 1,),
+        "positions": (n, 3),
+        "cell": (3, 3),
+        "pbc": (3,),
+        "orbital_counts": (n,),
+        "onsite_H": (nspins, int((counts**2).sum())),
+        "onsite_S": (int((counts**2).sum()),),
+        "pair_shift": (P, 3),
+        "pair_vector": (P, 3),
+        "pair_offsets": (P + 1,),
         "pair_H": (nspins, int(offsets[-1]) if len(offsets) else 0),
         "pair_S": (int(offsets[-1]) if len(offsets) else 0,),
     }
     for name, shape in expected.items():
         if tuple(np.shape(arrays[name])) != shape:
-            raise SchemaError(f"{where}: array {name!r} has shape "
-                              f"{tuple(np.shape(arrays[name]))}, expected {shape}")
+            raise SchemaError(
+                f"{where}: array {name!r} has shape "
+                f"{tuple(np.shape(arrays[name]))}, expected {shape}"
+            )
     if P:
         if ij.min() < 0 or ij.max() >= n:
             raise SchemaError(f"{where}: pair_ij indices outside 0..{n - 1}")
         sizes = counts[ij[:, 0]] * counts[ij[:, 1]]
         if offsets[0] != 0 or not np.array_equal(np.diff(offsets), sizes):
-            raise SchemaError(f"{where}: pair_offsets do not match the block sizes "
-                              "n_i * n_j given by orbital_counts")
+            raise SchemaError(
+                f"{where}: pair_offsets do not match the block sizes "
+                "n_i * n_j given by orbital_counts"
+            )
     nk = len(arrays["kpts"])
     if np.shape(arrays["eigenvalues"])[:2] != (nspins, nk):
-        raise SchemaError(f"{where}: eigenvalues should start with (nspins, nk) = "
-                          f"({nspins}, {nk}), got {np.shape(arrays['eigenvalues'])}")
+        raise SchemaError(
+            f"{where}: eigenvalues should start with (nspins, nk) = "
+            f"({nspins}, {nk}), got {np.shape(arrays['eigenvalues'])}"
+        )

@@ -4,6 +4,7 @@ They raise :class:`ArgumentError`, whose message says what was expected and what
 was received; callers with their own error classes (the ASE calculator) re-raise
 it as theirs.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,16 +22,24 @@ class ArgumentError(ElectronicError):
     """A bad argument or option (k-points, DOS grid, KPM options...)."""
 
 
-def check_positive(name: str, value: Any, integer: bool = False,
-                   allow_zero: bool = False) -> None:
+def check_positive(name: str, value: Any, integer: bool = False, allow_zero: bool = False) -> None:
     """Require a finite number (``integer``: an int, bools excluded) > 0 (or >= 0)."""
-    ok_type = isinstance(value, (int, np.integer)) if integer else \
-        isinstance(value, (int, float, np.integer, np.floating))
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or \
-            value < 0 or (value == 0 and not allow_zero):
+    ok_type = (
+        isinstance(value, (int, np.integer))
+        if integer
+        else isinstance(value, (int, float, np.integer, np.floating))
+    )
+    if (
+        isinstance(value, bool)
+        or not ok_type
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not allow_zero)
+    ):
         kind = "an integer" if integer else "a finite number"
-        raise ArgumentError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, "
-                            f"got {value!r}")
+        raise ArgumentError(
+            f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}"
+        )
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:

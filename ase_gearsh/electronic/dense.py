@@ -10,6 +10,7 @@ valence electron count by bisection.  When the states are separated by a gap
 at ``mu`` (zero-temperature filling is exact) the level is placed mid-gap, as
 GPAW does for insulators.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,9 +19,18 @@ import scipy.sparse as sp
 
 from ..core.errors import GearsHError
 
-__all__ = ["solve_dense", "fermi_level", "fermi_dirac", "occupation_numbers", "gaussian_dos",
-           "energy_grid", "mulliken_weights", "group_matrix", "time_reversal_reduce",
-           "ElectronicError"]
+__all__ = [
+    "solve_dense",
+    "fermi_level",
+    "fermi_dirac",
+    "occupation_numbers",
+    "gaussian_dos",
+    "energy_grid",
+    "mulliken_weights",
+    "group_matrix",
+    "time_reversal_reduce",
+    "ElectronicError",
+]
 
 
 class ElectronicError(GearsHError, ValueError):
@@ -37,8 +47,9 @@ def group_matrix(labels, n_groups: int | None = None):
     """Sparse (n_groups, n_orbitals) 0/1 matrix from one integer label per orbital."""
     labels = np.asarray(labels, np.int64)
     n_groups = int(labels.max()) + 1 if n_groups is None else n_groups
-    return sp.csr_matrix((np.ones(len(labels)), (labels, np.arange(len(labels)))),
-                         shape=(n_groups, len(labels)))
+    return sp.csr_matrix(
+        (np.ones(len(labels)), (labels, np.arange(len(labels)))), shape=(n_groups, len(labels))
+    )
 
 
 def solve_dense(H, S, groups=None):
@@ -50,16 +61,19 @@ def solve_dense(H, S, groups=None):
     Hd = H.toarray() if hasattr(H, "toarray") else np.asarray(H)
     Sd = S.toarray() if hasattr(S, "toarray") else np.asarray(S)
     if Hd.shape != Sd.shape or Hd.ndim != 2 or Hd.shape[0] != Hd.shape[1]:
-        raise ElectronicError(f"H and S must be square and of equal shape, got {Hd.shape} "
-                              f"and {Sd.shape}")
+        raise ElectronicError(
+            f"H and S must be square and of equal shape, got {Hd.shape} and {Sd.shape}"
+        )
     try:
         if groups is None:
             return sla.eigh(Hd, Sd, eigvals_only=True), None
         e, C = sla.eigh(Hd, Sd)
     except np.linalg.LinAlgError as err:
-        raise ElectronicError(f"S is not positive definite ({err}); the overlap of the "
-                              f"basis functions is singular for this geometry (atoms "
-                              f"on top of each other?)") from None
+        raise ElectronicError(
+            f"S is not positive definite ({err}); the overlap of the "
+            f"basis functions is singular for this geometry (atoms "
+            f"on top of each other?)"
+        ) from None
     return e, np.asarray(groups @ mulliken_weights(C, Sd))
 
 
@@ -71,8 +85,9 @@ def fermi_dirac(eigenvalues, mu: float, width: float) -> np.ndarray:
     return (eps < mu).astype(float) + 0.5 * (eps == mu)
 
 
-def occupation_numbers(eigenvalues, fermi_level: float, width: float,
-                       nspins: int = 1) -> np.ndarray:
+def occupation_numbers(
+    eigenvalues, fermi_level: float, width: float, nspins: int = 1
+) -> np.ndarray:
     """Occupations per state, 0..2 / nspins (no k-point weight), at ``fermi_level`` eV.
 
     With the Fermi level of :func:`fermi_level` (same ``width``),
@@ -87,8 +102,14 @@ def _occupied(eps, weights, mu, width, per_state):
     return per_state * float((weights[:, None] * fermi_dirac(eps, mu, width)).sum())
 
 
-def fermi_level(eigenvalues, weights, n_electrons: float, width: float = 0.01,
-                nspins: int = 1, tol: float = 1e-10) -> float:
+def fermi_level(
+    eigenvalues,
+    weights,
+    n_electrons: float,
+    width: float = 0.01,
+    nspins: int = 1,
+    tol: float = 1e-10,
+) -> float:
     """Chemical potential (eV) that holds ``n_electrons`` (see module docstring).
 
     ``eigenvalues`` (nk, nbands) or (nspins, nk, nbands); ``weights`` (nk,) sum to 1.
@@ -101,8 +122,10 @@ def fermi_level(eigenvalues, weights, n_electrons: float, width: float = 0.01,
     per_state = 2.0 / nspins
     capacity = per_state * float(w.sum()) * eps.shape[-1]
     if not 0 <= n_electrons <= capacity + 1e-9:
-        raise ElectronicError(f"{n_electrons} electrons do not fit into "
-                              f"{eps.shape[-1]} states per k-point (capacity {capacity:g})")
+        raise ElectronicError(
+            f"{n_electrons} electrons do not fit into "
+            f"{eps.shape[-1]} states per k-point (capacity {capacity:g})"
+        )
     if width < 0:
         raise ElectronicError(f"smearing width must be >= 0 eV, got {width}")
     lo, hi = eps.min() - 10 * width - 1.0, eps.max() + 10 * width + 1.0
@@ -126,8 +149,7 @@ def fermi_level(eigenvalues, weights, n_electrons: float, width: float = 0.01,
     return float(mu)
 
 
-def gaussian_dos(eigenvalues, weights, energies, width: float, spectral=None,
-                 chunk: int = 4096):
+def gaussian_dos(eigenvalues, weights, energies, width: float, spectral=None, chunk: int = 4096):
     """Gaussian-broadened DOS on ``energies`` (states/eV, per spin channel).
 
     ``eigenvalues`` (nk, nb), ``weights`` (nk,).  ``spectral``: optional
@@ -141,9 +163,9 @@ def gaussian_dos(eigenvalues, weights, energies, width: float, spectral=None,
     norm = 1.0 / (np.sqrt(2 * np.pi) * width)
     for k, wk in enumerate(np.asarray(weights, float)):
         for a in range(0, eps.shape[1], chunk):
-            e = eps[k, a:a + chunk]
+            e = eps[k, a : a + chunk]
             g = norm * np.exp(-0.5 * ((energies[None, :] - e[:, None]) / width) ** 2)
-            part = wk * (g.sum(0) if spectral is None else spectral[k][:, a:a + chunk] @ g)
+            part = wk * (g.sum(0) if spectral is None else spectral[k][:, a : a + chunk] @ g)
             out = part if out is None else out + part
     return out
 
@@ -180,8 +202,9 @@ def time_reversal_reduce(kpts, tol: float = 1e-8, return_map: bool = False):
     rows = np.arange(len(k))
     use_b = (a != b).any(axis=1) & (b[rows, first] < a[rows, first])
     key = np.where(use_b[:, None], b, a)
-    _, index, inverse, counts = np.unique(key, axis=0, return_index=True,
-                                          return_inverse=True, return_counts=True)
+    _, index, inverse, counts = np.unique(
+        key, axis=0, return_index=True, return_inverse=True, return_counts=True
+    )
     order = np.argsort(index)  # order of first appearance
     w = counts[order].astype(float)
     if not return_map:

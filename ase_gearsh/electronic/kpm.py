@@ -15,6 +15,7 @@ sparse product with H and one pair of triangular solves per vector.  The DOS is
 reconstructed with the Jackson kernel (Weisse et al., Rev. Mod. Phys. 78, 275
 (2006)), whose energy resolution is about pi * a / M for M moments.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,9 +27,18 @@ import scipy.sparse.linalg as sla
 
 from ..core.errors import GearsHError
 
-__all__ = ["KPMError", "KPMMoments", "spectral_bounds", "chebyshev_moments",
-           "jackson_kernel", "kpm_density", "kpm_dos", "kpm_n_moments", "kpm_fermi_level",
-           "moments_from_eigen"]
+__all__ = [
+    "KPMError",
+    "KPMMoments",
+    "spectral_bounds",
+    "chebyshev_moments",
+    "jackson_kernel",
+    "kpm_density",
+    "kpm_dos",
+    "kpm_n_moments",
+    "kpm_fermi_level",
+    "moments_from_eigen",
+]
 
 EDGE = 0.01  # the bounds map to x = -+(1 - EDGE), away from the 1/sqrt(1 - x^2) edges
 HERMITIAN_RTOL = 1e-8
@@ -46,8 +56,10 @@ def _as_matrix(M, name: str):
     scale = abs(M).max() if M.nnz else 0.0
     asym = abs(M - M.conj().T).max() if M.nnz else 0.0
     if asym > HERMITIAN_RTOL * scale:
-        raise KPMError(f"{name} must be symmetric/Hermitian; got max |{name} - {name}^H| = "
-                       f"{asym:.3g} for max |{name}| = {scale:.3g}")
+        raise KPMError(
+            f"{name} must be symmetric/Hermitian; got max |{name} - {name}^H| = "
+            f"{asym:.3g} for max |{name}| = {scale:.3g}"
+        )
     return M
 
 
@@ -61,14 +73,20 @@ def _prepare(H, S):
         raise KPMError(f"H and S must be non-empty and of the same shape; {shapes}")
     H, S = _as_matrix(H, "H"), _as_matrix(S, "S")
     try:  # symmetric-mode LU with diagonal pivots: diag(U) is D of S = L D L^H
-        lu = sla.splu(sp.csc_array(S), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
-                      options=dict(SymmetricMode=True))
+        lu = sla.splu(
+            sp.csc_array(S),
+            permc_spec="MMD_AT_PLUS_A",
+            diag_pivot_thresh=0.0,
+            options=dict(SymmetricMode=True),
+        )
     except RuntimeError as err:
         raise KPMError(f"S must be positive definite; got a singular matrix ({err})") from None
     pivots = lu.U.diagonal().real
     if not np.array_equal(lu.perm_r, lu.perm_c) or pivots.min() <= 0.0:
-        raise KPMError("S must be positive definite; got an LDL^H factor with a "
-                       f"non-positive pivot (smallest {pivots.min():.3g})")
+        raise KPMError(
+            "S must be positive definite; got an LDL^H factor with a "
+            f"non-positive pivot (smallest {pivots.min():.3g})"
+        )
     return H, S, lu
 
 
@@ -102,8 +120,14 @@ def _bounds(H, S, lu, margin: float) -> tuple[float, float]:
 
         Minv = sla.LinearOperator(H.shape, matvec=solve, dtype=np.float64)
         v0 = np.random.default_rng(0).standard_normal(H.shape[0])
-        lo, hi = (float(sla.eigsh(H, k=1, M=S, Minv=Minv, which=which, v0=v0, tol=1e-8,
-                                  return_eigenvectors=False)[0]) for which in ("SA", "LA"))
+        lo, hi = (
+            float(
+                sla.eigsh(
+                    H, k=1, M=S, Minv=Minv, which=which, v0=v0, tol=1e-8, return_eigenvectors=False
+                )[0]
+            )
+            for which in ("SA", "LA")
+        )
     width = max(hi - lo, 1e-6 * max(abs(lo), abs(hi), 1.0))
     return lo - margin * width, hi + margin * width
 
@@ -128,6 +152,7 @@ class KPMMoments:
     groups in the order of ``names[1:]``.  center, half_width in eV; n_random is
     the number of random vectors (0 for the exact trace).
     """
+
     moments: np.ndarray
     names: list[str]
     center: float
@@ -142,11 +167,14 @@ def _group_matrix(groups: dict[str, np.ndarray] | None, n: int) -> tuple[list[st
     for name, idx in (groups or {}).items():
         idx = np.asarray(idx)
         if idx.ndim != 1 or idx.size == 0 or idx.dtype.kind not in "iu":
-            raise KPMError(f"group {name!r} must be a non-empty 1D integer index array; "
-                           f"got shape {idx.shape}, dtype {idx.dtype}")
+            raise KPMError(
+                f"group {name!r} must be a non-empty 1D integer index array; "
+                f"got shape {idx.shape}, dtype {idx.dtype}"
+            )
         if idx.min() < 0 or idx.max() >= n:
-            raise KPMError(f"group {name!r} indices must lie in [0, {n}); "
-                           f"got range [{idx.min()}, {idx.max()}]")
+            raise KPMError(
+                f"group {name!r} indices must lie in [0, {n}); got range [{idx.min()}, {idx.max()}]"
+            )
         names.append(str(name))
         rows.append(np.unique(idx))
     ptr = np.cumsum([0] + [len(r) for r in rows])
@@ -154,9 +182,18 @@ def _group_matrix(groups: dict[str, np.ndarray] | None, n: int) -> tuple[list[st
     return names, sp.csr_array((np.ones(len(cols)), cols, ptr), shape=(len(rows), n))
 
 
-def chebyshev_moments(H, S, n_moments: int = 512, n_random: int = 16,
-                      groups: dict[str, np.ndarray] | None = None, bounds=None, seed=0,
-                      exact: bool = False, block: int = 16, progress: bool = False) -> KPMMoments:
+def chebyshev_moments(
+    H,
+    S,
+    n_moments: int = 512,
+    n_random: int = 16,
+    groups: dict[str, np.ndarray] | None = None,
+    bounds=None,
+    seed=0,
+    exact: bool = False,
+    block: int = 16,
+    progress: bool = False,
+) -> KPMMoments:
     """Stochastic (or exact) Chebyshev moments of the total and group-projected DOS.
 
     groups: name -> integer orbital indices (a species, an atom...); groups may
@@ -188,6 +225,7 @@ def chebyshev_moments(H, S, n_moments: int = 512, n_random: int = 16,
     if progress:
         try:
             from tqdm import tqdm
+
             starts = tqdm(starts, desc="KPM", unit="block")
         except ImportError:
             pass
@@ -209,8 +247,10 @@ def chebyshev_moments(H, S, n_moments: int = 512, n_random: int = 16,
                 mu[:, m] += G @ np.einsum("ib,ib->i", r, cur.real)
     mu /= 1 if exact else n_vec
     if not np.all(np.isfinite(mu)) or np.abs(mu[0]).max() > 100.0 * n:
-        raise KPMError(f"Chebyshev moments diverge (max |mu| = {np.abs(mu[0]).max():.3g} for "
-                       f"n = {n}): the bounds ({emin}, {emax}) do not enclose the spectrum")
+        raise KPMError(
+            f"Chebyshev moments diverge (max |mu| = {np.abs(mu[0]).max():.3g} for "
+            f"n = {n}): the bounds ({emin}, {emax}) do not enclose the spectrum"
+        )
     return KPMMoments(mu, names, b, a, 0 if exact else n_vec, n)
 
 
@@ -249,8 +289,7 @@ def kpm_density(moments: KPMMoments, energies) -> dict[str, np.ndarray]:
     return {name: row.reshape(E.shape) for name, row in zip(moments.names, out)}
 
 
-def kpm_n_moments(bounds, resolution: float, min_moments: int = 64,
-                  max_moments: int = 8192) -> int:
+def kpm_n_moments(bounds, resolution: float, min_moments: int = 64, max_moments: int = 8192) -> int:
     """Number of moments M whose Jackson resolution pi * a / M is about ``resolution``
     eV for a spectrum within ``bounds`` = (emin, emax) (a = (emax - emin) / 2),
     clipped to [min_moments, max_moments]."""
@@ -263,8 +302,9 @@ def kpm_n_moments(bounds, resolution: float, min_moments: int = 64,
     return int(np.clip(np.ceil(np.pi * a / resolution), min_moments, max_moments))
 
 
-def kpm_fermi_level(moments: KPMMoments, n_electrons: float, nspins: int = 1,
-                    npts: int = 20001) -> float:
+def kpm_fermi_level(
+    moments: KPMMoments, n_electrons: float, nspins: int = 1, npts: int = 20001
+) -> float:
     """Zero-temperature Fermi level (eV) from the integrated total KPM DOS.
 
     The total DOS (per spin channel, row 0 of ``moments``) is integrated on
@@ -276,8 +316,10 @@ def kpm_fermi_level(moments: KPMMoments, n_electrons: float, nspins: int = 1,
         raise KPMError(f"npts must be an integer >= 2; got {npts}")
     n_states = float(n_electrons) * nspins / 2.0
     if not 0.0 <= n_states <= moments.n_orbitals:
-        raise KPMError(f"{n_electrons} electrons do not fit into {moments.n_orbitals} "
-                       f"orbitals ({2 // nspins} electrons per orbital)")
+        raise KPMError(
+            f"{n_electrons} electrons do not fit into {moments.n_orbitals} "
+            f"orbitals ({2 // nspins} electrons per orbital)"
+        )
     lo = moments.center - moments.half_width
     e = np.linspace(lo, moments.center + moments.half_width, int(npts))
     dos = kpm_density(moments, e)["total"]
@@ -286,21 +328,32 @@ def kpm_fermi_level(moments: KPMMoments, n_electrons: float, nspins: int = 1,
     return float(np.interp(n_states, cum, e))
 
 
-def kpm_dos(H, S, energies=None, n_moments: int = 512, n_random: int = 16, groups=None,
-            seed=0, exact: bool = False, npts: int = 2001) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def kpm_dos(
+    H,
+    S,
+    energies=None,
+    n_moments: int = 512,
+    n_random: int = 16,
+    groups=None,
+    seed=0,
+    exact: bool = False,
+    npts: int = 2001,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(energies in eV, {'total': DOS, group: PDOS, ...}) in states/eV.
 
     Default energies: ``npts`` points spanning ``spectral_bounds(H, S)``.
     """
     bounds = spectral_bounds(H, S)
-    mom = chebyshev_moments(H, S, n_moments, n_random, groups, bounds=bounds, seed=seed,
-                            exact=exact)
+    mom = chebyshev_moments(
+        H, S, n_moments, n_random, groups, bounds=bounds, seed=seed, exact=exact
+    )
     E = np.linspace(*bounds, int(npts)) if energies is None else np.asarray(energies, float)
     return E, kpm_density(mom, E)
 
 
-def moments_from_eigen(eigenvalues, weights, center: float, half_width: float,
-                       n_moments: int) -> np.ndarray:
+def moments_from_eigen(
+    eigenvalues, weights, center: float, half_width: float, n_moments: int
+) -> np.ndarray:
     """Exact moments mu_m = sum_k w_k T_m((E_k - center) / half_width).
 
     eigenvalues (n,) in eV; weights (n_groups + 1, n) Mulliken weights per group

@@ -14,6 +14,7 @@ Grids (sizes and size/density dicts) are reduced by time reversal (k ~ -k, exact
 for real H(R) and S(R)); paths and lists are kept as given, with equal weights.
 k-points are scaled (fractional) and must be 0 along non-periodic directions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,25 +36,35 @@ _TOL = 1e-12  # |k| along a non-periodic direction that counts as zero
 def check_mp_size(size, where: str = "kpts") -> None:
     """Require a Monkhorst-Pack size: three positive integers."""
     arr = np.asarray(size)
-    if arr.shape != (3,) or arr.dtype.kind not in "iuf" or not np.all(np.isfinite(arr)) \
-            or np.any(arr != np.round(arr)) or np.any(arr < 1):
+    if (
+        arr.shape != (3,)
+        or arr.dtype.kind not in "iuf"
+        or not np.all(np.isfinite(arr))
+        or np.any(arr != np.round(arr))
+        or np.any(arr < 1)
+    ):
         raise ArgumentError(
             f"{where}: a Monkhorst-Pack size must be three positive integers like (4, 4, 1), "
-            f"got {np.asarray(size).tolist()!r}; for a single k-point pass [[kx, ky, kz]]")
+            f"got {np.asarray(size).tolist()!r}; for a single k-point pass [[kx, ky, kz]]"
+        )
 
 
 def _check_kpts_dict(kpts: dict) -> dict | BandPath:
     if "labelseq" in kpts:  # BandPath.todict(), as stored by a calculator's todict()
-        return BandPath(cell=kpts["cell"], kpts=kpts["kpts"],
-                        special_points=kpts.get("special_points"), path=kpts["labelseq"])
+        return BandPath(
+            cell=kpts["cell"],
+            kpts=kpts["kpts"],
+            special_points=kpts.get("special_points"),
+            path=kpts["labelseq"],
+        )
     unknown = sorted(set(kpts) - KPT_DICT_KEYS)
     if unknown:
-        raise ArgumentError(f"kpts dict: unknown key(s) {unknown}; expected some of "
-                            f"{sorted(KPT_DICT_KEYS)}")
+        raise ArgumentError(
+            f"kpts dict: unknown key(s) {unknown}; expected some of {sorted(KPT_DICT_KEYS)}"
+        )
     if "path" in kpts:
         if not isinstance(kpts["path"], str):
-            raise ArgumentError(f"kpts['path'] must be a string like 'GMKG', got "
-                                f"{kpts['path']!r}")
+            raise ArgumentError(f"kpts['path'] must be a string like 'GMKG', got {kpts['path']!r}")
         if "npoints" in kpts:
             check_positive("kpts['npoints']", kpts["npoints"], integer=True)
     elif "size" in kpts:
@@ -61,8 +72,9 @@ def _check_kpts_dict(kpts: dict) -> dict | BandPath:
     elif "density" in kpts:
         check_positive("kpts['density']", kpts["density"])
     else:
-        raise ArgumentError(f"a kpts dict needs 'size', 'density' or 'path', got keys "
-                            f"{sorted(kpts)}")
+        raise ArgumentError(
+            f"a kpts dict needs 'size', 'density' or 'path', got keys {sorted(kpts)}"
+        )
     return kpts
 
 
@@ -82,14 +94,17 @@ def check_kpts(kpts):
         return kpts
     if arr is not None and arr.ndim == 2 and arr.shape[1] == 3 and len(arr) > 0:
         if not np.all(np.isfinite(arr)):
-            raise ArgumentError("kpts: the scaled k-points must be finite, got "
-                                f"{arr[~np.isfinite(arr).all(1)].tolist()}")
+            raise ArgumentError(
+                "kpts: the scaled k-points must be finite, got "
+                f"{arr[~np.isfinite(arr).all(1)].tolist()}"
+            )
         return kpts
     shape = "ragged" if arr is None else str(arr.shape)
     raise ArgumentError(
         f"kpts must be None, a Monkhorst-Pack size (n1, n2, n3), a dict with 'size' or "
         f"'path', a BandPath or an (n, 3) array of scaled k-points; got "
-        f"{type(kpts).__name__} of shape {shape}")
+        f"{type(kpts).__name__} of shape {shape}"
+    )
 
 
 def is_grid(kpts) -> bool:
@@ -112,6 +127,7 @@ class KPoints:
     weights: (n_ibz,) summing to 1; bz_to_ibz: (n_bz,) IBZ index of every BZ point;
     pbc: (3,) periodic directions (k is 0 along the others).
     """
+
     bz: np.ndarray
     ibz: np.ndarray
     weights: np.ndarray
@@ -125,8 +141,9 @@ class KPoints:
     @classmethod
     def gamma(cls, pbc=(True, True, True)) -> KPoints:
         """Gamma only."""
-        return cls(np.zeros((1, 3)), np.zeros((1, 3)), np.ones(1), np.zeros(1, int),
-                   np.asarray(pbc, bool))
+        return cls(
+            np.zeros((1, 3)), np.zeros((1, 3)), np.ones(1), np.zeros(1, int), np.asarray(pbc, bool)
+        )
 
     @classmethod
     def from_points(cls, kpts, pbc=(True, True, True), reduce: bool = False) -> KPoints:
@@ -134,8 +151,10 @@ class KPoints:
         bz = np.asarray(kpts, float).reshape(-1, 3)
         pbc = np.asarray(pbc, bool)
         if np.any(np.abs(bz[:, ~pbc]) > _TOL):
-            raise ArgumentError(f"k-points sample non-periodic directions (pbc="
-                                f"{pbc.tolist()}); expected k = 0 along them")
+            raise ArgumentError(
+                f"k-points sample non-periodic directions (pbc="
+                f"{pbc.tolist()}); expected k = 0 along them"
+            )
         if reduce:
             ibz, w, bz2ibz = time_reversal_reduce(bz, return_map=True)
         else:
@@ -151,9 +170,11 @@ class KPoints:
         try:
             return cls.from_points(bz, atoms.pbc, reduce=is_grid(kpts))
         except ArgumentError:
-            raise ArgumentError(f"kpts={kpts!r} samples non-periodic directions "
-                                f"(pbc={np.asarray(atoms.pbc).tolist()}); expected k = 0 "
-                                f"along them") from None
+            raise ArgumentError(
+                f"kpts={kpts!r} samples non-periodic directions "
+                f"(pbc={np.asarray(atoms.pbc).tolist()}); expected k = 0 "
+                f"along them"
+            ) from None
 
     @property
     def gamma_only(self) -> bool:
@@ -163,8 +184,7 @@ class KPoints:
     def index(self, kpt) -> int:
         """Check an IBZ index."""
         n = len(self.ibz)
-        if isinstance(kpt, bool) or not isinstance(kpt, (int, np.integer)) or \
-                not 0 <= kpt < n:
+        if isinstance(kpt, bool) or not isinstance(kpt, (int, np.integer)) or not 0 <= kpt < n:
             raise ArgumentError(f"k-point index must be an integer in [0, {n}), got {kpt!r}")
         return int(kpt)
 
@@ -178,9 +198,13 @@ class KPoints:
             return self.ibz[self.index(kpt)].copy()
         k = np.asarray(kpt, float)
         if k.shape != (3,) or not np.all(np.isfinite(k)):
-            raise ArgumentError(f"kpt must be an index or a finite scaled k-point of "
-                                f"shape (3,), got shape {k.shape}")
+            raise ArgumentError(
+                f"kpt must be an index or a finite scaled k-point of "
+                f"shape (3,), got shape {k.shape}"
+            )
         if np.any(np.abs(k[~self.pbc]) > _TOL):
-            raise ArgumentError(f"k-point {k.tolist()} has components along non-periodic "
-                                f"directions (pbc={self.pbc.tolist()}); expected 0 there")
+            raise ArgumentError(
+                f"k-point {k.tolist()} has components along non-periodic "
+                f"directions (pbc={self.pbc.tolist()}); expected 0 there"
+            )
         return k

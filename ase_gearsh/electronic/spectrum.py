@@ -15,6 +15,7 @@ integrating to the number of orbitals); projections sum to the total DOS.
 Results are computed on first use and cached; ``progress`` may be switched at
 any time.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -34,8 +35,17 @@ from .kpm import (
     spectral_bounds,
 )
 
-__all__ = ["DenseSpectrum", "KPMSpectrum", "KPMOptions", "OrbitalLabels", "KPM_DEFAULTS",
-           "METHODS", "PROJECTIONS", "check_dos_args", "check_kpm_options"]
+__all__ = [
+    "DenseSpectrum",
+    "KPMSpectrum",
+    "KPMOptions",
+    "OrbitalLabels",
+    "KPM_DEFAULTS",
+    "METHODS",
+    "PROJECTIONS",
+    "check_dos_args",
+    "check_kpm_options",
+]
 
 METHODS = ("auto", "dense", "kpm")
 PROJECTIONS = ("species", "atom")
@@ -52,6 +62,7 @@ class KPMOptions:
     from which the Fermi level is taken (fixed, so that the level does not
     depend on which DOS was asked for first).
     """
+
     n_moments: int | None = None
     n_random: int = 16
     seed: Any = 0
@@ -72,12 +83,14 @@ def check_kpm_options(kpm: dict | None) -> None:
     if kpm is None:
         return
     if not isinstance(kpm, dict):
-        raise ArgumentError(f"kpm must be a dict with keys {sorted(KPM_DEFAULTS)}, got "
-                            f"{type(kpm).__name__}")
+        raise ArgumentError(
+            f"kpm must be a dict with keys {sorted(KPM_DEFAULTS)}, got {type(kpm).__name__}"
+        )
     unknown = sorted(set(kpm) - set(KPM_DEFAULTS))
     if unknown:
-        raise ArgumentError(f"kpm: unknown key(s) {unknown}; expected some of "
-                            f"{sorted(KPM_DEFAULTS)}")
+        raise ArgumentError(
+            f"kpm: unknown key(s) {unknown}; expected some of {sorted(KPM_DEFAULTS)}"
+        )
     if kpm.get("n_moments") is not None:
         check_positive("kpm['n_moments']", kpm["n_moments"], integer=True)
         if kpm["n_moments"] < 2:
@@ -103,12 +116,12 @@ def check_dos_args(width, npts, emin, emax, method: str = "auto") -> None:
 class OrbitalLabels:
     """Which atom every orbital belongs to (``atom_of``, (n_orbitals,)) and the
     chemical symbol of every atom (``symbols``); defines the projections."""
+
     atom_of: np.ndarray
     symbols: tuple[str, ...]
 
     @classmethod
-    def from_counts(cls, orbital_counts: Sequence[int],
-                    symbols: Sequence[str]) -> OrbitalLabels:
+    def from_counts(cls, orbital_counts: Sequence[int], symbols: Sequence[str]) -> OrbitalLabels:
         """From the number of orbitals of every atom (atoms in orbital order)."""
         counts = np.asarray(orbital_counts, int)
         return cls(np.repeat(np.arange(len(counts)), counts), tuple(symbols))
@@ -127,8 +140,7 @@ class OrbitalLabels:
         (``'atom'``, keyed ``'atom0'``, ``'atom1'``...)."""
         check_choice("by", by, PROJECTIONS)
         if by == "atom":
-            return {f"atom{i}": np.flatnonzero(self.atom_of == i)
-                    for i in range(len(self.symbols))}
+            return {f"atom{i}": np.flatnonzero(self.atom_of == i) for i in range(len(self.symbols))}
         symbols = np.array(self.symbols, dtype=object)[self.atom_of]
         return {s: np.flatnonzero(symbols == s) for s in dict.fromkeys(symbols)}
 
@@ -156,8 +168,15 @@ class DenseSpectrum:
     summing to 1 (e.g. the IBZ of :class:`~ase_gearsh.electronic.kpoints.KPoints`).
     """
 
-    def __init__(self, hamiltonian: MatrixFunction, overlap: MatrixFunction, kpts,
-                 weights, labels: OrbitalLabels, progress: bool = False):
+    def __init__(
+        self,
+        hamiltonian: MatrixFunction,
+        overlap: MatrixFunction,
+        kpts,
+        weights,
+        labels: OrbitalLabels,
+        progress: bool = False,
+    ):
         self.hamiltonian, self.overlap, self.labels = hamiltonian, overlap, labels
         self.kpts = np.asarray(kpts, float).reshape(-1, 3)
         self.weights = np.asarray(weights, float)
@@ -169,9 +188,12 @@ class DenseSpectrum:
         it = range(len(self.kpts))
         if self.progress and len(it) > 1:
             from tqdm.auto import tqdm
+
             it = tqdm(it, desc=desc, unit="k-point", leave=False)
-        return [solve_dense(self.hamiltonian(self.kpts[q]), self.overlap(self.kpts[q]), groups)
-                for q in it]
+        return [
+            solve_dense(self.hamiltonian(self.kpts[q]), self.overlap(self.kpts[q]), groups)
+            for q in it
+        ]
 
     def eigenvalues(self) -> np.ndarray:
         """(nk, n_bands) eigenvalues (eV) at every k-point (cached; not a copy)."""
@@ -191,16 +213,27 @@ class DenseSpectrum:
         mid-gap for insulators (:func:`~ase_gearsh.electronic.dense.fermi_level`)."""
         return fermi_level(self.eigenvalues(), self.weights, n_electrons, width)
 
-    def dos(self, width: float = 0.1, npts: int = 2001, emin: float | None = None,
-            emax: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def dos(
+        self,
+        width: float = 0.1,
+        npts: int = 2001,
+        emin: float | None = None,
+        emax: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(energies, DOS): Gaussians of ``width`` eV; the grid defaults to the
         spectrum widened by 5 ``width``."""
         eps = self.eigenvalues()
         e = energy_grid(emin, emax, npts, eps.min(), eps.max(), 5 * width)
         return e, gaussian_dos(eps, self.weights, e, width)
 
-    def pdos(self, width: float = 0.1, npts: int = 2001, emin: float | None = None,
-             emax: float | None = None, by: str = "species"):
+    def pdos(
+        self,
+        width: float = 0.1,
+        npts: int = 2001,
+        emin: float | None = None,
+        emax: float | None = None,
+        by: str = "species",
+    ):
         """(energies, PDOS): Mulliken-projected :meth:`dos`, a dict symbol -> (npts,)
         (``by='species'``) or an (n_atoms, npts) array (``by='atom'``)."""
         check_choice("by", by, PROJECTIONS)
@@ -218,20 +251,28 @@ class KPMSpectrum:
     moments, projection): every width with the same number of moments shares them.
     """
 
-    def __init__(self, hamiltonian, overlap, labels: OrbitalLabels,
-                 options: KPMOptions | dict | None = None, progress: bool = False,
-                 bounds: tuple[float, float] | None = None):
+    def __init__(
+        self,
+        hamiltonian,
+        overlap,
+        labels: OrbitalLabels,
+        options: KPMOptions | dict | None = None,
+        progress: bool = False,
+        bounds: tuple[float, float] | None = None,
+    ):
         self.hamiltonian, self.overlap, self.labels = hamiltonian, overlap, labels
-        self.options = options if isinstance(options, KPMOptions) else \
-            KPMOptions.from_parameter(options)
+        self.options = (
+            options if isinstance(options, KPMOptions) else KPMOptions.from_parameter(options)
+        )
         self.progress = progress
         self._bounds = bounds
         self._moments: dict[tuple[int, str], KPMMoments] = {}
 
     def with_options(self, options: KPMOptions | dict | None) -> KPMSpectrum:
         """The same matrices and bounds with other options (moments recomputed)."""
-        return KPMSpectrum(self.hamiltonian, self.overlap, self.labels, options,
-                           self.progress, self._bounds)
+        return KPMSpectrum(
+            self.hamiltonian, self.overlap, self.labels, options, self.progress, self._bounds
+        )
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -253,9 +294,15 @@ class KPMSpectrum:
         if key not in self._moments:
             opts = self.options
             self._moments[key] = chebyshev_moments(
-                self.hamiltonian, self.overlap, n_moments=key[0], n_random=opts.n_random,
-                groups=self.labels.groups(by), bounds=self.bounds, seed=opts.seed,
-                progress=self.progress)
+                self.hamiltonian,
+                self.overlap,
+                n_moments=key[0],
+                n_random=opts.n_random,
+                groups=self.labels.groups(by),
+                bounds=self.bounds,
+                seed=opts.seed,
+                progress=self.progress,
+            )
         return self._moments[key]
 
     def fermi_level(self, n_electrons: float) -> float:
@@ -267,15 +314,26 @@ class KPMSpectrum:
         e = energy_grid(emin, emax, npts, *self.bounds)
         return e, kpm_density(mom, e)
 
-    def dos(self, width: float = 0.1, npts: int = 2001, emin: float | None = None,
-            emax: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def dos(
+        self,
+        width: float = 0.1,
+        npts: int = 2001,
+        emin: float | None = None,
+        emax: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(energies, DOS), Jackson kernel of resolution about ``width`` eV; the grid
         defaults to the spectral bounds."""
         e, density = self._density(width, npts, emin, emax, "species")
         return e, density["total"]
 
-    def pdos(self, width: float = 0.1, npts: int = 2001, emin: float | None = None,
-             emax: float | None = None, by: str = "species"):
+    def pdos(
+        self,
+        width: float = 0.1,
+        npts: int = 2001,
+        emin: float | None = None,
+        emax: float | None = None,
+        by: str = "species",
+    ):
         """(energies, PDOS) as :meth:`DenseSpectrum.pdos`, from the projected moments."""
         e, density = self._density(width, npts, emin, emax, by)
         return e, self.labels.from_groups(density, by)

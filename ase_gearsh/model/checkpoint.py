@@ -4,6 +4,7 @@ A checkpoint holds the config, network settings, basis registry, scale-shift
 statistics, parameters, package versions and (for ``latest.ckpt``) the
 optimiser and data-order state needed to resume.  Writes are atomic.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,15 @@ import numpy as np
 from ..core.errors import GearsHError
 from ..core.io import atomic_write_bytes
 
-__all__ = ["CKPT_FORMAT", "CKPT_VERSION", "CheckpointError", "save_checkpoint",
-           "load_checkpoint", "versions", "basis_payload"]
+__all__ = [
+    "CKPT_FORMAT",
+    "CKPT_VERSION",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "versions",
+    "basis_payload",
+]
 
 CKPT_FORMAT = "gearsh-model"
 CKPT_VERSION = 1
@@ -27,6 +35,7 @@ class CheckpointError(GearsHError, ValueError):
 
 def versions() -> dict:
     import importlib.metadata as md
+
     out = {}
     for pkg in ("ase-gearsh", "jax", "e3x", "flax", "optax", "numpy"):
         try:
@@ -52,17 +61,31 @@ def basis_payload(basis: dict) -> dict:
     for sym, d in basis.items():
         d = dict(d)
         for key in ("basis", "projectors"):
-            d[key] = {str(k): {"l": int(f["l"]), "rmax": float(f["rmax"]),
-                               "values": np.asarray(f["values"], float)}
-                      for k, f in enumerate(d[key])}
+            d[key] = {
+                str(k): {
+                    "l": int(f["l"]),
+                    "rmax": float(f["rmax"]),
+                    "values": np.asarray(f["values"], float),
+                }
+                for k, f in enumerate(d[key])
+            }
         d["dO"] = np.asarray(d["dO"], float)
         out[str(sym)] = d
     return out
 
 
-def save_checkpoint(path, *, config: dict, settings: dict, registry: dict, stats: dict,
-                    params, extra: dict | None = None, state: dict | None = None,
-                    basis: dict | None = None) -> None:
+def save_checkpoint(
+    path,
+    *,
+    config: dict,
+    settings: dict,
+    registry: dict,
+    stats: dict,
+    params,
+    extra: dict | None = None,
+    state: dict | None = None,
+    basis: dict | None = None,
+) -> None:
     """Write a checkpoint atomically.  ``params``/``state`` are pytrees of arrays.
 
     ``basis``: {symbol: ase_gearsh.core.basis.SpeciesBasis.to_dict()}, the basis
@@ -70,10 +93,14 @@ def save_checkpoint(path, *, config: dict, settings: dict, registry: dict, stats
     inference time.
     """
     from flax import serialization
+
     payload = {
-        "format": CKPT_FORMAT, "version": CKPT_VERSION,
-        "config": json.dumps(config), "settings": json.dumps(settings),
-        "registry": json.dumps(registry), "versions": json.dumps(versions()),
+        "format": CKPT_FORMAT,
+        "version": CKPT_VERSION,
+        "config": json.dumps(config),
+        "settings": json.dumps(settings),
+        "registry": json.dumps(registry),
+        "versions": json.dumps(versions()),
         "extra": json.dumps(extra or {}),
         "stats": {k: np.asarray(v) for k, v in stats.items()},
         "params": _to_numpy(serialization.to_state_dict(params)),
@@ -88,6 +115,7 @@ def save_checkpoint(path, *, config: dict, settings: dict, registry: dict, stats
 def load_checkpoint(path) -> dict:
     """Read and check a checkpoint; JSON fields are decoded."""
     from flax import serialization
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found")
@@ -95,16 +123,21 @@ def load_checkpoint(path) -> dict:
     try:
         payload = serialization.msgpack_restore(data)
     except Exception as err:  # msgpack raises several types on garbage
-        raise CheckpointError(f"{path}: not a readable GEARS H checkpoint "
-                              f"({type(err).__name__}: {err})") from None
+        raise CheckpointError(
+            f"{path}: not a readable GEARS H checkpoint ({type(err).__name__}: {err})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{path}: not a GEARS H checkpoint (format "
-                              f"{payload.get('format') if isinstance(payload, dict) else None!r},"
-                              f" expected {CKPT_FORMAT!r})")
+        raise CheckpointError(
+            f"{path}: not a GEARS H checkpoint (format "
+            f"{payload.get('format') if isinstance(payload, dict) else None!r},"
+            f" expected {CKPT_FORMAT!r})"
+        )
     if payload.get("version") != CKPT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {payload.get('version')}; "
-                              f"this ase_gearsh reads version {CKPT_VERSION}. Retrain, or use "
-                              f"the ase_gearsh release listed in the file's versions")
+        raise CheckpointError(
+            f"{path}: checkpoint format version {payload.get('version')}; "
+            f"this ase_gearsh reads version {CKPT_VERSION}. Retrain, or use "
+            f"the ase_gearsh release listed in the file's versions"
+        )
     try:
         for key in ("config", "settings", "registry", "versions", "extra"):
             payload[key] = json.loads(payload[key])

@@ -1,13 +1,13 @@
 """The range of geometries a model was trained on, and warnings when a prediction
 lies outside it (numpy only)."""
+
 from __future__ import annotations
 
 import warnings
 
 import numpy as np
 
-__all__ = ["ExtrapolationWarning", "training_coverage",
-           "coverage_messages", "warn_extrapolation"]
+__all__ = ["ExtrapolationWarning", "training_coverage", "coverage_messages", "warn_extrapolation"]
 
 
 class ExtrapolationWarning(UserWarning):
@@ -29,12 +29,22 @@ def training_coverage(graphs, n_species: int) -> dict:
         counts = np.bincount(g.edge_i, minlength=g.n_atoms)
         np.maximum.at(nmax, g.species, counts)
     dmin = np.minimum(dmin, dmin.T)
-    return {"min_bond_distance": np.where(np.isfinite(dmin), dmin, -1.0).tolist(),
-            "max_neighbours": nmax.tolist()}
+    return {
+        "min_bond_distance": np.where(np.isfinite(dmin), dmin, -1.0).tolist(),
+        "max_neighbours": nmax.tolist(),
+    }
 
 
-def coverage_messages(coverage: dict, symbols, species, pair_i, pair_j, pair_distance,
-                      neighbours, tolerance: float = 0.05) -> list[str]:
+def coverage_messages(
+    coverage: dict,
+    symbols,
+    species,
+    pair_i,
+    pair_j,
+    pair_distance,
+    neighbours,
+    tolerance: float = 0.05,
+) -> list[str]:
     """Human-readable reasons why a structure is outside the training coverage."""
     if not coverage:
         return []
@@ -52,20 +62,27 @@ def coverage_messages(coverage: dict, symbols, species, pair_i, pair_j, pair_dis
         short = (~unseen) & (pair_distance < ref - tolerance)
         for x, y in sorted(set(zip(lo[short].tolist(), hi[short].tolist()))):
             sel = short & (lo == x) & (hi == y)
-            msgs.append(f"{int(sel.sum())} {names[x]}-{names[y]} bond(s) down to "
-                        f"{pair_distance[sel].min():.2f} A, shorter than any in training "
-                        f"({dmin[x, y]:.2f} A)")
+            msgs.append(
+                f"{int(sel.sum())} {names[x]}-{names[y]} bond(s) down to "
+                f"{pair_distance[sel].min():.2f} A, shorter than any in training "
+                f"({dmin[x, y]:.2f} A)"
+            )
     if neighbours is None:
         return msgs
     over = neighbours > nmax[species]
     for s in sorted(set(species[over].tolist())):
         sel = over & (species == s)
-        msgs.append(f"{int(sel.sum())} {names[s]} atom(s) with up to {int(neighbours[sel].max())} "
-                    f"neighbours; training had at most {int(nmax[s])}")
+        msgs.append(
+            f"{int(sel.sum())} {names[s]} atom(s) with up to {int(neighbours[sel].max())} "
+            f"neighbours; training had at most {int(nmax[s])}"
+        )
     return msgs
 
 
 def warn_extrapolation(msgs: list[str]) -> None:
     if msgs:
-        warnings.warn("the prediction is an extrapolation: " + "; ".join(msgs),
-                      ExtrapolationWarning, stacklevel=3)
+        warnings.warn(
+            "the prediction is an extrapolation: " + "; ".join(msgs),
+            ExtrapolationWarning,
+            stacklevel=3,
+        )

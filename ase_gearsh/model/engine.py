@@ -16,6 +16,7 @@ three stages composed on one padded batch (differentiable); prediction
 come out in the canonical layout, eV.  Call the stages inside :func:`precision`
 (the training loop and the Predictor do).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,14 @@ from .graph import FAR, Graph, batch_graphs, build_graph, pad_size
 from .layout import Layout
 from .network import GearsHNet, ModelSettings, postprocess_onsite, postprocess_pairs
 
-__all__ = ["pair_cutoff_matrix", "Model", "FAR", "precision", "enable_compilation_cache",
-           "load_model"]
+__all__ = [
+    "pair_cutoff_matrix",
+    "Model",
+    "FAR",
+    "precision",
+    "enable_compilation_cache",
+    "load_model",
+]
 
 PRECISION = "highest"  # float32 matmuls at full precision (no TF32 / bf16 passes on GPUs)
 
@@ -90,8 +97,14 @@ class Model:
     basis_data: dict | None = None
     coverage: dict | None = None
 
-    def __init__(self, settings: dict, registry: Registry, stats: dict, params=None,
-                 config: dict | None = None):
+    def __init__(
+        self,
+        settings: dict,
+        registry: Registry,
+        stats: dict,
+        params=None,
+        config: dict | None = None,
+    ):
         self.settings = dict(settings)
         self.settings["mlp_layer_widths"] = tuple(self.settings["mlp_layer_widths"])
         self.registry = registry
@@ -102,8 +115,11 @@ class Model:
         self.stats = {k: jnp.asarray(v) for k, v in stats.items()}
         self.params = params
         index, coef, _ = self.layout.gather_tables
-        self.tables = {"index": jnp.asarray(index), "coef": jnp.asarray(coef, jnp.float32),
-                       "n": self.layout.n}
+        self.tables = {
+            "index": jnp.asarray(index),
+            "coef": jnp.asarray(coef, jnp.float32),
+            "n": self.layout.n,
+        }
         self.cutoff = float(self.settings["cutoff"])
         self.pair_cutoff = pair_cutoff_matrix(registry, self.settings["bond_cutoff"])
         self.mp_steps = int(self.settings.get("mp_steps", 0) or 0)
@@ -113,7 +129,7 @@ class Model:
 
     # -- construction -------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, path) -> "Model":
+    def from_checkpoint(cls, path) -> Model:
         ck = load_checkpoint(path)
         registry = Registry.from_dict(ck["registry"])
         model = cls(ck["settings"], registry, ck["stats"], None, ck["config"])
@@ -126,14 +142,19 @@ class Model:
         return model
 
     def _init_args(self):
-        g = Graph(species=np.array([1, 1], np.int32), edge_i=np.array([0, 1], np.int32),
-                  edge_j=np.array([1, 0], np.int32),
-                  edge_vec=np.array([[1.0, 0, 0], [-1.0, 0, 0]], np.float32),
-                  pair_i=np.array([0], np.int32), pair_j=np.array([1], np.int32),
-                  pair_shift=np.zeros((1, 3), np.int32),
-                  pair_vec=np.array([[1.0, 0, 0]], np.float32))
-        b = batch_graphs([g], 4, 4, with_labels=False,
-                         sizes=(pad_size(2, 4), pad_size(2, 4), pad_size(1, 4)))
+        g = Graph(
+            species=np.array([1, 1], np.int32),
+            edge_i=np.array([0, 1], np.int32),
+            edge_j=np.array([1, 0], np.int32),
+            edge_vec=np.array([[1.0, 0, 0], [-1.0, 0, 0]], np.float32),
+            pair_i=np.array([0], np.int32),
+            pair_j=np.array([1], np.int32),
+            pair_shift=np.zeros((1, 3), np.int32),
+            pair_vec=np.array([[1.0, 0, 0]], np.float32),
+        )
+        b = batch_graphs(
+            [g], 4, 4, with_labels=False, sizes=(pad_size(2, 4), pad_size(2, 4), pad_size(1, 4))
+        )
         return [jnp.asarray(b[k]) for k in _INPUTS]
 
     def param_shapes(self):
@@ -150,28 +171,49 @@ class Model:
 
     def graph(self, atoms, name: str = "") -> Graph:
         """Neighbour and bond lists of ``atoms`` at this model's cut-offs."""
-        return build_graph(atoms, self.species_index(atoms), self.cutoff, self.pair_cutoff,
-                           name=name)
+        return build_graph(
+            atoms, self.species_index(atoms), self.cutoff, self.pair_cutoff, name=name
+        )
 
     def density(self, params, species, edge_i, edge_j, edge_vec):
         """Stage 1: neighbour density (N, 1, (L+1)^2, F) of these edges."""
-        return self.net.apply(params, species, edge_i, edge_j, edge_vec, _EMPTY_I, _EMPTY_I,
-                              _EMPTY_V, stage="density")
+        return self.net.apply(
+            params, species, edge_i, edge_j, edge_vec, _EMPTY_I, _EMPTY_I, _EMPTY_V, stage="density"
+        )
 
     def atoms(self, params, stats, species, edge_i, edge_j, edge_vec, rho=None):
         """Stage 2: (descriptors, on-site blocks (N, n, n)).  ``rho``: the summed
         density of stage 1; ``None`` computes it from these edges (message passing
         needs every edge here)."""
-        d, onsite = self.net.apply(params, species, edge_i, edge_j, edge_vec, _EMPTY_I,
-                                   _EMPTY_I, _EMPTY_V, stage="atoms", rho=rho)
+        d, onsite = self.net.apply(
+            params,
+            species,
+            edge_i,
+            edge_j,
+            edge_vec,
+            _EMPTY_I,
+            _EMPTY_I,
+            _EMPTY_V,
+            stage="atoms",
+            rho=rho,
+        )
         return d, postprocess_onsite(onsite, stats, self.tables, species)
 
     def bonds(self, params, stats, species, descriptors, pair_i, pair_j, pair_vec):
         """Stage 3: pair blocks (P, n, n) of these bonds."""
-        _, fwd, rev = self.net.apply(params, species, _EMPTY_I, _EMPTY_I, _EMPTY_V, pair_i,
-                                     pair_j, pair_vec, stage="bonds", descriptors=descriptors)
-        return postprocess_pairs(fwd, rev, stats, self.tables, species, pair_i, pair_j,
-                                 pair_vec)
+        _, fwd, rev = self.net.apply(
+            params,
+            species,
+            _EMPTY_I,
+            _EMPTY_I,
+            _EMPTY_V,
+            pair_i,
+            pair_j,
+            pair_vec,
+            stage="bonds",
+            descriptors=descriptors,
+        )
+        return postprocess_pairs(fwd, rev, stats, self.tables, species, pair_i, pair_j, pair_vec)
 
     def forward(self, params, stats, batch):
         """The three stages on one padded batch (jittable, differentiable):
@@ -179,8 +221,9 @@ class Model:
         sp, ei, ej, ev = (batch[k] for k in ("species", "edge_i", "edge_j", "edge_vec"))
         rho = None if self.mp_steps else self.density(params, sp, ei, ej, ev)
         d, onsite = self.atoms(params, stats, sp, ei, ej, ev, rho)
-        pairs = self.bonds(params, stats, sp, d, batch["pair_i"], batch["pair_j"],
-                           batch["pair_vec"])
+        pairs = self.bonds(
+            params, stats, sp, d, batch["pair_i"], batch["pair_j"], batch["pair_vec"]
+        )
         return onsite, pairs
 
 
@@ -192,6 +235,7 @@ def load_model(path) -> Model:
     this process (same resolved path, modification time and size) is returned
     as is, with its compiled prediction stages; a rewritten file is read again."""
     from pathlib import Path
+
     p = Path(path)
     try:
         st = p.resolve().stat()
@@ -216,12 +260,16 @@ def _restore(template, state, path):
             for k in keypath:
                 node = node[str(getattr(k, "key", getattr(k, "idx", k)))]
         except (KeyError, TypeError):
-            raise CheckpointError(f"{path}: parameter {jax.tree_util.keystr(keypath)} is "
-                                  f"missing; the file does not fit its own settings") from None
+            raise CheckpointError(
+                f"{path}: parameter {jax.tree_util.keystr(keypath)} is "
+                f"missing; the file does not fit its own settings"
+            ) from None
         if tuple(node.shape) != tuple(shape.shape):
-            raise CheckpointError(f"{path}: parameter {jax.tree_util.keystr(keypath)} has "
-                                  f"shape {tuple(node.shape)}, the network expects "
-                                  f"{tuple(shape.shape)}")
+            raise CheckpointError(
+                f"{path}: parameter {jax.tree_util.keystr(keypath)} has "
+                f"shape {tuple(node.shape)}, the network expects "
+                f"{tuple(shape.shape)}"
+            )
         leaves.append(np.asarray(node, dtype=shape.dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)
 

@@ -7,6 +7,7 @@ lexicographically), in the same convention as the dataset.  Batches
 concatenate graphs and pad atoms, edges and pairs up to multiples so that the
 number of distinct shapes (and therefore compilations) stays bounded.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +18,16 @@ from ase.neighborlist import neighbor_list
 from ..core.blocks import canonical_orientation
 from ..core.errors import GearsHError
 
-__all__ = ["Graph", "build_graph", "attach_labels", "batch_graphs", "pad_size", "pad_edges",
-           "FAR", "LabelError"]
+__all__ = [
+    "Graph",
+    "build_graph",
+    "attach_labels",
+    "batch_graphs",
+    "pad_size",
+    "pad_edges",
+    "FAR",
+    "LabelError",
+]
 
 FAR = 1.0e3  # length (A) of padding vectors: beyond every cut-off
 
@@ -35,17 +44,17 @@ def pad_size(n: int, multiple: int) -> int:
 
 @dataclass
 class Graph:
-    species: np.ndarray       # (N,) int32, 1..S
-    edge_i: np.ndarray        # (E,) centre
-    edge_j: np.ndarray        # (E,) neighbour
-    edge_vec: np.ndarray      # (E, 3) float32, r_j + shift - r_i
-    pair_i: np.ndarray        # (P,)
-    pair_j: np.ndarray        # (P,)
-    pair_shift: np.ndarray    # (P, 3) int
-    pair_vec: np.ndarray      # (P, 3) float32
+    species: np.ndarray  # (N,) int32, 1..S
+    edge_i: np.ndarray  # (E,) centre
+    edge_j: np.ndarray  # (E,) neighbour
+    edge_vec: np.ndarray  # (E, 3) float32, r_j + shift - r_i
+    pair_i: np.ndarray  # (P,)
+    pair_j: np.ndarray  # (P,)
+    pair_shift: np.ndarray  # (P, 3) int
+    pair_vec: np.ndarray  # (P, 3) float32
     pair_distance: np.ndarray | None = None  # (P,) float64, A
-    onsite: np.ndarray | None = None   # (N, n, n) float32 canonical labels
-    pairs: np.ndarray | None = None    # (P, n, n) float32 canonical labels
+    onsite: np.ndarray | None = None  # (N, n, n) float32 canonical labels
+    pairs: np.ndarray | None = None  # (P, n, n) float32 canonical labels
     name: str = ""
 
     @property
@@ -71,12 +80,18 @@ def build_graph(atoms, species, cutoff: float, pair_cutoff: np.ndarray, name="")
     e = d < cutoff
     keep = canonical_orientation(i, j, S) & (d < pair_cutoff[species[i], species[j]])
     order = np.lexsort((S[keep, 2], S[keep, 1], S[keep, 0], j[keep], i[keep]))
-    return Graph(species=species, edge_i=i[e].astype(np.int32), edge_j=j[e].astype(np.int32),
-                 edge_vec=D[e].astype(np.float32),
-                 pair_i=i[keep][order].astype(np.int32), pair_j=j[keep][order].astype(np.int32),
-                 pair_shift=S[keep][order].astype(np.int32),
-                 pair_vec=D[keep][order].astype(np.float32),
-                 pair_distance=d[keep][order], name=name)
+    return Graph(
+        species=species,
+        edge_i=i[e].astype(np.int32),
+        edge_j=j[e].astype(np.int32),
+        edge_vec=D[e].astype(np.float32),
+        pair_i=i[keep][order].astype(np.int32),
+        pair_j=j[keep][order].astype(np.int32),
+        pair_shift=S[keep][order].astype(np.int32),
+        pair_vec=D[keep][order].astype(np.float32),
+        pair_distance=d[keep][order],
+        name=name,
+    )
 
 
 def attach_labels(graph: Graph, structure, layout) -> dict:
@@ -87,15 +102,19 @@ def attach_labels(graph: Graph, structure, layout) -> dict:
     list and their largest |H| (eV), which the model predicts as zero.
     """
     if structure.nspins != 1:
-        raise LabelError(f"{structure.meta['source']['name']}: spin-polarised data "
-                         f"(nspins={structure.nspins}); the model is trained on "
-                         f"spin-paired Hamiltonians (nspins=1)")
+        raise LabelError(
+            f"{structure.meta['source']['name']}: spin-polarised data "
+            f"(nspins={structure.nspins}); the model is trained on "
+            f"spin-paired Hamiltonians (nspins=1)"
+        )
     sp = graph.species
     onsite = np.zeros((graph.n_atoms, layout.n, layout.n), dtype=np.float32)
     for a, blk in enumerate(structure.onsite_blocks("H")):
         onsite[a] = layout.to_canonical(blk, sp[a], sp[a])
-    key = {(int(i), int(j), *map(int, R)): p for p, (i, j, R) in
-           enumerate(zip(graph.pair_i, graph.pair_j, graph.pair_shift))}
+    key = {
+        (int(i), int(j), *map(int, R)): p
+        for p, (i, j, R) in enumerate(zip(graph.pair_i, graph.pair_j, graph.pair_shift))
+    }
     pairs = np.zeros((len(graph.pair_i), layout.n, layout.n), dtype=np.float32)
     a = structure.arrays
     outside, outside_max = 0, 0.0
@@ -124,8 +143,14 @@ def pad_edges(i, j, vec, size: int, pad_atom: int, far: float = FAR):
     return out_i, out_j, out_v
 
 
-def batch_graphs(graphs, atoms_multiple: int, nl_multiple: int, far: float = FAR,
-                 with_labels: bool = True, sizes: tuple | None = None) -> dict:
+def batch_graphs(
+    graphs,
+    atoms_multiple: int,
+    nl_multiple: int,
+    far: float = FAR,
+    with_labels: bool = True,
+    sizes: tuple | None = None,
+) -> dict:
     """Concatenate graphs and pad to multiples (or to ``sizes`` = (N, E, P)).
 
     Padding atoms have species 0; padding edges and bonds join the last
@@ -136,8 +161,11 @@ def batch_graphs(graphs, atoms_multiple: int, nl_multiple: int, far: float = FAR
     n_e = sum(len(g.edge_i) for g in graphs)
     n_p = sum(len(g.pair_i) for g in graphs)
     if sizes is None:
-        sizes = (pad_size(n_at, atoms_multiple), pad_size(n_e, nl_multiple),
-                 pad_size(n_p, nl_multiple))
+        sizes = (
+            pad_size(n_at, atoms_multiple),
+            pad_size(n_e, nl_multiple),
+            pad_size(n_p, nl_multiple),
+        )
     N, E, P = sizes
     if N <= n_at or E < n_e or P < n_p:
         raise ValueError(f"padded sizes {sizes} too small for ({n_at}, {n_e}, {n_p})")
@@ -152,19 +180,26 @@ def batch_graphs(graphs, atoms_multiple: int, nl_multiple: int, far: float = FAR
     a = e = p = 0
     for g in graphs:
         na, ne, npr = g.n_atoms, len(g.edge_i), len(g.pair_i)
-        species[a:a + na] = g.species
-        edge_i[e:e + ne] = g.edge_i + a
-        edge_j[e:e + ne] = g.edge_j + a
-        edge_vec[e:e + ne] = g.edge_vec
-        pair_i[p:p + npr] = g.pair_i + a
-        pair_j[p:p + npr] = g.pair_j + a
-        pair_vec[p:p + npr] = g.pair_vec
+        species[a : a + na] = g.species
+        edge_i[e : e + ne] = g.edge_i + a
+        edge_j[e : e + ne] = g.edge_j + a
+        edge_vec[e : e + ne] = g.edge_vec
+        pair_i[p : p + npr] = g.pair_i + a
+        pair_j[p : p + npr] = g.pair_j + a
+        pair_vec[p : p + npr] = g.pair_vec
         if with_labels:
-            onsite[a:a + na] = g.onsite
-            pairs[p:p + npr] = g.pairs
+            onsite[a : a + na] = g.onsite
+            pairs[p : p + npr] = g.pairs
         a, e, p = a + na, e + ne, p + npr
-    out.update(species=species, edge_i=edge_i, edge_j=edge_j, edge_vec=edge_vec,
-               pair_i=pair_i, pair_j=pair_j, pair_vec=pair_vec)
+    out.update(
+        species=species,
+        edge_i=edge_i,
+        edge_j=edge_j,
+        edge_vec=edge_vec,
+        pair_i=pair_i,
+        pair_j=pair_j,
+        pair_vec=pair_vec,
+    )
     if with_labels:
         out.update(onsite=onsite, pairs=pairs)
     return out

@@ -13,6 +13,7 @@ not recompile, and memory is bounded by the chunk sizes rather than the number
 of bonds.  The result is a :class:`~ase_gearsh.core.blocks.BlockMatrices` in GPAW
 orbital order.
 """
+
 from __future__ import annotations
 
 import time
@@ -43,10 +44,14 @@ class Predictor:
     bounds; small structures use the next bucket above their size).
     """
 
-    def __init__(self, model: Model, edge_chunk: int = 65536, pair_chunk: int = 1024,
-                 atom_base: int = 64):
-        for name, v in (("edge_chunk", edge_chunk), ("pair_chunk", pair_chunk),
-                        ("atom_base", atom_base)):
+    def __init__(
+        self, model: Model, edge_chunk: int = 65536, pair_chunk: int = 1024, atom_base: int = 64
+    ):
+        for name, v in (
+            ("edge_chunk", edge_chunk),
+            ("pair_chunk", pair_chunk),
+            ("atom_base", atom_base),
+        ):
             if int(v) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         self.model = model
@@ -66,8 +71,12 @@ class Predictor:
         t2 = time.perf_counter()
         result = self.to_gpaw(g, onsite, pairs)
         t3 = time.perf_counter()
-        result.timings = {"neighbour_list": t1 - t0, "network": t2 - t1,
-                          "to_gpaw_order": t3 - t2, **info}
+        result.timings = {
+            "neighbour_list": t1 - t0,
+            "network": t2 - t1,
+            "to_gpaw_order": t3 - t2,
+            **info,
+        }
         return result
 
     def canonical_blocks(self, g: Graph, progress: bool = False):
@@ -97,9 +106,11 @@ class Predictor:
             starts = range(0, max(E, 1), ce)
             for a in starts:
                 b = min(a + ce, E)
-                part = self._density(params, species,
-                                     *map(jnp.asarray, pad_edges(ei[a:b], ej[a:b], ev[a:b],
-                                                                 ce, pad, FAR)))
+                part = self._density(
+                    params,
+                    species,
+                    *map(jnp.asarray, pad_edges(ei[a:b], ej[a:b], ev[a:b], ce, pad, FAR)),
+                )
                 rho = part if rho is None else rho + part
             edges = pad_edges(ei[:0], ej[:0], ev[:0], 1, pad, FAR)
             n_edge_chunks = len(starts)
@@ -112,18 +123,28 @@ class Predictor:
         starts = range(0, max(P, 1), cp)
         if progress and len(starts) > 1:
             from tqdm.auto import tqdm
+
             starts = tqdm(starts, desc="bonds", unit="chunk", leave=False)
         pairs = np.empty((P, model.layout.n, model.layout.n), np.float32)
         for a in starts:
             b = min(a + cp, P)
             ci, cj, cv = pad_edges(pi[a:b], pj[a:b], pv[a:b], cp, pad, FAR)
-            out = self._bonds(params, stats, species, d, jnp.asarray(ci), jnp.asarray(cj),
-                              jnp.asarray(cv))
-            pairs[a:b] = np.asarray(out)[:b - a]
+            out = self._bonds(
+                params, stats, species, d, jnp.asarray(ci), jnp.asarray(cj), jnp.asarray(cv)
+            )
+            pairs[a:b] = np.asarray(out)[: b - a]
         t2 = time.perf_counter()
-        info = {"atoms": t1 - t0, "bonds": t2 - t1, "n_edges": E, "n_bonds": P,
-                "atoms_padded": Np, "edge_chunk": ce, "pair_chunk": cp,
-                "edge_chunks": n_edge_chunks, "pair_chunks": len(range(0, max(P, 1), cp))}
+        info = {
+            "atoms": t1 - t0,
+            "bonds": t2 - t1,
+            "n_edges": E,
+            "n_bonds": P,
+            "atoms_padded": Np,
+            "edge_chunk": ce,
+            "pair_chunk": cp,
+            "edge_chunks": n_edge_chunks,
+            "pair_chunks": len(range(0, max(P, 1), cp)),
+        }
         return onsite, pairs, info
 
     def to_gpaw(self, g: Graph, onsite, pairs) -> BlockMatrices:
@@ -133,10 +154,16 @@ class Predictor:
         counts = self.model.registry.n_orbitals[sp]
         on = lay.gpaw_blocks(sp, sp, onsite)
         pr = lay.gpaw_blocks(sp[g.pair_i], sp[g.pair_j], pairs)
-        return BlockMatrices(orbital_counts=counts, pair_i=g.pair_i, pair_j=g.pair_j,
-                             pair_shift=g.pair_shift, onsite=on, pairs=pr,
-                             pair_distance=g.pair_distance,
-                             neighbours=np.bincount(g.edge_i, minlength=g.n_atoms))
+        return BlockMatrices(
+            orbital_counts=counts,
+            pair_i=g.pair_i,
+            pair_j=g.pair_j,
+            pair_shift=g.pair_shift,
+            onsite=on,
+            pairs=pr,
+            pair_distance=g.pair_distance,
+            neighbours=np.bincount(g.edge_i, minlength=g.n_atoms),
+        )
 
 
 def predictor_for(model: Model, edge_chunk: int = 65536, pair_chunk: int = 1024) -> Predictor:

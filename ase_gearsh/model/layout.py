@@ -18,6 +18,7 @@ whose required (parity, L) channels are still free.
 Rotation rule (e3x row vectors): ``H'_ij = D_i^T H_ij D_j`` and the irreps
 transform as ``c' = c @ D_L``.
 """
+
 from __future__ import annotations
 
 from functools import cached_property
@@ -105,10 +106,9 @@ class Layout:
             for L in range(abs(l1 - l2), l1 + l2 + 1):
                 for M in range(2 * L + 1):
                     slot_of[flat(p, L * L + M, f)] = L
-                    sub = cg[l1 * l1:(l1 + 1) ** 2, l2 * l2:(l2 + 1) ** 2, L * L + M]
+                    sub = cg[l1 * l1 : (l1 + 1) ** 2, l2 * l2 : (l2 + 1) ** 2, L * L + M]
                     for m1, m2 in zip(*np.nonzero(np.abs(sub) > 1e-12)):
-                        terms[(ra + m1) * n + rb + m2].append((flat(p, L * L + M, f),
-                                                               sub[m1, m2]))
+                        terms[(ra + m1) * n + rb + m2].append((flat(p, L * L + M, f), sub[m1, m2]))
         T = max(len(t) for t in terms)
         index = np.zeros((n * n, T), dtype=np.int32)
         coef = np.zeros((n * n, T), dtype=np.float64)
@@ -153,7 +153,7 @@ class Layout:
                 for s2 in range(1, ns):
                     if self.orbital_mask[s2, self.slot_start[b]]:
                         for L in range(abs(l1 - l2), l1 + l2 + 1):
-                            mask[s1, s2, p, L * L:(L + 1) ** 2, f] = True
+                            mask[s1, s2, p, L * L : (L + 1) ** 2, f] = True
         return mask
 
     def block_mask(self, s1, s2) -> np.ndarray:

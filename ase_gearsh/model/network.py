@@ -18,11 +18,12 @@ Pairs are evaluated in both orientations and combined as
 ``H_ij = (F(i->j) + F(j->i)^T) / 2``: one block per unordered pair, exactly
 ``H_ji = H_ij^T`` and exactly permutation equivariant.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
 
 import e3x
 import flax.linen as nn
@@ -30,20 +31,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ModelSettings", "GearsHNet", "EquivariantLayerNorm", "postprocess",
-           "envelope", "count_parameters"]
+__all__ = [
+    "ModelSettings",
+    "GearsHNet",
+    "EquivariantLayerNorm",
+    "postprocess",
+    "envelope",
+    "count_parameters",
+]
 
-_ACTIVATIONS = {"bent_identity": e3x.nn.bent_identity, "mish": e3x.nn.mish,
-                "silu": e3x.nn.silu, "swish": e3x.nn.swish, "gelu": e3x.nn.gelu,
-                "shifted_softplus": e3x.nn.shifted_softplus, "relu": e3x.nn.relu}
-_RADIAL = {"basic_fourier": e3x.nn.basic_fourier, "basic_bernstein": e3x.nn.basic_bernstein,
-           "basic_chebyshev": e3x.nn.basic_chebyshev, "basic_gaussian": e3x.nn.basic_gaussian}
+_ACTIVATIONS = {
+    "bent_identity": e3x.nn.bent_identity,
+    "mish": e3x.nn.mish,
+    "silu": e3x.nn.silu,
+    "swish": e3x.nn.swish,
+    "gelu": e3x.nn.gelu,
+    "shifted_softplus": e3x.nn.shifted_softplus,
+    "relu": e3x.nn.relu,
+}
+_RADIAL = {
+    "basic_fourier": e3x.nn.basic_fourier,
+    "basic_bernstein": e3x.nn.basic_bernstein,
+    "basic_chebyshev": e3x.nn.basic_chebyshev,
+    "basic_gaussian": e3x.nn.basic_gaussian,
+}
 _CUTOFF = {"smooth_cutoff": e3x.nn.smooth_cutoff, "cosine_cutoff": e3x.nn.cosine_cutoff}
 
 
 @dataclass(frozen=True)
 class ModelSettings:
     """Hyperparameters of the network (the ``model`` section of the config)."""
+
     n_species: int
     out_max_degree: int
     out_features: int
@@ -85,17 +103,20 @@ class ModelSettings:
 def _basis(vec, *, max_degree, num, cutoff, radial_fn, cutoff_fn):
     """Radial (scaled by the cut-off) x orthonormal real spherical harmonics."""
     return e3x.nn.basis(
-        vec, max_degree=max_degree, num=num,
+        vec,
+        max_degree=max_degree,
+        num=num,
         radial_fn=partial(_RADIAL[radial_fn], limit=cutoff),
         cutoff_fn=partial(_CUTOFF[cutoff_fn], cutoff=cutoff),
-        angular_fn=partial(e3x.so3.spherical_harmonics, r_is_normalized=True,
-                           normalization="orthonormal"),
-        cartesian_order=False)
+        angular_fn=partial(
+            e3x.so3.spherical_harmonics, r_is_normalized=True, normalization="orthonormal"
+        ),
+        cartesian_order=False,
+    )
 
 
 def _with_pseudotensors(x, max_degree):
-    return e3x.nn.change_max_degree_or_type(x, max_degree=max_degree,
-                                            include_pseudotensors=True)
+    return e3x.nn.change_max_degree_or_type(x, max_degree=max_degree, include_pseudotensors=True)
 
 
 class EquivariantLayerNorm(nn.Module):
@@ -107,6 +128,7 @@ class EquivariantLayerNorm(nn.Module):
     scale per (parity, degree, feature).  Statistics never mix atoms, so
     padding and distant atoms cannot leak in.
     """
+
     eps: float = 1e-6
 
     @nn.compact
@@ -130,6 +152,7 @@ class EquivariantLayerNorm(nn.Module):
 
 class NonlinearBlock(nn.Module):
     """Two dense layers with LayerNorm and a gated activation, plus a residual."""
+
     activation: str = "bent_identity"
 
     @nn.compact
@@ -145,6 +168,7 @@ class NonlinearBlock(nn.Module):
 
 class ResidualDense(nn.Module):
     """The shared residual dense block (paper listing 4)."""
+
     widths: Sequence[int]
     activation: str = "bent_identity"
 
@@ -156,8 +180,11 @@ class ResidualDense(nn.Module):
             h = e3x.nn.Dense(w)(h)
             if k < len(self.widths) - 1:
                 h = act(h)
-        skip = x if x.shape[-1] == self.widths[-1] else \
-            e3x.nn.Dense(self.widths[-1], use_bias=False, name="skip")(x)
+        skip = (
+            x
+            if x.shape[-1] == self.widths[-1]
+            else e3x.nn.Dense(self.widths[-1], use_bias=False, name="skip")(x)
+        )
         return act(h + skip)
 
 
@@ -178,6 +205,7 @@ class AtomDescriptor(nn.Module):
     :class:`NonlinearBlock`; the orders are concatenated along features:
     output (N, 2, (L_bond+1)^2, F * (num_tensordenses + 1)).
     """
+
     s: ModelSettings
 
     @nn.compact
@@ -192,8 +220,14 @@ class AtomDescriptor(nn.Module):
         emb = e3x.nn.Embed(s.n_species + 1, s.num_elemental_embedding, name="embed")
         e_centre = emb(species).reshape(N, -1)  # e3x returns (N, 1, 1, features)
         if rho is None:
-            basis = _basis(edge_vec, max_degree=s.radial_max_degree, num=s.num_radial,
-                           cutoff=s.cutoff, radial_fn=s.radial_fn, cutoff_fn=s.cutoff_fn)
+            basis = _basis(
+                edge_vec,
+                max_degree=s.radial_max_degree,
+                num=s.num_radial,
+                cutoff=s.cutoff,
+                radial_fn=s.radial_fn,
+                cutoff_fn=s.cutoff_fn,
+            )
             # species-aware radial functions: depend on centre AND neighbour species
             pair_emb = jnp.concatenate([e_centre[edge_i], e_centre[edge_j]], axis=-1)
             gate = nn.Dense(F, name="species_radial")(pair_emb)
@@ -208,23 +242,35 @@ class AtomDescriptor(nn.Module):
         orders = [rho]
         x = rho
         for k in range(s.num_tensordenses):
-            x = e3x.nn.TensorDense(F, max_degree=s.max_tensordense_degree,
-                                   use_fused_tensor=s.use_fused_tensor,
-                                   cartesian_order=False, name=f"tensordense_{k}")(x)
+            x = e3x.nn.TensorDense(
+                F,
+                max_degree=s.max_tensordense_degree,
+                use_fused_tensor=s.use_fused_tensor,
+                cartesian_order=False,
+                name=f"tensordense_{k}",
+            )(x)
             orders.append(x)
         if s.mp_steps:
-            mp_basis = _basis(edge_vec, max_degree=s.mp_basis_max_degree, num=s.mp_basis_num,
-                              cutoff=s.cutoff, radial_fn=s.mp_radial_fn,
-                              cutoff_fn=s.mp_cutoff_fn)
+            mp_basis = _basis(
+                edge_vec,
+                max_degree=s.mp_basis_max_degree,
+                num=s.mp_basis_num,
+                cutoff=s.cutoff,
+                radial_fn=s.mp_radial_fn,
+                cutoff_fn=s.mp_cutoff_fn,
+            )
         out = []
         for b, x in enumerate(orders):
             x = _with_pseudotensors(x, s.mp_degree if s.mp_steps else s.max_tensordense_degree)
             for step in range(s.mp_steps):
-                m = e3x.nn.SelfAttention(max_degree=s.mp_degree, num_heads=s.mp_num_heads,
-                                         qkv_features=s.mp_qkv_features, out_features=F,
-                                         cartesian_order=False,
-                                         name=f"attention_{b}_{step}")(
-                    x, mp_basis, dst_idx=edge_i, src_idx=edge_j, num_segments=N)
+                m = e3x.nn.SelfAttention(
+                    max_degree=s.mp_degree,
+                    num_heads=s.mp_num_heads,
+                    qkv_features=s.mp_qkv_features,
+                    out_features=F,
+                    cartesian_order=False,
+                    name=f"attention_{b}_{step}",
+                )(x, mp_basis, dst_idx=edge_i, src_idx=edge_j, num_segments=N)
                 x = EquivariantLayerNorm(name=f"mp_norm_{b}_{step}")(x + m)
             x = NonlinearBlock(s.activation, name=f"nonlinear_{b}")(x)
             out.append(_with_pseudotensors(x, s.bond_max_degree))
@@ -250,11 +296,23 @@ class GearsHNet(nn.Module):
     (NB: nonlinear block, RD: shared residual dense block, TD: TensorDense
     readout, (x): tensor product.)
     """
+
     s: ModelSettings
 
     @nn.compact
-    def __call__(self, species, edge_i, edge_j, edge_vec, pair_i, pair_j, pair_vec,
-                 stage="all", rho=None, descriptors=None):
+    def __call__(
+        self,
+        species,
+        edge_i,
+        edge_j,
+        edge_vec,
+        pair_i,
+        pair_j,
+        pair_vec,
+        stage="all",
+        rho=None,
+        descriptors=None,
+    ):
         """``stage``: 'density' (the neighbour density of these edges), 'atoms'
         (descriptors and on-site irreps from the summed ``rho``, or from these edges
         when ``rho`` is None) and 'bonds' (pair irreps of these bonds from
@@ -264,26 +322,38 @@ class GearsHNet(nn.Module):
         s = self.s
         shared = ResidualDense(tuple(s.mlp_layer_widths), s.activation, name="residual_dense")
         if stage == "density":
-            return AtomDescriptor(s, name="atom_descriptor")(species, edge_i, edge_j,
-                                                             edge_vec, density_only=True)
+            return AtomDescriptor(s, name="atom_descriptor")(
+                species, edge_i, edge_j, edge_vec, density_only=True
+            )
         if stage == "bonds":
             d, onsite = descriptors, None
         else:
-            d = AtomDescriptor(s, name="atom_descriptor")(species, edge_i, edge_j, edge_vec,
-                                                          rho=rho)
-            onsite = e3x.nn.TensorDense(s.out_features, max_degree=s.out_max_degree,
-                                        use_fused_tensor=s.readout_fused_tensor,
-                                        cartesian_order=False, name="onsite_readout")(shared(d))
+            d = AtomDescriptor(s, name="atom_descriptor")(
+                species, edge_i, edge_j, edge_vec, rho=rho
+            )
+            onsite = e3x.nn.TensorDense(
+                s.out_features,
+                max_degree=s.out_max_degree,
+                use_fused_tensor=s.readout_fused_tensor,
+                cartesian_order=False,
+                name="onsite_readout",
+            )(shared(d))
             if stage == "atoms":
                 return d, onsite
         Fd = d.shape[-1]
         # bond descriptor: symmetric pooling of the two atoms, refined
         pooled = NonlinearBlock(s.activation, name="bond_nonlinear")(d[pair_i] + d[pair_j])
-        bexp = _basis(pair_vec, max_degree=s.bond_basis_max_degree, num=s.bond_basis_num,
-                      cutoff=s.bond_cutoff, radial_fn=s.bond_radial_fn,
-                      cutoff_fn=s.bond_cutoff_fn)
-        L = np.repeat(np.arange(s.bond_basis_max_degree + 1),
-                      2 * np.arange(s.bond_basis_max_degree + 1) + 1)
+        bexp = _basis(
+            pair_vec,
+            max_degree=s.bond_basis_max_degree,
+            num=s.bond_basis_num,
+            cutoff=s.bond_cutoff,
+            radial_fn=s.bond_radial_fn,
+            cutoff_fn=s.bond_cutoff_fn,
+        )
+        L = np.repeat(
+            np.arange(s.bond_basis_max_degree + 1), 2 * np.arange(s.bond_basis_max_degree + 1) + 1
+        )
         flip = jnp.asarray((-1.0) ** L, dtype=bexp.dtype)[:, None]  # Y(-r) = (-1)^L Y(r)
         emb = e3x.nn.Embed(s.n_species + 1, s.num_elemental_embedding, name="bond_embed")
         e_i = emb(species[pair_i]).reshape(pair_i.shape[0], -1)
@@ -291,11 +361,13 @@ class GearsHNet(nn.Module):
         gate_layer = nn.Dense(Fd, name="bond_species")
         proj = e3x.nn.Dense(Fd, use_bias=False, name="bond_projection")
         if s.bond_tensor == "fused_tensor":
-            tensor = e3x.nn.FusedTensor(max_degree=s.bond_max_degree, cartesian_order=False,
-                                        name="bond_tensor")
+            tensor = e3x.nn.FusedTensor(
+                max_degree=s.bond_max_degree, cartesian_order=False, name="bond_tensor"
+            )
         else:
-            tensor = e3x.nn.Tensor(max_degree=s.bond_max_degree, cartesian_order=False,
-                                   name="bond_tensor")
+            tensor = e3x.nn.Tensor(
+                max_degree=s.bond_max_degree, cartesian_order=False, name="bond_tensor"
+            )
         both = []
         for sign, (ea, eb) in ((None, (e_i, e_j)), (flip, (e_j, e_i))):
             b = bexp if sign is None else bexp * sign
@@ -305,9 +377,13 @@ class GearsHNet(nn.Module):
             both.append(tensor(pooled, y))
         P = pair_i.shape[0]
         bond = shared(jnp.concatenate(both, axis=0))
-        bond = e3x.nn.TensorDense(s.out_features, max_degree=s.out_max_degree,
-                                  use_fused_tensor=s.readout_fused_tensor,
-                                  cartesian_order=False, name="pair_readout")(bond)
+        bond = e3x.nn.TensorDense(
+            s.out_features,
+            max_degree=s.out_max_degree,
+            use_fused_tensor=s.readout_fused_tensor,
+            cartesian_order=False,
+            name="pair_readout",
+        )(bond)
         return onsite, bond[:P], bond[P:]
 
 
@@ -338,8 +414,10 @@ def postprocess(raw, stats, tables, species, pair_i, pair_j, pair_vec):
     pairs (P, n, n)) in eV, canonical orbital layout.
     """
     onsite, fwd, rev = raw
-    return (postprocess_onsite(onsite, stats, tables, species),
-            postprocess_pairs(fwd, rev, stats, tables, species, pair_i, pair_j, pair_vec))
+    return (
+        postprocess_onsite(onsite, stats, tables, species),
+        postprocess_pairs(fwd, rev, stats, tables, species, pair_i, pair_j, pair_vec),
+    )
 
 
 def postprocess_onsite(onsite, stats, tables, species):
@@ -366,11 +444,13 @@ def postprocess_pairs(fwd, rev, stats, tables, species, pair_i, pair_j, pair_vec
     x = jnp.clip(dist / rc, 0.0, 1.0)
     env = envelope(x)[:, None, None, None]
     phi = shift_basis(x, stats["pair_shift"].shape[-1])  # (P, K)
+
     # pair_shift: (S, S, F, K) for the even scalars
     def shifted(raw_irreps, a, b):
         out = raw_irreps * stats["pair_scale"][a, b]
         scal = jnp.einsum("pfk,pk->pf", stats["pair_shift"][a, b], phi)
         return (out.at[:, 0, 0, :].add(scal)) * env
+
     Bf = _to_blocks(shifted(fwd, si, sj), index, coef, n)
     Br = _to_blocks(shifted(rev, sj, si), index, coef, n)
     return 0.5 * (Bf + jnp.swapaxes(Br, -1, -2))
@@ -378,4 +458,3 @@ def postprocess_pairs(fwd, rev, stats, tables, species, pair_i, pair_j, pair_vec
 
 def count_parameters(params) -> int:
     return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
-

@@ -9,6 +9,7 @@ channel a scale (RMS of what the shift leaves).  Both orientations of every
 bond are used (the reversed one with the transposed block), as the model
 predicts both.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,16 +39,18 @@ def _channel_rms(values, count):
     P, LM, F = values.shape[1:]
     lmax = int(round(np.sqrt(LM))) - 1
     out = np.zeros((P, LM, F))
-    sq = (values ** 2).sum(axis=0)
+    sq = (values**2).sum(axis=0)
     for L in range(lmax + 1):
         sl = slice(L * L, (L + 1) ** 2)
-        out[:, sl, :] = np.sqrt(sq[:, sl, :].sum(axis=1, keepdims=True)
-                                / max(count * (2 * L + 1), 1))
+        out[:, sl, :] = np.sqrt(
+            sq[:, sl, :].sum(axis=1, keepdims=True) / max(count * (2 * L + 1), 1)
+        )
     return out
 
 
 def fit_statistics(graphs, layout, pair_cutoff: np.ndarray, n_shift: int = N_SHIFT) -> dict:
-    """Statistics dict (numpy float32 arrays) for :func:`ase_gearsh.model.network.postprocess_onsite` and ``postprocess_pairs``."""
+    """Statistics dict (numpy float32 arrays) for
+    :func:`ase_gearsh.model.network.postprocess_onsite` and ``postprocess_pairs``."""
     S = layout.registry.n_species + 1
     shape = layout.irreps_shape
     on_scale = np.ones((S,) + shape)
@@ -94,11 +97,13 @@ def fit_statistics(graphs, layout, pair_cutoff: np.ndarray, n_shift: int = N_SHI
     pair_scale = np.where(mask, np.maximum(pair_scale, MIN_SCALE), 1.0)
     on_shift = np.where(mask[np.arange(S), np.arange(S)], on_shift, 0.0)
     pc = np.where(pair_cutoff > 0, pair_cutoff, 1.0)
-    return {"onsite_scale": on_scale.astype(np.float32),
-            "onsite_shift": on_shift.astype(np.float32),
-            "pair_scale": pair_scale.astype(np.float32),
-            "pair_shift": pair_shift.astype(np.float32),
-            "pair_cutoff": pc.astype(np.float32)}
+    return {
+        "onsite_scale": on_scale.astype(np.float32),
+        "onsite_shift": on_shift.astype(np.float32),
+        "pair_scale": pair_scale.astype(np.float32),
+        "pair_shift": pair_shift.astype(np.float32),
+        "pair_cutoff": pc.astype(np.float32),
+    }
 
 
 def neutral_statistics(layout, pair_cutoff: np.ndarray, n_shift: int = N_SHIFT) -> dict:
@@ -106,8 +111,10 @@ def neutral_statistics(layout, pair_cutoff: np.ndarray, n_shift: int = N_SHIFT) 
     S = layout.registry.n_species + 1
     shape = layout.irreps_shape
     pc = np.where(pair_cutoff > 0, pair_cutoff, 1.0)
-    return {"onsite_scale": np.ones((S,) + shape, np.float32),
-            "onsite_shift": np.zeros((S,) + shape, np.float32),
-            "pair_scale": np.ones((S, S) + shape, np.float32),
-            "pair_shift": np.zeros((S, S, shape[2], n_shift), np.float32),
-            "pair_cutoff": pc.astype(np.float32)}
+    return {
+        "onsite_scale": np.ones((S,) + shape, np.float32),
+        "onsite_shift": np.zeros((S,) + shape, np.float32),
+        "pair_scale": np.ones((S, S) + shape, np.float32),
+        "pair_shift": np.zeros((S, S, shape[2], n_shift), np.float32),
+        "pair_cutoff": pc.astype(np.float32),
+    }

@@ -1,4 +1,5 @@
 """``gearsh attach-basis``: add basis functions (and training coverage) to a checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,13 @@ from ..model.graph import build_graph
 __all__ = ["attach_basis"]
 
 
-def attach_basis(path: str | Path, xc: str = "PBE", setups: str = "paw",
-                 output: str | Path | None = None, dataset: str | Path | None = None) -> Path:
+def attach_basis(
+    path: str | Path,
+    xc: str = "PBE",
+    setups: str = "paw",
+    output: str | Path | None = None,
+    dataset: str | Path | None = None,
+) -> Path:
     """Store basis functions (from the installed GPAW data) in a checkpoint that
     lacks them, checked against its registry; with ``dataset`` also the training
     coverage (shortest bonds, most neighbours) of the structures the model was
@@ -31,22 +37,31 @@ def attach_basis(path: str | Path, xc: str = "PBE", setups: str = "paw",
     try:
         basis = basis_for_registry(registry, xc, setups)
     except NameError as err:  # GPAW's answer to an unknown functional
-        raise BasisDataError(f"xc={xc!r} is not a functional GPAW knows ({err}); pass the "
-                             f"functional of the training data, e.g. PBE") from None
+        raise BasisDataError(
+            f"xc={xc!r} is not a functional GPAW knows ({err}); pass the "
+            f"functional of the training data, e.g. PBE"
+        ) from None
     payload = serialization.msgpack_restore(Path(path).read_bytes())
     payload["basis"] = basis_payload({s: b.to_dict() for s, b in basis.items()})
     if dataset is not None:
         names = set(ck["extra"].get("train_names") or [])
         if not names:
-            raise CheckpointError(f"{path}: no training structure names stored; cannot "
-                                  f"tell which structures of {dataset} were trained on")
+            raise CheckpointError(
+                f"{path}: no training structure names stored; cannot "
+                f"tell which structures of {dataset} were trained on"
+            )
         pc = pair_cutoff_matrix(registry, ck["settings"]["bond_cutoff"])
-        graphs = [build_graph(s.atoms, registry.species_index(s.atoms.numbers),
-                              ck["settings"]["cutoff"], pc)
-                  for s in Dataset(dataset) if s.meta["source"]["name"] in names]
+        graphs = [
+            build_graph(
+                s.atoms, registry.species_index(s.atoms.numbers), ck["settings"]["cutoff"], pc
+            )
+            for s in Dataset(dataset)
+            if s.meta["source"]["name"] in names
+        ]
         if len(graphs) != len(names):
-            raise CheckpointError(f"{dataset} holds {len(graphs)} of the {len(names)} "
-                                  f"training structures of {path}")
+            raise CheckpointError(
+                f"{dataset} holds {len(graphs)} of the {len(names)} training structures of {path}"
+            )
         extra = dict(ck["extra"], coverage=training_coverage(graphs, registry.n_species))
         payload["extra"] = json.dumps(extra)
     out = Path(output or path)

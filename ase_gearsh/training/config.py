@@ -4,6 +4,7 @@
 Unknown keys and values of the wrong type raise :class:`ConfigError` naming
 the key, what was expected and what was found.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,94 +19,170 @@ class ConfigError(GearsHError, ValueError):
     """A configuration file that cannot be used."""
 
 
-_ANY = object()   # placeholder type: any YAML value (kwargs dicts)
+_ANY = object()  # placeholder type: any YAML value (kwargs dicts)
 _PATHS = (str, list, type(None))
 
 DEFAULTS = {
     "data": {
-        "directory": ".", "experiment": "gearsh", "train_data_path": None,
-        "val_data_path": None, "n_train": None, "n_valid": None,
-        "bond_fraction": 1.0, "sampling_alpha": 0.0, "atoms_pad_multiple": 100,
-        "nl_pad_multiple": 10000, "batch_size": 1, "valid_batch_size": 1,
-        "shuffle_buffer_size": 100, "energy_unit": "eV", "pos_unit": "Ang",
+        "directory": ".",
+        "experiment": "gearsh",
+        "train_data_path": None,
+        "val_data_path": None,
+        "n_train": None,
+        "n_valid": None,
+        "bond_fraction": 1.0,
+        "sampling_alpha": 0.0,
+        "atoms_pad_multiple": 100,
+        "nl_pad_multiple": 10000,
+        "batch_size": 1,
+        "valid_batch_size": 1,
+        "shuffle_buffer_size": 100,
+        "energy_unit": "eV",
+        "pos_unit": "Ang",
         "seed": 0,
     },
     "model": {
         "atom_centered": {
             "descriptor": {
                 "descriptor_name": "ShallowTDSAAtomCenteredDescriptor",
-                "use_fused_tensor": True, "num_tensordenses": 1,
-                "max_tensordense_degree": 4, "num_tensordense_features": 12,
-                "mp_steps": 0, "mp_degree": 4,
+                "use_fused_tensor": True,
+                "num_tensordenses": 1,
+                "max_tensordense_degree": 4,
+                "num_tensordense_features": 12,
+                "mp_steps": 0,
+                "mp_degree": 4,
                 "mp_options": {"num_heads": 4, "qkv_features": 32},
-                "mp_basis_options": {"cutoff_fn": "smooth_cutoff", "radial_fn": "basic_fourier",
-                                     "radial_kwargs": {}, "max_degree": 2, "num": 8},
-                "radial_basis": {"cutoff": 8.0, "num_radial": 24, "max_degree": 4,
-                                 "num_elemental_embedding": 32},
+                "mp_basis_options": {
+                    "cutoff_fn": "smooth_cutoff",
+                    "radial_fn": "basic_fourier",
+                    "radial_kwargs": {},
+                    "max_degree": 2,
+                    "num": 8,
+                },
+                "radial_basis": {
+                    "cutoff": 8.0,
+                    "num_radial": 24,
+                    "max_degree": 4,
+                    "num_elemental_embedding": 32,
+                },
             },
         },
         "bond_centered": {
-            "cutoff": 8.0, "max_basis_degree": 4, "max_degree": 4,
-            "tensor_module": "fused_tensor", "tensor_module_dtype": "float32",
-            "bond_expansion_options": {"cutoff_fn": "smooth_cutoff", "radial_fn": "basic_fourier",
-                                       "radial_kwargs": {}, "max_degree": 4, "num": 24},
+            "cutoff": 8.0,
+            "max_basis_degree": 4,
+            "max_degree": 4,
+            "tensor_module": "fused_tensor",
+            "tensor_module_dtype": "float32",
+            "bond_expansion_options": {
+                "cutoff_fn": "smooth_cutoff",
+                "radial_fn": "basic_fourier",
+                "radial_kwargs": {},
+                "max_degree": 4,
+                "num": 24,
+            },
         },
-        "mlp": {"mlp_layer_widths": [32, 16, 32], "mlp_dtype": "float32",
-                "mlp_activation_function": "bent_identity",
-                # fused tensor products in the on-site and pair readouts: 1.4x faster
-                # bonds on CPU and the paper's parameter count (80,256 here for its WSe2
-                # listing against 82,909; unfused: 115,008).  Checkpoints keep theirs.
-                "readout_fused_tensor": True},
+        "mlp": {
+            "mlp_layer_widths": [32, 16, 32],
+            "mlp_dtype": "float32",
+            "mlp_activation_function": "bent_identity",
+            # fused tensor products in the on-site and pair readouts: 1.4x faster
+            # bonds on CPU and the paper's parameter count (80,256 here for its WSe2
+            # listing against 82,909; unfused: 115,008).  Checkpoints keep theirs.
+            "readout_fused_tensor": True,
+        },
     },
     "optimizer": {
-        "lr": 0.005, "name": "adan", "opt_kwargs": {"weight_decay": 0.001},
+        "lr": 0.005,
+        "name": "adan",
+        "opt_kwargs": {"weight_decay": 0.001},
         "grad_clip": 1.0,
-        "schedule": {"name": "reduce_on_plateau", "factor": 0.9, "patience": 50,
-                     "min_scale": 0.01, "rtol": 0.01, "atol": 0.0, "cooldown": 25,
-                     "accumulation_size": None},
+        "schedule": {
+            "name": "reduce_on_plateau",
+            "factor": 0.9,
+            "patience": 50,
+            "min_scale": 0.01,
+            "rtol": 0.01,
+            "atol": 0.0,
+            "cooldown": 25,
+            "accumulation_size": None,
+        },
     },
     "loss": {
         "name": "weighted_mse_and_rmse",
-        "loss_parameters": {"off_diagonal_weight": 4.0, "on_diagonal_weight": 1.0,
-                            "mse_weight": 1.0, "rmse_weight": 1.0, "loss_multiplier": 5.0},
+        "loss_parameters": {
+            "off_diagonal_weight": 4.0,
+            "on_diagonal_weight": 1.0,
+            "mse_weight": 1.0,
+            "rmse_weight": 1.0,
+            "loss_multiplier": 5.0,
+        },
     },
-    "training": {"n_epochs": 100, "seed": 0, "num_devices": 1, "max_minutes": None,
-                 "checkpoint_every": 1, "valid_every": 1},
+    "training": {
+        "n_epochs": 100,
+        "seed": 0,
+        "num_devices": 1,
+        "max_minutes": None,
+        "checkpoint_every": 1,
+        "valid_every": 1,
+    },
 }
 
 # expected types for leaves whose default is None or that accept several types
 _TYPES = {
-    "data.train_data_path": _PATHS, "data.val_data_path": _PATHS,
-    "data.n_train": (int, type(None)), "data.n_valid": (int, type(None)),
-    "data.bond_fraction": (int, float), "data.sampling_alpha": (int, float),
-    "optimizer.lr": (int, float), "optimizer.grad_clip": (int, float, type(None)),
+    "data.train_data_path": _PATHS,
+    "data.val_data_path": _PATHS,
+    "data.n_train": (int, type(None)),
+    "data.n_valid": (int, type(None)),
+    "data.bond_fraction": (int, float),
+    "data.sampling_alpha": (int, float),
+    "optimizer.lr": (int, float),
+    "optimizer.grad_clip": (int, float, type(None)),
     "optimizer.schedule.name": (str, type(None)),
     "optimizer.schedule.accumulation_size": (int, type(None)),
-    "optimizer.schedule.atol": (int, float), "optimizer.schedule.rtol": (int, float),
-    "optimizer.schedule.factor": (int, float), "optimizer.schedule.min_scale": (int, float),
+    "optimizer.schedule.atol": (int, float),
+    "optimizer.schedule.rtol": (int, float),
+    "optimizer.schedule.factor": (int, float),
+    "optimizer.schedule.min_scale": (int, float),
     "model.atom_centered.descriptor.radial_basis.cutoff": (int, float),
     "model.bond_centered.cutoff": (int, float),
     "training.max_minutes": (int, float, type(None)),
     "training.num_devices": (int, str),
 }
-_FREE = {"optimizer.opt_kwargs", "model.atom_centered.descriptor.mp_basis_options.radial_kwargs",
-         "model.bond_centered.bond_expansion_options.radial_kwargs"}
+_FREE = {
+    "optimizer.opt_kwargs",
+    "model.atom_centered.descriptor.mp_basis_options.radial_kwargs",
+    "model.bond_centered.bond_expansion_options.radial_kwargs",
+}
 _CHOICES = {
-    "data.energy_unit": ("eV",), "data.pos_unit": ("Ang", "Angstrom", "A"),
+    "data.energy_unit": ("eV",),
+    "data.pos_unit": ("Ang", "Angstrom", "A"),
     "loss.name": ("weighted_mse_and_rmse",),
     "model.bond_centered.tensor_module": ("fused_tensor", "tensor"),
     "model.bond_centered.tensor_module_dtype": ("float32",),
     "model.mlp.mlp_dtype": ("float32",),
-    "model.mlp.mlp_activation_function": ("bent_identity", "mish", "silu", "swish", "gelu",
-                                          "shifted_softplus", "relu"),
+    "model.mlp.mlp_activation_function": (
+        "bent_identity",
+        "mish",
+        "silu",
+        "swish",
+        "gelu",
+        "shifted_softplus",
+        "relu",
+    ),
     "model.atom_centered.descriptor.descriptor_name": ("ShallowTDSAAtomCenteredDescriptor",),
     "optimizer.schedule.name": ("reduce_on_plateau", None),
 }
-for _k in ("model.atom_centered.descriptor.mp_basis_options",
-           "model.bond_centered.bond_expansion_options"):
+for _k in (
+    "model.atom_centered.descriptor.mp_basis_options",
+    "model.bond_centered.bond_expansion_options",
+):
     _CHOICES[_k + ".cutoff_fn"] = ("smooth_cutoff", "cosine_cutoff")
-    _CHOICES[_k + ".radial_fn"] = ("basic_fourier", "basic_bernstein", "basic_chebyshev",
-                                   "basic_gaussian")
+    _CHOICES[_k + ".radial_fn"] = (
+        "basic_fourier",
+        "basic_bernstein",
+        "basic_chebyshev",
+        "basic_gaussian",
+    )
 
 
 def _type_name(t):
@@ -121,8 +198,9 @@ def _merge(default, given, where):
     for key, value in given.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in default:
-            raise ConfigError(f"unknown key '{path}'; known keys here: "
-                              f"{', '.join(sorted(default))}")
+            raise ConfigError(
+                f"unknown key '{path}'; known keys here: {', '.join(sorted(default))}"
+            )
         d = default[key]
         if path in _FREE:
             if not isinstance(value, dict):
@@ -135,11 +213,14 @@ def _merge(default, given, where):
             if expected is None:
                 expected = (int, float) if type(d) is float else type(d)
             ok = isinstance(value, expected) and not (
-                isinstance(value, bool) and bool not in (expected if isinstance(expected, tuple)
-                                                         else (expected,)))
+                isinstance(value, bool)
+                and bool not in (expected if isinstance(expected, tuple) else (expected,))
+            )
             if not ok:
-                raise ConfigError(f"'{path}' must be {_type_name(expected)}, got "
-                                  f"{value!r} ({type(value).__name__})")
+                raise ConfigError(
+                    f"'{path}' must be {_type_name(expected)}, got "
+                    f"{value!r} ({type(value).__name__})"
+                )
             if path in _CHOICES and value not in _CHOICES[path]:
                 raise ConfigError(f"'{path}' must be one of {list(_CHOICES[path])}, got {value!r}")
             out[key] = value
@@ -151,8 +232,10 @@ def check_config(given: dict | None) -> dict:
     cfg = _merge(DEFAULTS, given or {}, "")
     d = cfg["data"]
     if not d["train_data_path"]:
-        raise ConfigError("'data.train_data_path' is required: a dataset folder written by "
-                          "python -m gpaw_tools.extract (or a list of them)")
+        raise ConfigError(
+            "'data.train_data_path' is required: a dataset folder written by "
+            "python -m gpaw_tools.extract (or a list of them)"
+        )
     if not 0 < d["bond_fraction"] <= 1:
         raise ConfigError(f"'data.bond_fraction' must be in (0, 1], got {d['bond_fraction']}")
     for k in ("batch_size", "valid_batch_size", "atoms_pad_multiple", "nl_pad_multiple"):
@@ -177,6 +260,7 @@ def load_config(path: str | Path) -> dict:
     """Read a YAML config and check it (:func:`check_config`).  A missing file
     raises FileNotFoundError; a file that is not YAML text, ConfigError."""
     import yaml
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} not found")
@@ -198,20 +282,33 @@ def model_settings(cfg: dict, n_species: int, out_max_degree: int, out_features:
     be = bond["bond_expansion_options"]
     mlp = cfg["model"]["mlp"]
     return dict(
-        n_species=n_species, out_max_degree=out_max_degree, out_features=out_features,
-        cutoff=float(rb["cutoff"]), num_radial=rb["num_radial"],
-        radial_max_degree=rb["max_degree"], num_elemental_embedding=rb["num_elemental_embedding"],
+        n_species=n_species,
+        out_max_degree=out_max_degree,
+        out_features=out_features,
+        cutoff=float(rb["cutoff"]),
+        num_radial=rb["num_radial"],
+        radial_max_degree=rb["max_degree"],
+        num_elemental_embedding=rb["num_elemental_embedding"],
         num_tensordenses=desc["num_tensordenses"],
         max_tensordense_degree=desc["max_tensordense_degree"],
         num_tensordense_features=desc["num_tensordense_features"],
-        use_fused_tensor=desc["use_fused_tensor"], mp_steps=desc["mp_steps"],
-        mp_degree=desc["mp_degree"], mp_num_heads=desc["mp_options"].get("num_heads", 4),
+        use_fused_tensor=desc["use_fused_tensor"],
+        mp_steps=desc["mp_steps"],
+        mp_degree=desc["mp_degree"],
+        mp_num_heads=desc["mp_options"].get("num_heads", 4),
         mp_qkv_features=desc["mp_options"].get("qkv_features", 32),
-        mp_basis_max_degree=mpb["max_degree"], mp_basis_num=mpb["num"],
-        mp_radial_fn=mpb["radial_fn"], mp_cutoff_fn=mpb["cutoff_fn"],
-        bond_cutoff=float(bond["cutoff"]), bond_max_degree=bond["max_degree"],
-        bond_tensor=bond["tensor_module"], bond_basis_max_degree=be["max_degree"],
-        bond_basis_num=be["num"], bond_radial_fn=be["radial_fn"],
-        bond_cutoff_fn=be["cutoff_fn"], mlp_layer_widths=tuple(mlp["mlp_layer_widths"]),
+        mp_basis_max_degree=mpb["max_degree"],
+        mp_basis_num=mpb["num"],
+        mp_radial_fn=mpb["radial_fn"],
+        mp_cutoff_fn=mpb["cutoff_fn"],
+        bond_cutoff=float(bond["cutoff"]),
+        bond_max_degree=bond["max_degree"],
+        bond_tensor=bond["tensor_module"],
+        bond_basis_max_degree=be["max_degree"],
+        bond_basis_num=be["num"],
+        bond_radial_fn=be["radial_fn"],
+        bond_cutoff_fn=be["cutoff_fn"],
+        mlp_layer_widths=tuple(mlp["mlp_layer_widths"]),
         activation=mlp["mlp_activation_function"],
-        readout_fused_tensor=bool(mlp["readout_fused_tensor"]))
+        readout_fused_tensor=bool(mlp["readout_fused_tensor"]),
+    )

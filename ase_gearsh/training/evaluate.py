@@ -7,6 +7,7 @@ are per structure, then over structures (as in the paper), and also over all
 values pooled.  Writes ``summary.json``, ``structures.csv`` and PNGs (parity,
 error CDFs, eigenvalue errors against energy) when an output folder is given.
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,6 +31,7 @@ __all__ = ["evaluate", "predict_structure_blocks", "EvaluationError"]
 class EvaluationError(GearsHError, ValueError):
     """A dataset that cannot be evaluated with this model."""
 
+
 WINDOW = 5.0  # eV around the Fermi level
 
 
@@ -44,27 +46,33 @@ def predict_structure_blocks(predictor: Predictor, structure):
     a = structure.arrays
     sizes = counts[bm.pair_i] * counts[bm.pair_j]
     start = np.concatenate([[0], np.cumsum(sizes)])
-    key = {(int(i), int(j), *map(int, R)): p for p, (i, j, R) in
-           enumerate(zip(bm.pair_i, bm.pair_j, bm.pair_shift))}
+    key = {
+        (int(i), int(j), *map(int, R)): p
+        for p, (i, j, R) in enumerate(zip(bm.pair_i, bm.pair_j, bm.pair_shift))
+    }
     out = np.zeros_like(a["pair_H"][0], dtype=np.float64)
     off = a["pair_offsets"]
     matched = 0
     for p, ((i, j), R) in enumerate(zip(a["pair_ij"], a["pair_shift"])):
         q = key.get((int(i), int(j), *map(int, R)))
         if q is not None:
-            out[off[p]:off[p + 1]] = bm.pairs[start[q]:start[q + 1]]
+            out[off[p] : off[p + 1]] = bm.pairs[start[q] : start[q + 1]]
             matched += 1
     if matched != len(key):
-        raise EvaluationError(f"{name}: {len(key) - matched} predicted pairs are not stored "
-                              f"in the dataset; re-extract it without --threshold")
+        raise EvaluationError(
+            f"{name}: {len(key) - matched} predicted pairs are not stored "
+            f"in the dataset; re-extract it without --threshold"
+        )
     return bm.onsite, out
 
 
-def evaluate(model_path, dataset, output=None, limit=None, progress=True,
-             validation_only=False) -> dict:
+def evaluate(
+    model_path, dataset, output=None, limit=None, progress=True, validation_only=False
+) -> dict:
     """Errors of a model on a dataset (``validation_only``: the structures the
     checkpoint was validated on, matched by source file name)."""
     from tqdm.auto import tqdm
+
     if limit is not None and int(limit) < 1:
         raise EvaluationError(f"limit must be a positive number of structures, got {limit}")
     model = model_path if isinstance(model_path, Model) else Model.from_checkpoint(model_path)
@@ -75,10 +83,12 @@ def evaluate(model_path, dataset, output=None, limit=None, progress=True,
         names = set(getattr(model, "extra", {}).get("valid_names", []))
         structures = [s for s in structures if s.meta["source"]["name"] in names]
         if not structures:
-            raise EvaluationError(f"none of the checkpoint's {len(names)} validation structures "
-                             f"is in {ds.path}")
-    structures = list(structures) if limit is None else \
-        [s for _, s in zip(range(limit), structures)]
+            raise EvaluationError(
+                f"none of the checkpoint's {len(names)} validation structures is in {ds.path}"
+            )
+    structures = (
+        list(structures) if limit is None else [s for _, s in zip(range(limit), structures)]
+    )
     n = len(structures)
     rows, pooled = [], {"ref": [], "pred": [], "onsite": [], "eig_err": [], "eig_ref": []}
     for s in tqdm(structures, desc="evaluate", unit="structure", disable=not progress):
@@ -90,19 +100,24 @@ def evaluate(model_path, dataset, output=None, limit=None, progress=True,
         for kpt, ref in zip(a["kpts"], a["eigenvalues"][0]):
             Hk = assemble(a["orbital_counts"], on, a["pair_ij"], a["pair_shift"], pr, kpt=kpt)
             Sk = s.overlap(kpt)
-            e = eigh(Hk, Sk, eigvals_only=True)[:len(ref)]
+            e = eigh(Hk, Sk, eigvals_only=True)[: len(ref)]
             errs.append(e - ref)
             eref.append(ref)
         errs, eref = np.concatenate(errs), np.concatenate(eref)
         window = np.abs(eref - s.fermi_level) <= WINDOW
-        rows.append({
-            "name": s.meta["source"]["name"], "atoms": len(s.atoms),
-            "h_mae_onsite_meV": 1e3 * np.abs(d_on).mean(),
-            "h_mae_pair_meV": 1e3 * np.abs(d_pr).mean() if d_pr.size else 0.0,
-            "h_mae_meV": 1e3 * np.abs(np.concatenate([d_on, d_pr])).mean(),
-            "eig_mae_window_meV": 1e3 * np.abs(errs[window]).mean() if window.any() else
-            float("nan"),
-            "eig_mae_all_meV": 1e3 * np.abs(errs).mean()})
+        rows.append(
+            {
+                "name": s.meta["source"]["name"],
+                "atoms": len(s.atoms),
+                "h_mae_onsite_meV": 1e3 * np.abs(d_on).mean(),
+                "h_mae_pair_meV": 1e3 * np.abs(d_pr).mean() if d_pr.size else 0.0,
+                "h_mae_meV": 1e3 * np.abs(np.concatenate([d_on, d_pr])).mean(),
+                "eig_mae_window_meV": 1e3 * np.abs(errs[window]).mean()
+                if window.any()
+                else float("nan"),
+                "eig_mae_all_meV": 1e3 * np.abs(errs).mean(),
+            }
+        )
         pooled["ref"].append(np.concatenate([a["onsite_H"][0], a["pair_H"][0]]))
         pooled["pred"].append(np.concatenate([on, pr]))
         pooled["onsite"].append(np.r_[np.ones(on.size, bool), np.zeros(pr.size, bool)])
@@ -110,9 +125,18 @@ def evaluate(model_path, dataset, output=None, limit=None, progress=True,
         pooled["eig_ref"].append(eref - s.fermi_level)
     p = {k: np.concatenate(v) for k, v in pooled.items()}
     herr = np.abs(p["pred"] - p["ref"])
-    summary = {"model": str(getattr(model, "path", None) or model_path), "dataset": str(ds.path), "structures": n}
-    for key in ("h_mae_onsite_meV", "h_mae_pair_meV", "h_mae_meV", "eig_mae_window_meV",
-                "eig_mae_all_meV"):
+    summary = {
+        "model": str(getattr(model, "path", None) or model_path),
+        "dataset": str(ds.path),
+        "structures": n,
+    }
+    for key in (
+        "h_mae_onsite_meV",
+        "h_mae_pair_meV",
+        "h_mae_meV",
+        "eig_mae_window_meV",
+        "eig_mae_all_meV",
+    ):
         summary[key] = float(np.nanmean([r[key] for r in rows]))
     summary["pooled"] = {
         "h_mae_onsite_meV": float(1e3 * herr[p["onsite"]].mean()),
@@ -120,7 +144,8 @@ def evaluate(model_path, dataset, output=None, limit=None, progress=True,
         "h_mae_meV": float(1e3 * herr.mean()),
         "h_median_meV": float(1e3 * np.median(herr)),
         "eig_mae_all_meV": float(1e3 * np.abs(p["eig_err"]).mean()),
-        "eig_median_meV": float(1e3 * np.median(np.abs(p["eig_err"])))}
+        "eig_median_meV": float(1e3 * np.median(np.abs(p["eig_err"]))),
+    }
     if output is not None:
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
@@ -139,30 +164,37 @@ def _cdf(ax, values, label):
     if len(v):
         ax.semilogx(v * 1e3, np.arange(1, len(v) + 1) / len(v))
     q = np.percentile(values * 1e3, [25, 50, 75])
-    ax.set_title(f"{label}: quartiles {q[0]:.2g}/{q[1]:.2g}/{q[2]:.2g} meV, "
-                 f"MAE {values.mean() * 1e3:.3g} meV", fontsize=8)
+    ax.set_title(
+        f"{label}: quartiles {q[0]:.2g}/{q[1]:.2g}/{q[2]:.2g} meV, "
+        f"MAE {values.mean() * 1e3:.3g} meV",
+        fontsize=8,
+    )
     ax.set_xlabel("|error| (meV)")
     ax.set_ylabel("cumulative fraction")
 
 
 def _plots(out: Path, p: dict, summary: dict):
     from matplotlib.colors import LogNorm
+
     fig, ax = new_figure(2, 2, figsize=(10, 8))
-    ax[0, 0].hist2d(p["eig_ref"], p["eig_err"] * 1e3, bins=(80, 80), norm=LogNorm(),
-                    cmap="viridis")
+    ax[0, 0].hist2d(p["eig_ref"], p["eig_err"] * 1e3, bins=(80, 80), norm=LogNorm(), cmap="viridis")
     ax[0, 0].axvspan(-WINDOW, WINDOW, color="k", alpha=0.06)
     ax[0, 0].set_xlabel("reference eigenvalue - E_F (eV)")
     ax[0, 0].set_ylabel("eigenvalue error (meV)")
-    ax[0, 0].set_title(f"eigenvalue MAE within +-{WINDOW:g} eV: "
-                       f"{summary['eig_mae_window_meV']:.3g} meV", fontsize=9)
-    ax[0, 1].hist2d(p["ref"], p["pred"] - p["ref"], bins=(100, 100), norm=LogNorm(),
-                    cmap="viridis")
+    ax[0, 0].set_title(
+        f"eigenvalue MAE within +-{WINDOW:g} eV: {summary['eig_mae_window_meV']:.3g} meV",
+        fontsize=9,
+    )
+    ax[0, 1].hist2d(p["ref"], p["pred"] - p["ref"], bins=(100, 100), norm=LogNorm(), cmap="viridis")
     ax[0, 1].set_yscale("asinh", linear_width=1e-3)
     ax[0, 1].set_xlabel("reference H element (eV)")
     ax[0, 1].set_ylabel("error (eV, asinh scale)")
-    ax[0, 1].set_title(f"H MAE {summary['h_mae_meV']:.3g} meV (on-site "
-                       f"{summary['h_mae_onsite_meV']:.3g}, pair "
-                       f"{summary['h_mae_pair_meV']:.3g})", fontsize=9)
+    ax[0, 1].set_title(
+        f"H MAE {summary['h_mae_meV']:.3g} meV (on-site "
+        f"{summary['h_mae_onsite_meV']:.3g}, pair "
+        f"{summary['h_mae_pair_meV']:.3g})",
+        fontsize=9,
+    )
     _cdf(ax[1, 0], np.abs(p["eig_err"]), "eigenvalues")
     _cdf(ax[1, 1], np.abs(p["pred"] - p["ref"]), "H elements")
     fig.tight_layout()

@@ -16,6 +16,7 @@ the epoch in progress.
 4. :class:`Checkpointer`: ``model.ckpt``, ``latest.ckpt`` and ``--resume``;
 5. :class:`MetricsWriter`: ``metrics.csv`` and ``loss.png``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -51,12 +52,30 @@ from ..model.layout import Layout
 from ..model.statistics import fit_statistics
 from .config import check_config, load_config, model_settings
 
-__all__ = ["train", "load_training_data", "TrainingError", "loss_from_sums", "TrainingData",
-           "prepare_data", "build_model", "StepFunctions", "TrainState", "Checkpointer",
-           "MetricsWriter"]
+__all__ = [
+    "train",
+    "load_training_data",
+    "TrainingError",
+    "loss_from_sums",
+    "TrainingData",
+    "prepare_data",
+    "build_model",
+    "StepFunctions",
+    "TrainState",
+    "Checkpointer",
+    "MetricsWriter",
+]
 
-METRICS = ["epoch", "seconds", "lr", "train_loss", "val_loss", "val_mae_onsite_meV",
-           "val_mae_pair_meV", "val_mae_all_meV"]
+METRICS = [
+    "epoch",
+    "seconds",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "val_mae_onsite_meV",
+    "val_mae_pair_meV",
+    "val_mae_all_meV",
+]
 
 Log = Callable[..., None]
 
@@ -66,8 +85,13 @@ class TrainingError(GearsHError, RuntimeError):
 
 
 # -- the loop -----------------------------------------------------------------
-def train(config: str | Path | dict, resume: bool = False, output: str | Path | None = None,
-          log: Log = print, progress: bool = True) -> Path:
+def train(
+    config: str | Path | dict,
+    resume: bool = False,
+    output: str | Path | None = None,
+    log: Log = print,
+    progress: bool = True,
+) -> Path:
     """Train a model; returns the run directory.  ``config`` is a path or a dict.
 
     With ``resume`` the run continues from ``latest.ckpt`` exactly as if it had
@@ -89,17 +113,25 @@ def train(config: str | Path | dict, resume: bool = False, output: str | Path | 
     tcfg = cfg["training"]
     n_epochs, lr = tcfg["n_epochs"], cfg["optimizer"]["lr"]
     deadline = time.time() + 60 * tcfg["max_minutes"] if tcfg["max_minutes"] else None
-    bar = tqdm(range(state.next_epoch, n_epochs + 1), desc="training", unit="epoch",
-               disable=not progress, initial=state.next_epoch - 1, total=n_epochs)
+    bar = tqdm(
+        range(state.next_epoch, n_epochs + 1),
+        desc="training",
+        unit="epoch",
+        disable=not progress,
+        initial=state.next_epoch - 1,
+        total=n_epochs,
+    )
     for epoch in bar:
         t0 = time.time()
         state.params, state.opt_state, train_loss = steps.train_epoch(
-            state.params, state.opt_state, data.train, epoch)
+            state.params, state.opt_state, data.train, epoch
+        )
         stopping = epoch < n_epochs and bool(deadline and time.time() > deadline)
         due = epoch % tcfg["valid_every"] == 0 or epoch == n_epochs or stopping
         val = steps.validate(state.params, data.valid) if data.valid and due else None
-        state.history.append(metrics_row(epoch, time.time() - t0,
-                                         lr * _lr_scale(state.opt_state), train_loss, val))
+        state.history.append(
+            metrics_row(epoch, time.time() - t0, lr * _lr_scale(state.opt_state), train_loss, val)
+        )
         checkpoints.end_epoch(epoch, state, _score(val, train_loss, data.valid), stopping)
         metrics.end_epoch(epoch, state.history)
         bar.set_postfix(loss=f"{train_loss:.3g}", val_mae=f"{val[3]:.3g} meV" if val else "-")
@@ -127,8 +159,10 @@ def _run_folder(cfg: dict, base: Path, output, resume: bool) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     latest = run / "latest.ckpt"
     if latest.exists() and not resume:
-        raise TrainingError(f"{run} already holds a training run (latest.ckpt); pass --resume "
-                            f"to continue it or choose another data.experiment / -o")
+        raise TrainingError(
+            f"{run} already holds a training run (latest.ckpt); pass --resume "
+            f"to continue it or choose another data.experiment / -o"
+        )
     if resume and not latest.exists():
         raise TrainingError(f"--resume: no latest.ckpt in {run}")
     return run
@@ -165,22 +199,24 @@ def load_training_data(cfg: dict, base: Path = Path(".")) -> tuple[list, list]:
     train = _read(_paths(d["train_data_path"]), base)
     valid = _read(_paths(d["val_data_path"]), base)
     if not train:
-        raise TrainingError(f"no structures found in data.train_data_path "
-                            f"{d['train_data_path']!r}")
+        raise TrainingError(f"no structures found in data.train_data_path {d['train_data_path']!r}")
     if not valid:
         rng = np.random.default_rng(d["seed"])
         order = rng.permutation(len(train))
         n_valid = d["n_valid"] if d["n_valid"] is not None else max(1, len(train) // 5)
         if n_valid >= len(train):
-            raise TrainingError(f"data.n_valid={n_valid} leaves no training structures "
-                                f"(the dataset has {len(train)})")
+            raise TrainingError(
+                f"data.n_valid={n_valid} leaves no training structures "
+                f"(the dataset has {len(train)})"
+            )
         valid = [train[k] for k in order[:n_valid]]
         train = [train[k] for k in order[n_valid:]]
     for name, part, n in (("n_train", train, d["n_train"]), ("n_valid", valid, d["n_valid"])):
         if n is not None:
             if n > len(part):
-                raise TrainingError(f"data.{name}={n} but only {len(part)} structures are "
-                                    f"available")
+                raise TrainingError(
+                    f"data.{name}={n} but only {len(part)} structures are available"
+                )
             part[:] = part[:n]
     return train, valid
 
@@ -188,17 +224,19 @@ def load_training_data(cfg: dict, base: Path = Path(".")) -> tuple[list, list]:
 @dataclass
 class TrainingData:
     """What the model and the loop need from the datasets (step 1)."""
+
     registry: Registry
     layout: Layout
-    train: list[Graph]           # labelled graphs at the model's cut-offs
+    train: list[Graph]  # labelled graphs at the model's cut-offs
     valid: list[Graph]
-    stats: dict                  # closed-form statistics of the training labels
-    coverage: dict               # shortest bonds, most neighbours (extrapolation warnings)
-    basis: dict | None           # basis functions for the exact S (None: not installed)
+    stats: dict  # closed-form statistics of the training labels
+    coverage: dict  # shortest bonds, most neighbours (extrapolation warnings)
+    basis: dict | None  # basis functions for the exact S (None: not installed)
 
 
-def prepare_data(cfg: dict, base: Path = Path("."), log: Log = print,
-                 progress: bool = True) -> TrainingData:
+def prepare_data(
+    cfg: dict, base: Path = Path("."), log: Log = print, progress: bool = True
+) -> TrainingData:
     """Step 1: read the datasets; one registry and block layout for both sets
     (validation may not add elements); labelled graphs at the model's cut-offs;
     statistics, training coverage and basis functions of the training set."""
@@ -209,25 +247,37 @@ def prepare_data(cfg: dict, base: Path = Path("."), log: Log = print,
     layout = Layout(registry)
     bond = cfg["model"]["bond_centered"]
     if layout.lmax > bond["max_basis_degree"]:
-        raise TrainingError(f"the basis sets have l={layout.lmax} but "
-                            f"model.bond_centered.max_basis_degree={bond['max_basis_degree']}")
+        raise TrainingError(
+            f"the basis sets have l={layout.lmax} but "
+            f"model.bond_centered.max_basis_degree={bond['max_basis_degree']}"
+        )
     pc = pair_cutoff_matrix(registry, bond["cutoff"])
     cutoff = cfg["model"]["atom_centered"]["descriptor"]["radial_basis"]["cutoff"]
-    make = partial(_labelled_graphs, registry=registry, layout=layout, cutoff=cutoff, pc=pc,
-                   progress=progress)
+    make = partial(
+        _labelled_graphs, registry=registry, layout=layout, cutoff=cutoff, pc=pc, progress=progress
+    )
     tg, out_t, max_t = make(train_s, desc="training labels")
     vg, out_v, max_v = make(valid_s, desc="validation labels")
     rc_sum = float(np.max(registry.rc[1:, None] + registry.rc[None, 1:]))
     if bond["cutoff"] < rc_sum:
-        log(f"note: bond cutoff {bond['cutoff']} A < largest rc_i + rc_j = {rc_sum:.2f} A; "
-            f"pairs beyond it are predicted as zero")
+        log(
+            f"note: bond cutoff {bond['cutoff']} A < largest rc_i + rc_j = {rc_sum:.2f} A; "
+            f"pairs beyond it are predicted as zero"
+        )
     if out_t + out_v:
-        log(f"{out_t + out_v} stored blocks lie beyond the bond cut-offs (largest |H| "
-            f"{max(max_t, max_v) * 1e3:.3g} meV); they are predicted as zero")
-    return TrainingData(registry=registry, layout=layout, train=tg, valid=vg,
-                        stats=fit_statistics(tg, layout, pc),
-                        coverage=training_coverage(tg, registry.n_species),
-                        basis=_basis_data(train_s, registry, log))
+        log(
+            f"{out_t + out_v} stored blocks lie beyond the bond cut-offs (largest |H| "
+            f"{max(max_t, max_v) * 1e3:.3g} meV); they are predicted as zero"
+        )
+    return TrainingData(
+        registry=registry,
+        layout=layout,
+        train=tg,
+        valid=vg,
+        stats=fit_statistics(tg, layout, pc),
+        coverage=training_coverage(tg, registry.n_species),
+        basis=_basis_data(train_s, registry, log),
+    )
 
 
 def _labelled_graphs(structures, *, registry, layout, cutoff, pc, desc="", progress=True):
@@ -235,8 +285,13 @@ def _labelled_graphs(structures, *, registry, layout, cutoff, pc, desc="", progr
     beyond the bond cut-offs."""
     graphs, outside, outside_max = [], 0, 0.0
     for s in tqdm(structures, desc=desc, unit="structure", leave=False, disable=not progress):
-        g = build_graph(s.atoms, registry.species_index(s.atoms.numbers), cutoff, pc,
-                        name=s.meta["source"]["name"])
+        g = build_graph(
+            s.atoms,
+            registry.species_index(s.atoms.numbers),
+            cutoff,
+            pc,
+            name=s.meta["source"]["name"],
+        )
         info = attach_labels(g, s, layout)
         outside += info["outside"]
         outside_max = max(outside_max, info["outside_max"])
@@ -252,8 +307,10 @@ def _basis_data(structures, registry, log):
     try:
         basis = basis_for_registry(registry, xc, setups)
     except (BasisDataError, ImportError) as err:
-        log(f"warning: basis functions not stored in the checkpoint ({err}); the ASE "
-            f"calculator will need them (gearsh attach-basis)")
+        log(
+            f"warning: basis functions not stored in the checkpoint ({err}); the ASE "
+            f"calculator will need them (gearsh attach-basis)"
+        )
         return None
     return {sym: b.to_dict() for sym, b in basis.items()}
 
@@ -261,8 +318,9 @@ def _basis_data(structures, registry, log):
 # -- 2. model -----------------------------------------------------------------
 def _settings(cfg: dict, data: TrainingData) -> dict:
     """Network settings of the ``model`` section for this registry and layout."""
-    return model_settings(cfg, data.registry.n_species, data.layout.lmax_out,
-                          data.layout.n_features)
+    return model_settings(
+        cfg, data.registry.n_species, data.layout.lmax_out, data.layout.n_features
+    )
 
 
 def build_model(cfg: dict, data: TrainingData) -> tuple[Model, Any]:
@@ -277,13 +335,23 @@ def _sums(pred_on, pred_pair, b, orbital_mask):
     """Summed squared and absolute errors and element counts, on-site and pairs."""
     m = orbital_mask[b["species"]]
     m_on = (m[:, :, None] & m[:, None, :]).astype(pred_on.dtype)
-    mp = orbital_mask[b["species"][b["pair_i"]]][:, :, None] & \
-        orbital_mask[b["species"][b["pair_j"]]][:, None, :]
+    mp = (
+        orbital_mask[b["species"][b["pair_i"]]][:, :, None]
+        & orbital_mask[b["species"][b["pair_j"]]][:, None, :]
+    )
     m_off = mp.astype(pred_pair.dtype) * b["pair_weight"][:, None, None]
     e_on = (pred_on - b["onsite"]) * m_on
     e_off = (pred_pair - b["pairs"]) * m_off
-    return jnp.stack([(e_on ** 2).sum(), jnp.abs(e_on).sum(), m_on.sum(),
-                      (e_off ** 2).sum(), jnp.abs(e_off).sum(), m_off.sum()])
+    return jnp.stack(
+        [
+            (e_on**2).sum(),
+            jnp.abs(e_on).sum(),
+            m_on.sum(),
+            (e_off**2).sum(),
+            jnp.abs(e_off).sum(),
+            m_off.sum(),
+        ]
+    )
 
 
 def loss_from_sums(s, lp: dict):
@@ -291,15 +359,18 @@ def loss_from_sums(s, lp: dict):
     mse_on = s[0] / jnp.maximum(s[2], 1.0)
     mse_off = s[3] / jnp.maximum(s[5], 1.0)
     term = lambda mse: lp["mse_weight"] * mse + lp["rmse_weight"] * jnp.sqrt(mse + 1e-12)  # noqa
-    return lp["loss_multiplier"] * (lp["on_diagonal_weight"] * term(mse_on)
-                                    + lp["off_diagonal_weight"] * term(mse_off))
+    return lp["loss_multiplier"] * (
+        lp["on_diagonal_weight"] * term(mse_on) + lp["off_diagonal_weight"] * term(mse_off)
+    )
 
 
 def _batch_sums(model: Model, orbital_mask, params, stats, batch):
     """Error sums of a sharded batch (leading axis: devices), summed over shards."""
+
     def one(b):
         on, pr = model.forward(params, stats, b)
         return _sums(on, pr, b, orbital_mask)
+
     return jax.vmap(one)(batch).sum(axis=0)
 
 
@@ -310,8 +381,9 @@ def _loss(model: Model, orbital_mask, lp: dict, params, stats, batch):
 
 def _train_step(model: Model, orbital_mask, lp: dict, tx, params, opt_state, stats, batch):
     """One optimiser step: (params, opt_state, loss, error sums)."""
-    (loss, s), grads = jax.value_and_grad(partial(_loss, model, orbital_mask, lp),
-                                          has_aux=True)(params, stats, batch)
+    (loss, s), grads = jax.value_and_grad(partial(_loss, model, orbital_mask, lp), has_aux=True)(
+        params, stats, batch
+    )
     updates, opt_state = tx.update(grads, opt_state, params, value=loss)
     return optax.apply_updates(params, updates), opt_state, loss, s
 
@@ -328,25 +400,35 @@ def _subsample(g, fraction, alpha, rng):
     else:
         pick = rng.choice(P, size=k, replace=False)
     pick.sort()
-    return replace(g, pair_i=g.pair_i[pick], pair_j=g.pair_j[pick],
-                   pair_shift=g.pair_shift[pick], pair_vec=g.pair_vec[pick],
-                   pairs=g.pairs[pick])
+    return replace(
+        g,
+        pair_i=g.pair_i[pick],
+        pair_j=g.pair_j[pick],
+        pair_shift=g.pair_shift[pick],
+        pair_vec=g.pair_vec[pick],
+        pairs=g.pairs[pick],
+    )
 
 
 def _shards(graphs, n_dev, am, nm):
     """Split a batch over devices, pad every shard to one common shape, stack."""
     parts = [graphs[k::n_dev] for k in range(n_dev)]
-    sizes = [(sum(g.n_atoms for g in p), sum(len(g.edge_i) for g in p),
-              sum(len(g.pair_i) for g in p)) for p in parts]
+    sizes = [
+        (sum(g.n_atoms for g in p), sum(len(g.edge_i) for g in p), sum(len(g.pair_i) for g in p))
+        for p in parts
+    ]
     N = pad_size(max(s[0] for s in sizes), am)
     E = pad_size(max(s[1] for s in sizes), nm)
     P = pad_size(max(s[2] for s in sizes), nm)
     out = []
     for p in parts:
-        b = batch_graphs(p, am, nm, far=FAR, sizes=(N, E, P)) if p else \
-            batch_graphs(graphs[:1], am, nm, far=FAR, sizes=(N, E, P))
+        b = (
+            batch_graphs(p, am, nm, far=FAR, sizes=(N, E, P))
+            if p
+            else batch_graphs(graphs[:1], am, nm, far=FAR, sizes=(N, E, P))
+        )
         w = np.zeros(P, np.float32)
-        w[:sum(len(g.pair_i) for g in p)] = 1.0
+        w[: sum(len(g.pair_i) for g in p)] = 1.0
         if not p:  # an empty shard contributes nothing
             b["species"][:] = 0
             w[:] = 0
@@ -359,13 +441,15 @@ def _optimizer(cfg, steps_per_epoch, log):
     o = cfg["optimizer"]
     make = getattr(optax, o["name"], None)
     if make is None or not callable(make):
-        raise TrainingError(f"optimizer.name {o['name']!r} is not an optax optimizer "
-                            f"(e.g. adan, lamb, adamw, adam)")
+        raise TrainingError(
+            f"optimizer.name {o['name']!r} is not an optax optimizer (e.g. adan, lamb, adamw, adam)"
+        )
     try:
         base = make(learning_rate=o["lr"], **o["opt_kwargs"])
     except TypeError as err:
-        raise TrainingError(f"optimizer.opt_kwargs {o['opt_kwargs']} do not fit "
-                            f"optax.{o['name']}: {err}") from None
+        raise TrainingError(
+            f"optimizer.opt_kwargs {o['opt_kwargs']} do not fit optax.{o['name']}: {err}"
+        ) from None
     parts = []
     if o["grad_clip"]:
         parts.append(optax.clip_by_global_norm(float(o["grad_clip"])))
@@ -374,12 +458,21 @@ def _optimizer(cfg, steps_per_epoch, log):
     if sch["name"] == "reduce_on_plateau":
         acc = sch["accumulation_size"]
         if acc is not None and acc != steps_per_epoch:
-            log(f"note: schedule.accumulation_size={acc} replaced by the steps per epoch "
-                f"({steps_per_epoch}): the plateau is judged once per epoch")
-        parts.append(contrib.reduce_on_plateau(
-            factor=sch["factor"], patience=sch["patience"], rtol=sch["rtol"],
-            atol=sch["atol"], cooldown=sch["cooldown"], accumulation_size=steps_per_epoch,
-            min_scale=sch["min_scale"]))
+            log(
+                f"note: schedule.accumulation_size={acc} replaced by the steps per epoch "
+                f"({steps_per_epoch}): the plateau is judged once per epoch"
+            )
+        parts.append(
+            contrib.reduce_on_plateau(
+                factor=sch["factor"],
+                patience=sch["patience"],
+                rtol=sch["rtol"],
+                atol=sch["atol"],
+                cooldown=sch["cooldown"],
+                accumulation_size=steps_per_epoch,
+                min_scale=sch["min_scale"],
+            )
+        )
     return optax.chain(*parts)
 
 
@@ -393,8 +486,9 @@ def _lr_scale(opt_state) -> float:
 def _device_count(num_devices) -> int:
     n_dev = len(jax.devices()) if num_devices == "all" else int(num_devices)
     if n_dev > len(jax.devices()):
-        raise TrainingError(f"training.num_devices={n_dev} but JAX sees "
-                            f"{len(jax.devices())} device(s)")
+        raise TrainingError(
+            f"training.num_devices={n_dev} but JAX sees {len(jax.devices())} device(s)"
+        )
     return n_dev
 
 
@@ -411,16 +505,18 @@ class StepFunctions:
         self.n_dev = _device_count(cfg["training"]["num_devices"])
         self.batch_size = d["batch_size"]
         if self.batch_size < self.n_dev:
-            raise TrainingError(f"data.batch_size={self.batch_size} is smaller than "
-                                f"training.num_devices={self.n_dev}: every device needs at "
-                                f"least one structure per step")
+            raise TrainingError(
+                f"data.batch_size={self.batch_size} is smaller than "
+                f"training.num_devices={self.n_dev}: every device needs at "
+                f"least one structure per step"
+            )
         self.valid_batch_size = max(d["valid_batch_size"], self.n_dev)
         self.steps_per_epoch = max(1, len(data.train) // self.batch_size)
         self.seed, self.pad = d["seed"], (d["atoms_pad_multiple"], d["nl_pad_multiple"])
         self.bond_fraction, self.sampling_alpha = d["bond_fraction"], d["sampling_alpha"]
         self.tx = _optimizer(cfg, self.steps_per_epoch, log)
         self.lp = cfg["loss"]["loss_parameters"]
-        mesh = jax.sharding.Mesh(np.array(jax.devices()[:self.n_dev]), ("data",))
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[: self.n_dev]), ("data",))
         self._shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
         self._repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self.stats = self.replicate({k: jnp.asarray(v) for k, v in data.stats.items()})
@@ -444,15 +540,19 @@ class StepFunctions:
         order = rng.permutation(len(graphs))
         bs, losses = self.batch_size, []
         for k in range(self.steps_per_epoch):
-            chosen = [_subsample(graphs[i], self.bond_fraction, self.sampling_alpha, rng)
-                      for i in order[k * bs:(k + 1) * bs]]
+            chosen = [
+                _subsample(graphs[i], self.bond_fraction, self.sampling_alpha, rng)
+                for i in order[k * bs : (k + 1) * bs]
+            ]
             batch = self.batch(chosen)
             with precision():
                 params, opt_state, loss, _ = self._step(params, opt_state, self.stats, batch)
             losses.append(float(loss))
         if not np.all(np.isfinite(losses)):
-            raise TrainingError(f"epoch {epoch}: the loss became {losses[-1]}; lower "
-                                f"optimizer.lr or set optimizer.grad_clip")
+            raise TrainingError(
+                f"epoch {epoch}: the loss became {losses[-1]}; lower "
+                f"optimizer.lr or set optimizer.grad_clip"
+            )
         return params, opt_state, float(np.mean(losses))
 
     def validate(self, params, graphs: list[Graph]) -> tuple[float, float, float, float]:
@@ -460,7 +560,7 @@ class StepFunctions:
         tot = np.zeros(6)
         vb = self.valid_batch_size
         for k in range(0, len(graphs), vb):
-            batch = self.batch(graphs[k:k + vb])
+            batch = self.batch(graphs[k : k + vb])
             with precision():
                 tot += np.asarray(self._eval_sums(params, self.stats, batch))
         loss = float(loss_from_sums(jnp.asarray(tot), self.lp))
@@ -475,6 +575,7 @@ class StepFunctions:
 class TrainState:
     """What ``--resume`` restores: parameters, optimiser state, the next epoch,
     the metrics history and the best score so far."""
+
     params: Any
     opt_state: Any
     next_epoch: int = 1
@@ -492,26 +593,33 @@ def _restore_tree(template, stored, what: str, path: Path):
     try:
         tree = serialization.from_state_dict(template, stored)
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{path}: the stored {what} do not fit the configured model "
-                              f"({err})") from None
+        raise CheckpointError(
+            f"{path}: the stored {what} do not fit the configured model ({err})"
+        ) from None
     want = jax.tree_util.tree_flatten_with_path(template)[0]
     got = jax.tree_util.tree_leaves(tree)
     for (keypath, a), b in zip(want, got):
         if np.shape(a) != np.shape(b):
-            raise CheckpointError(f"{path}: stored {what} {jax.tree_util.keystr(keypath)} has "
-                                  f"shape {np.shape(b)}, the configured model expects "
-                                  f"{np.shape(a)}")
+            raise CheckpointError(
+                f"{path}: stored {what} {jax.tree_util.keystr(keypath)} has "
+                f"shape {np.shape(b)}, the configured model expects "
+                f"{np.shape(a)}"
+            )
     return tree
 
 
 def _difference(key: str, stored: dict, now: dict) -> str:
     """What differs between a checkpoint's settings or registry and this run's."""
     if key == "registry":
-        entries = [[(e["symbol"], e["name"], list(e["l"])) for e in r["species"]]
-                   for r in (stored, now)]
+        entries = [
+            [(e["symbol"], e["name"], list(e["l"])) for e in r["species"]] for r in (stored, now)
+        ]
         return f"{entries[0]} in the checkpoint, {entries[1]} now"
-    return ", ".join(f"{k}: {stored.get(k)!r} in the checkpoint, {now.get(k)!r} now"
-                     for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k))
+    return ", ".join(
+        f"{k}: {stored.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+        for k in sorted(set(stored) | set(now))
+        if stored.get(k) != now.get(k)
+    )
 
 
 class Checkpointer:
@@ -523,12 +631,19 @@ class Checkpointer:
         self.best_path, self.latest = run / "model.ckpt", run / "latest.ckpt"
         self.every = cfg["training"]["checkpoint_every"]
         self.n_epochs = cfg["training"]["n_epochs"]
-        self.common = dict(config=cfg, settings=_settings(cfg, data),
-                           registry=data.registry.to_dict(), stats=data.stats,
-                           basis=data.basis)
-        self.extra = {"n_train": len(data.train), "n_valid": len(data.valid),
-                      "train_names": [g.name for g in data.train],
-                      "valid_names": [g.name for g in data.valid]}
+        self.common = dict(
+            config=cfg,
+            settings=_settings(cfg, data),
+            registry=data.registry.to_dict(),
+            stats=data.stats,
+            basis=data.basis,
+        )
+        self.extra = {
+            "n_train": len(data.train),
+            "n_valid": len(data.valid),
+            "train_names": [g.name for g in data.train],
+            "valid_names": [g.name for g in data.valid],
+        }
         self.coverage = data.coverage
 
     def load_latest(self) -> dict:
@@ -538,37 +653,48 @@ class Checkpointer:
         for key, what in (("registry", "elements and basis sets"), ("settings", "model settings")):
             stored, now = ck.get(key), _json(self.common[key])
             if stored != now:
-                raise CheckpointError(f"--resume: {self.latest} was trained with other "
-                                      f"{what} than the config and data give "
-                                      f"({_difference(key, stored, now)}); restore them or "
-                                      f"start a new run (another data.experiment or -o)")
+                raise CheckpointError(
+                    f"--resume: {self.latest} was trained with other "
+                    f"{what} than the config and data give "
+                    f"({_difference(key, stored, now)}); restore them or "
+                    f"start a new run (another data.experiment or -o)"
+                )
         return ck
 
-    def restore(self, ck: dict, state: TrainState,
-                place: Callable = lambda tree: tree) -> TrainState:
+    def restore(
+        self, ck: dict, state: TrainState, place: Callable = lambda tree: tree
+    ) -> TrainState:
         """``state`` continued from the checkpoint ``ck`` (:meth:`load_latest`);
         ``place`` puts the restored trees on the devices."""
         opt_state = (ck.get("state") or {}).get("opt_state")
         if opt_state is None:
-            raise CheckpointError(f"--resume: {self.latest} holds no optimiser state (a "
-                                  f"model.ckpt copied over it?)")
+            raise CheckpointError(
+                f"--resume: {self.latest} holds no optimiser state (a model.ckpt copied over it?)"
+            )
         extra = ck["extra"]
         return TrainState(
-            params=place(_restore_tree(state.params, ck["params"], "parameter",
-                                       self.latest)),
-            opt_state=place(_restore_tree(state.opt_state, opt_state, "optimiser state",
-                                          self.latest)),
-            next_epoch=int(extra["epoch"]) + 1, history=extra["history"],
-            best=float(extra["best"]))
+            params=place(_restore_tree(state.params, ck["params"], "parameter", self.latest)),
+            opt_state=place(
+                _restore_tree(state.opt_state, opt_state, "optimiser state", self.latest)
+            ),
+            next_epoch=int(extra["epoch"]) + 1,
+            history=extra["history"],
+            best=float(extra["best"]),
+        )
 
-    def end_epoch(self, epoch: int, state: TrainState, score: float | None,
-                  stopping: bool = False) -> None:
+    def end_epoch(
+        self, epoch: int, state: TrainState, score: float | None, stopping: bool = False
+    ) -> None:
         """Save ``model.ckpt`` when ``score`` improved on the best; ``latest.ckpt``
         when due; update ``state.best``."""
         improved = score is not None and score < state.best
-        extra = {"epoch": epoch, "history": state.history,
-                 "best": state.best if score is None else min(state.best, score),
-                 **self.extra, "coverage": self.coverage}
+        extra = {
+            "epoch": epoch,
+            "history": state.history,
+            "best": state.best if score is None else min(state.best, score),
+            **self.extra,
+            "coverage": self.coverage,
+        }
         if improved:
             state.best = score
         latest = epoch % self.every == 0 or epoch == self.n_epochs or stopping
@@ -578,18 +704,24 @@ class Checkpointer:
         if improved:
             save_checkpoint(self.best_path, **common)
         if latest:
-            save_checkpoint(self.latest, **common,
-                            state={"opt_state": jax.device_get(state.opt_state)})
+            save_checkpoint(
+                self.latest, **common, state={"opt_state": jax.device_get(state.opt_state)}
+            )
 
 
 # -- 5. metrics ---------------------------------------------------------------
 def metrics_row(epoch: int, seconds: float, lr: float, train_loss: float, val) -> dict:
     """One row of ``metrics.csv`` (validation columns empty without validation)."""
-    return {"epoch": epoch, "seconds": round(seconds, 3), "lr": lr,
-            "train_loss": train_loss, "val_loss": val[0] if val else "",
-            "val_mae_onsite_meV": val[1] if val else "",
-            "val_mae_pair_meV": val[2] if val else "",
-            "val_mae_all_meV": val[3] if val else ""}
+    return {
+        "epoch": epoch,
+        "seconds": round(seconds, 3),
+        "lr": lr,
+        "train_loss": train_loss,
+        "val_loss": val[0] if val else "",
+        "val_mae_onsite_meV": val[1] if val else "",
+        "val_mae_pair_meV": val[2] if val else "",
+        "val_mae_all_meV": val[3] if val else "",
+    }
 
 
 class MetricsWriter:
@@ -626,8 +758,11 @@ def _plot_losses(path: Path, history: list[dict]) -> None:
         ax[0].semilogy(*zip(*vl), label="validation loss")
     ax[0].set_xlabel("epoch")
     ax[0].legend()
-    for key, lab in (("val_mae_onsite_meV", "on-site"), ("val_mae_pair_meV", "pair"),
-                     ("val_mae_all_meV", "all")):
+    for key, lab in (
+        ("val_mae_onsite_meV", "on-site"),
+        ("val_mae_pair_meV", "pair"),
+        ("val_mae_all_meV", "all"),
+    ):
         v = [(h["epoch"], h[key]) for h in history if h[key] != ""]
         if v:
             ax[1].semilogy(*zip(*v), label=lab)

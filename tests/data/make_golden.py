@@ -4,6 +4,7 @@ rattled ethanol.  Re-run only when models/molecules.ckpt is replaced on purpose.
 The stored file was written by the release before the one-forward-path refactor
 (its Predictor, the same molecule and seed); the refactored code reproduces it
 to 0.0 eV on the machine that wrote it."""
+
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,10 @@ if __name__ == "__main__":
     atoms = molecule("CH3CH2OH")
     atoms.rattle(0.05, seed=3)
     H = Predictor(model)(atoms).matrix(sparse=False)
-    np.savez_compressed(ROOT / "tests" / "data" / "golden_molecules_ethanol.npz",
-                        numbers=atoms.numbers, positions=atoms.positions, H=H)
+    np.savez_compressed(
+        ROOT / "tests" / "data" / "golden_molecules_ethanol.npz",
+        numbers=atoms.numbers,
+        positions=atoms.positions,
+        H=H,
+    )
     print(f"H {H.shape}, max |H| {np.abs(H).max():.3f} eV")
