@@ -35,8 +35,11 @@ $(STAMP): requirements.lock setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# two worker processes, one test file each at a time (session fixtures per worker)
+PYTEST := $(PY) -m pytest -n 2 --dist loadfile
+
 test: install
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # ruff (lint and format, configured in pyproject.toml) and the import-layer
 # contract (setup.cfg [importlinter]); CI runs this before the tests
@@ -50,7 +53,7 @@ format: install
 	$(VENV)/bin/ruff format .
 
 test-all: install
-	$(PY) -m pytest
+	$(PYTEST)
 
 demo: install
 	$(PY) -m ase_gearsh.demo --output demo-output

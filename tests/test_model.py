@@ -154,6 +154,7 @@ def test_message_passing_really_changes_outputs(small_model):
     assert err_on < TOL and err_pr < TOL
 
 
+@pytest.mark.slow  # about a minute or two on 2 cores: `make test-all`
 def test_parameter_count_of_paper_configuration():
     """The paper's WSe2-like configuration (listings 2-4): about 83k parameters."""
     from ase_gearsh.core.basis import Registry

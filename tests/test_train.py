@@ -74,6 +74,7 @@ def _history(run):
     return load_checkpoint(run / "latest.ckpt")["extra"]["history"]
 
 
+@pytest.mark.slow  # minutes of training on 2 cores: `make test-all`
 def test_overfit_tiny_dataset(water_dataset, tmp_path, make_config):
     cfg = make_config(
         water_dataset,
@@ -92,6 +93,7 @@ def test_overfit_tiny_dataset(water_dataset, tmp_path, make_config):
     assert (run / "model.ckpt").exists()
 
 
+@pytest.mark.slow  # about a minute or two on 2 cores: `make test-all`
 def test_resume_continues_exactly(water_dataset, tmp_path, make_config):
     """Stopping after epoch 2 and resuming gives the uninterrupted trajectory."""
     full = _train(make_config(water_dataset, tmp_path / "a", training={"n_epochs": 4}))
@@ -179,6 +181,7 @@ def test_checkpoint_round_trip_and_errors(water_dataset, tmp_path, make_config):
         Model.from_checkpoint(wrong)
 
 
+@pytest.mark.slow  # minutes of training on 2 cores: `make test-all`
 def test_training_on_k_sampled_data_with_lattice_shifts(
     chain_dataset, water_dataset, tmp_path, make_config
 ):
@@ -192,6 +195,7 @@ def test_training_on_k_sampled_data_with_lattice_shifts(
     assert hist[-1]["val_mae_pair_meV"] != "" and np.isfinite(hist[-1]["val_mae_all_meV"])
 
 
+@pytest.mark.slow  # minutes of training on 2 cores: `make test-all`
 def test_two_devices_follow_the_one_device_trajectory(water_dataset, tmp_path, make_config):
     configs = {
         nd: make_config(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from functools import lru_cache
 
 import jax
 import jax.numpy as jnp
@@ -163,7 +164,7 @@ class Model:
 
     def init_params(self, seed: int):
         with precision():
-            return jax.jit(self.net.init)(jax.random.PRNGKey(seed), *self._init_args())
+            return _jitted_init(self.net.s)(jax.random.PRNGKey(seed), *self._init_args())
 
     # -- the forward path ---------------------------------------------------
     def species_index(self, atoms) -> np.ndarray:
@@ -248,6 +249,13 @@ def load_model(path) -> Model:
             del _LOADED[old]  # the file changed: drop the stale model
         model = _LOADED[key] = Model.from_checkpoint(p)
     return model
+
+
+@lru_cache(maxsize=16)
+def _jitted_init(settings: ModelSettings):
+    """One jitted initialiser per network settings: models of equal settings (every
+    run of one config) trace it once per process."""
+    return jax.jit(GearsHNet(settings).init)
 
 
 def _restore(template, state, path):
