@@ -7,7 +7,12 @@ from ase.build import molecule
 
 from ase_gearsh.core.data import Dataset
 from ase_gearsh.model.inference import predictor_for
-from ase_gearsh.testing import canonical_rotation, forward_blocks, random_rotation
+from ase_gearsh.testing import (
+    canonical_rotation,
+    check_block_equivariance,
+    forward_blocks,
+    random_rotation,
+)
 
 TOL = 2e-4  # eV, float32 arithmetic on blocks of up to ~20 eV
 
@@ -177,3 +182,13 @@ def test_parameter_count_of_paper_configuration():
 
     n = count_parameters(model.init_params(0))
     assert 40_000 < n < 200_000, n
+
+
+@pytest.mark.parametrize("inversion", [False, True])
+def test_shipped_equivariance_helper_on_the_prediction_path(small_model, chain_dataset, inversion):
+    """ase_gearsh.testing.check_block_equivariance (chunked prediction path)."""
+    atoms = Dataset(chain_dataset)[0].atoms
+    err_on, err_pr = check_block_equivariance(
+        small_model, atoms, random_rotation(5), inversion=inversion
+    )
+    assert err_on < TOL and err_pr < TOL, (err_on, err_pr)
