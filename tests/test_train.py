@@ -141,11 +141,17 @@ def test_kill_mid_epoch_loses_at_most_that_epoch(water_dataset, tmp_path, make_c
     assert [h["epoch"] for h in hist] == list(range(1, done + 3))
 
 
-def test_checkpoint_round_trip_and_errors(water_dataset, tmp_path, make_config):
+@pytest.fixture(scope="module")
+def trained_run(water_dataset, tmp_path_factory, make_config):
+    """One small training run shared by the checkpoint and eval tests (read only)."""
+    return _train(make_config(water_dataset, tmp_path_factory.mktemp("trained")))
+
+
+def test_checkpoint_round_trip_and_errors(water_dataset, tmp_path, trained_run):
     from ase_gearsh.core.data import Dataset
     from ase_gearsh.model.engine import Model
 
-    run = _train(make_config(water_dataset, tmp_path))
+    run = trained_run
     model = Model.from_checkpoint(run / "model.ckpt")
     again = Model.from_checkpoint(run / "model.ckpt")
     atoms = Dataset(water_dataset)[0].atoms
@@ -233,10 +239,10 @@ print(json.dumps(out))
     assert out["1"][0] != out["1"][-1]
 
 
-def test_eval_cli_reports_errors_and_plots(water_dataset, tmp_path, capsys, make_config):
+def test_eval_cli_reports_errors_and_plots(water_dataset, tmp_path, capsys, trained_run):
     from ase_gearsh.cli import main
 
-    run = _train(make_config(water_dataset, tmp_path))
+    run = trained_run
     assert (
         main(
             ["eval", str(run / "model.ckpt"), str(water_dataset), "-o", str(tmp_path / "ev"), "-q"]
