@@ -31,7 +31,13 @@ from ..core.basis import Registry
 from .checkpoint import CheckpointError, load_checkpoint
 from .graph import FAR, Graph, batch_graphs, build_graph, pad_size
 from .layout import Layout
-from .network import GearsHNet, ModelSettings, postprocess_onsite, postprocess_pairs
+from .network import (
+    GearsHNet,
+    ModelSettings,
+    postprocess_onsite,
+    postprocess_pairs,
+    postprocess_pairs_once,
+)
 
 __all__ = [
     "pair_cutoff_matrix",
@@ -202,7 +208,7 @@ class Model:
 
     def bonds(self, params, stats, species, descriptors, pair_i, pair_j, pair_vec):
         """Stage 3: pair blocks (P, n, n) of these bonds."""
-        _, fwd, rev = self.net.apply(
+        _, first, second = self.net.apply(
             params,
             species,
             _EMPTY_I,
@@ -214,7 +220,8 @@ class Model:
             stage="bonds",
             descriptors=descriptors,
         )
-        return postprocess_pairs(fwd, rev, stats, self.tables, species, pair_i, pair_j, pair_vec)
+        post = postprocess_pairs_once if self.net.s.bond_evaluation == "once" else postprocess_pairs
+        return post(first, second, stats, self.tables, species, pair_i, pair_j, pair_vec)
 
     def forward(self, params, stats, batch):
         """The three stages on one padded batch (jittable, differentiable):

@@ -14,9 +14,19 @@ Pipeline (paper section 2.1 and S2)::
                 -> residual dense block -> pair readout
     readouts -> scale-shift (closed-form statistics) -> envelope -> blocks
 
-Pairs are evaluated in both orientations and combined as
-``H_ij = (F(i->j) + F(j->i)^T) / 2``: one block per unordered pair, exactly
-``H_ji = H_ij^T`` and exactly permutation equivariant.
+Pair symmetry ``H_ji(-R) = H_ij(R)^T`` holds exactly, in one of two ways
+(``ModelSettings.bond_evaluation``):
+
+- ``"once"`` (the default of new models): one network evaluation per unordered
+  pair.  Unlike species are evaluated from the lower species index to the higher
+  and transposed when stored the other way round.  For like species the bond
+  expansion is split into its parts even and odd under r -> -r; an even branch
+  gives the symmetric part of the block and an odd branch (linear in the odd
+  expansion, with even coefficients) the antisymmetric part.
+- ``"both_orientations"`` (the paper's symmetrisation, models written before the
+  option existed): ``H_ij = (F(i->j) + F(j->i)^T) / 2``, twice the work.
+
+Both are exactly rotation and permutation equivariant.
 """
 
 from __future__ import annotations
@@ -35,7 +45,9 @@ __all__ = [
     "ModelSettings",
     "GearsHNet",
     "EquivariantLayerNorm",
-    "postprocess",
+    "postprocess_onsite",
+    "postprocess_pairs",
+    "postprocess_pairs_once",
     "envelope",
     "count_parameters",
 ]
@@ -96,6 +108,11 @@ class ModelSettings:
     # fused tensor products in both readouts; False in checkpoints written before the
     # option existed (the config default is True)
     readout_fused_tensor: bool = False
+    # "both_orientations": every pair evaluated as i->j and j->i and averaged (the
+    # paper's symmetrisation, checkpoints written before the option existed);
+    # "once": one evaluation per unordered pair, exactly symmetric (see GearsHNet)
+    bond_evaluation: str = "both_orientations"
+    odd_features: int = 0  # features of the odd part with "once" (0: the bond features)
     radial_fn: str = "basic_fourier"
     cutoff_fn: str = "smooth_cutoff"
 
@@ -278,8 +295,7 @@ class AtomDescriptor(nn.Module):
 
 
 class GearsHNet(nn.Module):
-    """The GEARS H network: raw readout irreps of on-site blocks and of pair blocks
-    in both orientations.
+    """The GEARS H network: raw readout irreps of on-site blocks and of pair blocks.
 
     Shapes: atoms (N,), edges (E,), bonds (P,) as in :class:`AtomDescriptor`,
     ``pair_vec`` (P, 3) = r_j + R - r_i.  Outputs are e3x irreps of shape
@@ -291,8 +307,19 @@ class GearsHNet(nn.Module):
     b = NB(d_i + d_j) (symmetric in i, j) and the oriented, species-ordered bond
     expansion e_ij = g(z_i, z_j) * W [R_n(|r|) Y_lm(r)], r = r_ij; the forward
     output is F(i->j) = TD(RD(b (x) e_ij)) and the reverse one uses e_ji with
-    Y_lm(-r) = (-1)^l Y_lm(r).  Blocks are H_ij = (F(i->j) + F(j->i)^T) / 2, so
-    H_ji = H_ij^T holds exactly.  On-site: TD(RD(d_i)), symmetrised.
+    Y_lm(-r) = (-1)^l Y_lm(r).
+
+    - ``bond_evaluation="both_orientations"``: blocks H_ij = (F(i->j) + F(j->i)^T) / 2;
+      the bond stage returns (F(i->j), F(j->i)).
+    - ``bond_evaluation="once"``: with (a, b) the pair in canonical order (lower
+      species index first) and e = e_even + e_odd split by the parity of l,
+      u = RD(b (x) e_even) is even in r, O_even = TD(u) and
+      O_odd = W (W' u (x) W'' e_odd) odd in r; the bond stage returns
+      (O_even, O_odd) and :func:`postprocess_pairs_once` builds
+      H_ab = O_even + O_odd (unlike species) or sym(O_even) + antisym(O_odd)
+      (like species, so that H(-r) = H(r)^T).
+
+    On-site: TD(RD(d_i)), symmetrised.
     (NB: nonlinear block, RD: shared residual dense block, TD: TensorDense
     readout, (x): tensor product.)
     """
@@ -343,21 +370,7 @@ class GearsHNet(nn.Module):
         Fd = d.shape[-1]
         # bond descriptor: symmetric pooling of the two atoms, refined
         pooled = NonlinearBlock(s.activation, name="bond_nonlinear")(d[pair_i] + d[pair_j])
-        bexp = _basis(
-            pair_vec,
-            max_degree=s.bond_basis_max_degree,
-            num=s.bond_basis_num,
-            cutoff=s.bond_cutoff,
-            radial_fn=s.bond_radial_fn,
-            cutoff_fn=s.bond_cutoff_fn,
-        )
-        L = np.repeat(
-            np.arange(s.bond_basis_max_degree + 1), 2 * np.arange(s.bond_basis_max_degree + 1) + 1
-        )
-        flip = jnp.asarray((-1.0) ** L, dtype=bexp.dtype)[:, None]  # Y(-r) = (-1)^L Y(r)
         emb = e3x.nn.Embed(s.n_species + 1, s.num_elemental_embedding, name="bond_embed")
-        e_i = emb(species[pair_i]).reshape(pair_i.shape[0], -1)
-        e_j = emb(species[pair_j]).reshape(pair_j.shape[0], -1)
         gate_layer = nn.Dense(Fd, name="bond_species")
         proj = e3x.nn.Dense(Fd, use_bias=False, name="bond_projection")
         if s.bond_tensor == "fused_tensor":
@@ -368,22 +381,69 @@ class GearsHNet(nn.Module):
             tensor = e3x.nn.Tensor(
                 max_degree=s.bond_max_degree, cartesian_order=False, name="bond_tensor"
             )
-        both = []
-        for sign, (ea, eb) in ((None, (e_i, e_j)), (flip, (e_j, e_i))):
-            b = bexp if sign is None else bexp * sign
-            g = gate_layer(jnp.concatenate([ea, eb], axis=-1))
-            y = proj(b) * g[:, None, None, :]  # species-ordered, oriented bond expansion
-            y = _with_pseudotensors(y, s.bond_max_degree)
-            both.append(tensor(pooled, y))
-        P = pair_i.shape[0]
-        bond = shared(jnp.concatenate(both, axis=0))
-        bond = e3x.nn.TensorDense(
+        readout = e3x.nn.TensorDense(
             s.out_features,
             max_degree=s.out_max_degree,
             use_fused_tensor=s.readout_fused_tensor,
             cartesian_order=False,
             name="pair_readout",
-        )(bond)
+        )
+
+        basis_options = dict(
+            max_degree=s.bond_basis_max_degree,
+            num=s.bond_basis_num,
+            cutoff=s.bond_cutoff,
+            radial_fn=s.bond_radial_fn,
+            cutoff_fn=s.bond_cutoff_fn,
+        )
+
+        def expansion(b, za, zb):
+            """Species-ordered, oriented bond expansion g(z_a, z_b) * W b, with b the
+            radial x spherical-harmonic basis of the bond vector."""
+            g = gate_layer(
+                jnp.concatenate(
+                    [emb(za).reshape(za.shape[0], -1), emb(zb).reshape(zb.shape[0], -1)], axis=-1
+                )
+            )
+            y = proj(b) * g[:, None, None, :]
+            return _with_pseudotensors(y, s.bond_max_degree)
+
+        zi, zj = species[pair_i], species[pair_j]
+        if s.bond_evaluation == "once":
+            # canonical orientation: from the lower species index to the higher
+            canon = zi <= zj
+            vec = jnp.where(canon[:, None], pair_vec, -pair_vec)
+            y = expansion(_basis(vec, **basis_options), jnp.minimum(zi, zj), jnp.maximum(zi, zj))
+            deg = np.repeat(
+                np.arange(s.bond_max_degree + 1), 2 * np.arange(s.bond_max_degree + 1) + 1
+            )
+            odd = jnp.asarray(deg % 2 == 1)[:, None]
+            y_even = jnp.where(odd, 0.0, y)  # Y_lm(-r) = (-1)^l Y_lm(r): even in r
+            y_odd = jnp.where(odd, y, 0.0)  # odd in r
+            u = shared(tensor(pooled, y_even))  # even in r
+            even = readout(u)
+            F_odd = s.odd_features or Fd
+            odd_tensor = e3x.nn.FusedTensor(
+                max_degree=s.out_max_degree, cartesian_order=False, name="pair_odd_tensor"
+            )
+            t = odd_tensor(
+                e3x.nn.Dense(F_odd, name="pair_odd_in")(u),
+                e3x.nn.Dense(F_odd, use_bias=False, name="pair_odd_bond")(y_odd),
+            )
+            # no bias: a bias on the scalars would not be odd in r
+            odd_out = e3x.nn.Dense(s.out_features, use_bias=False, name="pair_odd_readout")(t)
+            return onsite, even, odd_out
+        bexp = _basis(pair_vec, **basis_options)
+        L = np.repeat(
+            np.arange(s.bond_basis_max_degree + 1), 2 * np.arange(s.bond_basis_max_degree + 1) + 1
+        )
+        flip = jnp.asarray((-1.0) ** L, dtype=bexp.dtype)[:, None]  # Y(-r) = (-1)^L Y(r)
+        both = [
+            tensor(pooled, expansion(bexp, zi, zj)),
+            tensor(pooled, expansion(bexp * flip, zj, zi)),
+        ]
+        P = pair_i.shape[0]
+        bond = readout(shared(jnp.concatenate(both, axis=0)))
         return onsite, bond[:P], bond[P:]
 
 
@@ -404,20 +464,6 @@ def shift_basis(x, num: int):
 def _to_blocks(irreps, index, coef, n):
     flat = irreps.reshape(irreps.shape[0], -1)
     return (jnp.take(flat, index, axis=1) * coef).sum(-1).reshape(-1, n, n)
-
-
-def postprocess(raw, stats, tables, species, pair_i, pair_j, pair_vec):
-    """Scale-shift, envelope, irreps -> canonical blocks, symmetrisation.
-
-    ``stats`` holds the closed-form statistics (see :mod:`ase_gearsh.model.statistics`),
-    ``tables`` the layout's gather tables.  Returns (onsite (N, n, n),
-    pairs (P, n, n)) in eV, canonical orbital layout.
-    """
-    onsite, fwd, rev = raw
-    return (
-        postprocess_onsite(onsite, stats, tables, species),
-        postprocess_pairs(fwd, rev, stats, tables, species, pair_i, pair_j, pair_vec),
-    )
 
 
 def postprocess_onsite(onsite, stats, tables, species):
@@ -454,6 +500,33 @@ def postprocess_pairs(fwd, rev, stats, tables, species, pair_i, pair_j, pair_vec
     Bf = _to_blocks(shifted(fwd, si, sj), index, coef, n)
     Br = _to_blocks(shifted(rev, sj, si), index, coef, n)
     return 0.5 * (Bf + jnp.swapaxes(Br, -1, -2))
+
+
+def postprocess_pairs_once(even, odd, stats, tables, species, pair_i, pair_j, pair_vec):
+    """Pair irreps of one evaluation (``bond_evaluation="once"``) -> canonical blocks
+    (P, n, n) in the stored orientation i -> j, eV.
+
+    In the canonical orientation a -> b (lower species index first):
+    B_even = env(x) * (O_even * scale[z_a, z_b] + sum_k a_k P_k(2x - 1)) and
+    B_odd = env(x) * O_odd * scale[z_a, z_b] as blocks; H_ab = B_even + B_odd for
+    unlike species, (B_even + B_even^T) / 2 + (B_odd - B_odd^T) / 2 for like
+    species; transposed where the pair is stored as b -> a."""
+    index, coef, n = tables["index"], tables["coef"], tables["n"]
+    si, sj = species[pair_i], species[pair_j]
+    canon = si <= sj
+    a, b = jnp.minimum(si, sj), jnp.maximum(si, sj)
+    dist = jnp.sqrt(jnp.sum(pair_vec * pair_vec, axis=-1))
+    x = jnp.clip(dist / stats["pair_cutoff"][a, b], 0.0, 1.0)
+    env = envelope(x)[:, None, None, None]
+    phi = shift_basis(x, stats["pair_shift"].shape[-1])
+    scale = stats["pair_scale"][a, b]
+    scal = jnp.einsum("pfk,pk->pf", stats["pair_shift"][a, b], phi)
+    Be = _to_blocks((even * scale).at[:, 0, 0, :].add(scal) * env, index, coef, n)
+    Bo = _to_blocks(odd * scale * env, index, coef, n)
+    like = (si == sj)[:, None, None]
+    BeT, BoT = jnp.swapaxes(Be, -1, -2), jnp.swapaxes(Bo, -1, -2)
+    B = jnp.where(like, 0.5 * (Be + BeT) + 0.5 * (Bo - BoT), Be + Bo)
+    return jnp.where(canon[:, None, None], B, jnp.swapaxes(B, -1, -2))
 
 
 def count_parameters(params) -> int:

@@ -8,6 +8,7 @@ the key, what was expected and what was found.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 from ..core.errors import GearsHError
@@ -34,6 +35,9 @@ DEFAULTS = {
         "sampling_alpha": 0.0,
         "atoms_pad_multiple": 100,
         "nl_pad_multiple": 10000,
+        # bonds padded to a multiple of this (null: nl_pad_multiple); with
+        # bond_fraction < 1 a smaller multiple saves the padded bonds' work
+        "bond_pad_multiple": None,
         "batch_size": 1,
         "valid_batch_size": 1,
         "shuffle_buffer_size": 100,
@@ -73,6 +77,10 @@ DEFAULTS = {
             "max_degree": 4,
             "tensor_module": "fused_tensor",
             "tensor_module_dtype": "float32",
+            # "once": one evaluation per unordered pair, exactly H_ji = H_ij^T (even and
+            # odd parts in r); "both_orientations": the paper's average of i->j and j->i
+            "evaluation": "once",
+            "odd_features": 0,  # features of the odd branch of "once" (0: as the bond)
             "bond_expansion_options": {
                 "cutoff_fn": "smooth_cutoff",
                 "radial_fn": "basic_fourier",
@@ -97,7 +105,13 @@ DEFAULTS = {
         "opt_kwargs": {"weight_decay": 0.001},
         "grad_clip": 1.0,
         "schedule": {
+            # "warmup_cosine": linear warm-up over warmup_fraction of the budget, then a
+            # cosine decay to final_scale that ends when the budget ends (n_epochs or
+            # training.max_minutes, whichever comes first); "reduce_on_plateau": the
+            # paper's (factor, patience, rtol, atol, cooldown, min_scale); null: constant
             "name": "reduce_on_plateau",
+            "warmup_fraction": 0.02,
+            "final_scale": 0.01,
             "factor": 0.9,
             "patience": 50,
             "min_scale": 0.01,
@@ -122,6 +136,9 @@ DEFAULTS = {
         "seed": 0,
         "num_devices": 1,
         "max_minutes": None,
+        # exponential moving average of the weights, used for validation and saved in
+        # model.ckpt (0: off); its decay ramps up as (1 + t) / (10 + t) over step t
+        "ema_decay": 0.0,
         "checkpoint_every": 1,
         "valid_every": 1,
     },
@@ -133,6 +150,7 @@ _TYPES = {
     "data.val_data_path": _PATHS,
     "data.n_train": (int, type(None)),
     "data.n_valid": (int, type(None)),
+    "data.bond_pad_multiple": (int, type(None)),
     "data.bond_fraction": (int, float),
     "data.sampling_alpha": (int, float),
     "optimizer.lr": (int, float),
@@ -159,6 +177,7 @@ _CHOICES = {
     "loss.name": ("weighted_mse_and_rmse",),
     "model.bond_centered.tensor_module": ("fused_tensor", "tensor"),
     "model.bond_centered.tensor_module_dtype": ("float32",),
+    "model.bond_centered.evaluation": ("once", "both_orientations"),
     "model.mlp.mlp_dtype": ("float32",),
     "model.mlp.mlp_activation_function": (
         "bent_identity",
@@ -170,7 +189,7 @@ _CHOICES = {
         "relu",
     ),
     "model.atom_centered.descriptor.descriptor_name": ("ShallowTDSAAtomCenteredDescriptor",),
-    "optimizer.schedule.name": ("reduce_on_plateau", None),
+    "optimizer.schedule.name": ("reduce_on_plateau", "warmup_cosine", None),
 }
 for _k in (
     "model.atom_centered.descriptor.mp_basis_options",
@@ -238,8 +257,14 @@ def check_config(given: dict | None) -> dict:
         )
     if not 0 < d["bond_fraction"] <= 1:
         raise ConfigError(f"'data.bond_fraction' must be in (0, 1], got {d['bond_fraction']}")
-    for k in ("batch_size", "valid_batch_size", "atoms_pad_multiple", "nl_pad_multiple"):
-        if d[k] < 1:
+    for k in (
+        "batch_size",
+        "valid_batch_size",
+        "atoms_pad_multiple",
+        "nl_pad_multiple",
+        "bond_pad_multiple",
+    ):
+        if d[k] is not None and d[k] < 1:
             raise ConfigError(f"'data.{k}' must be >= 1, got {d[k]}")
     desc = cfg["model"]["atom_centered"]["descriptor"]
     if desc["mp_steps"] < 0 or desc["num_tensordenses"] < 0:
@@ -250,6 +275,30 @@ def check_config(given: dict | None) -> dict:
             node = node[part]
         if node <= 0:
             raise ConfigError(f"'{k}' must be > 0 (Angstrom), got {node}")
+    o, t = cfg["optimizer"], cfg["training"]
+    checks = (
+        ("optimizer.lr", o["lr"], lambda v: v > 0, "a finite number > 0"),
+        (
+            "optimizer.schedule.warmup_fraction",
+            o["schedule"]["warmup_fraction"],
+            lambda v: 0 <= v < 1,
+            "in [0, 1)",
+        ),
+        (
+            "optimizer.schedule.final_scale",
+            o["schedule"]["final_scale"],
+            lambda v: 0 <= v <= 1,
+            "in [0, 1]",
+        ),
+        ("training.ema_decay", t["ema_decay"], lambda v: 0 <= v < 1, "in [0, 1)"),
+    )
+    for key, value, ok, what in checks:
+        if not (math.isfinite(value) and ok(value)):
+            raise ConfigError(f"'{key}' must be {what}, got {value}")
+    if t["n_epochs"] < 1:
+        raise ConfigError(f"'training.n_epochs' must be >= 1, got {t['n_epochs']}")
+    if t["max_minutes"] is not None and not t["max_minutes"] > 0:
+        raise ConfigError(f"'training.max_minutes' must be > 0 or null, got {t['max_minutes']}")
     nd = cfg["training"]["num_devices"]
     if isinstance(nd, str) and nd != "all":
         raise ConfigError(f"'training.num_devices' must be an integer or 'all', got {nd!r}")
@@ -311,4 +360,6 @@ def model_settings(cfg: dict, n_species: int, out_max_degree: int, out_features:
         mlp_layer_widths=tuple(mlp["mlp_layer_widths"]),
         activation=mlp["mlp_activation_function"],
         readout_fused_tensor=bool(mlp["readout_fused_tensor"]),
+        bond_evaluation=bond["evaluation"],
+        odd_features=int(bond["odd_features"]),
     )

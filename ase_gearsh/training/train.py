@@ -104,38 +104,63 @@ def train(
     model, params = build_model(cfg, data)
     steps = StepFunctions(cfg, model, data, log)
     state = TrainState(steps.replicate(params), steps.replicate(steps.tx.init(params)))
+    if steps.ema_decay:
+        state.ema = jax.tree_util.tree_map(jnp.copy, state.params)
     if resumed is not None:
         state = checkpoints.restore(resumed, state, steps.replicate)
         log(f"resuming after epoch {state.next_epoch - 1}")
     (run / "config.json").write_text(json.dumps(cfg, indent=1))
     metrics = MetricsWriter(run)
+    from ..model.network import count_parameters
 
     tcfg = cfg["training"]
     n_epochs, lr = tcfg["n_epochs"], cfg["optimizer"]["lr"]
-    deadline = time.time() + 60 * tcfg["max_minutes"] if tcfg["max_minutes"] else None
-    bar = tqdm(
-        range(state.next_epoch, n_epochs + 1),
-        desc="training",
-        unit="epoch",
-        disable=not progress,
-        initial=state.next_epoch - 1,
-        total=n_epochs,
+    log(
+        f"{count_parameters(params):,} parameters; {len(data.train)} training and "
+        f"{len(data.valid)} validation structures; {steps.steps_per_epoch} steps per epoch"
     )
-    for epoch in bar:
+    budget = 60.0 * tcfg["max_minutes"] if tcfg["max_minutes"] else None
+    done_before = state.seconds  # training seconds of earlier runs (--resume)
+    start = time.time()
+    clock = lambda: done_before + time.time() - start  # noqa: E731
+    if budget:  # a bar of minutes: its estimate is the budget's, not n_epochs'
+        bar = tqdm(
+            total=round(budget / 60, 1),
+            initial=round(min(done_before, budget) / 60, 1),
+            desc="training",
+            unit="min",
+            bar_format="{l_bar}{bar}| {n:.1f}/{total:g} min [{elapsed}<{remaining}{postfix}]",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+    else:
+        bar = tqdm(
+            total=n_epochs,
+            initial=state.next_epoch - 1,
+            desc="training",
+            unit="epoch",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+    for epoch in range(state.next_epoch, n_epochs + 1):
         t0 = time.time()
-        state.params, state.opt_state, train_loss = steps.train_epoch(
-            state.params, state.opt_state, data.train, epoch
-        )
-        stopping = epoch < n_epochs and bool(deadline and time.time() > deadline)
+        train_loss = steps.train_epoch(state, data.train, epoch, clock)
+        stopping = epoch < n_epochs and bool(budget and clock() > budget)
         due = epoch % tcfg["valid_every"] == 0 or epoch == n_epochs or stopping
-        val = steps.validate(state.params, data.valid) if data.valid and due else None
-        state.history.append(
-            metrics_row(epoch, time.time() - t0, lr * _lr_scale(state.opt_state), train_loss, val)
-        )
+        val = steps.validate(state.weights, data.valid) if data.valid and due else None
+        lr_now = lr * _lr_scale(state.opt_state) * state.lr_scale
+        state.history.append(metrics_row(epoch, time.time() - t0, lr_now, train_loss, val))
         checkpoints.end_epoch(epoch, state, _score(val, train_loss, data.valid), stopping)
         metrics.end_epoch(epoch, state.history)
-        bar.set_postfix(loss=f"{train_loss:.3g}", val_mae=f"{val[3]:.3g} meV" if val else "-")
+        post = {"loss": f"{train_loss:.3g}", "val_mae": f"{val[3]:.3g} meV" if val else "-"}
+        if budget:
+            bar.update(round(min(clock(), budget) / 60, 1) - bar.n)
+            post["epoch"] = epoch
+        else:
+            bar.update(1)
+        bar.set_postfix(post)
         if stopping:
+            bar.close()
             log(f"stopping after epoch {epoch}: training.max_minutes reached")
             break
     bar.close()
@@ -379,13 +404,36 @@ def _loss(model: Model, orbital_mask, lp: dict, params, stats, batch):
     return loss_from_sums(s, lp), s
 
 
-def _train_step(model: Model, orbital_mask, lp: dict, tx, params, opt_state, stats, batch):
-    """One optimiser step: (params, opt_state, loss, error sums)."""
-    (loss, s), grads = jax.value_and_grad(partial(_loss, model, orbital_mask, lp), has_aux=True)(
+def _train_step(
+    model: Model,
+    orbital_mask,
+    lp: dict,
+    tx,
+    ema_decay: float,
+    params,
+    opt_state,
+    ema,
+    stats,
+    batch,
+    lr_scale,
+    step,
+):
+    """One optimiser step: (params, opt_state, ema, loss).
+
+    The updates are multiplied by ``lr_scale`` (the host-side schedule: the same
+    as scaling the learning rate, weight decay included).  ``ema`` is the moving
+    average of the weights with decay min(ema_decay, (1 + step) / (10 + step))."""
+    (loss, _), grads = jax.value_and_grad(partial(_loss, model, orbital_mask, lp), has_aux=True)(
         params, stats, batch
     )
     updates, opt_state = tx.update(grads, opt_state, params, value=loss)
-    return optax.apply_updates(params, updates), opt_state, loss, s
+    updates = jax.tree_util.tree_map(lambda u: u * lr_scale.astype(u.dtype), updates)
+    params = optax.apply_updates(params, updates)
+    if ema_decay:
+        t = step.astype(jnp.float32)
+        decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+    return params, opt_state, ema, loss
 
 
 def _subsample(g, fraction, alpha, rng):
@@ -410,7 +458,7 @@ def _subsample(g, fraction, alpha, rng):
     )
 
 
-def _shards(graphs, n_dev, am, nm):
+def _shards(graphs, n_dev, am, nm, bm=None):
     """Split a batch over devices, pad every shard to one common shape, stack."""
     parts = [graphs[k::n_dev] for k in range(n_dev)]
     sizes = [
@@ -419,7 +467,7 @@ def _shards(graphs, n_dev, am, nm):
     ]
     N = pad_size(max(s[0] for s in sizes), am)
     E = pad_size(max(s[1] for s in sizes), nm)
-    P = pad_size(max(s[2] for s in sizes), nm)
+    P = pad_size(max(s[2] for s in sizes), bm or nm)
     out = []
     for p in parts:
         b = (
@@ -476,6 +524,40 @@ def _optimizer(cfg, steps_per_epoch, log):
     return optax.chain(*parts)
 
 
+class Schedule:
+    """The learning-rate factor of ``optimizer.schedule`` as a function of the
+    budget used: ``progress = max(step / (n_epochs * steps_per_epoch),
+    seconds / (60 * max_minutes))`` in [0, 1].
+
+    ``warmup_cosine``: linear from ~0 to 1 over ``warmup_fraction`` of the budget,
+    then a cosine to ``final_scale`` at the end of the budget.  Other schedules: 1
+    (``reduce_on_plateau`` acts inside the optimiser)."""
+
+    def __init__(self, cfg: dict, steps_per_epoch: int):
+        sch = cfg["optimizer"]["schedule"]
+        self.name = sch["name"]
+        self.warmup = float(sch["warmup_fraction"])
+        self.final = float(sch["final_scale"])
+        self.total_steps = cfg["training"]["n_epochs"] * steps_per_epoch
+        mm = cfg["training"]["max_minutes"]
+        self.budget = 60.0 * mm if mm else None
+
+    def progress(self, step: int, seconds: float) -> float:
+        p = step / max(self.total_steps, 1)
+        if self.budget:
+            p = max(p, seconds / self.budget)
+        return min(p, 1.0)
+
+    def __call__(self, step: int, seconds: float) -> float:
+        if self.name != "warmup_cosine":
+            return 1.0
+        p = self.progress(step, seconds)
+        if self.warmup and p < self.warmup:
+            return max(p / self.warmup, 1e-3)
+        q = (p - self.warmup) / max(1.0 - self.warmup, 1e-12)
+        return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * min(q, 1.0)))
+
+
 def _lr_scale(opt_state) -> float:
     for s in opt_state:
         if hasattr(s, "scale") and hasattr(s, "plateau_count"):
@@ -512,16 +594,22 @@ class StepFunctions:
             )
         self.valid_batch_size = max(d["valid_batch_size"], self.n_dev)
         self.steps_per_epoch = max(1, len(data.train) // self.batch_size)
-        self.seed, self.pad = d["seed"], (d["atoms_pad_multiple"], d["nl_pad_multiple"])
+        self.seed = d["seed"]
+        self.pad = (d["atoms_pad_multiple"], d["nl_pad_multiple"], d["bond_pad_multiple"])
         self.bond_fraction, self.sampling_alpha = d["bond_fraction"], d["sampling_alpha"]
         self.tx = _optimizer(cfg, self.steps_per_epoch, log)
+        self.schedule = Schedule(cfg, self.steps_per_epoch)
+        self.ema_decay = float(cfg["training"]["ema_decay"])
         self.lp = cfg["loss"]["loss_parameters"]
         mesh = jax.sharding.Mesh(np.array(jax.devices()[: self.n_dev]), ("data",))
         self._shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
         self._repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self.stats = self.replicate({k: jnp.asarray(v) for k, v in data.stats.items()})
         mask = jnp.asarray(data.layout.orbital_mask)
-        self._step = jax.jit(partial(_train_step, model, mask, self.lp, self.tx))
+        self._step = jax.jit(
+            partial(_train_step, model, mask, self.lp, self.tx, self.ema_decay),
+            donate_argnums=(0, 1, 2),
+        )
         self._eval_sums = jax.jit(partial(_batch_sums, model, mask))
 
     def replicate(self, tree):
@@ -533,9 +621,13 @@ class StepFunctions:
         arrays = _shards(graphs, self.n_dev, *self.pad)
         return {k: jax.device_put(jnp.asarray(v), self._shard) for k, v in arrays.items()}
 
-    def train_epoch(self, params, opt_state, graphs: list[Graph], epoch: int):
+    def train_epoch(self, state: TrainState, graphs: list[Graph], epoch: int, clock) -> float:
         """One pass over ``graphs`` in an order (and bond subsample) fixed by
-        ``data.seed`` and the epoch: ``(params, opt_state, mean training loss)``."""
+        ``data.seed`` and the epoch; updates ``state`` (parameters, optimiser
+        state, moving average, step count) and returns the mean training loss.
+        ``clock()`` gives the training seconds used so far (for the schedule).
+        Losses stay on the device until the end of the epoch, so the host builds
+        the next batch while the device computes."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(graphs))
         bs, losses = self.batch_size, []
@@ -545,15 +637,27 @@ class StepFunctions:
                 for i in order[k * bs : (k + 1) * bs]
             ]
             batch = self.batch(chosen)
+            scale = self.schedule(state.step, clock())
             with precision():
-                params, opt_state, loss, _ = self._step(params, opt_state, self.stats, batch)
-            losses.append(float(loss))
+                state.params, state.opt_state, state.ema, loss = self._step(
+                    state.params,
+                    state.opt_state,
+                    state.ema,
+                    self.stats,
+                    batch,
+                    jnp.float32(scale),
+                    jnp.int32(state.step),
+                )
+            state.step += 1
+            state.lr_scale = scale
+            losses.append(loss)
+        losses = np.asarray(jax.device_get(jnp.stack(losses)))
         if not np.all(np.isfinite(losses)):
             raise TrainingError(
-                f"epoch {epoch}: the loss became {losses[-1]}; lower "
+                f"epoch {epoch}: the loss became {losses[~np.isfinite(losses)][0]}; lower "
                 f"optimizer.lr or set optimizer.grad_clip"
             )
-        return params, opt_state, float(np.mean(losses))
+        return float(np.mean(losses))
 
     def validate(self, params, graphs: list[Graph]) -> tuple[float, float, float, float]:
         """Validation loss and H MAE (meV): on-site, pairs, all elements."""
@@ -578,9 +682,22 @@ class TrainState:
 
     params: Any
     opt_state: Any
+    ema: Any = None  # moving average of params (training.ema_decay); params when off
     next_epoch: int = 1
     history: list[dict] = field(default_factory=list)
     best: float = math.inf
+    step: int = 0  # optimiser steps taken
+    lr_scale: float = 1.0  # the schedule's factor at the last step
+
+    @property
+    def weights(self):
+        """The weights to validate and save: the moving average when there is one."""
+        return self.ema if self.ema is not None else self.params
+
+    @property
+    def seconds(self) -> float:
+        """Training seconds of the epochs done (for the budget)."""
+        return float(sum(h["seconds"] for h in self.history))
 
 
 def _json(value):
@@ -672,15 +789,27 @@ class Checkpointer:
                 f"--resume: {self.latest} holds no optimiser state (a model.ckpt copied over it?)"
             )
         extra = ck["extra"]
-        return TrainState(
-            params=place(_restore_tree(state.params, ck["params"], "parameter", self.latest)),
+        raw = ck["state"].get("params")  # the training weights when params are an average
+        restored = TrainState(
+            params=place(
+                _restore_tree(
+                    state.params, ck["params"] if raw is None else raw, "parameter", self.latest
+                )
+            ),
             opt_state=place(
                 _restore_tree(state.opt_state, opt_state, "optimiser state", self.latest)
             ),
             next_epoch=int(extra["epoch"]) + 1,
             history=extra["history"],
             best=float(extra["best"]),
+            step=int(extra.get("step", 0)),
+            lr_scale=float(extra.get("lr_scale", 1.0)),
         )
+        if state.ema is not None:
+            restored.ema = place(
+                _restore_tree(state.ema, ck["params"], "averaged parameter", self.latest)
+            )
+        return restored
 
     def end_epoch(
         self, epoch: int, state: TrainState, score: float | None, stopping: bool = False
@@ -692,6 +821,8 @@ class Checkpointer:
             "epoch": epoch,
             "history": state.history,
             "best": state.best if score is None else min(state.best, score),
+            "step": state.step,
+            "lr_scale": state.lr_scale,
             **self.extra,
             "coverage": self.coverage,
         }
@@ -700,13 +831,15 @@ class Checkpointer:
         latest = epoch % self.every == 0 or epoch == self.n_epochs or stopping
         if not (improved or latest):
             return
-        common = dict(self.common, params=jax.device_get(state.params), extra=extra)
+        # params: the weights to predict with (the moving average when there is one)
+        common = dict(self.common, params=jax.device_get(state.weights), extra=extra)
         if improved:
             save_checkpoint(self.best_path, **common)
         if latest:
-            save_checkpoint(
-                self.latest, **common, state={"opt_state": jax.device_get(state.opt_state)}
-            )
+            resume = {"opt_state": jax.device_get(state.opt_state)}
+            if state.ema is not None:
+                resume["params"] = jax.device_get(state.params)
+            save_checkpoint(self.latest, **common, state=resume)
 
 
 # -- 5. metrics ---------------------------------------------------------------
