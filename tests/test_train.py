@@ -291,3 +291,31 @@ def test_validation_elements_must_be_in_the_training_set(
     )
     with pytest.raises(RegistryError, match="element C is not in the model's registry"):
         _train(cfg)
+
+
+def test_fixed_validation_split_by_name_or_index(water_dataset, tmp_path, make_config):
+    from ase_gearsh.core.data import Dataset
+    from ase_gearsh.training.config import check_config
+    from ase_gearsh.training.train import TrainingError, load_training_data
+
+    names = Dataset(water_dataset).names
+    cfg = check_config(
+        make_config(
+            water_dataset,
+            tmp_path,
+            data={"valid_structures": [names[2], 0], "n_valid": None, "n_train": None},
+        )
+    )
+    train, valid = load_training_data(cfg)
+    got = sorted(s.path.stem for s in valid)
+    assert got == sorted([names[0], names[2]])
+    assert not {s.path.stem for s in train} & set(got)
+    assert len(train) + len(valid) == len(names)
+    for bad, message in (
+        (["no-such-structure"], "neither an index nor the name"),
+        ([len(names)], "outside"),
+        (list(range(len(names))), "leaves no training"),
+    ):
+        cfg["data"]["valid_structures"] = bad
+        with pytest.raises(TrainingError, match=message):
+            load_training_data(cfg)

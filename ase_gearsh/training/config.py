@@ -31,6 +31,8 @@ DEFAULTS = {
         "val_data_path": None,
         "n_train": None,
         "n_valid": None,
+        # a fixed validation set: structure names or indices into train_data_path
+        "valid_structures": None,
         "bond_fraction": 1.0,
         "sampling_alpha": 0.0,
         "atoms_pad_multiple": 100,
@@ -150,6 +152,7 @@ _TYPES = {
     "data.val_data_path": _PATHS,
     "data.n_train": (int, type(None)),
     "data.n_valid": (int, type(None)),
+    "data.valid_structures": (list, type(None)),
     "data.bond_pad_multiple": (int, type(None)),
     "data.bond_fraction": (int, float),
     "data.sampling_alpha": (int, float),

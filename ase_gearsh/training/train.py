@@ -219,13 +219,48 @@ def _read(paths, base: Path) -> list[Structure]:
 
 
 def load_training_data(cfg: dict, base: Path = Path(".")) -> tuple[list, list]:
-    """Structures for training and validation (a split when no validation path)."""
+    """Structures for training and validation: ``data.val_data_path`` when given,
+    else the structures that ``data.valid_structures`` names (structure names or
+    indices into the training data), else a random split (``data.seed``)."""
     d = cfg["data"]
     train = _read(_paths(d["train_data_path"]), base)
     valid = _read(_paths(d["val_data_path"]), base)
     if not train:
         raise TrainingError(f"no structures found in data.train_data_path {d['train_data_path']!r}")
-    if not valid:
+    chosen = d["valid_structures"]
+    if chosen is not None and valid:
+        raise TrainingError(
+            "data.valid_structures and data.val_data_path both choose the validation "
+            "set: give one of them"
+        )
+    if chosen is not None:
+        names = [s.meta["source"]["name"] for s in train]  # the source file
+        entries = [s.path.stem if s.path else "" for s in train]  # the dataset entry
+        pick = []
+        for item in chosen:
+            if isinstance(item, int) and not isinstance(item, bool):
+                if not -len(train) <= item < len(train):
+                    raise TrainingError(
+                        f"data.valid_structures: index {item} is outside the "
+                        f"{len(train)} training structures"
+                    )
+                pick.append(item % len(train))
+            elif isinstance(item, str) and item in entries:
+                pick.append(entries.index(item))
+            elif isinstance(item, str) and item in names:
+                pick.append(names.index(item))
+            else:
+                raise TrainingError(
+                    f"data.valid_structures: {item!r} is neither an index nor the name of a "
+                    f"structure in data.train_data_path (names look like {entries[0]!r} "
+                    f"or {names[0]!r})"
+                )
+        pick = sorted(set(pick))
+        if len(pick) >= len(train):
+            raise TrainingError("data.valid_structures leaves no training structures")
+        valid = [train[k] for k in pick]
+        train = [s for k, s in enumerate(train) if k not in set(pick)]
+    elif not valid:
         rng = np.random.default_rng(d["seed"])
         order = rng.permutation(len(train))
         n_valid = d["n_valid"] if d["n_valid"] is not None else max(1, len(train) // 5)
