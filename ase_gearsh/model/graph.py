@@ -56,6 +56,11 @@ class Graph:
     onsite: np.ndarray | None = None  # (N, n, n) float32 canonical labels
     pairs: np.ndarray | None = None  # (P, n, n) float32 canonical labels
     name: str = ""
+    # for the eigenvalue loss (attach_labels(..., overlap=True)): canonical S labels
+    # and the Fermi level (eV)
+    onsite_s: np.ndarray | None = None
+    pairs_s: np.ndarray | None = None
+    fermi: float | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -94,8 +99,9 @@ def build_graph(atoms, species, cutoff: float, pair_cutoff: np.ndarray, name="")
     )
 
 
-def attach_labels(graph: Graph, structure, layout) -> dict:
-    """Canonical float32 H labels for the graph's atoms and bonds (spin channel 0).
+def attach_labels(graph: Graph, structure, layout, overlap: bool = False) -> dict:
+    """Canonical float32 H labels for the graph's atoms and bonds (spin channel 0);
+    with ``overlap`` also S labels and the Fermi level (for the eigenvalue loss).
 
     A bond that the dataset does not store (dropped by a threshold) gets a
     zero label.  Returns a summary: stored blocks outside the model's bond
@@ -108,25 +114,32 @@ def attach_labels(graph: Graph, structure, layout) -> dict:
             f"spin-paired Hamiltonians (nspins=1)"
         )
     sp = graph.species
-    onsite = np.zeros((graph.n_atoms, layout.n, layout.n), dtype=np.float32)
-    for a, blk in enumerate(structure.onsite_blocks("H")):
-        onsite[a] = layout.to_canonical(blk, sp[a], sp[a])
     key = {
         (int(i), int(j), *map(int, R)): p
         for p, (i, j, R) in enumerate(zip(graph.pair_i, graph.pair_j, graph.pair_shift))
     }
-    pairs = np.zeros((len(graph.pair_i), layout.n, layout.n), dtype=np.float32)
     a = structure.arrays
-    outside, outside_max = 0, 0.0
-    for (i, j), R, blk in zip(a["pair_ij"], a["pair_shift"], structure.pair_blocks("H")):
-        p = key.get((int(i), int(j), *map(int, R)))
-        if p is None:
-            outside += 1
-            outside_max = max(outside_max, float(np.abs(blk).max()))
+    info = {}
+    for which in ("H", "S") if overlap else ("H",):
+        onsite = np.zeros((graph.n_atoms, layout.n, layout.n), dtype=np.float32)
+        for k, blk in enumerate(structure.onsite_blocks(which)):
+            onsite[k] = layout.to_canonical(blk, sp[k], sp[k])
+        pairs = np.zeros((len(graph.pair_i), layout.n, layout.n), dtype=np.float32)
+        outside, outside_max = 0, 0.0
+        for (i, j), R, blk in zip(a["pair_ij"], a["pair_shift"], structure.pair_blocks(which)):
+            p = key.get((int(i), int(j), *map(int, R)))
+            if p is None:
+                outside += 1
+                outside_max = max(outside_max, float(np.abs(blk).max()))
+            else:
+                pairs[p] = layout.to_canonical(blk, sp[i], sp[j])
+        if which == "H":
+            graph.onsite, graph.pairs = onsite, pairs
+            info = {"outside": outside, "outside_max": outside_max}
         else:
-            pairs[p] = layout.to_canonical(blk, sp[i], sp[j])
-    graph.onsite, graph.pairs = onsite, pairs
-    return {"outside": outside, "outside_max": outside_max}
+            graph.onsite_s, graph.pairs_s = onsite, pairs
+            graph.fermi = structure.fermi_level
+    return info
 
 
 def pad_edges(i, j, vec, size: int, pad_atom: int, far: float = FAR):
@@ -150,12 +163,17 @@ def batch_graphs(
     far: float = FAR,
     with_labels: bool = True,
     sizes: tuple | None = None,
+    structures: int | None = None,
 ) -> dict:
     """Concatenate graphs and pad to multiples (or to ``sizes`` = (N, E, P)).
 
     Padding atoms have species 0; padding edges and bonds join the last
     padding atom to itself with a vector of length ``far`` (beyond every
-    cut-off).  Masks mark the real entries.
+    cut-off).  Masks mark the real entries.  When the graphs carry S labels
+    (the eigenvalue loss) and ``structures`` (G >= len(graphs)) is given, the
+    batch also holds ``onsite_s``, ``pairs_s``, ``atom_graph`` (N,: the
+    structure of every atom, G for padding), ``atom_local`` (N,: its index within
+    the structure) and ``fermi`` (G,).
     """
     n_at = sum(g.n_atoms for g in graphs)
     n_e = sum(len(g.edge_i) for g in graphs)
@@ -177,8 +195,15 @@ def batch_graphs(
         n = graphs[0].onsite.shape[-1]
         onsite = np.zeros((N, n, n), np.float32)
         pairs = np.zeros((P, n, n), np.float32)
+    eig = with_labels and structures is not None and graphs[0].onsite_s is not None
+    if eig:
+        onsite_s = np.zeros((N, n, n), np.float32)
+        pairs_s = np.zeros((P, n, n), np.float32)
+        atom_graph = np.full(N, structures, np.int32)
+        atom_local = np.zeros(N, np.int32)
+        fermi = np.zeros(structures, np.float32)
     a = e = p = 0
-    for g in graphs:
+    for k, g in enumerate(graphs):
         na, ne, npr = g.n_atoms, len(g.edge_i), len(g.pair_i)
         species[a : a + na] = g.species
         edge_i[e : e + ne] = g.edge_i + a
@@ -190,6 +215,12 @@ def batch_graphs(
         if with_labels:
             onsite[a : a + na] = g.onsite
             pairs[p : p + npr] = g.pairs
+        if eig:
+            onsite_s[a : a + na] = g.onsite_s
+            pairs_s[p : p + npr] = g.pairs_s
+            atom_graph[a : a + na] = k
+            atom_local[a : a + na] = np.arange(na)
+            fermi[k] = g.fermi
         a, e, p = a + na, e + ne, p + npr
     out.update(
         species=species,
@@ -202,4 +233,12 @@ def batch_graphs(
     )
     if with_labels:
         out.update(onsite=onsite, pairs=pairs)
+    if eig:
+        out.update(
+            onsite_s=onsite_s,
+            pairs_s=pairs_s,
+            atom_graph=atom_graph,
+            atom_local=atom_local,
+            fermi=fermi,
+        )
     return out

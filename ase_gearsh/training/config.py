@@ -131,6 +131,13 @@ DEFAULTS = {
             "mse_weight": 1.0,
             "rmse_weight": 1.0,
             "loss_multiplier": 5.0,
+            # our keys: a loss on the Gamma-point eigenvalues of (H, S) within
+            # eigenvalue_window eV of the Fermi level, weighted like the H terms, used
+            # (with all bonds of every structure) once eigenvalue_start of the budget
+            # has passed; 0 switches it off
+            "eigenvalue_weight": 0.0,
+            "eigenvalue_window": 5.0,
+            "eigenvalue_start": 0.5,
         },
     },
     "training": {
@@ -294,6 +301,24 @@ def check_config(given: dict | None) -> dict:
             "in [0, 1]",
         ),
         ("training.ema_decay", t["ema_decay"], lambda v: 0 <= v < 1, "in [0, 1)"),
+        (
+            "loss.loss_parameters.eigenvalue_weight",
+            cfg["loss"]["loss_parameters"]["eigenvalue_weight"],
+            lambda v: v >= 0,
+            ">= 0",
+        ),
+        (
+            "loss.loss_parameters.eigenvalue_window",
+            cfg["loss"]["loss_parameters"]["eigenvalue_window"],
+            lambda v: v > 0,
+            "> 0 (eV)",
+        ),
+        (
+            "loss.loss_parameters.eigenvalue_start",
+            cfg["loss"]["loss_parameters"]["eigenvalue_start"],
+            lambda v: 0 <= v < 1,
+            "in [0, 1) (a fraction of the budget)",
+        ),
     )
     for key, value, ok, what in checks:
         if not (math.isfinite(value) and ok(value)):

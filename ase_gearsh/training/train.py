@@ -57,6 +57,7 @@ __all__ = [
     "load_training_data",
     "TrainingError",
     "loss_from_sums",
+    "gamma_levels",
     "TrainingData",
     "prepare_data",
     "build_model",
@@ -316,7 +317,8 @@ def prepare_data(
     make = partial(
         _labelled_graphs, registry=registry, layout=layout, cutoff=cutoff, pc=pc, progress=progress
     )
-    tg, out_t, max_t = make(train_s, desc="training labels")
+    eigen = cfg["loss"]["loss_parameters"]["eigenvalue_weight"] > 0
+    tg, out_t, max_t = make(train_s, desc="training labels", overlap=eigen)
     vg, out_v, max_v = make(valid_s, desc="validation labels")
     rc_sum = float(np.max(registry.rc[1:, None] + registry.rc[None, 1:]))
     if bond["cutoff"] < rc_sum:
@@ -340,7 +342,9 @@ def prepare_data(
     )
 
 
-def _labelled_graphs(structures, *, registry, layout, cutoff, pc, desc="", progress=True):
+def _labelled_graphs(
+    structures, *, registry, layout, cutoff, pc, desc="", progress=True, overlap=False
+):
     """Graphs with H labels; also the number and largest |H| of stored blocks
     beyond the bond cut-offs."""
     graphs, outside, outside_max = [], 0, 0.0
@@ -352,7 +356,7 @@ def _labelled_graphs(structures, *, registry, layout, cutoff, pc, desc="", progr
             pc,
             name=s.meta["source"]["name"],
         )
-        info = attach_labels(g, s, layout)
+        info = attach_labels(g, s, layout, overlap=overlap)
         outside += info["outside"]
         outside_max = max(outside_max, info["outside_max"])
         graphs.append(g)
@@ -414,6 +418,66 @@ def _sums(pred_on, pred_pair, b, orbital_mask):
     )
 
 
+_FAR_LEVEL = 1.0e3  # eV: the level given to padding orbitals (outside every window)
+
+
+def _dense(on, pr, b, valid, n_atoms: int, diagonal: float):
+    """Per-structure dense Gamma-point matrices (G, A n, A n) of a batch's canonical
+    blocks: on-site blocks at (i, i), H_ij(R) at (i, j) and its transpose at (j, i)
+    (summed over R); padding and unused orbitals get ``diagonal`` on the diagonal."""
+    G = b["fermi"].shape[0]
+    n = on.shape[-1]
+    M = n_atoms * n
+    g_at, loc = b["atom_graph"], b["atom_local"]
+    rows = loc[:, None] * n + jnp.arange(n)  # (N, n)
+    X = jnp.zeros((G + 1, M, M), on.dtype)
+    X = X.at[g_at[:, None, None], rows[:, :, None], rows[:, None, :]].add(on)
+    gi = g_at[b["pair_i"]][:, None, None]
+    ri, rj = rows[b["pair_i"]], rows[b["pair_j"]]
+    X = X.at[gi, ri[:, :, None], rj[:, None, :]].add(pr)
+    X = X.at[gi, rj[:, :, None], ri[:, None, :]].add(jnp.swapaxes(pr, -1, -2))
+    X = X[:G]
+    v = valid.astype(on.dtype)
+    return (
+        X * v[:, :, None] * v[:, None, :]
+        + jnp.eye(M, dtype=on.dtype) * (diagonal * (1 - v))[:, None, :]
+    )
+
+
+def gamma_levels(on, pr, b, orbital_mask, n_atoms: int):
+    """Gamma-point eigenvalues (G, A n) of (H, S) per structure of a batch built
+    with ``structures`` (:func:`~ase_gearsh.model.graph.batch_graphs`): H from the
+    canonical blocks ``on``, ``pr``, S from the batch's S labels.  Unused and
+    padding orbitals sit at 1000 eV, above every real level.  Differentiable."""
+    G = b["fermi"].shape[0]
+    n = on.shape[-1]
+    M = n_atoms * n
+    rows = b["atom_local"][:, None] * n + jnp.arange(n)
+    valid = (
+        jnp.zeros((G + 1, M), bool)
+        .at[b["atom_graph"][:, None], rows]
+        .set(orbital_mask[b["species"]])[:G]
+    )
+    S = _dense(b["onsite_s"], b["pairs_s"], b, valid, n_atoms, 1.0)
+    L = jnp.linalg.cholesky(S)
+    H = _dense(on, pr, b, valid, n_atoms, _FAR_LEVEL)
+    X = jax.scipy.linalg.solve_triangular(L, H, lower=True)
+    A = jax.scipy.linalg.solve_triangular(L, jnp.swapaxes(X, -1, -2), lower=True)
+    return jnp.linalg.eigvalsh(0.5 * (A + jnp.swapaxes(A, -1, -2)))
+
+
+def _eigen_sums(pred_on, pred_pair, b, orbital_mask, window: float, n_atoms: int):
+    """Squared and absolute errors and the count of the Gamma-point eigenvalues of
+    (H, S) within ``window`` eV of each structure's Fermi level: the predicted H
+    against the label H, both with the label S (per structure in the batch)."""
+    ref = jax.lax.stop_gradient(gamma_levels(b["onsite"], b["pairs"], b, orbital_mask, n_atoms))
+    pr = pred_pair * b["pair_weight"][:, None, None]
+    pred = gamma_levels(pred_on, pr, b, orbital_mask, n_atoms)
+    inside = (jnp.abs(ref - b["fermi"][:, None]) <= window) & (ref < 0.5 * _FAR_LEVEL)
+    err = jnp.where(inside, pred - ref, 0.0)
+    return jnp.stack([(err**2).sum(), jnp.abs(err).sum(), inside.sum().astype(err.dtype)])
+
+
 def loss_from_sums(s, lp: dict):
     """Weighted MSE + RMSE (paper listing 6) from summed squared errors and counts."""
     mse_on = s[0] / jnp.maximum(s[2], 1.0)
@@ -424,19 +488,29 @@ def loss_from_sums(s, lp: dict):
     )
 
 
-def _batch_sums(model: Model, orbital_mask, params, stats, batch):
-    """Error sums of a sharded batch (leading axis: devices), summed over shards."""
+def _batch_sums(model: Model, orbital_mask, params, stats, batch, eigen=None):
+    """Error sums of a sharded batch (leading axis: devices), summed over shards;
+    ``eigen`` = (window, atoms per structure) adds the eigenvalue sums."""
 
     def one(b):
         on, pr = model.forward(params, stats, b)
-        return _sums(on, pr, b, orbital_mask)
+        s = _sums(on, pr, b, orbital_mask)
+        if eigen is not None:
+            s = jnp.concatenate([s, _eigen_sums(on, pr, b, orbital_mask, *eigen)])
+        return s
 
     return jax.vmap(one)(batch).sum(axis=0)
 
 
-def _loss(model: Model, orbital_mask, lp: dict, params, stats, batch):
-    s = _batch_sums(model, orbital_mask, params, stats, batch)
-    return loss_from_sums(s, lp), s
+def _loss(model: Model, orbital_mask, lp: dict, params, stats, batch, eigen=None):
+    s = _batch_sums(model, orbital_mask, params, stats, batch, eigen)
+    loss = loss_from_sums(s, lp)
+    if eigen is not None:  # weighted MSE + RMSE of the eigenvalues in the window
+        mse = s[6] / jnp.maximum(s[8], 1.0)
+        loss = loss + lp["loss_multiplier"] * lp["eigenvalue_weight"] * (
+            lp["mse_weight"] * mse + lp["rmse_weight"] * jnp.sqrt(mse + 1e-12)
+        )
+    return loss, s
 
 
 def _train_step(
@@ -452,15 +526,17 @@ def _train_step(
     batch,
     lr_scale,
     step,
+    eigen=None,
 ):
-    """One optimiser step: (params, opt_state, ema, loss).
+    """One optimiser step: (params, opt_state, ema, loss).  ``eigen``: see
+    :func:`_batch_sums` (static).
 
     The updates are multiplied by ``lr_scale`` (the host-side schedule: the same
     as scaling the learning rate, weight decay included).  ``ema`` is the moving
     average of the weights with decay min(ema_decay, (1 + step) / (10 + step))."""
-    (loss, _), grads = jax.value_and_grad(partial(_loss, model, orbital_mask, lp), has_aux=True)(
-        params, stats, batch
-    )
+    (loss, _), grads = jax.value_and_grad(
+        partial(_loss, model, orbital_mask, lp, eigen=eigen), has_aux=True
+    )(params, stats, batch)
     updates, opt_state = tx.update(grads, opt_state, params, value=loss)
     updates = jax.tree_util.tree_map(lambda u: u * lr_scale.astype(u.dtype), updates)
     params = optax.apply_updates(params, updates)
@@ -490,11 +566,13 @@ def _subsample(g, fraction, alpha, rng):
         pair_shift=g.pair_shift[pick],
         pair_vec=g.pair_vec[pick],
         pairs=g.pairs[pick],
+        pairs_s=None if g.pairs_s is None else g.pairs_s[pick],
     )
 
 
-def _shards(graphs, n_dev, am, nm, bm=None):
-    """Split a batch over devices, pad every shard to one common shape, stack."""
+def _shards(graphs, n_dev, am, nm, bm=None, structures=None):
+    """Split a batch over devices, pad every shard to one common shape, stack.
+    ``structures``: structures per shard for the eigenvalue loss (None: off)."""
     parts = [graphs[k::n_dev] for k in range(n_dev)]
     sizes = [
         (sum(g.n_atoms for g in p), sum(len(g.edge_i) for g in p), sum(len(g.pair_i) for g in p))
@@ -505,16 +583,14 @@ def _shards(graphs, n_dev, am, nm, bm=None):
     P = pad_size(max(s[2] for s in sizes), bm or nm)
     out = []
     for p in parts:
-        b = (
-            batch_graphs(p, am, nm, far=FAR, sizes=(N, E, P))
-            if p
-            else batch_graphs(graphs[:1], am, nm, far=FAR, sizes=(N, E, P))
-        )
+        b = batch_graphs(p or graphs[:1], am, nm, far=FAR, sizes=(N, E, P), structures=structures)
         w = np.zeros(P, np.float32)
         w[: sum(len(g.pair_i) for g in p)] = 1.0
         if not p:  # an empty shard contributes nothing
             b["species"][:] = 0
             w[:] = 0
+            if "fermi" in b:
+                b["atom_graph"][:] = structures
         b["pair_weight"] = w
         out.append(b)
     return {k: np.stack([b[k] for b in out]) for k in out[0]}
@@ -645,15 +721,29 @@ class StepFunctions:
             partial(_train_step, model, mask, self.lp, self.tx, self.ema_decay),
             donate_argnums=(0, 1, 2),
         )
+        # the eigenvalue loss: from eigenvalue_start of the budget on, all bonds
+        self.eigen_start = None
+        if self.lp["eigenvalue_weight"] > 0:
+            if any(g.onsite_s is None for g in data.train):
+                raise TrainingError("the eigenvalue loss needs S labels (prepare_data)")
+            self.eigen_start = float(self.lp["eigenvalue_start"])
+            most_atoms = max(g.n_atoms for g in data.train)
+            eigen = (float(self.lp["eigenvalue_window"]), most_atoms)
+            self._step_eigen = jax.jit(
+                partial(_train_step, model, mask, self.lp, self.tx, self.ema_decay, eigen=eigen),
+                donate_argnums=(0, 1, 2),
+            )
         self._eval_sums = jax.jit(partial(_batch_sums, model, mask))
 
     def replicate(self, tree):
         """``tree`` on every device of the mesh."""
         return jax.device_put(tree, self._repl)
 
-    def batch(self, graphs: list[Graph]) -> dict:
-        """Padded arrays of ``graphs``, split over the devices (leading axis)."""
-        arrays = _shards(graphs, self.n_dev, *self.pad)
+    def batch(self, graphs: list[Graph], eigen: bool = False) -> dict:
+        """Padded arrays of ``graphs``, split over the devices (leading axis);
+        ``eigen``: with what the eigenvalue loss needs."""
+        per_shard = -(-self.batch_size // self.n_dev) if eigen else None
+        arrays = _shards(graphs, self.n_dev, *self.pad, structures=per_shard)
         return {k: jax.device_put(jnp.asarray(v), self._shard) for k, v in arrays.items()}
 
     def train_epoch(self, state: TrainState, graphs: list[Graph], epoch: int, clock) -> float:
@@ -667,14 +757,21 @@ class StepFunctions:
         order = rng.permutation(len(graphs))
         bs, losses = self.batch_size, []
         for k in range(self.steps_per_epoch):
+            eigen = (
+                self.eigen_start is not None
+                and self.schedule.progress(state.step, clock()) >= self.eigen_start
+            )
             chosen = [
-                _subsample(graphs[i], self.bond_fraction, self.sampling_alpha, rng)
+                graphs[i]
+                if eigen  # eigenvalues need every bond
+                else _subsample(graphs[i], self.bond_fraction, self.sampling_alpha, rng)
                 for i in order[k * bs : (k + 1) * bs]
             ]
-            batch = self.batch(chosen)
+            batch = self.batch(chosen, eigen)
             scale = self.schedule(state.step, clock())
+            step = self._step_eigen if eigen else self._step
             with precision():
-                state.params, state.opt_state, state.ema, loss = self._step(
+                state.params, state.opt_state, state.ema, loss = step(
                     state.params,
                     state.opt_state,
                     state.ema,
