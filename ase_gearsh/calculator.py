@@ -23,6 +23,14 @@ ASE's calculator rules
 * Checkpoints are loaded once per process (:func:`~ase_gearsh.model.engine.load_model`);
   a new calculator on a loaded model shares it, its compiled network and its
   overlap tables, and costs milliseconds.
+* Reliability: when the checkpoint stores a reliability reference
+  (``gearsh attach-reliability``; :mod:`ase_gearsh.model.reliability`),
+  ``results["reliability"]`` is the structure's figure (1 ~ the edge of the training
+  set's atom environments, larger = extrapolating) and ``results["atom_reliability"]``
+  the per-atom scores, from the same network run as H; above
+  ``reliability_threshold`` (2.0) an :class:`~ase_gearsh.model.reliability.UnreliableWarning`
+  names the worst atoms.  Checkpoints without a reference report ``None``.
+  ``get_reliability()`` returns the figure.
 * Bad input raises :class:`CalculatorInputError` (a ``GearsHError``, ASE
   ``CalculatorSetupError`` and ``ValueError``); a property that cannot be
   computed raises :class:`PropertyUnavailableError` (ASE ``PropertyNotPresent``).
@@ -63,6 +71,7 @@ and PDOS are :class:`~ase_gearsh.electronic.spectrum.DenseSpectrum` and
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -102,6 +111,13 @@ from .electronic.spectrum import (
 from .model.coverage import coverage_messages, warn_extrapolation
 from .model.engine import Model, load_model
 from .model.inference import predictor_for
+from .model.reliability import (
+    RELIABILITY_THRESHOLD,
+    ReliabilityError,
+    reference_of,
+    reliability_scores,
+    warn_unreliable,
+)
 
 __all__ = [
     "GearsHCalculator",
@@ -124,7 +140,9 @@ class PropertyUnavailableError(GearsHError, PropertyNotPresent):
 
 # parameter changes that leave the atoms-level data (blocks, H(k), S(k), KPM at Gamma) valid
 _KEEPS_MATRICES = {"kpts", "width", "charge", "dense_limit", "kpm"}
-_NO_EFFECT = {"progress", "warn_extrapolation"}
+_NO_EFFECT = {"progress", "warn_extrapolation", "reliability_threshold"}
+# results that depend on the atoms only (kept when k-points or smearing change)
+_ATOMS_RESULTS = ("hamiltonian", "overlap", "reliability", "atom_reliability")
 # overlap tables are built lazily and are costly: one OverlapCalculator per model
 _OVERLAPS: weakref.WeakKeyDictionary[Model, tuple] = weakref.WeakKeyDictionary()
 
@@ -171,6 +189,8 @@ def _check_parameter(key: str, value):
         check_positive("dense_limit", value, integer=True, allow_zero=True)
     elif key in ("edge_chunk", "pair_chunk"):
         check_positive(key, value, integer=True)
+    elif key == "reliability_threshold" and value is not None:
+        check_positive("reliability_threshold (None: never warn)", value)
     return value
 
 
@@ -270,6 +290,24 @@ def _check_coverage(model: Model, atoms: Atoms, pb: BlockMatrices) -> None:
     )
 
 
+def _reliability(model: Model, atoms: Atoms, pb: BlockMatrices, threshold) -> tuple:
+    """(figure, per-atom scores) of a prediction, (None, None) when the model has no
+    reliability reference; warns above ``threshold`` (None: never)."""
+    invariants = getattr(pb, "atom_invariants", None)
+    try:
+        ref = reference_of(model)
+        if ref is None or invariants is None:
+            return None, None
+        symbols = atoms.get_chemical_symbols()
+        scores = reliability_scores(ref, symbols, invariants)
+    except ReliabilityError as err:  # an unreadable reference must not stop predictions
+        warnings.warn(f"no reliability figure: {err}", RuntimeWarning, stacklevel=4)
+        return None, None
+    if threshold is not None:
+        warn_unreliable(ref, symbols, scores, threshold)
+    return float(scores.max()), scores
+
+
 def _n_orbitals(model: Model, atoms: Atoms) -> int:
     registry = model.registry
     return int(registry.n_orbitals[registry.species_index(atoms.numbers)].sum())
@@ -296,7 +334,14 @@ class GearsHCalculator(Calculator):
     are in ``default_parameters``.
     """
 
-    implemented_properties = ["hamiltonian", "overlap", "eigenvalues", "fermi_level"]
+    implemented_properties = [
+        "hamiltonian",
+        "overlap",
+        "eigenvalues",
+        "fermi_level",
+        "reliability",
+        "atom_reliability",
+    ]
     default_parameters = {
         "kpts": None,
         "width": 0.01,  # Fermi-Dirac smearing for the Fermi level, eV
@@ -306,6 +351,7 @@ class GearsHCalculator(Calculator):
         "edge_chunk": 65536,
         "pair_chunk": 1024,  # bonds per network call (small chunks are cache-friendly)
         "warn_extrapolation": True,
+        "reliability_threshold": RELIABILITY_THRESHOLD,  # warn above (None: never)
         "progress": False,
     }
 
@@ -350,14 +396,12 @@ class GearsHCalculator(Calculator):
             kept = {
                 k: v
                 for k, v in self._cache.items()
-                if k in ("blocks", "kpm") or isinstance(k, tuple)
+                if k in ("blocks", "kpm", "reliability") or isinstance(k, tuple)
             }
             if "kpm" in changed and "kpm" in kept:  # new options: new moments
                 kept["kpm"] = kept["kpm"].with_options(self.parameters.kpm)
             self._cache = kept
-            self.results = {
-                k: v for k, v in self.results.items() if k in ("hamiltonian", "overlap")
-            }
+            self.results = {k: v for k, v in self.results.items() if k in _ATOMS_RESULTS}
         else:  # the model or chunk sizes: start over (the atoms are kept)
             self._predictor = None
             self._cache.clear()
@@ -435,6 +479,8 @@ class GearsHCalculator(Calculator):
             "overlap": lambda: self._matrix("S", np.zeros(3)),
             "eigenvalues": lambda: self._dense().eigenvalues()[None],
             "fermi_level": self._fermi_level,
+            "reliability": lambda: self._reliability()[0],
+            "atom_reliability": lambda: self._reliability()[1],
         }
         for name in properties:
             if name not in self.results:
@@ -456,7 +502,24 @@ class GearsHCalculator(Calculator):
             if self.parameters.warn_extrapolation:
                 _check_coverage(self.model, self.atoms, pb)
             self._cache["blocks"] = pb
+            self._reliability()  # with every prediction: results and the warning
         return self._cache["blocks"]
+
+    def _reliability(self) -> tuple:
+        """(figure, per-atom scores) of the prediction, also put in ``results``."""
+        pb = self._blocks()  # a new prediction scores itself (through this method)
+        if "reliability" not in self._cache:
+            p = self.parameters
+            self._cache["reliability"] = _reliability(
+                self.model,
+                self.atoms,
+                pb,
+                p.reliability_threshold if p.warn_extrapolation else None,
+            )
+        figure, scores = self._cache["reliability"]
+        self.results["reliability"] = figure
+        self.results["atom_reliability"] = None if scores is None else scores.copy()
+        return figure, scores
 
     def _matrix(self, kind: str, k: np.ndarray):
         """H(k) ("H") or S(k) ("S") as scipy.sparse CSR; Gamma also goes to ``results``."""
@@ -590,6 +653,19 @@ class GearsHCalculator(Calculator):
         _check_spin(spin)
         self._sync()
         return self._ensure("eigenvalues")[spin, self._kpoints().index(kpt)].copy()
+
+    def get_reliability(self, atoms: Atoms | None = None, per_atom: bool = False):
+        """The reliability figure of the prediction: the largest per-atom score, where
+        a score is the distance of the atom's descriptor to the training atoms of its
+        species over the training set's own spread (1 ~ edge of the training data,
+        larger = extrapolating, ``inf`` for a species without reference).  With
+        ``per_atom`` the scores (N,).  ``None`` when the checkpoint stores no
+        reference (``gearsh attach-reliability`` adds one)."""
+        self._sync(atoms)
+        figure, scores = self._reliability()
+        if per_atom:
+            return None if scores is None else scores.copy()
+        return figure
 
     def get_fermi_level(self) -> float:
         """Fermi level (eV): Fermi-Dirac ``width`` smearing over the IBZ eigenvalues, or

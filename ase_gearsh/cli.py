@@ -1,5 +1,6 @@
 """The ``gearsh`` command: ``train CONFIG``, ``eval MODEL DATASET``,
-``predict STRUCTURE -m MODEL -o OUT``, ``attach-basis MODEL``."""
+``predict STRUCTURE -m MODEL -o OUT``, ``attach-basis MODEL``,
+``attach-reliability MODEL DATASET [DATASET...]``."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import sys
 from ase.calculators.calculator import CalculatorSetupError, PropertyNotPresent
 
 from .core.errors import GearsHError
+from .model.checkpoint import load_checkpoint
 from .model.engine import enable_compilation_cache
+from .model.reliability import reference_summary
 from .predict import parse_kpts, predict_structure
-from .training.attach import attach_basis
+from .training.attach import attach_basis, attach_reliability, dataset_structures
 from .training.evaluate import evaluate
 from .training.train import train
 
@@ -75,6 +78,23 @@ def _attach(args: argparse.Namespace) -> None:
     print(f"wrote {out} with basis functions of {args.xc}/{args.setups} GPAW setups")
 
 
+def _attach_reliability(args: argparse.Namespace) -> None:
+    names = None
+    if not args.all_structures:
+        names = set(load_checkpoint(args.model)["extra"].get("train_names") or []) or None
+    ref = attach_reliability(
+        args.model,
+        dataset_structures(args.datasets, names, args.model),
+        output=args.output,
+        max_reference=args.max_reference,
+        n_components=args.components,
+        progress=not args.quiet,
+    )
+    which = "every structure" if names is None else "the training structures"
+    print(f"wrote {args.output or args.model} with a reliability reference from {which}")
+    print(f"  {reference_summary(ref)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``gearsh``; returns the exit status (2 and one line on stderr for a user
     error, see :data:`USER_ERRORS`)."""
@@ -133,6 +153,26 @@ def main(argv: list[str] | None = None) -> int:
         help="training dataset: also store the training coverage used for extrapolation warnings",
     )
     b.set_defaults(func=_attach)
+    a = sub.add_parser(
+        "attach-reliability",
+        help="store the reference of the reliability figure (distance of each atom's "
+        "descriptor to the training set) in a checkpoint",
+    )
+    a.add_argument("model")
+    a.add_argument("datasets", nargs="+", metavar="dataset", help="training dataset folder(s)")
+    a.add_argument("-o", "--output", help="write here instead of in place")
+    a.add_argument(
+        "--all-structures",
+        action="store_true",
+        help="use every structure of the datasets (default: only the checkpoint's "
+        "training structures, when it records them)",
+    )
+    a.add_argument(
+        "--max-reference", type=int, default=128, help="reference atoms per element (128)"
+    )
+    a.add_argument("--components", type=int, default=8, help="principal components (8)")
+    a.add_argument("-q", "--quiet", action="store_true")
+    a.set_defaults(func=_attach_reliability)
     args = p.parse_args(argv)
     enable_compilation_cache()  # process-wide JAX setting: the command's, not the library's
     try:

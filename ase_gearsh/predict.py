@@ -8,7 +8,10 @@ Writes (atomically, units recorded in ``summary.json``):
   shifts, as in datasets), from which H(k) follows at any k;
 * ``eigenvalues.csv`` (dense solver only): k-point, weight, band, energy;
 * ``dos.csv`` and ``dos.png``: total and species-projected DOS with E_F;
-* ``summary.json``: sizes, Fermi level, timings, model and options.
+* ``summary.json``: sizes, Fermi level, timings, model and options, and the
+  reliability figure (``reliability``: 1 ~ the edge of the training set's atom
+  environments, larger = extrapolating; ``null`` when the model stores no reference
+  or an element has none) with the worst atoms (``reliability_detail``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ase.io import read
 from .calculator import GearsHCalculator
 from .core.errors import GearsHError
 from .core.io import atomic_write_bytes, new_figure, save_figure
+from .model.reliability import missing_species, reference_of
 
 __all__ = ["predict_structure", "PredictError"]
 
@@ -56,6 +60,49 @@ def parse_kpts(text):
     if len(size) != 3 or min(size) < 1:
         raise PredictError(f"--kpts expects three positive integers like 4,4,1, got {text!r}")
     return {"size": size, "gamma": True}
+
+
+def _finite(x) -> float | None:
+    """JSON has no inf: non-finite figures become null."""
+    return float(x) if np.isfinite(x) else None
+
+
+def reliability_summary(calc: GearsHCalculator, worst: int = 5) -> tuple[dict | None, str]:
+    """(JSON-ready detail, one log line) of the calculator's reliability figure."""
+    figure = calc.get_reliability()
+    if figure is None:
+        return None, (
+            "reliability: none (the model stores no reference; "
+            "`gearsh attach-reliability MODEL DATASET` adds one)"
+        )
+    scores = calc.get_reliability(per_atom=True)
+    symbols = calc.atoms.get_chemical_symbols()
+    order = np.argsort(-scores, kind="stable")[:worst]
+    threshold = calc.parameters.reliability_threshold
+    detail = {
+        "figure": _finite(figure),
+        "threshold": threshold,
+        "worst_atoms": [
+            {"index": int(i), "symbol": symbols[i], "score": _finite(scores[i])} for i in order
+        ],
+        "missing_species": missing_species(reference_of(calc.model), symbols),
+    }
+    worst_text = ", ".join(f"{int(i)} {symbols[i]} {scores[i]:.2f}" for i in order)
+    verdict = (
+        "extrapolating: do not trust without a check"
+        if threshold is not None and figure > threshold
+        else "within the training data"
+        if figure <= 1.0
+        else "near the edge of the training data"
+    )
+    warns = "" if threshold is None else f", warning above {threshold:g}"
+    line = (
+        f"reliability figure {figure:.2f} ({verdict}; 1 ~ edge of the training data"
+        f"{warns}); worst atoms: {worst_text}"
+    )
+    for sym, why in detail["missing_species"].items():
+        line += f"; {sym}: {why}"
+    return detail, line
 
 
 def plot_dos(path: Path, energies, dos, pdos: dict, fermi: float, title: str = "") -> None:
@@ -138,6 +185,7 @@ def predict_structure(
     e, pdos = calc.get_pdos(width=width, npts=npts, emin=emin, emax=emax, method=method)
     ef = calc.get_fermi_level()
     t4 = time.perf_counter()
+    reliability, reliability_line = reliability_summary(calc)
     if not use_kpm:
         k, w = calc.get_ibz_k_points(), calc.get_k_point_weights()
         rows = ["kpt,kx,ky,kz,weight,band,energy_eV"]
@@ -171,6 +219,8 @@ def predict_structure(
         "kpt_weights": calc.get_k_point_weights().tolist(),
         "n_electrons": calc.get_number_of_electrons(),
         "width_eV": width,
+        "reliability": None if reliability is None else reliability["figure"],
+        "reliability_detail": reliability,
         "units": {"energy": "eV", "length": "Angstrom", "dos": "states/eV per spin"},
         "timings_s": {
             "load_model": t1 - t0,
@@ -187,6 +237,7 @@ def predict_structure(
         f"E_F = {ef:.4f} eV; H in {t2 - t1:.2f} s, S in {t3 - t2:.2f} s, spectrum in "
         f"{t4 - t3:.2f} s ({summary['method']})"
     )
+    log(reliability_line)
     log(
         f"wrote {out}/: hamiltonian.npz overlap.npz blocks.npz "
         f"{'' if use_kpm else 'eigenvalues.csv '}dos.csv dos.png summary.json"

@@ -144,7 +144,11 @@ def test_kill_mid_epoch_loses_at_most_that_epoch(water_dataset, tmp_path, make_c
 @pytest.fixture(scope="module")
 def trained_run(water_dataset, tmp_path_factory, make_config):
     """One small training run shared by the checkpoint and eval tests (read only)."""
-    return _train(make_config(water_dataset, tmp_path_factory.mktemp("trained")))
+    return _train(
+        make_config(
+            water_dataset, tmp_path_factory.mktemp("trained"), training={"reliability": True}
+        )
+    )
 
 
 def test_checkpoint_round_trip_and_errors(water_dataset, tmp_path, trained_run):
@@ -161,6 +165,8 @@ def test_checkpoint_round_trip_and_errors(water_dataset, tmp_path, trained_run):
     ck = load_checkpoint(run / "model.ckpt")
     assert {"config", "settings", "registry", "stats", "params", "versions"} <= set(ck)
     assert [e["symbol"] for e in ck["registry"]["species"]] == ["H", "O"]
+    # training ends by fitting the reliability reference into model.ckpt
+    assert set(ck["extra"]["reliability"]["species"]) == {"H", "O"}
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.ckpt")
     junk = tmp_path / "junk.ckpt"

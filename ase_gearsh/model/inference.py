@@ -11,7 +11,10 @@ Atoms are padded on a geometric ladder of sizes (+25 % steps), edges and bonds t
 fixed chunk sizes, so a structure whose size falls in an already-seen bucket does
 not recompile, and memory is bounded by the chunk sizes rather than the number
 of bonds.  The result is a :class:`~ase_gearsh.core.blocks.BlockMatrices` in GPAW
-orbital order.
+orbital order; it also carries ``atom_invariants`` (N, K), the rotation-invariant
+features of the atom descriptors of stage 2 (:func:`atom_invariants`), from which
+:mod:`ase_gearsh.model.reliability` scores how far each atom lies from the
+training set without a second network run.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ..core.blocks import BlockMatrices
 from .engine import Model, precision
 from .graph import FAR, Graph, pad_edges
 
-__all__ = ["bucket", "Predictor", "predictor_for"]
+__all__ = ["bucket", "atom_invariants", "Predictor", "predictor_for"]
 
 
 def bucket(n: int, base: int = 64, growth: float = 1.25) -> int:
@@ -35,6 +38,35 @@ def bucket(n: int, base: int = 64, growth: float = 1.25) -> int:
     while size <= n:
         size = int(np.ceil(size * growth / base) * base)
     return size
+
+
+def atom_invariants(descriptors):
+    """Rotation-invariant features of atom descriptors.
+
+    ``descriptors``: (N, 2, (L+1)^2, F), parity x (degree, order) x feature, as
+    :meth:`~ase_gearsh.model.engine.Model.atoms` returns them.  Returns (N, 2 (L+1) F):
+    the norm over the orders m of each (parity, degree, feature) channel, which a
+    rotation (or an inversion) of the structure leaves unchanged, since each channel
+    transforms with an orthogonal Wigner matrix.  Order of the features: parity,
+    feature, degree.  Array-agnostic: numpy input is computed in float64; a JAX
+    array (the :class:`Predictor` jits this function) stays a JAX array.
+    """
+    d = descriptors
+    if not isinstance(d, jax.Array):  # tracers are jax.Array too
+        d = np.asarray(d, np.float64)
+    if d.ndim != 4 or d.shape[1] != 2:
+        raise ValueError(
+            f"expected atom descriptors of shape (N, 2, (L+1)^2, F), got {tuple(d.shape)}"
+        )
+    M = d.shape[2]
+    L = int(round(np.sqrt(M))) - 1
+    if (L + 1) ** 2 != M:
+        raise ValueError(f"expected (L+1)^2 orders per channel, got {M}")
+    degree = np.zeros((M, L + 1), np.float32)  # sums the orders m of each degree l
+    for deg in range(L + 1):
+        degree[deg * deg : (deg + 1) ** 2, deg] = 1.0
+    squares = (d * d).transpose(0, 1, 3, 2) @ degree  # (N, 2, F, L+1)
+    return (squares**0.5).reshape(d.shape[0], -1)
 
 
 class Predictor:
@@ -61,13 +93,17 @@ class Predictor:
         self._density = jax.jit(model.density)
         self._atoms = jax.jit(model.atoms)
         self._bonds = jax.jit(model.bonds)
+        self._invariants = jax.jit(atom_invariants)
 
     def __call__(self, atoms, progress: bool = False) -> BlockMatrices:
-        """Predicted H of ``atoms`` (eV, GPAW order)."""
+        """Predicted H of ``atoms`` (eV, GPAW order).  The result also carries
+        ``atom_invariants`` (N, K) float32: :func:`atom_invariants` of the atom
+        descriptors of this prediction."""
         t0 = time.perf_counter()
         g = self.model.graph(atoms)
         t1 = time.perf_counter()
-        onsite, pairs, info = self.canonical_blocks(g, progress=progress)
+        with precision():
+            onsite, pairs, invariants, info = self._predict(g, progress)
         t2 = time.perf_counter()
         result = self.to_gpaw(g, onsite, pairs)
         t3 = time.perf_counter()
@@ -77,14 +113,27 @@ class Predictor:
             "to_gpaw_order": t3 - t2,
             **info,
         }
+        result.atom_invariants = invariants
         return result
 
     def canonical_blocks(self, g: Graph, progress: bool = False):
         """(onsite (N, n, n), pairs (P, n, n), info) in the canonical layout, float32."""
         with precision():
-            return self._canonical_blocks(g, progress)
+            onsite, pairs, _, info = self._predict(g, progress)
+        return onsite, pairs, info
 
-    def _canonical_blocks(self, g: Graph, progress: bool):
+    def atom_invariants(self, g: Graph) -> np.ndarray:
+        """:func:`atom_invariants` (N, K) float32 of the atoms of graph ``g`` (or of
+        an ``ase.Atoms``): stages 1 and 2 only, no bonds."""
+        if not isinstance(g, Graph):
+            g = self.model.graph(g)
+        with precision():
+            _, _, _, invariants, _ = self._atoms_stage(g)
+        return invariants
+
+    def _atoms_stage(self, g: Graph):
+        """Stages 1 and 2: (padded species, descriptors (device), on-site blocks
+        (N, n, n), invariants (N, K), info)."""
         model, params, stats = self.model, self.model.params, self.model.stats
         N = g.n_atoms
         Np = bucket(N, self.atom_base)
@@ -116,6 +165,22 @@ class Predictor:
             n_edge_chunks = len(starts)
         d, onsite = self._atoms(params, stats, species, *map(jnp.asarray, edges), rho)
         onsite = np.asarray(onsite)[:N]
+        invariants = np.asarray(self._invariants(d))[:N]
+        info = {
+            "atoms": time.perf_counter() - t0,
+            "n_edges": E,
+            "atoms_padded": Np,
+            "edge_chunk": ce,
+            "edge_chunks": n_edge_chunks,
+        }
+        return species, d, onsite, invariants, info
+
+    def _predict(self, g: Graph, progress: bool):
+        """The three stages: (onsite, pairs, invariants, info); call inside
+        :func:`~ase_gearsh.model.engine.precision`."""
+        model, params, stats = self.model, self.model.params, self.model.stats
+        species, d, onsite, invariants, ainfo = self._atoms_stage(g)
+        pad = len(species) - 1
         t1 = time.perf_counter()
         pi, pj, pv = g.pair_i, g.pair_j, g.pair_vec
         P = len(pi)
@@ -135,17 +200,17 @@ class Predictor:
             pairs[a:b] = np.asarray(out)[: b - a]
         t2 = time.perf_counter()
         info = {
-            "atoms": t1 - t0,
+            "atoms": ainfo["atoms"],
             "bonds": t2 - t1,
-            "n_edges": E,
+            "n_edges": ainfo["n_edges"],
             "n_bonds": P,
-            "atoms_padded": Np,
-            "edge_chunk": ce,
+            "atoms_padded": ainfo["atoms_padded"],
+            "edge_chunk": ainfo["edge_chunk"],
             "pair_chunk": cp,
-            "edge_chunks": n_edge_chunks,
+            "edge_chunks": ainfo["edge_chunks"],
             "pair_chunks": len(range(0, max(P, 1), cp)),
         }
-        return onsite, pairs, info
+        return onsite, pairs, invariants, info
 
     def to_gpaw(self, g: Graph, onsite, pairs) -> BlockMatrices:
         """Canonical blocks of graph ``g`` -> :class:`BlockMatrices` in GPAW order."""

@@ -1,4 +1,6 @@
-"""``gearsh attach-basis``: add basis functions (and training coverage) to a checkpoint."""
+"""Add to an existing checkpoint what inference needs besides the network:
+``gearsh attach-basis`` (basis functions and training coverage) and
+``gearsh attach-reliability`` (the reference of the reliability figure)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ from ..core.data import Dataset
 from ..core.io import atomic_write_bytes
 from ..model.checkpoint import CheckpointError, basis_payload, load_checkpoint
 from ..model.coverage import training_coverage
-from ..model.engine import pair_cutoff_matrix
+from ..model.engine import load_model, pair_cutoff_matrix
 from ..model.graph import build_graph
+from ..model.reliability import ReliabilityError, fit_reliability
 
-__all__ = ["attach_basis"]
+__all__ = ["attach_basis", "attach_reliability", "dataset_structures"]
 
 
 def attach_basis(
@@ -67,3 +70,65 @@ def attach_basis(
     out = Path(output or path)
     atomic_write_bytes(out, serialization.msgpack_serialize(payload))
     return out
+
+
+def attach_reliability(
+    path: str | Path,
+    structures_or_graphs,
+    output: str | Path | None = None,
+    *,
+    max_reference: int = 128,
+    n_components: int = 8,
+    quantile: float = 0.99,
+    progress: bool = False,
+) -> dict:
+    """Fit the reliability reference of the checkpoint's model on its training
+    structures and store it in ``extra["reliability"]``; atomic rewrite of
+    ``output`` (default: in place), every other field kept as it is.
+
+    ``structures_or_graphs``: an iterable (read once) of
+    :class:`~ase_gearsh.model.graph.Graph` (built with this model's registry, as
+    training builds them), ``ase.Atoms`` or dataset structures.  Options: see
+    :func:`~ase_gearsh.model.reliability.fit_reliability`.  Returns the reference
+    (a JSON-ready dict).  The model is the one loaded for ``path`` in this process
+    (:func:`~ase_gearsh.model.engine.load_model`), compiled stages included."""
+    model = load_model(path)
+    ref = fit_reliability(
+        model,
+        structures_or_graphs,
+        max_reference=max_reference,
+        n_components=n_components,
+        quantile=quantile,
+        progress=progress,
+    )
+    payload = serialization.msgpack_restore(Path(path).read_bytes())
+    extra = dict(json.loads(payload["extra"]), reliability=ref)
+    payload["extra"] = json.dumps(extra)
+    atomic_write_bytes(Path(output or path), serialization.msgpack_serialize(payload))
+    return ref
+
+
+def dataset_structures(datasets, names=None, model_path: str | Path = "the model"):
+    """The structures of dataset folders ``datasets`` (one path or several), read one
+    at a time; with ``names`` only those whose source name is in it (the
+    checkpoint's ``extra["train_names"]``), and a :class:`ReliabilityError` at the
+    end if none was."""
+    if isinstance(datasets, (str, Path)):
+        datasets = [datasets]
+    folders = [Dataset(d) for d in datasets]  # missing folders fail before any work
+    kept = seen = 0
+    for ds in folders:
+        for s in ds:
+            seen += 1
+            if names is None or s.meta["source"]["name"] in names:
+                kept += 1
+                yield s
+    if not kept:
+        where = ", ".join(str(ds.path) for ds in folders)
+        if names is None:
+            raise ReliabilityError(f"{where}: no structures")
+        raise ReliabilityError(
+            f"none of the {seen} structures of {where} is among the {len(names)} training "
+            f"structures of {model_path}; pass the training data, or use every structure "
+            f"(--all-structures)"
+        )

@@ -148,6 +148,9 @@ DEFAULTS = {
         # exponential moving average of the weights, used for validation and saved in
         # model.ckpt (0: off); its decay ramps up as (1 + t) / (10 + t) over step t
         "ema_decay": 0.0,
+        # fit the reliability reference (distance of atom descriptors to the
+        # training set) into model.ckpt when training ends
+        "reliability": True,
         "checkpoint_every": 1,
         "valid_every": 1,
     },

@@ -166,6 +166,12 @@ def train(
             break
     bar.close()
     metrics.close(state.history)
+    if tcfg["reliability"] and checkpoints.best_path.exists():
+        from ..model.reliability import reference_summary
+        from .attach import attach_reliability
+
+        ref = attach_reliability(checkpoints.best_path, data.train, progress=progress)
+        log(f"reliability reference of model.ckpt: {reference_summary(ref)}")
     return run
 
 
