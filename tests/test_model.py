@@ -192,3 +192,43 @@ def test_shipped_equivariance_helper_on_the_prediction_path(small_model, chain_d
         small_model, atoms, random_rotation(5), inversion=inversion
     )
     assert err_on < TOL and err_pr < TOL, (err_on, err_pr)
+
+
+@pytest.fixture(scope="module", params=["once", "both_orientations"])
+def model_variant(request, small_model):
+    """The small model with each way of making H_ji = H_ij^T exact."""
+    from ase_gearsh.model.engine import Model
+
+    settings = dict(small_model.settings, bond_evaluation=request.param)
+    model = Model(settings, small_model.registry, small_model.stats, None, small_model.config)
+    model.params = model.init_params(3)
+    return model
+
+
+def test_a_bond_reversed_gives_the_transposed_block(model_variant):
+    """Like species (H-H: s and p orbitals) and unlike species (O-H), both storage
+    orientations: exactly the transpose, and the like-species block is not symmetric
+    (the part odd in r is there)."""
+    for symbols in ("H2", "OH"):
+        a = Atoms(symbols, positions=[[0, 0, 0], [0.3, 0.5, 0.7]], cell=[20, 20, 20])
+        _, _, p1 = _predict(model_variant, a)
+        _, _, p2 = _predict(model_variant, a[[1, 0]])
+        assert np.abs(p1).max() > 1e-3
+        assert np.abs(p2[0] - p1[0].T).max() < 1e-6, symbols
+        if symbols == "H2":
+            assert np.abs(p1[0] - p1[0].T).max() > 1e-4
+
+
+def test_rotation_and_permutation_equivariance_of_both_evaluations(model_variant, water_dataset):
+    atoms = Dataset(water_dataset)[1].atoms
+    err_on, err_pr = _rotate_check(model_variant, atoms, inversion=True)
+    assert err_on < TOL and err_pr < TOL, (err_on, err_pr)
+    g, on, pr = _predict(model_variant, atoms)
+    perm = np.array([1, 2, 0])
+    g2, on2, pr2 = _predict(model_variant, atoms[perm])
+    blocks = {}
+    for p, (i, j) in enumerate(zip(g2.pair_i, g2.pair_j)):
+        blocks[(perm[i], perm[j])] = pr2[p]
+        blocks[(perm[j], perm[i])] = pr2[p].T
+    for p, (i, j) in enumerate(zip(g.pair_i, g.pair_j)):
+        assert np.abs(blocks[(i, j)] - pr[p]).max() < 1e-5
