@@ -1,6 +1,6 @@
 """The ``gearsh`` command: ``train CONFIG``, ``eval MODEL DATASET``,
 ``predict STRUCTURE -m MODEL -o OUT``, ``attach-basis MODEL``,
-``attach-reliability MODEL DATASET [DATASET...]``."""
+``attach-reliability MODEL DATASET [DATASET...]``, ``check DATASET [DATASET...]``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import sys
 
 from ase.calculators.calculator import CalculatorSetupError, PropertyNotPresent
 
+from .core.data import check_dataset
 from .core.errors import GearsHError
+from .core.processes import Interrupted, interrupt_on_sigterm
 from .model.checkpoint import load_checkpoint
 from .model.engine import enable_compilation_cache
 from .model.reliability import reference_summary
@@ -68,12 +70,18 @@ def _predict(args: argparse.Namespace) -> None:
         charge=args.charge,
         index=args.index,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
 
 
 def _attach(args: argparse.Namespace) -> None:
     out = attach_basis(
-        args.model, xc=args.xc, setups=args.setups, output=args.output, dataset=args.dataset
+        args.model,
+        xc=args.xc,
+        setups=args.setups,
+        output=args.output,
+        dataset=args.dataset,
+        force=args.force,
     )
     print(f"wrote {out} with basis functions of {args.xc}/{args.setups} GPAW setups")
 
@@ -93,6 +101,22 @@ def _attach_reliability(args: argparse.Namespace) -> None:
     which = "every structure" if names is None else "the training structures"
     print(f"wrote {args.output or args.model} with a reliability reference from {which}")
     print(f"  {reference_summary(ref)}")
+
+
+def _check(args: argparse.Namespace) -> int:
+    status = 0
+    for folder in args.datasets:
+        good, problems = check_dataset(folder, eigenvalue_tolerance=args.eigenvalue_tolerance)
+        print(f"{folder}: {good} good structure(s), {len(problems)} problem(s)")
+        for name, what in problems:
+            print(f"  {name}: {what}")
+        if problems:
+            status = 1
+            print(
+                "  fix: re-extract a damaged entry with `python -m gpaw_tools.extract "
+                f"RUN.gpw -o {folder} --overwrite`, or delete it"
+            )
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("predict", help="predicted H, exact S, spectrum and DOS of a structure")
     r.add_argument("structure", help="any file ase.io.read understands")
     r.add_argument("-m", "--model", required=True, help="model.ckpt")
-    r.add_argument("-o", "--output", required=True, help="output folder")
+    r.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
+    r.add_argument(
+        "--overwrite", action="store_true", help="replace the output folder if it exists"
+    )
     r.add_argument("--kpts", help="Gamma-centred k-grid, e.g. 4,4,1 (default: Gamma only)")
     r.add_argument("--width", type=float, default=0.1, help="DOS broadening, eV (0.1)")
     r.add_argument("--npts", type=int, default=2001, help="DOS energy points (2001)")
@@ -152,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         "--dataset",
         help="training dataset: also store the training coverage used for extrapolation warnings",
     )
+    b.add_argument(
+        "--force",
+        action="store_true",
+        help="store the basis of --xc even if the model's data records another functional",
+    )
     b.set_defaults(func=_attach)
     a = sub.add_parser(
         "attach-reliability",
@@ -173,14 +205,34 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--components", type=int, default=8, help="principal components (8)")
     a.add_argument("-q", "--quiet", action="store_true")
     a.set_defaults(func=_attach_reliability)
+    c = sub.add_parser(
+        "check",
+        help="list corrupt or inconsistent entries of datasets (exit status 1 if any)",
+    )
+    c.add_argument("datasets", nargs="+", metavar="dataset")
+    c.add_argument(
+        "--eigenvalue-tolerance",
+        type=float,
+        default=1e-3,
+        metavar="EV",
+        help="largest accepted eigenvalue error recorded at extraction (1e-3 eV)",
+    )
+    c.set_defaults(func=_check)
     args = p.parse_args(argv)
     enable_compilation_cache()  # process-wide JAX setting: the command's, not the library's
     try:
-        args.func(args)
+        with interrupt_on_sigterm():
+            return args.func(args) or 0
     except USER_ERRORS as err:
         print(f"gearsh {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    return 0
+    except Interrupted as stop:
+        print(
+            f"gearsh {args.command}: interrupted ({stop}); every file written is complete"
+            + (" (resume with --resume)" if args.command == "train" else ""),
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
 
 
 def _one_line(err: BaseException) -> str:

@@ -1,6 +1,11 @@
 """``gearsh predict STRUCTURE -m model.ckpt -o OUT/``: H, S, spectrum, DOS and a plot.
 
-Writes (atomically, units recorded in ``summary.json``):
+Writes the output folder as a unit (built under a temporary name beside it and
+renamed when complete: a failed or killed run leaves no folder, or the old one
+untouched; an existing folder is replaced only with ``overwrite``; a second run
+writing the same folder at the same time is refused).  Everything is checked
+(output path, DOS options, structure, k-points against the periodic directions)
+before the model is run.  Contents (units recorded in ``summary.json``):
 
 * ``hamiltonian.npz``, ``overlap.npz``: Gamma-point H (eV) and S, compressed
   scipy.sparse CSR (``scipy.sparse.load_npz``), GPAW orbital order;
@@ -28,7 +33,8 @@ from ase.io import read
 
 from .calculator import GearsHCalculator
 from .core.errors import GearsHError
-from .core.io import atomic_write_bytes, new_figure, save_figure
+from .core.io import atomic_write_bytes, check_output_folder, new_figure, output_folder, save_figure
+from .electronic.spectrum import check_dos_args
 from .model.reliability import missing_species, reference_of
 
 __all__ = ["predict_structure", "PredictError"]
@@ -136,27 +142,66 @@ def predict_structure(
     index=-1,
     progress: bool = True,
     log=print,
+    overwrite: bool = False,
 ) -> dict:
-    """Run the calculator on one structure file (or Atoms) and write ``output``."""
-    out = Path(output)
+    """Run the calculator on one structure file (or Atoms) and write ``output``
+    (a new folder; an existing one is replaced only with ``overwrite``)."""
+    out = check_output_folder(output, overwrite)
+    try:
+        check_dos_args(width, npts, emin, emax, method)
+    except ValueError as err:
+        raise PredictError(str(err)) from None
+    atoms, name = _read_structure(structure, index)
+    with output_folder(out, overwrite, what="output folder (-o)") as tmp:
+        summary, lines = _predict_into(
+            tmp, atoms, name, model, kpts, width, npts, emin, emax, method, charge, progress
+        )
+    for line in lines:
+        log(line)
+    log(
+        f"wrote {out}/: hamiltonian.npz overlap.npz blocks.npz "
+        f"{'eigenvalues.csv ' if summary['method'] == 'dense' else ''}"
+        "dos.csv dos.png summary.json"
+    )
+    return summary
+
+
+def _read_structure(structure, index) -> tuple[Atoms, str]:
     if isinstance(structure, Atoms):
-        atoms, name = structure.copy(), structure.get_chemical_formula()
-    else:
-        path = Path(structure)
-        if not path.is_file():
-            raise PredictError(f"structure file {str(path)!r} not found")
-        try:
-            atoms = read(path, index=index)
-        except Exception as err:  # ase.io raises many types on bad files
-            raise PredictError(
-                f"cannot read {path} with ase.io.read: {type(err).__name__}: {err}"
-            ) from None
-        name = path.name
-    out.mkdir(parents=True, exist_ok=True)
+        return structure.copy(), structure.get_chemical_formula()
+    path = Path(structure)
+    if not path.is_file():
+        raise PredictError(f"structure file {str(path)!r} not found")
+    try:
+        atoms = read(path, index=index)
+    except (StopIteration, IndexError):
+        raise PredictError(f"{path}: --index {index!r} selects no frame of the file") from None
+    except Exception as err:  # ase.io raises many types on bad files
+        raise PredictError(
+            f"cannot read {path} with ase.io.read: {type(err).__name__}: {err}"
+        ) from None
+    if not isinstance(atoms, Atoms):
+        raise PredictError(
+            f"{path}: --index {index!r} selects {len(atoms)} frames; expected one frame"
+        )
+    return atoms, path.name
+
+
+def _predict_into(out, atoms, name, model, kpts, width, npts, emin, emax, method, charge, progress):
+    """Compute everything and write it into the folder ``out``; (summary, log lines)."""
     t0 = time.perf_counter()
     calc = GearsHCalculator(model, kpts=kpts, charge=charge, progress=progress)
-    t1 = time.perf_counter()
+    t_load = time.perf_counter()
     atoms.calc = calc
+    # cheap checks first: atoms, k-points against pbc, elements, solver
+    calc.get_ibz_k_points()
+    use_kpm = calc.uses_kpm(method)
+    if use_kpm and len(calc.get_ibz_k_points()) > 1:
+        raise PredictError(
+            "the kernel polynomial method (used above dense_limit orbitals) works at "
+            f"Gamma only; got --kpts {kpts['size'] if isinstance(kpts, dict) else kpts}"
+        )
+    t1 = time.perf_counter()
     H = calc.get_hamiltonian()
     t2 = time.perf_counter()
     S = calc.get_overlap()
@@ -180,7 +225,6 @@ def predict_structure(
         units=np.array("eV"),
     )
     atomic_write_bytes(out / "blocks.npz", buf.getvalue())
-    use_kpm = calc.uses_kpm(method)
     e, dos = calc.get_dos(width=width, npts=npts, emin=emin, emax=emax, method=method)
     e, pdos = calc.get_pdos(width=width, npts=npts, emin=emin, emax=emax, method=method)
     ef = calc.get_fermi_level()
@@ -223,7 +267,7 @@ def predict_structure(
         "reliability_detail": reliability,
         "units": {"energy": "eV", "length": "Angstrom", "dos": "states/eV per spin"},
         "timings_s": {
-            "load_model": t1 - t0,
+            "load_model": t_load - t0,
             "hamiltonian": t2 - t1,
             "overlap": t3 - t2,
             "spectrum": t4 - t3,
@@ -232,14 +276,10 @@ def predict_structure(
         "model": str(getattr(calc.model, "path", "")),
     }
     _write_text(out / "summary.json", json.dumps(summary, indent=1))
-    log(
+    lines = [
         f"{name}: {len(atoms)} atoms, {H.shape[0]} orbitals, {len(pb.pair_i)} bonds; "
         f"E_F = {ef:.4f} eV; H in {t2 - t1:.2f} s, S in {t3 - t2:.2f} s, spectrum in "
-        f"{t4 - t3:.2f} s ({summary['method']})"
-    )
-    log(reliability_line)
-    log(
-        f"wrote {out}/: hamiltonian.npz overlap.npz blocks.npz "
-        f"{'' if use_kpm else 'eigenvalues.csv '}dos.csv dos.png summary.json"
-    )
-    return summary
+        f"{t4 - t3:.2f} s ({summary['method']})",
+        reliability_line,
+    ]
+    return summary, lines

@@ -27,6 +27,7 @@ import numpy as np
 
 from ase_gearsh.core.blocks import assemble
 from ase_gearsh.core.errors import GearsHError
+from ase_gearsh.core.processes import Interrupted, interrupt_on_sigterm
 from ase_gearsh.core.schema import SchemaError, ensure_manifest, read_structure, write_structure
 
 from .basis import calculator_basis
@@ -194,16 +195,16 @@ class VerificationError(GearsHError, ValueError):
     """The extracted blocks do not rebuild the run's eigenvalues."""
 
 
-def check_threshold(threshold) -> float | None:
+def check_threshold(threshold, name: str = "threshold") -> float | None:
     """``None`` or a finite number >= 0 (eV); anything else is refused."""
     if threshold is None:
         return None
     try:
         value = float(threshold)
     except (TypeError, ValueError):
-        raise ValueError(f"threshold must be a number of eV >= 0, got {threshold!r}") from None
+        raise ValueError(f"{name} must be a number of eV >= 0, got {threshold!r}") from None
     if not np.isfinite(value) or value < 0:
-        raise ValueError(f"threshold must be a finite number of eV >= 0, got {threshold!r}")
+        raise ValueError(f"{name} must be a finite number of eV >= 0, got {threshold!r}")
     return value
 
 
@@ -420,6 +421,25 @@ def _target(outdir: Path, src: Path, sha: str) -> tuple[Path, bool]:
     )
 
 
+def _write_new(outdir: Path, src: Path, sha: str, out: Path, arrays, meta) -> Path:
+    """Write a structure to ``out``; a file that did not exist when ``out`` was chosen
+    is never replaced: if another process created it meanwhile (a concurrent
+    extraction into the same dataset), the target is chosen again."""
+    if out.exists():  # this source's own (or a damaged) entry: replace it
+        write_structure(out, arrays, meta)
+        return out
+    for _ in range(3):
+        try:
+            write_structure(out, arrays, meta, exclusive=True)
+            return out
+        except FileExistsError:
+            out, done = _target(outdir, src, sha)
+            if done:  # the other process extracted this very file
+                write_structure(out, arrays, meta)
+                return out
+    raise FileExistsError(f"{outdir}: could not claim a file name for {src} (concurrent writers)")
+
+
 def extract_files(
     paths,
     outdir,
@@ -436,6 +456,7 @@ def extract_files(
     ``(path, message)``.
     """
     threshold = check_threshold(threshold)
+    eigenvalue_tolerance = check_threshold(eigenvalue_tolerance, "the eigenvalue tolerance")
     outdir = Path(outdir)
     ensure_manifest(outdir)
     paths = [Path(p) for p in paths]
@@ -462,8 +483,7 @@ def extract_files(
                 sha256=sha,
                 eigenvalue_tolerance=eigenvalue_tolerance,
             )
-            write_structure(out, arrays, meta)
-            written.append(out)
+            written.append(_write_new(outdir, path, sha, out, arrays, meta))
         except (ValueError, OSError) as err:  # GPWError, KPointError, AliasingError
             failed.append((path, str(err)))
             log(f"FAILED {path}: {err}", file=sys.stderr)
@@ -520,15 +540,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        written, skipped, failed = extract_files(
-            args.gpw,
-            args.output,
-            threshold=args.threshold,
-            verify=not args.no_verify,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-            eigenvalue_tolerance=args.eigenvalue_tolerance,
+        with interrupt_on_sigterm():
+            written, skipped, failed = extract_files(
+                args.gpw,
+                args.output,
+                threshold=args.threshold,
+                verify=not args.no_verify,
+                overwrite=args.overwrite,
+                progress=not args.quiet,
+                eigenvalue_tolerance=args.eigenvalue_tolerance,
+            )
+    except Interrupted as stop:
+        print(
+            f"{parser.prog}: interrupted ({stop}); the structures written are complete, "
+            "run the same command again to resume",
+            file=sys.stderr,
         )
+        return 128 + stop.signum
     except (OSError, ValueError, GearsHError) as err:
         print(f"{parser.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

@@ -23,17 +23,21 @@ their folder with ``--basis-dir DIR`` and select them per element with
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import signal
 import sys
 import time
 import traceback
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ase_gearsh.core.errors import GearsHError
+from ase_gearsh.core.io import OutputLock
+from ase_gearsh.core.processes import Interrupted, interrupt_on_sigterm, run_pool
 
 from .extract import extract_files
 
@@ -109,19 +113,6 @@ def _setup_paths(basis_dir: str | None) -> Iterator[None]:
         setup_paths[:] = saved
 
 
-@contextmanager
-def _environment(values: dict) -> Iterator[None]:
-    """Environment variables not set by the user set to ``values`` inside the block
-    (inherited by processes started there), removed again afterwards."""
-    added = {k: v for k, v in values.items() if k not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
-
-
 def run_structure(atoms, name: str, outdir: str | Path, settings: RunSettings) -> Path:
     """Run one LCAO SCF and write ``outdir/name.gpw`` atomically (a failure writes
     ``name.error`` with the traceback and re-raises)."""
@@ -131,28 +122,37 @@ def run_structure(atoms, name: str, outdir: str | Path, settings: RunSettings) -
     error = outdir / f"{name}.error"
     from gpaw import GPAW
 
+    tmp = outdir / f".{name}.gpw.part"
     try:
         with _setup_paths(settings.basis_dir):
             atoms = _prepare(atoms, settings)
             calc = GPAW(**settings.gpaw_parameters(log))
             atoms.calc = calc
             atoms.get_potential_energy()
-            tmp = outdir / f".{name}.gpw.part"
             calc.write(str(tmp))
             os.replace(tmp, gpw)
-    except BaseException:
+    except Exception:
         error.write_text(traceback.format_exc())
         raise
+    finally:  # also on Ctrl-C and SIGTERM, which are not failures of the run
+        tmp.unlink(missing_ok=True)
     if error.exists():
         error.unlink()
     return gpw
 
 
 def _worker(args):
+    """One run in a worker process: (name, seconds, None) or (name, None, message);
+    an interrupt (SIGTERM from the parent or its death) ends the process at once."""
     atoms, name, outdir, settings = args
     t0 = time.perf_counter()
-    run_structure(atoms, name, outdir, settings)
-    return name, time.perf_counter() - t0
+    try:
+        run_structure(atoms, name, outdir, settings)
+    except Exception as err:
+        return name, None, f"{type(err).__name__}: {err}"
+    except BaseException:  # SystemExit from SIGTERM: clean-up done, leave now
+        os._exit(128 + signal.SIGTERM)
+    return name, time.perf_counter() - t0, None
 
 
 def read_structures(paths, index: str = ":") -> list[tuple]:
@@ -188,6 +188,13 @@ def generate(
     environment is the same afterwards."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
+    with OutputLock(outdir, what="output folder (-o)"):
+        for stale in outdir.glob(".*.gpw.part"):  # from a run killed with -9
+            stale.unlink(missing_ok=True)
+        return _generate(structures, outdir, settings, jobs, progress)
+
+
+def _generate(structures, outdir: Path, settings: RunSettings, jobs: int, progress: bool):
     todo, skipped = [], []
     for name, atoms in structures:
         if (outdir / f"{name}.gpw").exists():
@@ -199,28 +206,28 @@ def generate(
 
     bar = tqdm(total=len(todo), desc="GPAW LCAO", unit="run", disable=not progress)
     if jobs <= 1:
-        for task in todo:
-            try:
-                done.append(_worker(task)[0])
-            except Exception as err:
-                failed.append((task[1], f"{type(err).__name__}: {err}"))
-            bar.update()
+        results = (_run_here(task) for task in todo)
     else:
-        import multiprocessing as mp
-
-        with (
-            _environment(WORKER_THREADS),
-            ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex,
-        ):
-            futures = {ex.submit(_worker, task): task[1] for task in todo}
-            for fut in as_completed(futures):
-                try:
-                    done.append(fut.result()[0])
-                except Exception as err:
-                    failed.append((futures[fut], f"{type(err).__name__}: {err}"))
-                bar.update()
-    bar.close()
+        results = run_pool(_worker, todo, jobs, environment_values=WORKER_THREADS)
+    with contextlib.closing(results) as it, bar:
+        for name, _, message in it:
+            if message is None:
+                done.append(name)
+            else:
+                failed.append((name, message))
+            bar.update()
     return sorted(done), skipped, sorted(failed)
+
+
+def _run_here(task):
+    """One run in this process (Ctrl-C and SIGTERM propagate)."""
+    atoms, name, outdir, settings = task
+    t0 = time.perf_counter()
+    try:
+        run_structure(atoms, name, outdir, settings)
+    except Exception as err:
+        return name, None, f"{type(err).__name__}: {err}"
+    return name, time.perf_counter() - t0, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--basis-dir {a.basis_dir!r} is not a folder")
     if a.jobs < 1:
         p.error(f"--jobs must be >= 1, got {a.jobs}")
+    for option, value, ok, expected in (
+        ("--h", a.h, a.h > 0, "> 0 (grid spacing, A)"),
+        ("--vacuum", a.vacuum, a.vacuum >= 0, ">= 0 (A)"),
+        ("--density", a.density, a.density > 0, "> 0"),
+        ("--charge", a.charge, True, "finite"),
+    ):
+        if not (ok and math.isfinite(value)):
+            p.error(f"{option} must be a finite number {expected}, got {value}")
     settings = RunSettings(
         basis=a.basis,
         element_basis=element_basis,
@@ -290,7 +305,15 @@ def main(argv: list[str] | None = None) -> int:
         spinpol=a.spinpol,
     )
     try:
-        return _run(a, settings)
+        with interrupt_on_sigterm():
+            return _run(a, settings)
+    except Interrupted as stop:
+        print(
+            f"{p.prog}: interrupted ({stop}): finished runs are kept, unfinished ones "
+            "left nothing behind; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
     except (GearsHError, OSError, ValueError) as err:
         print(f"{p.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from ase.build import molecule
 from ase.io import write
 
 from ase_gearsh.core.data import Dataset
+from ase_gearsh.core.processes import environment
 from gpaw_tools import generate
 from gpaw_tools.generate import main
 
@@ -91,7 +92,7 @@ def test_worker_environment_is_restored(monkeypatch):
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     before = dict(os.environ)
-    with generate._environment(generate.WORKER_THREADS):
+    with environment(generate.WORKER_THREADS):
         assert os.environ["MKL_NUM_THREADS"] == "1"
         assert os.environ["OMP_NUM_THREADS"] == "3"  # the user's choice is kept
     assert dict(os.environ) == before

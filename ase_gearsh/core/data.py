@@ -17,7 +17,7 @@ import numpy as np
 from .blocks import BlockMatrices, assemble, orbital_offsets
 from .schema import MANIFEST, SchemaError, read_manifest, read_structure
 
-__all__ = ["Dataset", "Structure", "assemble", "orbital_offsets"]
+__all__ = ["Dataset", "Structure", "assemble", "orbital_offsets", "check_dataset"]
 
 
 class Structure:
@@ -206,3 +206,61 @@ class Dataset:
 
 
 __all__ += ["SchemaError", "MANIFEST"]
+
+
+def check_dataset(path, eigenvalue_tolerance: float = 1e-3) -> tuple[int, list[tuple[str, str]]]:
+    """Health of a dataset folder: ``(number of good structures, problems)``, each
+    problem ``(file, what is wrong)``.
+
+    Checks the manifest; that every ``.npz`` reads and follows the schema (shapes,
+    block sizes, finite values); that the entries agree with each other (one
+    functional, one basis per element, one spin setting); that no source was
+    extracted twice; the eigenvalue check recorded at extraction (refused above
+    ``eigenvalue_tolerance`` eV); and left-over temporary files of killed writes.
+    Raises :class:`SchemaError` only if ``path`` is not a dataset at all.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise SchemaError(f"{str(path)!r} is not a dataset folder (it does not exist)")
+    read_manifest(path)
+    problems: list[tuple[str, str]] = []
+    for tmp in sorted(path.glob(".*.part")):
+        problems.append((tmp.name, "temporary file of an interrupted write (safe to delete)"))
+    first: dict = {}  # property -> (value, file) of the first structure
+    sources: dict = {}
+    good = 0
+    for f in sorted(p for p in path.glob("*.npz") if not p.name.startswith(".")):
+        try:
+            arrays, meta = read_structure(f)
+        except SchemaError as err:
+            problems.append((f.name, str(err)))
+            continue
+        ok = True
+        counts = {}
+        for z, n in zip(arrays["numbers"].tolist(), arrays["orbital_counts"].tolist()):
+            counts.setdefault(z, n)
+        facts = {"xc": meta.get("xc"), "nspins": int(meta["nspins"])}
+        facts.update({f"orbitals of Z={z}": n for z, n in counts.items()})
+        for key, value in facts.items():
+            ref = first.setdefault(key, (value, f.name))
+            if ref[0] != value:
+                problems.append((f.name, f"{key} is {value!r}, but {ref[0]!r} in {ref[1]}"))
+                ok = False
+        sha = (meta.get("source") or {}).get("sha256")
+        if sha:
+            if sha in sources:
+                problems.append((f.name, f"the same source file as {sources[sha]} (duplicate)"))
+                ok = False
+            sources.setdefault(sha, f.name)
+        err = (meta.get("checks") or {}).get("max_eigenvalue_error")
+        if err is not None and not err <= eigenvalue_tolerance:
+            problems.append(
+                (
+                    f.name,
+                    f"its blocks rebuild GPAW's eigenvalues only to {err:.3g} eV at "
+                    f"extraction (expected <= {eigenvalue_tolerance:g} eV)",
+                )
+            )
+            ok = False
+        good += ok
+    return good, problems

@@ -113,8 +113,9 @@ def _check_version(meta: dict, where: str) -> None:
         )
 
 
-def write_structure(path, arrays: dict, meta: dict) -> None:
-    """Validate and atomically write one structure file."""
+def write_structure(path, arrays: dict, meta: dict, exclusive: bool = False) -> None:
+    """Validate and atomically write one structure file (``exclusive``: never replace
+    an existing file, ``FileExistsError`` instead, also against a concurrent writer)."""
     meta = dict(meta, format=FORMAT, schema_version=SCHEMA_VERSION, units=UNITS)
     validate(arrays, meta, str(path))
     payload = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
@@ -123,7 +124,7 @@ def write_structure(path, arrays: dict, meta: dict) -> None:
     def write(fh):
         np.savez(fh, **payload)
 
-    atomic_write(Path(path), write)
+    atomic_write(Path(path), write, exclusive=exclusive)
 
 
 def read_structure(path) -> tuple[dict, dict]:
@@ -193,6 +194,11 @@ def validate(arrays: dict, meta: dict, where: str = "structure") -> None:
                 f"{where}: pair_offsets do not match the block sizes "
                 "n_i * n_j given by orbital_counts"
             )
+    bad = [
+        k for k, (kind, _, _) in ARRAYS.items() if kind == "f" and not np.isfinite(arrays[k]).all()
+    ]
+    if bad:
+        raise SchemaError(f"{where}: array(s) {bad} hold NaN or inf values")
     nk = len(arrays["kpts"])
     if np.shape(arrays["eigenvalues"])[:2] != (nspins, nk):
         raise SchemaError(

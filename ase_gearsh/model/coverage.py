@@ -15,11 +15,12 @@ class ExtrapolationWarning(UserWarning):
 
 
 def training_coverage(graphs, n_species: int) -> dict:
-    """Per species pair the shortest bond, and per species the most neighbours,
-    seen in the training graphs (JSON-ready; -1 where never seen)."""
+    """Per species pair the shortest bond, and per species the fewest and the most
+    neighbours, seen in the training graphs (JSON-ready; -1 where never seen)."""
     S = n_species + 1
     dmin = np.full((S, S), np.inf)
     nmax = np.full(S, -1)
+    nmin = np.full(S, np.iinfo(np.int64).max)
     for g in graphs:
         if len(g.pair_i):
             d = np.linalg.norm(g.pair_vec, axis=1)
@@ -28,10 +29,12 @@ def training_coverage(graphs, n_species: int) -> dict:
             np.minimum.at(dmin, (lo, hi), d)
         counts = np.bincount(g.edge_i, minlength=g.n_atoms)
         np.maximum.at(nmax, g.species, counts)
+        np.minimum.at(nmin, g.species, counts)
     dmin = np.minimum(dmin, dmin.T)
     return {
         "min_bond_distance": np.where(np.isfinite(dmin), dmin, -1.0).tolist(),
         "max_neighbours": nmax.tolist(),
+        "min_neighbours": np.where(nmax >= 0, nmin, -1).tolist(),
     }
 
 
@@ -76,6 +79,15 @@ def coverage_messages(
             f"{int(sel.sum())} {names[s]} atom(s) with up to {int(neighbours[sel].max())} "
             f"neighbours; training had at most {int(nmax[s])}"
         )
+    if "min_neighbours" in coverage:  # not in checkpoints written before it existed
+        nmin = np.asarray(coverage["min_neighbours"])
+        under = (nmin[species] >= 0) & (neighbours < nmin[species])
+        for s in sorted(set(species[under].tolist())):
+            sel = under & (species == s)
+            msgs.append(
+                f"{int(sel.sum())} {names[s]} atom(s) with as few as "
+                f"{int(neighbours[sel].min())} neighbours; training had at least {int(nmin[s])}"
+            )
     return msgs
 
 

@@ -29,13 +29,23 @@ def attach_basis(
     setups: str = "paw",
     output: str | Path | None = None,
     dataset: str | Path | None = None,
+    force: bool = False,
 ) -> Path:
     """Store basis functions (from the installed GPAW data) in a checkpoint that
     lacks them, checked against its registry; with ``dataset`` also the training
-    coverage (shortest bonds, most neighbours) of the structures the model was
-    trained on (``extra.train_names``).  Atomic rewrite of ``output`` (default:
-    in place)."""
+    coverage (shortest bonds, fewest and most neighbours) of the structures the
+    model was trained on (``extra.train_names``).  Atomic rewrite of ``output``
+    (default: in place).  A functional ``xc`` other than the one the checkpoint's
+    basis or the dataset records is refused unless ``force``."""
     ck = load_checkpoint(path)
+    _check_output_file(output)
+    known = _training_xc(ck, dataset)
+    if known is not None and known[0].lower() != str(xc).lower() and not force:
+        raise BasisDataError(
+            f"xc={xc!r} differs from the functional of the training data ({known[0]!r}, "
+            f"recorded in {known[1]}); the overlap and basis would not match the model. "
+            f"Pass --xc {known[0]}, or --force to store {xc} anyway"
+        )
     registry = Registry.from_dict(ck["registry"])
     try:
         basis = basis_for_registry(registry, xc, setups)
@@ -70,6 +80,31 @@ def attach_basis(
     out = Path(output or path)
     atomic_write_bytes(out, serialization.msgpack_serialize(payload))
     return out
+
+
+def _check_output_file(output) -> None:
+    """A checkpoint path to write: not a folder, its folder exists."""
+    if output is None:
+        return
+    out = Path(output)
+    if out.is_dir():
+        raise CheckpointError(f"output {out} is a folder; expected a checkpoint file name")
+    if not out.parent.is_dir():
+        raise CheckpointError(f"output {out}: folder {out.parent} does not exist")
+
+
+def _training_xc(ck: dict, dataset) -> tuple[str, str] | None:
+    """(functional, where it is recorded) of a model's training data, if known: the
+    checkpoint's stored basis, else the first structure of ``dataset``."""
+    for sym, d in (ck.get("basis") or {}).items():
+        if isinstance(d, dict) and d.get("xc"):
+            return str(d["xc"]), f"the checkpoint's basis of {sym}"
+    if dataset is not None:
+        for s in Dataset(dataset):
+            if s.meta.get("xc"):
+                return str(s.meta["xc"]), f"{dataset}"
+            break
+    return None
 
 
 def attach_reliability(

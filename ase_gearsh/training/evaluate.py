@@ -21,7 +21,7 @@ from scipy.linalg import eigh
 from ..core.blocks import assemble
 from ..core.data import Dataset
 from ..core.errors import GearsHError
-from ..core.io import atomic_write_text, new_figure, save_figure
+from ..core.io import atomic_write_text, check_output_folder, new_figure, save_figure
 from ..model.engine import Model
 from ..model.inference import Predictor, predictor_for
 
@@ -75,6 +75,8 @@ def evaluate(
 
     if limit is not None and int(limit) < 1:
         raise EvaluationError(f"limit must be a positive number of structures, got {limit}")
+    if output is not None:  # before the work: not a file, not under one
+        check_output_folder(output, overwrite=True)
     model = model_path if isinstance(model_path, Model) else Model.from_checkpoint(model_path)
     predictor = predictor_for(model)
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
@@ -90,6 +92,12 @@ def evaluate(
         list(structures) if limit is None else [s for _, s in zip(range(limit), structures)]
     )
     n = len(structures)
+    spin = [s.meta["source"]["name"] for s in structures if s.nspins != 1]
+    if spin:
+        raise EvaluationError(
+            f"{len(spin)} structure(s) of {ds.path} hold spin-polarised data (nspins=2, "
+            f"e.g. {spin[0]}); the model predicts spin-paired Hamiltonians (nspins=1)"
+        )
     rows, pooled = [], {"ref": [], "pred": [], "onsite": [], "eig_err": [], "eig_ref": []}
     for s in tqdm(structures, desc="evaluate", unit="structure", disable=not progress):
         on, pr = predict_structure_blocks(predictor, s)

@@ -43,7 +43,7 @@ from gpaw_tools.overlap import BasisDataError, basis_for_registry
 from ..core.basis import Registry
 from ..core.data import Dataset, Structure
 from ..core.errors import GearsHError
-from ..core.io import atomic_write_bytes, new_figure, save_figure
+from ..core.io import OutputLock, atomic_write_bytes, check_output_folder, new_figure, save_figure
 from ..model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..model.coverage import training_coverage
 from ..model.engine import FAR, Model, pair_cutoff_matrix, precision
@@ -99,6 +99,13 @@ def train(
     not been interrupted (same batches, same optimiser state)."""
     cfg, base = _read_config(config)
     run = _run_folder(cfg, base, output, resume)
+    with OutputLock(run, what="run folder (data.experiment or -o)"):
+        _run_folder(cfg, base, output, resume)  # again, now that no one else writes it
+        return _train_run(cfg, base, run, resume, log, progress)
+
+
+def _train_run(cfg: dict, base: Path, run: Path, resume: bool, log: Log, progress: bool) -> Path:
+    """The training run in ``run`` (locked by the caller)."""
     data = prepare_data(cfg, base, log, progress)
     checkpoints = Checkpointer(run, cfg, data)
     resumed = checkpoints.load_latest() if resume else None  # checked before compiling
@@ -188,6 +195,7 @@ def _run_folder(cfg: dict, base: Path, output, resume: bool) -> Path:
     run = Path(output) if output else Path(d["directory"]) / d["experiment"]
     if not run.is_absolute() and not output:
         run = base / run
+    check_output_folder(run, overwrite=True)  # not a file, not under one
     run.mkdir(parents=True, exist_ok=True)
     latest = run / "latest.ckpt"
     if latest.exists() and not resume:
