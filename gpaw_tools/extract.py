@@ -421,11 +421,12 @@ def _target(outdir: Path, src: Path, sha: str) -> tuple[Path, bool]:
     )
 
 
-def _write_new(outdir: Path, src: Path, sha: str, out: Path, arrays, meta) -> Path:
-    """Write a structure to ``out``; a file that did not exist when ``out`` was chosen
-    is never replaced: if another process created it meanwhile (a concurrent
-    extraction into the same dataset), the target is chosen again."""
-    if out.exists():  # this source's own (or a damaged) entry: replace it
+def _write_new(outdir: Path, src: Path, sha: str, out: Path, arrays, meta, replace: bool) -> Path:
+    """Write a structure to ``out``.  ``replace``: ``out`` held this source's own (or a
+    damaged) entry when it was chosen.  Otherwise a file found there now was created
+    meanwhile by another process (a concurrent extraction into the same dataset): it
+    is never replaced, the target is chosen again."""
+    if replace:
         write_structure(out, arrays, meta)
         return out
     for _ in range(3):
@@ -473,6 +474,7 @@ def extract_files(
                 raise GPWError(f"{str(path)!r}: no such file")
             sha = file_sha256(path)
             out, done = _target(outdir, path, sha)
+            existed = out.exists()
             if done and not overwrite:
                 skipped.append(out)
                 continue
@@ -483,7 +485,7 @@ def extract_files(
                 sha256=sha,
                 eigenvalue_tolerance=eigenvalue_tolerance,
             )
-            written.append(_write_new(outdir, path, sha, out, arrays, meta))
+            written.append(_write_new(outdir, path, sha, out, arrays, meta, existed))
         except (ValueError, OSError) as err:  # GPWError, KPointError, AliasingError
             failed.append((path, str(err)))
             log(f"FAILED {path}: {err}", file=sys.stderr)

@@ -253,6 +253,11 @@ def test_errors_are_clear(model, tmp_path):
     squeezed.calc = GearsHCalculator(model)
     with pytest.warns(ExtrapolationWarning, match="H-O bond.*shorter than any in training"):
         squeezed.calc.get_hamiltonian()
+    # a lone atom has fewer neighbours than any atom in training (water: at least 2)
+    lone = Atoms("O", positions=[[3.0, 3.0, 3.0]], cell=[6, 6, 6])
+    lone.calc = GearsHCalculator(model)
+    with pytest.warns(ExtrapolationWarning, match=r"1 O atom\(s\) with as few as 0 neighbours; "):
+        lone.calc.get_hamiltonian()
     # a model without basis functions cannot give S, and says how to fix it
     data, model.basis_data = model.basis_data, None
     try:

@@ -87,3 +87,50 @@ def test_same_stem_different_source(h2o_gpw, classic_h2o_gpw, tmp_path):
     written, _, failed = extract_files([h2o_gpw, d / "h2o.gpw"], tmp_path / "ds", progress=False)
     assert not failed and len(written) == 2
     assert written[0].name == "h2o.npz" and written[1].name.startswith("h2o-")
+
+
+def test_truncated_entry_is_named_and_repaired(h2o_gpw, tmp_path, capsys):
+    from ase_gearsh.core.data import check_dataset
+
+    out = tmp_path / "ds"
+    assert main([str(h2o_gpw), "-o", str(out), "-q"]) == 0
+    entry = out / "h2o.npz"
+    entry.write_bytes(entry.read_bytes()[:1000])
+    good, problems = check_dataset(out)
+    assert good == 0 and problems[0][0] == "h2o.npz" and "cannot read" in problems[0][1]
+    # a re-run replaces the damaged entry (so does --overwrite)
+    assert main([str(h2o_gpw), "-o", str(out), "-q"]) == 0
+    assert "1 extracted" in capsys.readouterr().out
+    assert check_dataset(out) == (1, [])
+    assert main([str(h2o_gpw), "-o", str(out), "-q", "--overwrite"]) == 0
+    assert check_dataset(out) == (1, [])
+
+
+def test_concurrent_writer_of_the_same_name_is_not_overwritten(
+    h2o_gpw, classic_h2o_gpw, tmp_path, monkeypatch
+):
+    """Two extractions of different files with one stem, racing: the file the other
+    process wrote between our choice of a name and our write is kept; ours gets the
+    hashed name."""
+    from gpaw_tools import extract as ex
+
+    out = tmp_path / "ds"
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(classic_h2o_gpw, other / "h2o.gpw")
+    real_extract = ex.extract
+
+    def racing_extract(path, **kwargs):
+        result = real_extract(path, **kwargs)
+        # meanwhile "another process" extracted the other h2o.gpw into h2o.npz
+        arrays, meta = real_extract(other / "h2o.gpw", sha256="f" * 64)
+        schema.write_structure(out / "h2o.npz", arrays, meta)
+        return result
+
+    monkeypatch.setattr(ex, "extract", racing_extract)
+    written, _, failed = extract_files([h2o_gpw], out, progress=False)
+    assert not failed and written[0].name.startswith("h2o-")
+    _, meta = schema.read_structure(out / "h2o.npz")
+    assert meta["source"]["sha256"] == "f" * 64  # the other process's entry is intact
+    _, ours = schema.read_structure(written[0])
+    assert ours["source"]["sha256"] != "f" * 64

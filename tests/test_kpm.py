@@ -248,3 +248,25 @@ def test_errors():
     E = la.eigh(H.toarray(), S.toarray(), eigvals_only=True)
     with pytest.raises(KPMError, match="do not enclose the spectrum"):
         chebyshev_moments(H, S, bounds=(E[0] + 1.0, E[-1]), n_moments=256)
+
+
+def test_resolution_coarser_than_width_is_stated(real_system, capsys):
+    """A width finer than the capped moment count can resolve gives a warning that
+    states the resolution reached; the progress bar counts Chebyshev steps."""
+    import warnings
+
+    from ase_gearsh.electronic.kpm import KPMResolutionWarning, kpm_resolution
+    from ase_gearsh.electronic.spectrum import KPMSpectrum, OrbitalLabels
+
+    H, S = real_system["H"], real_system["S"]
+    n = H.shape[0]
+    labels = OrbitalLabels.from_counts([1] * n, ["H"] * n)
+    spec = KPMSpectrum(H, S, labels, {"n_moments": 64, "n_random": 2}, progress=True)
+    a = 0.5 * (spec.bounds[1] - spec.bounds[0])
+    assert kpm_resolution(spec.bounds, 64) == pytest.approx(np.pi * a / 0.99 / 64)
+    with pytest.warns(KPMResolutionWarning, match=r"resolution is [0-9.]+ eV with 64 moments"):
+        spec.dos(width=0.001, npts=11)
+    assert f"KPM ({n} orbitals, 2 vectors, 64 moments)" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KPMResolutionWarning)
+        spec.dos(width=2 * kpm_resolution(spec.bounds, 64), npts=11)  # resolved: no warning

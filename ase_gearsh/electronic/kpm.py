@@ -36,6 +36,8 @@ __all__ = [
     "kpm_density",
     "kpm_dos",
     "kpm_n_moments",
+    "kpm_resolution",
+    "KPMResolutionWarning",
     "kpm_fermi_level",
     "moments_from_eigen",
 ]
@@ -222,11 +224,18 @@ def chebyshev_moments(
 
     n_vec = n if exact else int(n_random)
     starts = range(0, n_vec, int(block))
-    if progress:
+    bar = None
+    if progress:  # over Chebyshev steps of all blocks: its rate and ETA are the cost
         try:
             from tqdm import tqdm
 
-            starts = tqdm(starts, desc="KPM", unit="block")
+            bar = tqdm(
+                total=len(starts) * int(n_moments),
+                desc=f"KPM ({n} orbitals, {n_vec} vectors, {int(n_moments)} moments)",
+                unit="step",
+                unit_scale=True,
+                mininterval=1.0,
+            )
         except ImportError:
             pass
     rng = np.random.default_rng(seed)
@@ -245,6 +254,12 @@ def chebyshev_moments(
             for m in range(2, int(n_moments)):
                 prev, cur = cur, 2.0 * apply(cur) - prev
                 mu[:, m] += G @ np.einsum("ib,ib->i", r, cur.real)
+                if bar is not None and m % 32 == 0:
+                    bar.update(32)
+            if bar is not None:  # the block is done: its steps in full
+                bar.update((starts.index(start) + 1) * int(n_moments) - bar.n)
+    if bar is not None:
+        bar.close()
     mu /= 1 if exact else n_vec
     if not np.all(np.isfinite(mu)) or np.abs(mu[0]).max() > 100.0 * n:
         raise KPMError(
@@ -287,6 +302,16 @@ def kpm_density(moments: KPMMoments, energies) -> dict[str, np.ndarray]:
         T = np.cos(np.outer(np.arccos(xc), m))  # T_m(x) = cos(m arccos x)
         out[:, chunk] = (coef @ T.T) / (np.pi * moments.half_width * np.sqrt(1.0 - xc**2))
     return {name: row.reshape(E.shape) for name, row in zip(moments.names, out)}
+
+
+class KPMResolutionWarning(UserWarning):
+    """The KPM DOS is broader than the width asked for (the moment count is capped)."""
+
+
+def kpm_resolution(bounds, n_moments: int) -> float:
+    """Energy resolution (eV) of the Jackson kernel with ``n_moments`` moments."""
+    emin, emax = map(float, bounds)
+    return float(np.pi * 0.5 * (emax - emin) / (1.0 - EDGE) / int(n_moments))
 
 
 def kpm_n_moments(bounds, resolution: float, min_moments: int = 64, max_moments: int = 8192) -> int:

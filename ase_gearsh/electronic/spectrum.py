@@ -18,6 +18,7 @@ any time.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -28,10 +29,12 @@ from .checks import ArgumentError, check_choice, check_positive
 from .dense import energy_grid, fermi_level, gaussian_dos, group_matrix, solve_dense
 from .kpm import (
     KPMMoments,
+    KPMResolutionWarning,
     chebyshev_moments,
     kpm_density,
     kpm_fermi_level,
     kpm_n_moments,
+    kpm_resolution,
     spectral_bounds,
 )
 
@@ -281,10 +284,23 @@ class KPMSpectrum:
             self._bounds = spectral_bounds(self.hamiltonian, self.overlap)
         return self._bounds
 
-    def n_moments(self, width: float) -> int:
-        """``options.n_moments``, or the number whose resolution is about ``width`` eV."""
+    def n_moments(self, width: float, warn: bool = False) -> int:
+        """``options.n_moments``, or the number whose resolution is about ``width`` eV
+        (at most 8192; with ``warn`` a :class:`KPMResolutionWarning` states the
+        resolution reached when that is coarser than ``width``)."""
         bounds = self.bounds
-        return self.options.n_moments or kpm_n_moments(bounds, width)
+        m = self.options.n_moments or kpm_n_moments(bounds, width)
+        reached = kpm_resolution(bounds, m)
+        if warn and reached > 1.5 * width:
+            warnings.warn(
+                f"KPM DOS resolution is {reached:.3g} eV with {m} moments over the spectrum "
+                f"({bounds[0]:.1f}, {bounds[1]:.1f}) eV, coarser than width={width:g} eV: "
+                f"peaks are broader and lower than asked; use method='dense' (up to "
+                f"dense_limit orbitals) or a larger width",
+                KPMResolutionWarning,
+                stacklevel=4,
+            )
+        return m
 
     def moments(self, width: float = 0.1, by: str = "species") -> KPMMoments:
         """Chebyshev moments for a resolution of about ``width`` eV, projected on species
@@ -310,6 +326,7 @@ class KPMSpectrum:
         return kpm_fermi_level(self.moments(self.options.fermi_width), n_electrons)
 
     def _density(self, width, npts, emin, emax, by) -> tuple[np.ndarray, dict]:
+        self.n_moments(width, warn=True)  # the DOS asked for: say if it is coarser
         mom = self.moments(width, by)
         e = energy_grid(emin, emax, npts, *self.bounds)
         return e, kpm_density(mom, e)
