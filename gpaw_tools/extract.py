@@ -17,7 +17,10 @@ images (checked).  Spin-polarised runs store both spin channels.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import os
+import signal
 import sys
 import time
 import traceback
@@ -27,7 +30,7 @@ import numpy as np
 
 from ase_gearsh.core.blocks import assemble
 from ase_gearsh.core.errors import GearsHError
-from ase_gearsh.core.processes import Interrupted, interrupt_on_sigterm
+from ase_gearsh.core.processes import WORKER_THREADS, Interrupted, interrupt_on_sigterm, run_pool
 from ase_gearsh.core.schema import SchemaError, ensure_manifest, read_structure, write_structure
 
 from .basis import calculator_basis
@@ -43,6 +46,7 @@ __all__ = [
     "VerificationError",
     "EIGENVALUE_TOLERANCE",
     "check_threshold",
+    "extract_run",
 ]
 
 
@@ -386,13 +390,7 @@ def extract(
     """
     path = Path(path)
     params = read_parameters(path)
-    source = {
-        "name": path.name,
-        "path": str(path.resolve()),
-        "sha256": sha256 or file_sha256(path),
-        "size": path.stat().st_size,
-        "gpaw_version_writer": params.pop("_gpaw_version", None),
-    }
+    source = _source(path, sha256 or file_sha256(path), params)
     calc = open_calculator(path, checked=True)
     return extract_calculator(
         calc,
@@ -402,6 +400,49 @@ def extract(
         parameters=params,
         eigenvalue_tolerance=eigenvalue_tolerance,
     )
+
+
+def _source(path: Path, sha: str, params: dict) -> dict:
+    """The ``source`` metadata of a .gpw file (pops the writer's version from params)."""
+    return {
+        "name": path.name,
+        "path": str(path.resolve()),
+        "sha256": sha,
+        "size": path.stat().st_size,
+        "gpaw_version_writer": params.pop("_gpaw_version", None),
+    }
+
+
+def extract_run(
+    calc,
+    gpw,
+    outdir,
+    threshold=None,
+    verify: bool = True,
+    eigenvalue_tolerance: float = EIGENVALUE_TOLERANCE,
+) -> Path:
+    """Extract a finished calculator right after its run was written to ``gpw``,
+    without reading the file back (no GPAW restart); the dataset entry is the one
+    :func:`extract_files` would write for ``gpw`` (same name and source).  Returns
+    the entry (an existing entry of the same source is kept)."""
+    gpw, outdir = Path(gpw), Path(outdir)
+    ensure_manifest(outdir)
+    sha = file_sha256(gpw)
+    out, done = _target(outdir, gpw, sha)
+    if done:
+        return out
+    existed = out.exists()
+    params = read_parameters(gpw)
+    source = _source(gpw, sha, params)
+    arrays, meta = extract_calculator(
+        calc,
+        source=source,
+        threshold=threshold,
+        verify=verify,
+        parameters=params,
+        eigenvalue_tolerance=eigenvalue_tolerance,
+    )
+    return _write_new(outdir, gpw, sha, out, arrays, meta, existed)
 
 
 def _target(outdir: Path, src: Path, sha: str) -> tuple[Path, bool]:
@@ -441,6 +482,41 @@ def _write_new(outdir: Path, src: Path, sha: str, out: Path, arrays, meta, repla
     raise FileExistsError(f"{outdir}: could not claim a file name for {src} (concurrent writers)")
 
 
+def _extract_one(task) -> tuple[str, Path, object]:
+    """Extract one file: ``("written", path, out)``, ``("skipped", path, out)`` or
+    ``("failed", path, message)`` (ordinary exceptions are caught and returned)."""
+    path, outdir, threshold, verify, overwrite, eigenvalue_tolerance = task
+    try:
+        if not path.is_file():
+            raise GPWError(f"{str(path)!r}: no such file")
+        sha = file_sha256(path)
+        out, done = _target(outdir, path, sha)
+        existed = out.exists()
+        if done and not overwrite:
+            return "skipped", path, out
+        arrays, meta = extract(
+            path,
+            threshold=threshold,
+            verify=verify,
+            sha256=sha,
+            eigenvalue_tolerance=eigenvalue_tolerance,
+        )
+        return "written", path, _write_new(outdir, path, sha, out, arrays, meta, existed)
+    except (ValueError, OSError) as err:  # GPWError, KPointError, AliasingError
+        return "failed", path, str(err)
+    except Exception as err:  # isolate unexpected failures too, with detail
+        return "failed", path, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+
+
+def _extract_in_worker(task):
+    """:func:`_extract_one` in a pool worker: an interrupt (SIGTERM from the parent,
+    or its death) ends the process once the atomic write has cleaned up."""
+    try:
+        return _extract_one(task)
+    except BaseException:
+        os._exit(128 + signal.SIGTERM)
+
+
 def extract_files(
     paths,
     outdir,
@@ -450,51 +526,45 @@ def extract_files(
     progress=True,
     log=print,
     eigenvalue_tolerance: float = EIGENVALUE_TOLERANCE,
+    jobs: int = 1,
 ):
     """Extract many files into one dataset; failures are isolated and returned.
 
-    Returns ``(written, skipped, failed)`` lists; ``failed`` holds
+    ``jobs > 1``: that many worker processes (one BLAS thread each), with the same
+    guarantees: every entry is written atomically, a file is never replaced by a
+    concurrent writer's, and an interrupted run resumes where it stopped.  Returns
+    ``(written, skipped, failed)`` lists in input order; ``failed`` holds
     ``(path, message)``.
     """
     threshold = check_threshold(threshold)
     eigenvalue_tolerance = check_threshold(eigenvalue_tolerance, "the eigenvalue tolerance")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
     outdir = Path(outdir)
     ensure_manifest(outdir)
     paths = [Path(p) for p in paths]
-    written, skipped, failed = [], [], []
-    try:
-        from tqdm import tqdm
+    tasks = [(p, outdir, threshold, verify, overwrite, eigenvalue_tolerance) for p in paths]
+    if jobs == 1 or len(tasks) < 2:
+        results = (_extract_one(t) for t in tasks)
+    else:
+        results = run_pool(
+            _extract_in_worker, tasks, min(jobs, len(tasks)), environment_values=WORKER_THREADS
+        )
+    from tqdm import tqdm
 
-        it = tqdm(paths, desc="extract", unit="file", disable=not progress)
-    except ImportError:  # pragma: no cover
-        it = paths
-    for path in it:
-        try:
-            if not path.is_file():
-                raise GPWError(f"{str(path)!r}: no such file")
-            sha = file_sha256(path)
-            out, done = _target(outdir, path, sha)
-            existed = out.exists()
-            if done and not overwrite:
-                skipped.append(out)
-                continue
-            arrays, meta = extract(
-                path,
-                threshold=threshold,
-                verify=verify,
-                sha256=sha,
-                eigenvalue_tolerance=eigenvalue_tolerance,
-            )
-            written.append(_write_new(outdir, path, sha, out, arrays, meta, existed))
-        except (ValueError, OSError) as err:  # GPWError, KPointError, AliasingError
-            failed.append((path, str(err)))
-            log(f"FAILED {path}: {err}", file=sys.stderr)
-        except Exception as err:  # isolate unexpected failures too, with detail
-            failed.append((path, f"{type(err).__name__}: {err}"))
-            log(
-                f"FAILED {path}: {type(err).__name__}: {err}\n{traceback.format_exc()}",
-                file=sys.stderr,
-            )
+    done: dict[Path, tuple] = {}
+    with (
+        contextlib.closing(results) as it,
+        tqdm(total=len(tasks), desc="extract", unit="file", disable=not progress) as bar,
+    ):
+        for kind, path, value in it:
+            done[path] = (kind, value)
+            if kind == "failed":
+                log(f"FAILED {path}: {value}", file=sys.stderr)
+            bar.update()
+    written = [done[p][1] for p in paths if done[p][0] == "written"]
+    skipped = [done[p][1] for p in paths if done[p][0] == "skipped"]
+    failed = [(p, done[p][1].split("\n")[0]) for p in paths if done[p][0] == "failed"]
     return written, skipped, failed
 
 
@@ -538,8 +608,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="re-extract files already in the dataset"
     )
+    parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default 1)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     t0 = time.perf_counter()
     try:
         with interrupt_on_sigterm():
@@ -551,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 progress=not args.quiet,
                 eigenvalue_tolerance=args.eigenvalue_tolerance,
+                jobs=args.jobs,
             )
     except Interrupted as stop:
         print(

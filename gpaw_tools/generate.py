@@ -37,14 +37,17 @@ from pathlib import Path
 
 from ase_gearsh.core.errors import GearsHError
 from ase_gearsh.core.io import OutputLock
-from ase_gearsh.core.processes import Interrupted, interrupt_on_sigterm, run_pool
+from ase_gearsh.core.processes import (
+    WORKER_THREADS,
+    Interrupted,
+    interrupt_on_sigterm,
+    run_pool,
+)
+from ase_gearsh.core.schema import read_structure
 
-from .extract import extract_files
+from .extract import extract_files, extract_run
 
 __all__ = ["RunSettings", "run_structure", "generate", "read_structures", "main"]
-
-# BLAS/OpenMP threads of each worker process when runs go in parallel (--jobs > 1)
-WORKER_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @dataclass
@@ -59,6 +62,8 @@ class RunSettings:
     vacuum: float = 5.0  # added around molecules without a cell
     charge: float = 0.0
     spinpol: bool = False
+    extract_to: str | None = None  # dataset folder: extract each run in its worker
+    keep_gpw: bool = True  # with extract_to: False removes the .gpw once extracted
     maxiter: int = 333
     extra: dict = field(default_factory=dict)
 
@@ -131,6 +136,10 @@ def run_structure(atoms, name: str, outdir: str | Path, settings: RunSettings) -
             atoms.get_potential_energy()
             calc.write(str(tmp))
             os.replace(tmp, gpw)
+            if settings.extract_to is not None:  # from the live calculator: no restart
+                extract_run(calc, gpw, settings.extract_to)
+                if not settings.keep_gpw:
+                    gpw.unlink()
     except Exception:
         error.write_text(traceback.format_exc())
         raise
@@ -197,7 +206,7 @@ def generate(
 def _generate(structures, outdir: Path, settings: RunSettings, jobs: int, progress: bool):
     todo, skipped = [], []
     for name, atoms in structures:
-        if (outdir / f"{name}.gpw").exists():
+        if (outdir / f"{name}.gpw").exists() or _extracted(name, settings):
             skipped.append(name)
         else:
             todo.append((atoms, name, outdir, settings))
@@ -217,6 +226,17 @@ def _generate(structures, outdir: Path, settings: RunSettings, jobs: int, progre
                 failed.append((name, message))
             bar.update()
     return sorted(done), skipped, sorted(failed)
+
+
+def _extracted(name: str, settings: RunSettings) -> bool:
+    """The run's dataset entry exists (a run whose .gpw was not kept is done)."""
+    if settings.extract_to is None or settings.keep_gpw:
+        return False
+    entry = Path(settings.extract_to) / f"{name}.npz"
+    try:
+        return read_structure(entry)[1]["source"]["name"] == f"{name}.gpw"
+    except (OSError, GearsHError):
+        return False
 
 
 def _run_here(task):
@@ -272,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--extract", metavar="DATASET_DIR", help="extract every finished run into this dataset"
     )
+    p.add_argument(
+        "--discard-gpw",
+        action="store_true",
+        help="with --extract: remove each .gpw once its structure is in the dataset "
+        "(the dataset entry is a few percent of the .gpw's size)",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
     element_basis = {}
@@ -303,7 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         vacuum=a.vacuum,
         charge=a.charge,
         spinpol=a.spinpol,
+        extract_to=a.extract,
+        keep_gpw=not a.discard_gpw,
     )
+    if a.discard_gpw and not a.extract:
+        p.error("--discard-gpw needs --extract DATASET_DIR (the dataset keeps what is needed)")
     try:
         with interrupt_on_sigterm():
             return _run(a, settings)
@@ -335,17 +365,20 @@ def _run(a: argparse.Namespace, settings: RunSettings) -> int:
             f"  failed: {name}: {msg} (see {Path(a.output) / (name + '.error')})", file=sys.stderr
         )
     status = 1 if failed else 0
-    if a.extract:
+    if a.extract:  # each run was extracted in its worker; this catches earlier runs
         gpws = [
             Path(a.output) / f"{n}.gpw"
             for n, _ in structures
             if (Path(a.output) / f"{n}.gpw").exists()
         ]
         with _setup_paths(a.basis_dir):  # GPAW re-reads the basis files on restart
-            written, present, bad = extract_files(gpws, a.extract, progress=not a.quiet)
+            written, present, bad = extract_files(
+                gpws, a.extract, progress=not a.quiet, jobs=a.jobs
+            )
+        earlier = len(present) if a.discard_gpw else len(present) - len(done)
         print(
-            f"{len(written)} extracted, {len(present)} already present, {len(bad)} failed "
-            f"-> {a.extract}"
+            f"{len(done)} extracted after their run, {len(written)} from earlier runs' .gpw "
+            f"files, {earlier} already present, {len(bad)} failed -> {a.extract}"
         )
         for path, msg in bad:
             print(f"  failed: {path}: {msg}", file=sys.stderr)

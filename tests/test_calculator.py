@@ -492,6 +492,32 @@ def test_occupation_numbers_and_ase_tools(model, water_dataset, make_atoms):
     bandgap(c.calc)  # runs on k-points
 
 
+def test_band_structure_plot_with_ase(model, make_atoms, tmp_path):
+    """ASE's own band-structure tools on a BandPath: ``calc.band_structure().plot()``
+    draws the bands, labelled special points included, and ``BandStructure.write``
+    round-trips them."""
+    from ase.spectrum.band_structure import BandStructure
+
+    from ase_gearsh.core.io import new_figure, save_figure
+
+    c = make_atoms.chain()
+    path = c.cell.bandpath(npoints=12, pbc=c.pbc)  # G-X along the chain
+    c.calc = GearsHCalculator(model, kpts=path, warn_extrapolation=False)
+    bs = c.calc.band_structure(reference=0.0)
+    assert bs.energies.shape == (1, 12, c.calc.get_number_of_bands())
+    assert np.allclose(bs.energies[0, 7], c.calc.get_eigenvalues(kpt=7))
+    fig, ax = new_figure()
+    ax = bs.plot(ax=ax, emin=-15, emax=10)
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert len(labels) == 2 and "Gamma" in labels[0]  # ASE names the end by its axis
+    assert len(ax.get_lines()) >= bs.energies.shape[2]
+    save_figure(fig, tmp_path / "bands.png")
+    assert (tmp_path / "bands.png").stat().st_size > 5_000
+    bs.write(tmp_path / "bands.json")
+    again = BandStructure.read(tmp_path / "bands.json")
+    assert np.allclose(again.energies, bs.energies)
+
+
 def test_loaded_models_are_shared(checkpoint):
     import time
 

@@ -4,6 +4,7 @@ import gzip
 import os
 from pathlib import Path
 
+import pytest
 from ase.build import molecule
 from ase.io import write
 
@@ -96,3 +97,38 @@ def test_worker_environment_is_restored(monkeypatch):
         assert os.environ["MKL_NUM_THREADS"] == "1"
         assert os.environ["OMP_NUM_THREADS"] == "3"  # the user's choice is kept
     assert dict(os.environ) == before
+
+
+def test_extraction_in_the_worker_equals_extraction_from_the_file(tmp_path, capsys):
+    """--extract extracts each run from the live calculator (no GPAW restart); the
+    entry equals what extracting the .gpw gives; --discard-gpw keeps only the
+    dataset and a re-run counts the structure as done."""
+    from ase_gearsh.core.schema import read_structure
+    from gpaw_tools.extract import extract_files
+
+    src = tmp_path / "h2.extxyz"
+    write(src, molecule("H2"))
+    runs, ds, again = tmp_path / "runs", tmp_path / "ds", tmp_path / "again"
+    common = ["--h", "0.3", "--vacuum", "3", "-q"]
+    assert main([str(src), "-o", str(runs), "--extract", str(ds), *common]) == 0
+    assert "1 extracted after their run" in capsys.readouterr().out
+    live, meta_live = read_structure(ds / "h2-00000.npz")
+    extract_files([runs / "h2-00000.gpw"], again, progress=False)
+    restart, meta_file = read_structure(again / "h2-00000.npz")
+    assert meta_live["source"]["sha256"] == meta_file["source"]["sha256"]
+    for key in ("onsite_H", "pair_H", "onsite_S", "pair_S", "eigenvalues"):
+        assert live[key].shape == restart[key].shape
+        assert abs(live[key] - restart[key]).max() < 1e-4, key  # restart re-solves V[n]
+    assert meta_live["checks"]["max_eigenvalue_error"] < 1e-3
+    # without the .gpw: only the dataset entry is left, and a re-run skips it
+    runs2, ds2 = tmp_path / "runs2", tmp_path / "ds2"
+    args = [str(src), "-o", str(runs2), "--extract", str(ds2), "--discard-gpw", *common]
+    assert main(args) == 0
+    assert not list(runs2.glob("*.gpw")) and (ds2 / "h2-00000.npz").is_file()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "0 run, 1 already done" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        main([str(src), "-o", str(runs2), "--discard-gpw", *common])
+    assert stop.value.code == 2
+    assert "--discard-gpw needs --extract" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from ase.build import molecule
 from ase.io import write
@@ -166,3 +167,51 @@ def test_lock_is_released_and_its_file_removed(tmp_path):
         with pytest.raises(OutputBusyError):  # even within one process (another file handle)
             OutputLock(tmp_path / "out").acquire()
     assert not lock.path.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_extract_jobs_killed_then_resumed(water_dataset, gpw_dir, tmp_path):
+    """kill -9 of `extract --jobs 2` mid-way: the workers exit, every entry written is
+    complete, and the same command finishes the rest; the result equals a
+    one-process extraction."""
+    import shutil
+
+    from ase_gearsh.core.data import check_dataset
+    from ase_gearsh.core.schema import read_structure
+    from gpaw_tools.extract import main as extract_main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    files = []
+    for copy in range(3):  # 12 distinct file names (copies of the 4 water runs)
+        for f in sorted(gpw_dir.glob("water*.gpw")):
+            files.append(src / f"{f.stem}_{copy}.gpw")
+            shutil.copy(f, files[-1])
+    ds = tmp_path / "ds"
+    args = [*map(str, files), "-o", str(ds), "--jobs", "2", "-q"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpaw_tools.extract", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait(lambda: list(ds.glob("*.npz")) or proc.poll() is not None, 300, "an entry")
+        workers = _children(proc.pid)
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _wait(lambda: not any(_alive(p) for p in workers), 60, f"workers {workers} to exit")
+    first = sorted(p.name for p in ds.glob("*.npz"))
+    assert 1 <= len(first) < len(files), first  # killed mid-way
+    assert not list(ds.glob(".*.part"))
+    assert extract_main(args) == 0  # resume
+    good, problems = check_dataset(ds)
+    assert good + len(problems) == len(files)
+    assert all("duplicate" in what for _, what in problems), problems  # copies share a hash
+    serial = tmp_path / "serial"
+    assert extract_main([str(files[5]), "-o", str(serial), "-q"]) == 0
+    a, _ = read_structure(ds / files[5].with_suffix(".npz").name)
+    b, _ = read_structure(serial / files[5].with_suffix(".npz").name)
+    assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -21,7 +21,17 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-__all__ = ["worker_init", "interrupt_on_sigterm", "run_pool", "Interrupted", "environment"]
+# BLAS/OpenMP threads of each worker process (unless the user set the variables)
+WORKER_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+__all__ = [
+    "WORKER_THREADS",
+    "worker_init",
+    "interrupt_on_sigterm",
+    "run_pool",
+    "Interrupted",
+    "environment",
+]
 
 
 class Interrupted(KeyboardInterrupt):
