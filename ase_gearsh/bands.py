@@ -58,24 +58,33 @@ from .predict import _read_structure, reliability_summary
 __all__ = [
     "BandsError",
     "DEFAULT_FERMI_DENSITY",
+    "DEFAULT_FERMI_MAX_KPTS",
     "DEFAULT_NPOINTS",
     "MAE_WINDOW",
     "band_gap",
     "band_path",
     "bands_structure",
+    "check_reference",
+    "check_same_structure",
     "compare_bands",
     "fermi_grid",
+    "load_reference",
     "model_bands",
     "plot_bands",
     "reference_bands",
     "register",
+    "special_points",
     "write_bands_csv",
 ]
 
 DEFAULT_NPOINTS = 100
-# k-points per 1/Angstrom (2 pi included, ASE's convention): a 2.5 A chain gets 21
-# points, a 3.8 A fcc primitive cell 14x14x14, a 20 A supercell 3 per direction
-DEFAULT_FERMI_DENSITY = 8.0
+# k-points per 1/Angstrom along each reciprocal vector (2 pi included, ASE's
+# convention: n = ceil(2 pi density / d) for planes d Angstrom apart), at most
+# DEFAULT_FERMI_MAX_KPTS points in all (the density is lowered until they fit):
+# a 2.46 A chain gets 11 points, graphene 12x12, Si 9x9x9, diamond or Cu 10x10x10,
+# a 20 A supercell 2 per direction
+DEFAULT_FERMI_DENSITY = 4.0
+DEFAULT_FERMI_MAX_KPTS = 1000
 MAE_WINDOW = 5.0  # eV either side of the reference's Fermi level
 STRUCTURE_TOLERANCE = 1e-3  # Angstrom: positions and cell of a reference .gpw
 
@@ -129,21 +138,24 @@ def band_path(atoms: Atoms, path=None, npoints: int = DEFAULT_NPOINTS) -> BandPa
             )
         path = path.replace("Γ", "G").replace(" ", "")
         try:
-            names = [n for segment in parse_path_string(path) for n in segment]
+            segments = parse_path_string(path)
         except Exception:  # a malformed string (lower-case letters, digits first ...)
-            names = [path]
-        unknown = sorted(set(names) - set(points))
-        if unknown or any(not s for s in path.split(",")):
+            segments = [[path]]
+        unknown = sorted({n for segment in segments for n in segment} - set(points))
+        if unknown:
             raise BandsError(
-                f"unknown special point(s) {unknown or [path]} in path {path!r}; this cell "
+                f"unknown special point(s) {unknown} in path {path!r}; this cell "
                 f"(pbc={np.asarray(atoms.pbc).tolist()}) has {sorted(points)}"
+            )
+        if any(len(segment) < 2 for segment in segments) or len(segments) != path.count(",") + 1:
+            raise BandsError(
+                f"every piece of a path between breaks (',') needs two special points or "
+                f"more, like 'GXM,GR'; got {path!r}"
             )
     bandpath = _ase_bandpath(atoms, path, npoints)
     if _breaks(bandpath) > bandpath.path.count(","):
         # a segment without a point inside: ASE's x axis takes it for a break
-        more = next(
-            (n for n in range(npoints + 1, 50 * npoints) if _fits(atoms, path, n)), None
-        )
+        more = next((n for n in range(npoints + 1, 50 * npoints) if _fits(atoms, path, n)), None)
         raise BandsError(
             f"npoints={npoints} is too few for the path {bandpath.path!r}: every segment "
             f"needs a k-point inside it; expected at least {more}"
@@ -202,14 +214,24 @@ def _cuts(bp: BandPath) -> list[int]:
     ]
 
 
-def fermi_grid(atoms: Atoms, density: float = DEFAULT_FERMI_DENSITY) -> dict:
+def fermi_grid(
+    atoms: Atoms,
+    density: float = DEFAULT_FERMI_DENSITY,
+    max_kpts: int = DEFAULT_FERMI_MAX_KPTS,
+) -> dict:
     """Gamma-centred Monkhorst-Pack grid of ``density`` k-points per 1/Angstrom along
-    the periodic directions (1 along the others), as a calculator ``kpts`` dict."""
+    the periodic directions (1 along the others), lowered to at most ``max_kpts``
+    points in all, as a calculator ``kpts`` dict."""
     _check_periodic(atoms)
     if not np.isfinite(density) or density <= 0:
         raise BandsError(f"k-point density must be a positive number, got {density!r}")
-    size = kptdensity2monkhorstpack(atoms, kptdensity=density, even=False)
-    return {"size": tuple(int(max(1, n)) for n in size), "gamma": True}
+    if isinstance(max_kpts, bool) or not isinstance(max_kpts, (int, np.integer)) or max_kpts < 1:
+        raise BandsError(f"max_kpts must be a positive integer, got {max_kpts!r}")
+    while True:
+        size = np.maximum(kptdensity2monkhorstpack(atoms, kptdensity=density, even=False), 1)
+        if np.prod(size) <= max_kpts or np.all(size == 1):
+            return {"size": tuple(int(n) for n in size), "gamma": True}
+        density *= 0.95
 
 
 def _grid_kpts(atoms: Atoms, fermi_kpts) -> dict:
@@ -309,53 +331,76 @@ def _check_gpw_file(gpw) -> Path:
     return gpw
 
 
-def _read_gpw_atoms(gpw) -> Atoms:
-    """The structure of a .gpw file (ASE's reader: no GPAW calculator is built)."""
-    from ase.io import read
-
-    gpw = _check_gpw_file(gpw)
-    try:
-        return read(gpw, format="gpw")
-    except Exception as err:
-        raise BandsError(
-            f"cannot read {gpw} as a GPAW .gpw file: {type(err).__name__}: {err}"
-        ) from None
-
-
 def check_reference(gpw, atoms: Atoms, tol: float = STRUCTURE_TOLERANCE) -> None:
-    """Check (cheaply, before any work) that ``gpw`` holds the structure ``atoms``."""
-    check_same_structure(atoms, _read_gpw_atoms(gpw), f"reference {gpw}", tol)
+    """Check that ``gpw`` is a spin-paired GPAW run of the structure ``atoms``."""
+    load_reference(gpw, atoms, tol)
 
 
-def reference_bands(
-    gpw, path_kpts, atoms: Atoms | None = None, tol: float = STRUCTURE_TOLERANCE
-) -> BandStructure:
-    """GPAW's bands on the k-points ``path_kpts`` (a BandPath or (n, 3) scaled
-    k-points) from the self-consistent density of ``gpw``: ``fixed_density`` without
-    symmetry, so every k-point is kept in order.  Returns a :class:`BandStructure`
-    (absolute energies, eV; ``reference`` = the Fermi level of the .gpw's SCF run).
+def _lcao_orbitals(calc) -> int | None:
+    """Number of LCAO orbitals of a GPAW calculator in LCAO mode, else None."""
+    try:
+        if getattr(calc.params.mode, "name", None) != "lcao":
+            return None
+        return int(sum(setup.nao for setup in calc.dft.setups))
+    except AttributeError:  # another GPAW interface: keep the .gpw's bands
+        return None
 
-    The .gpw must hold the structure ``atoms`` when given (numbers, pbc; cell and
-    positions within ``tol`` Angstrom), and the cell of ``path_kpts`` when a
-    BandPath; else :class:`BandsError`."""
+
+def load_reference(gpw, atoms: Atoms | None = None, tol: float = STRUCTURE_TOLERANCE):
+    """GPAW's calculator of ``gpw``, checked: a readable .gpw of a spin-paired run
+    holding the structure ``atoms`` when given (numbers, pbc; cell and positions
+    within ``tol`` Angstrom); else :class:`BandsError`."""
     gpw = _check_gpw_file(gpw)
     from gpaw import GPAW
 
     try:
         calc = GPAW(str(gpw), txt=None)
         gpw_atoms = calc.get_atoms()
+        spins = calc.get_number_of_spins()
     except Exception as err:
         raise BandsError(
             f"cannot load {gpw} with GPAW: {type(err).__name__}: {err}; expected a .gpw file"
         ) from None
     if atoms is not None:
         check_same_structure(atoms, gpw_atoms, f"reference {gpw}", tol)
+    if spins != 1:
+        raise BandsError(
+            f"reference {gpw} is spin-polarised (2 spin channels); expected a spin-paired "
+            "run like the model's"
+        )
+    return calc
+
+
+def reference_bands(
+    gpw,
+    path_kpts,
+    atoms: Atoms | None = None,
+    tol: float = STRUCTURE_TOLERANCE,
+    nbands="all",
+) -> BandStructure:
+    """GPAW's bands on the k-points ``path_kpts`` (a BandPath or (n, 3) scaled
+    k-points) from the self-consistent density of ``gpw`` (a .gpw path, or the
+    calculator of :func:`load_reference`): ``fixed_density`` without symmetry, so
+    every k-point is kept in order.  Returns a :class:`BandStructure` (absolute
+    energies, eV; ``reference`` = the Fermi level of the .gpw's SCF run).
+
+    ``nbands``: ``"all"`` (an LCAO run: every orbital, like the model; other modes:
+    the .gpw's bands), None (the .gpw's bands) or a number for GPAW.  The .gpw must
+    hold the structure ``atoms`` when given (numbers, pbc; cell and positions within
+    ``tol`` Angstrom), and the cell of ``path_kpts`` when a BandPath; else
+    :class:`BandsError`."""
+    if isinstance(gpw, (str, Path)):
+        calc, where = load_reference(gpw, atoms, tol), f"reference {gpw}"
+    else:
+        calc, where = gpw, "the reference"
+        if atoms is not None:
+            check_same_structure(atoms, calc.get_atoms(), where, tol)
+    cell = np.asarray(calc.get_atoms().cell)
     if isinstance(path_kpts, BandPath):
-        if np.abs(np.asarray(path_kpts.cell) - np.asarray(gpw_atoms.cell)).max() > tol:
+        if np.abs(np.asarray(path_kpts.cell) - cell).max() > tol:
             raise BandsError(
-                f"reference {gpw} holds another cell than the path's: expected "
-                f"{np.round(path_kpts.cell[:], 4).tolist()}, got "
-                f"{np.round(gpw_atoms.cell[:], 4).tolist()}"
+                f"{where} holds another cell than the path's: expected "
+                f"{np.round(path_kpts.cell[:], 4).tolist()}, got {np.round(cell, 4).tolist()}"
             )
         bandpath = path_kpts
     else:
@@ -364,14 +409,17 @@ def reference_bands(
             raise BandsError(
                 f"path_kpts must be a BandPath or (n, 3) scaled k-points, got shape {kpts.shape}"
             )
-        bandpath = BandPath(gpw_atoms.cell, kpts=kpts)
-    if calc.get_number_of_spins() != 1:
-        raise BandsError(
-            f"reference {gpw} is spin-polarised; expected a spin-paired run like the model's"
-        )
+        bandpath = BandPath(cell, kpts=kpts)
     kpts = np.asarray(bandpath.kpts, float)
     fermi = float(calc.get_fermi_level())
-    fd = calc.fixed_density(kpts=kpts, symmetry="off", txt=None)
+    extra = {}
+    if nbands == "all":
+        nao = _lcao_orbitals(calc)
+        if nao is not None:
+            extra["nbands"] = nao
+    elif nbands is not None:
+        extra["nbands"] = nbands
+    fd = calc.fixed_density(kpts=kpts, symmetry="off", txt=None, **extra)
     got = np.asarray(fd.get_ibz_k_points(), float)
     if got.shape != kpts.shape or np.abs(got - kpts).max() > 1e-8:
         raise RuntimeError(
@@ -498,9 +546,9 @@ def plot_bands(
     fig, ax = new_figure(figsize=figsize)
     fermi = float(bs.reference)
     x, pieces = _segments(bs)
-    sets = [(bs, dict(color="C0", lw=1.4, ls="-"), "model")]
+    sets = [(bs, dict(color="C0", lw=2.0, ls="-"), "model")]
     if reference is not None:
-        sets.append((reference, dict(color="C3", lw=1.1, ls=(0, (4, 2))), "GPAW"))
+        sets.append((reference, dict(color="C3", lw=1.0, ls=(0, (4, 2))), "GPAW"))
     for which, style, label in sets:
         e = np.asarray(which.energies[0]) - fermi
         for i, piece in enumerate(pieces):
@@ -511,16 +559,15 @@ def plot_bands(
     for t in ticks[1:-1]:
         ax.axvline(t, color="0.6", lw=0.8)
     ax.axhline(0.0, color="k", lw=0.8, ls=":", label="E_F (model)")
-    if reference is not None and abs(float(reference.reference) - fermi) > 1e-3:
-        ax.axhline(
-            float(reference.reference) - fermi, color="C3", lw=0.8, ls=":", label="E_F (GPAW)"
-        )
+    shift = None if reference is None else float(reference.reference) - fermi
+    if shift is not None and abs(shift) > 0.01 * (emax - emin) and emin < shift < emax:
+        ax.axhline(shift, color="C3", lw=0.8, ls=":", label="E_F (GPAW)")
     ax.set_xticks(ticks, names)
     ax.set_xlim(x[0], x[-1])
     ax.set_ylim(emin, emax)
     ax.set_ylabel("E - E_F (eV)")
     ax.set_title(title, fontsize=10)
-    ax.legend(frameon=True, fontsize=8, loc="upper right", framealpha=0.9)
+    ax.legend(frameon=True, fontsize=8, loc="best", framealpha=0.9)
     fig.tight_layout()
     save_figure(fig, path_png, dpi=dpi)
 
@@ -564,18 +611,28 @@ def bands_structure(
     _check_periodic(atoms, name)
     bandpath = band_path(atoms, path, npoints)
     grid = _grid_kpts(atoms, fermi_kpts)
-    if reference is not None:
-        check_reference(reference, atoms)
+    ref_calc = None if reference is None else load_reference(reference, atoms)
     calc = model if isinstance(model, GearsHCalculator) else GearsHCalculator(model)
     if not isinstance(model, GearsHCalculator):
         calc.set(progress=progress)
     atoms.calc = calc
-    for kpts in (grid, bandpath):  # checks the k-points against pbc before any work
-        calc.set(kpts=kpts)
-        calc.get_ibz_k_points()
-    calc.set(kpts=None)
+    n_orbitals = calc.get_number_of_bands()  # also checks the elements against the model
+    if n_orbitals > calc.parameters.dense_limit:
+        raise BandsError(
+            f"band structures need dense diagonalisation: {n_orbitals} orbitals exceed "
+            f"dense_limit={calc.parameters.dense_limit}; expected a smaller (primitive) cell"
+        )
+    old = calc.parameters.get("kpts")
+    try:
+        for kpts in (grid, bandpath):  # checks the k-points against pbc before any work
+            calc.set(kpts=kpts)
+            calc.get_ibz_k_points()
+    finally:
+        calc.set(kpts=old)
     with output_folder(out, overwrite, what="output folder (-o)") as tmp:
-        summary, lines = _bands_into(tmp, atoms, name, calc, bandpath, grid, reference, emin, emax)
+        summary, lines = _bands_into(
+            tmp, atoms, name, calc, bandpath, grid, reference, ref_calc, emin, emax
+        )
     for line in lines:
         log(line)
     log(f"wrote {out}/: bands.csv bands.json bands.png")
@@ -590,16 +647,19 @@ def _gap_text(gap: dict) -> str:
     return f"gap {gap['gap_eV']:.3f} eV ({'direct' if gap['direct'] else 'indirect'})"
 
 
-def _bands_into(out, atoms, name, calc, bandpath, grid, reference, emin, emax):
+def _bands_into(out, atoms, name, calc, bandpath, grid, reference, ref_calc, emin, emax):
     """Compute the bands (and the reference's) and write the files into ``out``."""
     t0 = time.perf_counter()
     bs = model_bands(atoms, calc, bandpath, fermi_kpts=grid)
-    calc.set(kpts=grid)
-    n_grid = len(calc.get_ibz_k_points())
-    calc.set(kpts=None)
+    old = calc.parameters.get("kpts")
+    try:
+        calc.set(kpts=grid)
+        n_grid = len(calc.get_ibz_k_points())
+    finally:
+        calc.set(kpts=old)
     t1 = time.perf_counter()
     reliability, reliability_line = reliability_summary(calc)
-    ref = None if reference is None else reference_bands(reference, bandpath, atoms=atoms)
+    ref = None if ref_calc is None else reference_bands(ref_calc, bandpath)
     t2 = time.perf_counter()
     gap = band_gap(bs)
     path_text = bandpath.path
@@ -645,8 +705,8 @@ def _bands_into(out, atoms, name, calc, bandpath, grid, reference, emin, emax):
         ref,
         emin,
         emax,
-        title=f"{name}: {path_text.replace('G', 'Γ')}"
-        + (f" (model, GPAW {Path(reference).name} dashed)" if ref is not None else ""),
+        title=f"{name} along {path_text.replace('G', 'Γ')}"
+        + (f": model (solid), GPAW {Path(reference).name} (dashed)" if ref is not None else ""),
     )
     size = grid.get("size")
     lines = [
@@ -722,7 +782,7 @@ def register(subparsers):
     p.add_argument(
         "--fermi-kpts",
         help=f"Gamma-centred k-grid for E_F, e.g. 12,12,1 (default: {DEFAULT_FERMI_DENSITY:g} "
-        "points per 1/A along the periodic directions)",
+        f"points per 1/A along the periodic directions, at most {DEFAULT_FERMI_MAX_KPTS} in all)",
     )
     p.add_argument("--emin", type=float, default=-MAE_WINDOW, help="plot from E_F + EMIN (-5)")
     p.add_argument("--emax", type=float, default=MAE_WINDOW, help="plot to E_F + EMAX (5)")

@@ -10,13 +10,14 @@ import sys
 
 from ase.calculators.calculator import CalculatorSetupError, PropertyNotPresent
 
+from .bands import register as register_bands
 from .core.data import check_dataset
 from .core.errors import GearsHError
 from .core.processes import Interrupted, interrupt_on_sigterm
 from .model.checkpoint import load_checkpoint
 from .model.engine import enable_compilation_cache
 from .model.reliability import reference_summary
-from .predict import parse_kpts, predict_structure
+from .predict import format_summary_table, parse_kpts, predict_many, predict_structure
 from .training.attach import attach_basis, attach_reliability, dataset_structures
 from .training.evaluate import evaluate
 from .training.train import train
@@ -56,11 +57,8 @@ def _eval(args: argparse.Namespace) -> None:
         print(json.dumps(s, indent=1))
 
 
-def _predict(args: argparse.Namespace) -> None:
-    predict_structure(
-        args.structure,
-        args.model,
-        args.output,
+def _predict(args: argparse.Namespace) -> int | None:
+    options = dict(
         kpts=parse_kpts(args.kpts),
         width=args.width,
         npts=args.npts,
@@ -69,9 +67,33 @@ def _predict(args: argparse.Namespace) -> None:
         method=args.method,
         charge=args.charge,
         index=args.index,
-        progress=not args.quiet,
-        overwrite=args.overwrite,
+        holes=args.holes,
+        hole_window=args.hole_window,
     )
+    if len(args.structure) == 1:
+        predict_structure(
+            args.structure[0],
+            args.model,
+            args.output,
+            progress=not args.quiet,
+            overwrite=args.overwrite,
+            **options,
+        )
+        return None
+    rows, failed = predict_many(
+        args.structure,
+        args.model,
+        args.output,
+        jobs=args.jobs,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        **options,
+    )
+    print(format_summary_table(rows))
+    print(f"wrote {args.output}/summary.csv and one folder per structure")
+    for name, msg in failed:
+        print(f"  failed: {name}: {msg}", file=sys.stderr)
+    return 1 if failed else None
 
 
 def _attach(args: argparse.Namespace) -> None:
@@ -146,12 +168,28 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=_eval)
     r = sub.add_parser("predict", help="predicted H, exact S, spectrum and DOS of a structure")
-    r.add_argument("structure", help="any file ase.io.read understands")
-    r.add_argument("-m", "--model", required=True, help="model.ckpt")
-    r.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
     r.add_argument(
-        "--overwrite", action="store_true", help="replace the output folder if it exists"
+        "structure",
+        nargs="+",
+        help="any file ase.io.read understands; several: a batch, one folder each",
     )
+    r.add_argument("-m", "--model", required=True, help="model.ckpt")
+    r.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output folder (must not exist); with several structures the parent of "
+        "one folder per structure (finished ones are skipped: the batch resumes)",
+    )
+    r.add_argument("--overwrite", action="store_true", help="replace output folders that exist")
+    r.add_argument("--jobs", type=int, default=1, help="parallel processes for a batch (1)")
+    r.add_argument(
+        "--holes",
+        metavar="EL,EL",
+        help="elements whose projected DOS from E_F to E_F + --hole-window is the hole "
+        "count (e.g. W,Se)",
+    )
+    r.add_argument("--hole-window", type=float, default=0.2, help="hole window above E_F, eV (0.2)")
     r.add_argument("--kpts", help="Gamma-centred k-grid, e.g. 4,4,1 (default: Gamma only)")
     r.add_argument("--width", type=float, default=0.1, help="DOS broadening, eV (0.1)")
     r.add_argument("--npts", type=int, default=2001, help="DOS energy points (2001)")
@@ -218,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         help="largest accepted eigenvalue error recorded at extraction (1e-3 eV)",
     )
     c.set_defaults(func=_check)
+    register_bands(sub)
     args = p.parse_args(argv)
     enable_compilation_cache()  # process-wide JAX setting: the command's, not the library's
     try:

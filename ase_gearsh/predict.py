@@ -21,6 +21,7 @@ before the model is run.  Contents (units recorded in ``summary.json``):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
@@ -37,7 +38,7 @@ from .core.io import atomic_write_bytes, check_output_folder, new_figure, output
 from .electronic.spectrum import check_dos_args
 from .model.reliability import missing_species, reference_of
 
-__all__ = ["predict_structure", "PredictError"]
+__all__ = ["predict_structure", "predict_many", "hole_count", "PredictError"]
 
 
 class PredictError(GearsHError, ValueError):
@@ -143,18 +144,45 @@ def predict_structure(
     progress: bool = True,
     log=print,
     overwrite: bool = False,
+    holes=None,
+    hole_window: float = 0.2,
 ) -> dict:
     """Run the calculator on one structure file (or Atoms) and write ``output``
-    (a new folder; an existing one is replaced only with ``overwrite``)."""
+    (a new folder; an existing one is replaced only with ``overwrite``).
+
+    ``holes``: element symbols (e.g. ``["W", "Se"]``) whose projected DOS is
+    integrated from E_F to E_F + ``hole_window`` eV: the hole count (both spins) and,
+    for a cell periodic in a and b, the areal concentration in cm^-2, as in the GEARS H
+    paper's WSe2-on-HfO2 study."""
     out = check_output_folder(output, overwrite)
     try:
         check_dos_args(width, npts, emin, emax, method)
     except ValueError as err:
         raise PredictError(str(err)) from None
+    holes = _check_holes(holes, hole_window)
     atoms, name = _read_structure(structure, index)
+    missing = sorted(set(holes or []) - set(atoms.get_chemical_symbols()))
+    if missing:
+        raise PredictError(
+            f"--holes {','.join(holes)}: {name} has no {', '.join(missing)} atoms; "
+            f"its elements are {', '.join(sorted(set(atoms.get_chemical_symbols())))}"
+        )
     with output_folder(out, overwrite, what="output folder (-o)") as tmp:
         summary, lines = _predict_into(
-            tmp, atoms, name, model, kpts, width, npts, emin, emax, method, charge, progress
+            tmp,
+            atoms,
+            name,
+            model,
+            kpts,
+            width,
+            npts,
+            emin,
+            emax,
+            method,
+            charge,
+            progress,
+            holes,
+            hole_window,
         )
     for line in lines:
         log(line)
@@ -187,7 +215,74 @@ def _read_structure(structure, index) -> tuple[Atoms, str]:
     return atoms, path.name
 
 
-def _predict_into(out, atoms, name, model, kpts, width, npts, emin, emax, method, charge, progress):
+def _check_holes(holes, window) -> list[str] | None:
+    if holes is None:
+        return None
+    if isinstance(holes, str):
+        holes = [h for h in holes.split(",") if h]
+    from ase.data import atomic_numbers
+
+    unknown = [h for h in holes if h not in atomic_numbers]
+    if not holes or unknown:
+        raise PredictError(
+            f"--holes expects element symbols like W,Se, got {','.join(holes) or repr('')}"
+        )
+    if not (isinstance(window, (int, float)) and np.isfinite(window) and window > 0):
+        raise PredictError(f"--hole-window must be a finite number of eV > 0, got {window!r}")
+    return list(holes)
+
+
+def hole_count(energies, pdos: dict, fermi: float, species, window: float) -> float:
+    """States (both spins) of ``species`` in [E_F, E_F + window] from the per-spin
+    species-projected DOS on the grid ``energies``."""
+    e = np.asarray(energies)
+    if e[0] > fermi or e[-1] < fermi + window:
+        raise PredictError(
+            f"the DOS grid ({e[0]:.2f}, {e[-1]:.2f}) eV does not cover E_F to E_F + "
+            f"{window:g} eV ({fermi:.2f} to {fermi + window:.2f}); widen --emin/--emax"
+        )
+    fine = np.linspace(fermi, fermi + window, 401)
+    total = sum(np.interp(fine, e, pdos[s]) for s in species)
+    return float(2.0 * np.trapezoid(total, fine))
+
+
+def _areal_density(atoms, count: float) -> float | None:
+    """count per cm^2 of the a-b plane when a and b are periodic (else None)."""
+    if not (atoms.pbc[0] and atoms.pbc[1]):
+        return None
+    area = np.linalg.norm(np.cross(atoms.cell[0], atoms.cell[1]))  # A^2
+    return float(count / (area * 1e-16)) if area > 0 else None
+
+
+def _gap(calc, use_kpm: bool) -> float | None:
+    """Band gap (eV) from the dense eigenvalues at the calculator's k-points (0 for a
+    metal); None with KPM."""
+    if use_kpm:
+        return None
+    ef = calc.get_fermi_level()
+    eps = np.concatenate([calc.get_eigenvalues(kpt=q) for q in range(len(calc.get_ibz_k_points()))])
+    below, above = eps[eps <= ef], eps[eps > ef]
+    if not len(below) or not len(above):
+        return None
+    return float(max(0.0, above.min() - below.max()))
+
+
+def _predict_into(
+    out,
+    atoms,
+    name,
+    model,
+    kpts,
+    width,
+    npts,
+    emin,
+    emax,
+    method,
+    charge,
+    progress,
+    holes=None,
+    hole_window=0.2,
+):
     """Compute everything and write it into the folder ``out``; (summary, log lines)."""
     t0 = time.perf_counter()
     calc = GearsHCalculator(model, kpts=kpts, charge=charge, progress=progress)
@@ -252,8 +347,20 @@ def _predict_into(out, atoms, name, model, kpts, width, npts, emin, emax, method
         title=f"{name}: {len(atoms)} atoms, {H.shape[0]} orbitals"
         f" ({'KPM' if use_kpm else 'dense'})",
     )
+    gap = _gap(calc, use_kpm)
+    hole_info = None
+    if holes:
+        count = hole_count(e, pdos, ef, holes, hole_window)
+        hole_info = {
+            "species": holes,
+            "window_eV": hole_window,
+            "holes": count,
+            "per_cm2": _areal_density(atoms, count),
+        }
     summary = {
         "structure": name,
+        "gap_eV": gap,
+        "holes": hole_info,
         "atoms": len(atoms),
         "orbitals": int(H.shape[0]),
         "bonds": int(len(pb.pair_i)),
@@ -282,4 +389,152 @@ def _predict_into(out, atoms, name, model, kpts, width, npts, emin, emax, method
         f"{t4 - t3:.2f} s ({summary['method']})",
         reliability_line,
     ]
+    if hole_info is not None:
+        per = hole_info["per_cm2"]
+        lines.append(
+            f"holes: {hole_info['holes']:.4g} states of {'+'.join(holes)} in "
+            f"[E_F, E_F + {hole_window:g} eV]" + (f" = {per:.3g} cm^-2" if per else "")
+        )
     return summary, lines
+
+
+# -- many structures ------------------------------------------------------------------
+SUMMARY_COLUMNS = ["structure", "atoms", "orbitals", "method", "fermi_level_eV", "gap_eV"]
+
+
+def _predict_task(task) -> tuple[str, str, object]:
+    """One structure of a batch: ("done", name, summary) or ("failed", name, message)."""
+    structure, model, dest, options = task
+    name = Path(structure).stem
+    try:
+        summary = predict_structure(
+            structure, model, dest, progress=False, log=lambda *a: None, **options
+        )
+        return "done", name, summary
+    except (GearsHError, OSError, ValueError) as err:
+        return "failed", name, " ".join(str(err).split())
+    except Exception as err:  # isolate unexpected failures too
+        return "failed", name, f"{type(err).__name__}: {err}"
+
+
+def _predict_task_in_worker(task):
+    try:
+        return _predict_task(task)
+    except BaseException:  # SIGTERM from the parent (or its death): leave now
+        import os
+        import signal
+
+        os._exit(128 + signal.SIGTERM)
+
+
+def predict_many(
+    structures,
+    model,
+    output,
+    jobs: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+    log=print,
+    **options,
+) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Predict many structure files into ``output/<file stem>/`` (each folder as
+    :func:`predict_structure` writes it), resumable: a structure whose folder holds a
+    ``summary.json`` is skipped unless ``overwrite``.  ``jobs > 1``: worker processes
+    (each loads the model once).  Failures are isolated.  Writes ``output/summary.csv``
+    (one row per finished structure: size, E_F, gap, holes) and returns
+    ``(rows, failed)``."""
+    from tqdm import tqdm
+
+    from .core.processes import WORKER_THREADS, run_pool
+
+    paths = [Path(s) for s in structures]
+    stems = [p.stem for p in paths]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise PredictError(
+            f"structure files share the stem(s) {dup}: their output folders would collide; "
+            f"rename them"
+        )
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise PredictError(f"--jobs must be an integer >= 1, got {jobs!r}")
+    try:
+        check_dos_args(
+            options.get("width", 0.1),
+            options.get("npts", 2001),
+            options.get("emin"),
+            options.get("emax"),
+            options.get("method", "auto"),
+        )
+    except ValueError as err:
+        raise PredictError(str(err)) from None
+    options["holes"] = _check_holes(options.get("holes"), options.get("hole_window", 0.2))
+    out = check_output_folder(output, overwrite=True)  # may exist: the batch resumes
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [
+        (str(p), str(model), str(out / p.stem), dict(options, overwrite=overwrite))
+        for p in paths
+        if overwrite or not (out / p.stem / "summary.json").is_file()
+    ]
+    log(
+        f"{len(paths)} structures: {len(paths) - len(todo)} already done, {len(todo)} to "
+        f"predict with {min(jobs, max(len(todo), 1))} process(es) -> {out}/"
+    )
+    if jobs == 1 or len(todo) < 2:
+        results = (_predict_task(t) for t in todo)
+    else:
+        results = run_pool(
+            _predict_task_in_worker, todo, min(jobs, len(todo)), environment_values=WORKER_THREADS
+        )
+    failed = []
+    with (
+        contextlib.closing(results) as it,
+        tqdm(total=len(todo), desc="predict", unit="structure", disable=not progress) as bar,
+    ):
+        for kind, name, value in it:
+            if kind == "failed":
+                failed.append((name, value))
+                log(f"FAILED {name}: {value}")
+            bar.update()
+    rows = []
+    for p in paths:
+        f = out / p.stem / "summary.json"
+        if f.is_file():
+            s = json.loads(f.read_text())
+            row = {k: s.get(k) for k in SUMMARY_COLUMNS}
+            row["structure"] = p.stem
+            h = s.get("holes") or {}
+            row["holes"] = h.get("holes")
+            row["holes_per_cm2"] = h.get("per_cm2")
+            rows.append(row)
+    _write_summary_table(out / "summary.csv", rows)
+    return rows, failed
+
+
+def _write_summary_table(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    buf = io.StringIO()
+    cols = SUMMARY_COLUMNS + ["holes", "holes_per_cm2"]
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in cols})
+    _write_text(path, buf.getvalue())
+
+
+def format_summary_table(rows: list[dict]) -> str:
+    """The batch summary as aligned text (what ``gearsh predict`` prints)."""
+    head = f"{'structure':24s} {'atoms':>6s} {'orbitals':>8s} {'E_F (eV)':>9s} {'gap (eV)':>8s}"
+    head += f" {'holes':>9s} {'holes/cm2':>10s}"
+    lines = [head]
+
+    def fmt(x, spec):
+        return format(x, spec) if isinstance(x, (int, float)) else "-"
+
+    for r in rows:
+        lines.append(
+            f"{r['structure'][:24]:24s} {fmt(r['atoms'], '6d')} {fmt(r['orbitals'], '8d')} "
+            f"{fmt(r['fermi_level_eV'], '9.4f')} {fmt(r['gap_eV'], '8.3f')} "
+            f"{fmt(r['holes'], '9.4g')} {fmt(r['holes_per_cm2'], '10.3g')}"
+        )
+    return "\n".join(lines)

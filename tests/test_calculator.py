@@ -603,3 +603,67 @@ def test_bad_input_raises_clear_errors(model, make_atoms):
     c.calc = GearsHCalculator(model, kpts=(1, 1, 4), dense_limit=0, warn_extrapolation=False)
     with pytest.raises(PropertyUnavailableError, match="at Gamma only"):
         c.calc.get_dos()
+
+
+def test_hole_count_integrates_the_projected_dos():
+    from ase_gearsh.predict import PredictError, hole_count
+
+    e = np.linspace(-5, 5, 1001)
+    pdos = {"W": np.ones_like(e), "Se": np.where(e > 1.0, 3.0, 0.5), "Hf": 10 * np.ones_like(e)}
+    # two spins x (1 + 0.5) states/eV x 0.2 eV
+    assert hole_count(e, pdos, 0.3, ["W", "Se"], 0.2) == pytest.approx(0.6)
+    # a step from 0.5 to 3 at 1.0 eV, linear between grid points 0.01 eV apart
+    expected = 2 * (0.1 * 0.5 + 0.01 * 1.75 + 0.09 * 3.0)
+    assert hole_count(e, pdos, 0.9, ["Se"], 0.2) == pytest.approx(expected, abs=1e-3)
+    with pytest.raises(PredictError, match="does not cover E_F to E_F"):
+        hole_count(e, pdos, 4.9, ["W"], 0.2)
+
+
+def test_batch_predict_resumes_in_parallel_and_summarises(checkpoint, tmp_path, capsys):
+    """`gearsh predict A B C -o OUT --jobs 2`: one folder per structure, finished ones
+    skipped on a re-run, a failing structure isolated (exit 1), summary.csv with E_F,
+    gap and holes."""
+    import csv
+
+    from ase.io import write
+
+    from ase_gearsh.cli import main
+
+    names = []
+    for k, formula in enumerate(["H2O", "H2O", "H2O"]):  # one size: one compilation
+        a = molecule(formula)
+        a.rattle(0.05, seed=k)
+        a.center(vacuum=3.0)
+        names.append(tmp_path / f"m{k}_{formula}.xyz")
+        write(names[-1], a)
+    bad = molecule("H2O")
+    bad.symbols[0] = "Au"
+    bad.center(vacuum=3.0)
+    write(tmp_path / "gold.xyz", bad)
+    out = tmp_path / "out"
+    common = ["-m", str(checkpoint), "-o", str(out), "-q", "--holes", "O", "--hole-window", "3"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = ["predict", str(names[0]), *common[:2], "-o", str(out / names[0].stem)]
+        assert main([*first, *common[5:]]) == 0  # the same options, one structure
+        capsys.readouterr()
+        code = main(
+            ["predict", *map(str, names), str(tmp_path / "gold.xyz"), *common, "--jobs", "2"]
+        )
+    text = capsys.readouterr()
+    assert code == 1 and "gold" in text.err and "Au" in text.err
+    assert "4 structures: 1 already done, 3 to predict with 2 process(es)" in text.out
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(n.stem for n in names)
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["structure"] for r in rows] == [n.stem for n in names]
+    for r, n in zip(rows, names):
+        s = json.loads((out / n.stem / "summary.json").read_text())
+        assert float(r["fermi_level_eV"]) == pytest.approx(s["fermi_level_eV"])
+        assert s["holes"]["species"] == ["O"] and s["holes"]["per_cm2"] is None  # molecule
+        assert float(r["holes"]) == pytest.approx(s["holes"]["holes"]) and s["holes"]["holes"] >= 0
+        assert float(r["gap_eV"]) > 0
+    # a re-run skips all finished structures and only retries the failure
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["predict", *map(str, names), str(tmp_path / "gold.xyz"), *common]) == 1
+    assert "4 structures: 3 already done, 1 to predict" in capsys.readouterr().out

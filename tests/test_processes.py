@@ -215,3 +215,17 @@ def test_extract_jobs_killed_then_resumed(water_dataset, gpw_dir, tmp_path):
     a, _ = read_structure(ds / files[5].with_suffix(".npz").name)
     b, _ = read_structure(serial / files[5].with_suffix(".npz").name)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_written_files_and_folders_get_the_usual_permissions(tmp_path):
+    from ase_gearsh.core.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with output_folder(tmp_path / "out") as tmp:
+            (tmp / "b.txt").write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755

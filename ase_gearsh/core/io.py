@@ -51,6 +51,7 @@ def atomic_write(path, write: Callable, exclusive: bool = False) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would give
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -66,6 +67,12 @@ def atomic_write(path, write: Callable, exclusive: bool = False) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class OutputLock:
@@ -157,6 +164,7 @@ def output_folder(path, overwrite: bool = False, what: str = "output folder") ->
     with OutputLock(path, what):
         check_output_folder(path, overwrite)  # again, now that we hold the lock
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 -> what mkdir would give
         try:
             yield tmp
             old = None
