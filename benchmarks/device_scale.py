@@ -61,6 +61,11 @@ def paper_model(seed: int = 0, readout_fused_tensor: bool = True):
     return model
 
 
+def _evaluation(model) -> str:
+    mode = model.config["model"]["bond_centered"].get("evaluation", "both_orientations")
+    return "once per bond" if mode == "once" else "in both orientations"
+
+
 def time_prediction(model, atoms, compiles, label):
     from ase_gearsh import GearsHCalculator
 
@@ -78,7 +83,7 @@ def time_prediction(model, atoms, compiles, label):
     print(
         f"\n[{label}] {len(atoms)} atoms ({atoms.get_chemical_formula()}), "
         f"{pb.n_orbitals} orbitals, {tm['n_edges']} edges, {tm['n_bonds']} bonds "
-        f"(x2 orientations), atoms padded to {tm['atoms_padded']}, chunks: edges "
+        f"(evaluated {_evaluation(model)}), atoms padded to {tm['atoms_padded']}, chunks: edges "
         f"{tm['edge_chunk']}, bonds {tm['pair_chunk']}"
     )
     print(f"  neighbour list      {tm['neighbour_list']:7.2f} s")
