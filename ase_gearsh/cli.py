@@ -14,6 +14,7 @@ from .bands import register as register_bands
 from .core.data import check_dataset
 from .core.errors import GearsHError
 from .core.processes import Interrupted, interrupt_on_sigterm
+from .export import register as register_export
 from .model.checkpoint import load_checkpoint
 from .model.engine import enable_compilation_cache
 from .model.reliability import reference_summary
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     c.set_defaults(func=_check)
     register_bands(sub)
+    register_export(sub)
     args = p.parse_args(argv)
     enable_compilation_cache()  # process-wide JAX setting: the command's, not the library's
     try:

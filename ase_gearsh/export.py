@@ -31,9 +31,10 @@ Conventions
   files record no Fermi level.  With ``kpts`` :func:`export_structure` reports the
   calculator's Fermi level so that TBtrans energy windows can be placed around it.
 * Formats (:data:`FORMATS`, chosen by ``fmt`` or the file's suffix): ``TSHS``
-  (TBtrans/TranSiesta: geometry, H, S and supercell; no species names), ``HSX``
-  (SIESTA), ``ham`` (sisl's text format: species and orbital counts kept) and, when
-  the netCDF4 package is installed, ``nc`` (SIESTA netCDF, with the basis).
+  (TBtrans/TranSiesta: geometry, H, S and supercell, orbitals per atom but no
+  species; read it back with ``read_hamiltonian(geometry=...)`` to restore them),
+  ``HSX`` (SIESTA: also species and n, l, m, zeta of every orbital) and, when the
+  netCDF4 package is installed, ``nc`` (SIESTA netCDF).
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ __all__ = [
     "to_sisl",
     "blocks_to_sisl",
     "overlap_blocks",
+    "write_sisl",
     "export_structure",
     "register",
+    "resolve_format",
     "supported_formats",
     "ExportError",
     "FORMATS",
@@ -73,7 +76,6 @@ __all__ = [
 FORMATS = {
     "TSHS": ("TBtrans/TranSiesta Hamiltonian and overlap", None),
     "HSX": ("SIESTA Hamiltonian and overlap", None),
-    "ham": ("sisl text format", None),
     "nc": ("SIESTA netCDF file", "netCDF4"),
 }
 
@@ -252,8 +254,7 @@ def blocks_to_sisl(atoms: Atoms, hamiltonian: BlockMatrices, overlap: BlockMatri
 
     symbols = atoms.get_chemical_symbols()
     basis = {
-        s: b if isinstance(b, SpeciesBasis) else SpeciesBasis.from_dict(b)
-        for s, b in basis.items()
+        s: b if isinstance(b, SpeciesBasis) else SpeciesBasis.from_dict(b) for s, b in basis.items()
     }
     missing = sorted(set(symbols) - set(basis))
     if missing:
@@ -302,9 +303,7 @@ def to_sisl(calc: GearsHCalculator, atoms: Atoms | None = None):
     H = calc.blocks(atoms)
     S = overlap_blocks(calc, atoms)
     atoms = calc.atoms
-    return blocks_to_sisl(
-        atoms, H, S, _species_basis(calc.model, atoms.get_chemical_symbols())
-    )
+    return blocks_to_sisl(atoms, H, S, _species_basis(calc.model, atoms.get_chemical_symbols()))
 
 
 # -- files ------------------------------------------------------------------------------
@@ -332,6 +331,7 @@ def write_sisl(H, output, fmt: str | None = None, overwrite: bool = False) -> Pa
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part.{key}", dir=path.parent)
         os.close(fd)
         try:
+            os.chmod(tmp, 0o644)  # a data file, not a private one (mkstemp makes 0600)
             H.write(tmp)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -395,9 +395,11 @@ def export_structure(
         "fermi_level_eV": fermi,
     }
     ef = "" if fermi is None else f", E_F = {fermi:.4f} eV"
+    shifts = summary["lattice_shifts"]
     log(
-        f"{name}: {len(atoms)} atoms, {H.no} orbitals, {summary['lattice_shifts']} lattice "
-        f"shifts (nsc {'x'.join(map(str, nsc))}){ef}; wrote {path} ({key})"
+        f"{name}: {len(atoms)} atoms, {H.no} orbitals, {shifts} lattice "
+        f"shift{'' if shifts == 1 else 's'} (nsc {'x'.join(map(str, nsc))}){ef}; "
+        f"wrote {path} ({key})"
     )
     return summary
 
@@ -429,13 +431,10 @@ def register(subparsers) -> None:
     e.add_argument("-o", "--output", required=True, help="file to write, e.g. device.TSHS")
     e.add_argument(
         "--format",
-        help=f"file format (default: the suffix of -o): {', '.join(FORMATS)} "
-        f"(nc needs netCDF4)",
+        help=f"file format (default: the suffix of -o): {', '.join(FORMATS)} (nc needs netCDF4)",
     )
     e.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
-    e.add_argument(
-        "--kpts", help="Gamma-centred k-grid, e.g. 1,1,12: report the Fermi level there"
-    )
+    e.add_argument("--kpts", help="Gamma-centred k-grid, e.g. 1,1,12: report the Fermi level there")
     e.add_argument("--charge", type=float, default=0.0, help="net charge (e), for the Fermi level")
     e.add_argument("--index", default=-1, help="frame of a multi-frame file (default last)")
     e.add_argument("-q", "--quiet", action="store_true")
