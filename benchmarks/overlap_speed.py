@@ -1,21 +1,36 @@
-"""Speed of the exact sparse overlap S: new ``gpaw_tools.overlap`` against the previous
-implementation (``benchmarks/_overlap_reference.py``), back to back in one process.
+"""Speed of the exact sparse overlap S: ``gpaw_tools.overlap`` against the previous
+implementations, back to back in one process.
 
     python benchmarks/overlap_speed.py [--atoms 1000 4000] [--repeat 1] [--no-reference]
+                                       [--numpy] [--threads N]
 
 For each size the device structure of ``device_structure.py`` (amorphous HfO2:Ni under
-2H-WSe2) is built and S at Gamma is timed with both implementations (szp(dzp) basis,
-PBE setups; the Fourier-Bessel expansions of every species pair are computed first, on
-a small warm-up structure, so only the per-structure work is timed).  Printed: times,
-their ratio, the peak memory allocated during each call (tracemalloc: numpy arrays),
-the max RSS of the process, nnz and max |S_new - S_old|.
+2H-WSe2) is built and S at Gamma is timed with
+
+* ``numba``: the compiled engine (``OverlapCalculator(engine='numba')``), when numba is
+  installed;
+* ``numpy`` (``--numpy``): the engine without compiled code (the implementation before
+  the compiled one);
+* ``reference`` (unless ``--no-reference``): ``benchmarks/_overlap_reference.py``, the
+  implementation before the sparse layouts.
+
+szp(dzp) basis, PBE setups.  The Fourier-Bessel expansions of every species pair are
+computed first, and the compiled kernels compiled (or loaded from numba's cache: the time
+is printed), on a small warm-up structure, so only the per-structure work is timed.
+Printed per run: time, stage times (and the seconds of each thread of the threaded
+stages), the peak of memory allocated by numpy during the call (tracemalloc), the peak
+growth of the resident memory during the call (sampled every 5 ms: includes what
+tracemalloc does not see), nnz and max |S - S_first|.  The machine's other load is not
+controlled: run it on an idle machine and repeat (``--repeat``, best of).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -38,17 +53,51 @@ def warm_up(calc) -> None:
                 (getattr(calc, "_table", None) or calc._expansion)(kind, s1, s2, rcut)
 
 
+def _rss() -> int:
+    """Resident memory of this process (bytes)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssPeak:
+    """Peak growth of the resident memory while the block runs (sampled)."""
+
+    def __enter__(self):
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+        self.growth = self.peak - self.base
+
+
 def timed(calc, atoms, repeat: int):
-    """(best seconds, S of the last call, peak traced bytes of the last call)."""
-    best = np.inf
+    """(best seconds, S of the last call, peak traced bytes, peak RSS growth, stage times
+    of the best call, thread times of the best call)."""
+    best, stages, threads = np.inf, {}, {}
     for _ in range(repeat):
+        S = None  # free the previous result first
         tracemalloc.start()
-        t = time.perf_counter()
-        S = calc.overlap(atoms)
-        best = min(best, time.perf_counter() - t)
+        with RssPeak() as rss:
+            t = time.perf_counter()
+            S = calc.overlap(atoms)
+            dt = time.perf_counter() - t
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    return best, S, peak
+        if dt < best:
+            best = dt
+            stages = dict(getattr(calc, "timings", {}))
+            threads = {k: list(v) for k, v in getattr(calc, "thread_times", {}).items()}
+    return best, S, peak, rss.growth, stages, threads
 
 
 def main(argv=None):
@@ -62,7 +111,9 @@ def main(argv=None):
     )
     p.add_argument("--repeat", type=int, default=1, help="runs per implementation (best)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-reference", action="store_true", help="time the new code only")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference code")
+    p.add_argument("--numpy", action="store_true", help="also time the numpy engine")
+    p.add_argument("--threads", type=int, default=None, help="threads (default: cores)")
     args = p.parse_args(argv)
 
     import _overlap_reference as reference
@@ -70,31 +121,54 @@ def main(argv=None):
     from gpaw_tools import overlap as new
 
     species = new.species_from_gpaw(ELEMENTS, xc="PBE", basis="szp(dzp)")
-    calcs = {"new": new.OverlapCalculator(species)}
+    calcs = {}
+    if new._compiled():
+        calcs["numba"] = new.OverlapCalculator(species, engine="numba", threads=args.threads)
+    if args.numpy or not calcs:
+        calcs["numpy"] = new.OverlapCalculator(species, engine="numpy")
     if not args.no_reference:
-        calcs["old"] = reference.OverlapCalculator(species)
-    for c in calcs.values():
+        calcs["reference"] = reference.OverlapCalculator(species)
+    small = build_device(60, seed=args.seed)
+    for name, c in calcs.items():
         warm_up(c)
-    print(f"{__import__('os').cpu_count()} CPU cores; best of {args.repeat} run(s) each")
+        t = time.perf_counter()
+        c.overlap(small)  # compiles the kernels (or loads them from numba's cache)
+        if name == "numba":
+            print(f"numba kernels compiled or loaded: {time.perf_counter() - t:.2f} s")
+    print(
+        f"{os.cpu_count()} CPU cores, {len(os.sched_getaffinity(0))} usable; "
+        f"best of {args.repeat} run(s) each; load average {os.getloadavg()[0]:.1f}"
+    )
     for n in args.atoms:
         atoms = build_device(n, seed=args.seed)
-        res = {}
+        first = None
         for name, calc in calcs.items():
-            res[name] = timed(calc, atoms, args.repeat)
-            t, S, peak = res[name]
+            t, S, peak, rss, stages, threads = timed(calc, atoms, args.repeat)
+            diff = (
+                "" if first is None else f", max |S - S_{first[0]}| = {abs(S - first[1]).max():.2e}"
+            )
             print(
                 f"{len(atoms):5d} atoms, {S.shape[0]} orbitals  {name}: {t:7.2f} s, "
-                f"peak allocated {peak / 2**30:5.2f} GiB, nnz {S.nnz:,}",
+                f"peak allocated {peak / 2**30:5.2f} GiB, RSS growth {rss / 2**30:5.2f} GiB, "
+                f"nnz {S.nnz:,}{diff}",
                 flush=True,
             )
-        if "old" in res:
-            (t1, S1, _), (t0, S0, _) = res["new"], res["old"]
-            diff = abs(S1 - S0).max()
-            print(
-                f"{len(atoms):5d} atoms  speed-up {t0 / t1:.1f}x, max |S_new - S_old| = {diff:.2e}",
-                flush=True,
-            )
-        del res
+            for stage, sec in stages.items():
+                if stage != "total":
+                    print(f"      {stage:42s} {sec:7.3f} s")
+            if threads:
+                per = ", ".join(
+                    f"{k} {'/'.join(f'{x:.2f}' for x in v)}" for k, v in threads.items()
+                )
+                print(f"      seconds per thread: {per}")
+            if first is None:
+                first = (name, S, t)
+            else:
+                print(
+                    f"{len(atoms):5d} atoms  {first[0]} is {t / first[2]:.1f}x faster than {name}"
+                )
+            del S
+        first = None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"max RSS of the process {rss:.2f} GiB")
 

@@ -7,16 +7,34 @@ The PAW-LCAO overlap is
 The two-centre integrals are GPAW's own Fourier-Bessel expansions
 (``gpaw.lcao.overlap``), evaluated here vectorised over all atom pairs and
 assembled as sparse matrices, so S of a 4000-atom structure costs seconds and
-memory proportional to its number of non-zero blocks (GPAW builds dense
-matrices).  The basis functions, projectors and ``dO`` come from
-:class:`SpeciesBasis`, a plain-array description of a PAW setup that is stored
-inside model checkpoints: S does not depend on the installed basis files.
+memory proportional to its number of non-zeros (GPAW builds dense matrices).
+The basis functions, projectors and ``dO`` come from :class:`SpeciesBasis`, a
+plain-array description of a PAW setup that is stored inside model checkpoints:
+S does not depend on the installed basis files.
+
+Two engines give the same S (to rounding, ~1e-15):
+
+* ``numba`` (default when numba is installed): compiled kernels in threads.  S is
+  laid out by radial function (the 2l + 1 rows of one radial function share one
+  sorted column list: the radial functions it overlaps directly or through a
+  projector) and written once, in sorted CSR order, group of nearby atoms by group:
+  their rows are summed in a dense buffer (two-centre blocks; for each projector atom
+  c one matrix product conj(P_c)^T dO_c P_c), only for the columns of atoms in later
+  groups; the other half is the conjugate transpose, copied afterwards.
+* ``numpy``: no compiled code, an atom-level layout and numpy scatters (several
+  times slower, more memory).
 
 Orbital order is GPAW's (atom, radial function, m); lengths in the public API
-are Angstrom, S is dimensionless.  Matches GPAW's S to ~1e-15 (tests).
+are Angstrom, S is dimensionless.  S has sorted indices and no explicit zeros;
+entries that cancel to exactly zero in one summation order may be kept as ~1e-19
+in another.  Matches GPAW's S to ~1e-15 (tests).
 """
 
 from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.sparse as sp
@@ -171,6 +189,7 @@ class _PairTable:
         if tsoe.oe_jj.size == 0:
             self.B = np.zeros((0, self.shape[0] * self.shape[1]))
             self.lmax = 0
+            self.row_t = self.row_L = np.zeros(0, np.int64)
             return
         G = gaunt(tsoe.lmaxgaunt)
         n2 = self.shape[1]
@@ -186,6 +205,9 @@ class _PairTable:
                 self.ls.append(l)
         self.B = np.concatenate(rows)
         self.lmax = max(self.ls)
+        # row (t, m) of B: spline t, harmonic L = l_t^2 + m
+        self.row_t = np.repeat(np.arange(len(self.ls)), [2 * l + 1 for l in self.ls])
+        self.row_L = np.concatenate([l * l + np.arange(2 * l + 1) for l in self.ls])
 
     @staticmethod
     def _offsets(view, n2):
@@ -300,12 +322,680 @@ def _local_order(atoms: Atoms, cell: float = 4.0) -> np.ndarray:
     return np.lexsort((g[:, 2], g[:, 1], g[:, 0]))
 
 
+def _clusters(atoms: Atoms, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Atoms in groups of about ``size`` nearby atoms (boxes of a grid, in grid order):
+    (pointers, atom indices)."""
+    nat = len(atoms)
+    if not nat:
+        return np.zeros(1, np.int64), np.zeros(0, np.int64)
+    pos = atoms.positions - atoms.positions.min(axis=0)
+    extent = np.maximum(pos.max(axis=0), 1.0)
+    box = max(float(np.prod(extent) * size / nat) ** (1 / 3), 0.5)
+    g = np.floor(pos / box).astype(np.int64)
+    key = (g[:, 0] * (g[:, 1].max() + 1) + g[:, 1]) * (g[:, 2].max() + 1) + g[:, 2]
+    order = np.argsort(key, kind="stable")
+    ptr = np.flatnonzero(np.diff(key[order])) + 1
+    ptr = np.concatenate([[0], ptr, [nat]])
+    # split boxes with more than 2 * size atoms
+    parts = [np.arange(s, e, 2 * size) for s, e in zip(ptr[:-1], ptr[1:])]
+    ptr = np.concatenate(parts + [[nat]]).astype(np.int64)
+    return ptr, order.astype(np.int64)
+
+
 def _scatter_add(data, idx, values, unique: bool):
     """``data[idx] += values``, also where ``idx`` repeats (``unique`` false)."""
     if unique:
         data[idx] += values
     else:
         np.add.at(data, idx, values)
+
+
+# -- compiled engine: numba kernels -------------------------------------------------------
+#
+# Plain Python functions, compiled on first use by :func:`_compiled` (numba is optional).
+# All of them release the GIL, so the per-atom kernels run in threads over atom ranges.
+# Notation: ``g`` a radial function of the structure (global index, orbital order), ``ja``
+# the local index of a radial function on its atom, ``w`` = 2l + 1 its orbitals.  S is laid
+# out by radial function: the w rows of g share one sorted column list of length L[g] (the
+# radial functions it overlaps, directly or through a projector), so row m of g starts at
+# ``rowbase[g] + m * L[g]`` and its columns are runs of w' orbitals.
+
+
+def _k_rly(vec, coef, px, py, pz, ptr, n_l, lmax):
+    """r^l Y_L(vec) for L < n_l from GPAW's monomial table (spherical_harmonics.YL)."""
+    n = vec.shape[0]
+    out = np.empty((n, n_l))
+    xp = np.empty(lmax + 1)
+    yp = np.empty(lmax + 1)
+    zp = np.empty(lmax + 1)
+    for p in range(n):
+        xp[0] = yp[0] = zp[0] = 1.0
+        for k in range(1, lmax + 1):
+            xp[k] = xp[k - 1] * vec[p, 0]
+            yp[k] = yp[k - 1] * vec[p, 1]
+            zp[k] = zp[k - 1] * vec[p, 2]
+        for L in range(n_l):
+            acc = 0.0
+            for t in range(ptr[L], ptr[L + 1]):
+                acc += coef[t] * xp[px[t]] * yp[py[t]] * zp[pz[t]]
+            out[p, L] = acc
+    return out
+
+
+def _k_table(vec, coef, px, py, pz, ptr, n_l, lmax, s, row_t, row_l, nz_row, dst, val, base, out):
+    """out[base[p] + dst[n]] += A[p, nz_row[n]] val[n] with A[p, (t, m)] = s[p, t] y[p, L]:
+    the blocks of one species pair from radial spline values s, the harmonics y of the
+    pair vectors (:func:`_k_rly`) and the sparse Gaunt table (rows (t, m), non-zeros n)."""
+    y = _k_rly(vec, coef, px, py, pz, ptr, n_l, lmax)
+    a = np.empty(row_t.shape[0])
+    for p in range(s.shape[0]):
+        for k in range(row_t.shape[0]):
+            a[k] = s[p, row_t[k]] * y[p, row_l[k]]
+        o = base[p]
+        for n in range(val.shape[0]):
+            out[o + dst[n]] += a[nz_row[n]] * val[n]
+
+
+def _k_omask(p0, p1, oi, oj, ooff, om_off, nao, nrad, rad0, gw, groff, blocks, omask):
+    """omask[om_off[p] + ja * nrad_j + jb]: sub-block (ja, jb) of two-centre block p != 0."""
+    for p in range(p0, p1):
+        a = oi[p]
+        b = oj[p]
+        n2 = nao[b]
+        for ja in range(nrad[a]):
+            ra = groff[rad0[a] + ja]
+            wa = gw[rad0[a] + ja]
+            for jb in range(nrad[b]):
+                rb = groff[rad0[b] + jb]
+                wb = gw[rad0[b] + jb]
+                nz = False
+                for m in range(wa):
+                    s0 = ooff[p] + (ra + m) * n2 + rb
+                    for nu in range(wb):
+                        if blocks[s0 + nu] != 0.0:
+                            nz = True
+                            break
+                    if nz:
+                        break
+                omask[om_off[p] + ja * nrad[b] + jb] = nz
+
+
+def _k_pmask(q0, q1, pc, pb, poff, pm_off, npr, nrad, rad0, gw, groff, blocks, pmask):
+    """pmask[pm_off[q] + jb]: <p_c | radial function jb of b> != 0 for projector pair q."""
+    for q in range(q0, q1):
+        ni = npr[pc[q]]
+        b = pb[q]
+        for jb in range(nrad[b]):
+            s0 = poff[q] + groff[rad0[b] + jb] * ni
+            nz = False
+            for k in range(s0, s0 + gw[rad0[b] + jb] * ni):
+                if blocks[k] != 0.0:
+                    nz = True
+                    break
+            pmask[pm_off[q] + jb] = nz
+
+
+def _k_q(
+    c0,
+    c1,
+    npr,
+    spc,
+    do_flat,
+    do_off,
+    segptr,
+    seg_q,
+    seg_row,
+    seg_w,
+    seg_col,
+    mc,
+    qoff,
+    poff,
+    pblocks,
+    pph,
+    qflat,
+):
+    """Q_c^T = (dO_c P_c(k))^T (m_c, ni_c) for projector atoms c0 <= c < c1, over the
+    radial functions that c reaches (segments, in their order), Bloch phase of each
+    projector pair included."""
+    for c in range(c0, c1):
+        ni = npr[c]
+        m = mc[c]
+        if ni == 0 or m == 0:
+            continue
+        y = np.empty((m, ni), qflat.dtype)
+        for s in range(segptr[c], segptr[c + 1]):
+            q = seg_q[s]
+            ph = pph[q]
+            for nu in range(seg_w[s]):
+                prow = poff[q] + (seg_row[s] + nu) * ni
+                for j in range(ni):
+                    y[seg_col[s] + nu, j] = pblocks[prow + j] * ph
+        d = do_flat[do_off[spc[c]] : do_off[spc[c]] + ni * ni].reshape((ni, ni))
+        qt = qflat[qoff[c] : qoff[c] + ni * m].reshape((m, ni))
+        np.dot(y, d.T.astype(qflat.dtype), qt)
+
+
+def _k_collect(
+    a,
+    optr,
+    oe_p,
+    oe_t,
+    oe_col,
+    om_off,
+    omask,
+    bptr,
+    bq,
+    pc,
+    pm_off,
+    pmask,
+    segptr,
+    seg_b,
+    seg_jb,
+    nrad,
+    apos,
+    cand,
+    cmask,
+):
+    """Columns of the rows of atom a: ``cand[:nc]`` the atoms they reach (sorted, with
+    ``apos[b]`` their position) and ``cmask[ja, ci, jb]`` the radial functions of each;
+    returns nc.  Two-centre partners and, for every projector atom c that reaches a
+    radial function ja of a, every radial function c reaches."""
+    nc = 0
+    for e in range(optr[a], optr[a + 1]):
+        b = oe_col[e]
+        if apos[b] < 0:
+            apos[b] = nc
+            cand[nc] = b
+            nc += 1
+    nra = nrad[a]
+    for e in range(bptr[a], bptr[a + 1]):
+        q = bq[e]
+        reach = False
+        for ja in range(nra):
+            if pmask[pm_off[q] + ja]:
+                reach = True
+        if not reach:
+            continue
+        c = pc[q]
+        for s in range(segptr[c], segptr[c + 1]):
+            b = seg_b[s]
+            if apos[b] < 0:
+                apos[b] = nc
+                cand[nc] = b
+                nc += 1
+    srt = np.sort(cand[:nc])
+    for k in range(nc):
+        cand[k] = srt[k]
+        apos[srt[k]] = k
+    for e in range(optr[a], optr[a + 1]):
+        p = oe_p[e]
+        b = oe_col[e]
+        ci = apos[b]
+        nrb = nrad[b]
+        k0 = om_off[p]
+        for ja in range(nra):
+            for jb in range(nrb):
+                if oe_t[e]:
+                    hit = omask[k0 + jb * nra + ja]
+                else:
+                    hit = omask[k0 + ja * nrb + jb]
+                if hit:
+                    cmask[ja, ci, jb] = 1
+    for e in range(bptr[a], bptr[a + 1]):
+        q = bq[e]
+        c = pc[q]
+        for ja in range(nra):
+            if pmask[pm_off[q] + ja]:
+                for s in range(segptr[c], segptr[c + 1]):
+                    cmask[ja, apos[seg_b[s]], seg_jb[s]] = 1
+    return nc
+
+
+def _k_release(nc, apos, cand, cmask):
+    for k in range(nc):
+        apos[cand[k]] = -1
+    cmask[:, :nc, :] = 0
+
+
+def _k_count(
+    a0,
+    a1,
+    optr,
+    oe_p,
+    oe_t,
+    oe_col,
+    om_off,
+    omask,
+    bptr,
+    bq,
+    pc,
+    pm_off,
+    pmask,
+    segptr,
+    seg_b,
+    seg_jb,
+    nrad,
+    rad0,
+    gw,
+    nao,
+    mc,
+    L,
+    work,
+    apos,
+    cand,
+    cmask,
+):
+    """Row lengths L[g] of the radial functions of atoms a0 <= a < a1, and an estimate of
+    the work of each atom (elements written)."""
+    for a in range(a0, a1):
+        nc = _k_collect(
+            a,
+            optr,
+            oe_p,
+            oe_t,
+            oe_col,
+            om_off,
+            omask,
+            bptr,
+            bq,
+            pc,
+            pm_off,
+            pmask,
+            segptr,
+            seg_b,
+            seg_jb,
+            nrad,
+            apos,
+            cand,
+            cmask,
+        )
+        wk = 0
+        for ja in range(nrad[a]):
+            tot = 0
+            for ci in range(nc):
+                b = cand[ci]
+                for jb in range(nrad[b]):
+                    if cmask[ja, ci, jb]:
+                        tot += gw[rad0[b] + jb]
+            L[rad0[a] + ja] = tot
+            wk += tot * gw[rad0[a] + ja]
+        for e in range(bptr[a], bptr[a + 1]):
+            wk += nao[a] * mc[pc[bq[e]]]
+        work[a] = wk
+        _k_release(nc, apos, cand, cmask)
+
+
+def _k_fill(
+    t0,
+    t1,
+    cl_ptr,
+    cl_atoms,
+    rank,
+    paw,
+    optr,
+    oe_p,
+    oe_t,
+    oe_col,
+    om_off,
+    omask,
+    bptr,
+    bq,
+    pc,
+    pm_off,
+    pmask,
+    segptr,
+    seg_b,
+    seg_jb,
+    seg_w,
+    seg_col,
+    seg_rank,
+    nrad,
+    rad0,
+    gw,
+    groff,
+    gm0,
+    nao,
+    npr,
+    L,
+    rowbase,
+    ooff,
+    oblocks,
+    oph,
+    poff,
+    pblocks,
+    pph,
+    mc,
+    qoff,
+    qflat,
+    data,
+    indices,
+    apos,
+    cand,
+    cmask,
+    cq,
+    cqk,
+):
+    """Indices of the rows of the atoms of clusters t0 <= cl < t1 and their values at the
+    columns of atoms b with ``rank[b] >= cl`` (the other half is the conjugate transpose:
+    :func:`_k_mirror`), at their place in the layout (exact zeros kept: :func:`_k_compact`).
+
+    A cluster is a few nearby atoms (``rank`` of an atom: its cluster).  Its rows are summed
+    in one dense buffer over the orbitals of the atoms b they reach with rank[b] >= cl: the
+    two-centre blocks, then (``paw``) for each projector atom c that reaches the cluster
+    one matrix product conj(P_c,rows)^T Q_c over the radial functions c reaches in such
+    atoms (a trailing range: segments are sorted by rank); the buffer is then read out at
+    the structural columns of each row (``cmask``)."""
+    dt = data.dtype
+    bmem = np.empty(1 << 16, dt)  # buffers reused from cluster to cluster (no page faults)
+    tmem = np.empty(1 << 16, dt)
+    xmem = np.empty(1 << 12, dt)
+    for cl in range(t0, t1):
+        k0 = cl_ptr[cl]
+        n = cl_ptr[cl + 1] - k0
+        nc = 0  # columns: the atoms any row of the cluster reaches
+        nq = 0  # projector pairs (c, a) with a in the cluster that reach a
+        for k in range(n):
+            a = cl_atoms[k0 + k]
+            for e in range(optr[a], optr[a + 1]):
+                b = oe_col[e]
+                if apos[b] < 0:
+                    apos[b] = nc
+                    cand[nc] = b
+                    nc += 1
+            for e in range(bptr[a], bptr[a + 1]):
+                q = bq[e]
+                reach = False
+                for ja in range(nrad[a]):
+                    if pmask[pm_off[q] + ja]:
+                        reach = True
+                if not reach:
+                    continue
+                cq[nq] = q
+                cqk[nq] = k
+                nq += 1
+                c = pc[q]
+                for s in range(segptr[c], segptr[c + 1]):
+                    b = seg_b[s]
+                    if apos[b] < 0:
+                        apos[b] = nc
+                        cand[nc] = b
+                        nc += 1
+        srt = np.sort(cand[:nc])
+        for ci in range(nc):
+            cand[ci] = srt[ci]
+            apos[srt[ci]] = ci
+        # buffer columns of the atoms with rank >= cl, in the order of the segments
+        # (rank, atom), so that a projector's columns fall in long contiguous runs;
+        # -1: columns mirrored later
+        coff = np.full(nc, -1, np.int64)
+        key = np.empty(nc, np.int64)
+        for ci in range(nc):
+            key[ci] = rank[cand[ci]] * apos.shape[0] + cand[ci]
+        ncol = 0
+        for ci in np.argsort(key):
+            if rank[cand[ci]] >= cl:
+                coff[ci] = ncol
+                ncol += nao[cand[ci]]
+        roff = np.empty(n + 1, np.int64)
+        roff[0] = 0
+        for k in range(n):
+            roff[k + 1] = roff[k] + nao[cl_atoms[k0 + k]]
+        if roff[n] * ncol > bmem.shape[0]:
+            bmem = np.empty(roff[n] * ncol * 5 // 4, dt)
+        buf = bmem[: roff[n] * ncol].reshape((roff[n], ncol))
+        buf[:] = 0.0
+        for k in range(n):  # structural columns and two-centre blocks
+            a = cl_atoms[k0 + k]
+            nra = nrad[a]
+            r0 = roff[k]
+            na = nao[a]
+            for e in range(optr[a], optr[a + 1]):
+                p = oe_p[e]
+                b = oe_col[e]
+                ci = apos[b]
+                tr = oe_t[e]
+                nrb = nrad[b]
+                for ja in range(nra):
+                    for jb in range(nrb):
+                        if tr:
+                            hit = omask[om_off[p] + jb * nra + ja]
+                        else:
+                            hit = omask[om_off[p] + ja * nrb + jb]
+                        if hit:
+                            cmask[k, ja, ci, jb] = 1
+                c0 = coff[ci]
+                if c0 < 0:
+                    continue
+                ph = np.conj(oph[p]) if tr else oph[p]
+                nb = nao[b]
+                src = ooff[p]
+                if tr:  # stored as (b, a): element (mu, nu) at nu * na + mu
+                    for mu in range(na):
+                        for nu in range(nb):
+                            buf[r0 + mu, c0 + nu] += oblocks[src + nu * na + mu] * ph
+                else:
+                    for mu in range(na):
+                        for nu in range(nb):
+                            buf[r0 + mu, c0 + nu] += oblocks[src + mu * nb + nu] * ph
+        for u in range(nq):
+            q = cq[u]
+            k = cqk[u]
+            a = cl_atoms[k0 + k]
+            c = pc[q]
+            for ja in range(nrad[a]):
+                if pmask[pm_off[q] + ja]:
+                    for s in range(segptr[c], segptr[c + 1]):
+                        cmask[k, ja, apos[seg_b[s]], seg_jb[s]] = 1
+        if paw and nq:
+            cs = np.empty(nq, np.int64)
+            for u in range(nq):
+                cs[u] = rank[pc[cq[u]]] * rank.shape[0] + pc[cq[u]]  # nearby c together
+            order = np.argsort(cs, kind="mergesort")
+            g = 0
+            while g < nq:
+                c = pc[cq[order[g]]]
+                h = g
+                while h < nq and cs[order[h]] == cs[order[g]]:
+                    h += 1
+                ni = npr[c]
+                s0 = segptr[c]
+                s1 = segptr[c + 1]
+                sf = s0 + np.searchsorted(seg_rank[s0:s1], cl)  # first column kept
+                if ni == 0 or sf == s1:
+                    g = h
+                    continue
+                col0 = seg_col[sf]
+                mw = mc[c] - col0
+                nr = 0
+                for u in range(g, h):
+                    q = cq[order[u]]
+                    a = cl_atoms[k0 + cqk[order[u]]]
+                    for ja in range(nrad[a]):
+                        if pmask[pm_off[q] + ja]:
+                            nr += gw[rad0[a] + ja]
+                if nr * ni > xmem.shape[0]:
+                    xmem = np.empty(nr * ni * 5 // 4, dt)
+                if nr * mw > tmem.shape[0]:
+                    tmem = np.empty(nr * mw * 5 // 4, dt)
+                x = xmem[: nr * ni].reshape((nr, ni))
+                xrow = np.empty(nr, np.int64)
+                nr = 0
+                for u in range(g, h):
+                    q = cq[order[u]]
+                    k = cqk[order[u]]
+                    a = cl_atoms[k0 + k]
+                    ph = np.conj(pph[q])
+                    for ja in range(nrad[a]):
+                        if not pmask[pm_off[q] + ja]:
+                            continue
+                        gg = rad0[a] + ja
+                        for m in range(gw[gg]):
+                            src = poff[q] + (groff[gg] + m) * ni
+                            for i in range(ni):
+                                x[nr, i] = np.conj(pblocks[src + i]) * ph
+                            xrow[nr] = roff[k] + groff[gg] + m
+                            nr += 1
+                t = tmem[: nr * mw].reshape((nr, mw))
+                qt = qflat[qoff[c] : qoff[c] + ni * mc[c]].reshape((mc[c], ni))
+                np.dot(x, qt[col0:].T, t)
+                dcol = np.empty(mw, np.int64)  # buffer column of each column of t
+                for s in range(sf, s1):
+                    b = seg_b[s]
+                    d = coff[apos[b]] + groff[rad0[b] + seg_jb[s]]
+                    col = seg_col[s] - col0
+                    for nu in range(seg_w[s]):
+                        dcol[col + nu] = d + nu
+                for r in range(nr):
+                    brow = buf[xrow[r]]
+                    trow = t[r]
+                    for j in range(mw):
+                        brow[dcol[j]] += trow[j]
+                g = h
+        for k in range(n):  # read out at the structural columns
+            a = cl_atoms[k0 + k]
+            for ja in range(nrad[a]):
+                gg = rad0[a] + ja
+                lg = L[gg]
+                base = rowbase[gg]
+                br = roff[k] + groff[gg]
+                off = 0
+                for ci in range(nc):
+                    b = cand[ci]
+                    for jb in range(nrad[b]):
+                        if not cmask[k, ja, ci, jb]:
+                            continue
+                        gb = rad0[b] + jb
+                        col0 = gm0[gb]
+                        wb = gw[gb]
+                        for m in range(gw[gg]):
+                            dst = base + m * lg + off
+                            for nu in range(wb):
+                                indices[dst + nu] = col0 + nu
+                        if coff[ci] >= 0:
+                            lc = coff[ci] + groff[gb]
+                            for m in range(gw[gg]):
+                                dst = base + m * lg + off
+                                for nu in range(wb):
+                                    data[dst + nu] = buf[br + m, lc + nu]
+                        off += wb
+        for ci in range(nc):
+            apos[cand[ci]] = -1
+        cmask[:n, :, :nc, :] = 0
+
+
+def _k_mirror(a0, a1, rank, nrad, rad0, gw, gm0, L, rowbase, orb_rad, rad_atom, data, indices, cur):
+    """The values of the rows of atoms a0 <= a < a1 at the columns of atoms b with
+    rank[b] < rank[a]: conj(S_ba)^T, read from the rows of b (written by _k_fill).  Rows are
+    visited in order, so the place of column a in a row of b only moves forward
+    (``cur``: per radial function, -1 before its first use)."""
+    for a in range(a0, a1):
+        for ja in range(nrad[a]):
+            ga = rad0[a] + ja
+            lg = L[ga]
+            base = rowbase[ga]
+            wa = gw[ga]
+            target = gm0[ga]
+            k = 0
+            while k < lg:
+                gb = orb_rad[indices[base + k]]
+                wb = gw[gb]
+                if rank[rad_atom[gb]] < rank[a]:
+                    rb = rowbase[gb]
+                    p = cur[gb]
+                    if p < 0:
+                        p = np.searchsorted(indices[rb : rb + L[gb]], target)
+                    while indices[rb + p] < target:
+                        p += 1
+                    cur[gb] = p
+                    p0 = rb + p
+                    lb = L[gb]
+                    for nu in range(wb):  # reads contiguous, writes in rows of a
+                        for m in range(wa):
+                            data[base + m * lg + k + nu] = np.conj(data[p0 + nu * lb + m])
+                k += wb
+
+
+def _k_compact(a0, a1, rad0, gw, gm0, L, rowbase, data, indices, rowcnt):
+    """Drop the exact zeros of the rows of atoms a0 <= a < a1 in place, from the start of
+    their range on; rowcnt receives each row's length.  Returns the end."""
+    wp = rowbase[rad0[a0]]
+    for g in range(rad0[a0], rad0[a1]):
+        lg = L[g]
+        for m in range(gw[g]):
+            k0 = rowbase[g] + m * lg
+            n = 0
+            for k in range(k0, k0 + lg):
+                if data[k] != 0.0:
+                    data[wp] = data[k]
+                    indices[wp] = indices[k]
+                    wp += 1
+                    n += 1
+            rowcnt[gm0[g] + m] = n
+    return wp
+
+
+def _k_shift(data, indices, src, dst, n):
+    """Move ``n`` entries from ``src`` down to ``dst`` <= src (overlapping, in place)."""
+    for k in range(n):
+        data[dst + k] = data[src + k]
+        indices[dst + k] = indices[src + k]
+
+
+_KERNELS = (
+    "_k_rly",
+    "_k_table",
+    "_k_omask",
+    "_k_pmask",
+    "_k_q",
+    "_k_collect",
+    "_k_release",
+    "_k_count",
+    "_k_fill",
+    "_k_mirror",
+    "_k_compact",
+    "_k_shift",
+)
+_COMPILED: bool | None = None
+
+
+def _compiled() -> bool:
+    """Compile the kernels (once; numba's on-disk cache makes later processes cheap);
+    False when numba is not installed."""
+    global _COMPILED
+    if _COMPILED is None:
+        try:
+            import numba
+        except ImportError:
+            _COMPILED = False
+            return False
+        g = globals()
+        for name in _KERNELS:  # callees first: callers resolve them as compiled globals
+            g[name] = numba.njit(cache=True, nogil=True)(g[name])
+        _COMPILED = True
+    return _COMPILED
+
+
+_YL_TABLES: dict = {}
+
+
+def _yl_table(lmax: int) -> tuple:
+    """GPAW's r^l Y_L monomials for L < (lmax + 1)^2 as flat arrays for :func:`_k_rly`."""
+    if lmax not in _YL_TABLES:
+        from gpaw.sphere.spherical_harmonics import YL
+
+        n_l = (lmax + 1) ** 2
+        terms = [YL[L] for L in range(n_l)]
+        flat = [(c, n) for t in terms for c, n in t]
+        _YL_TABLES[lmax] = (
+            np.array([c for c, _ in flat], float),
+            np.array([n[0] for _, n in flat], np.int64),
+            np.array([n[1] for _, n in flat], np.int64),
+            np.array([n[2] for _, n in flat], np.int64),
+            np.concatenate([[0], np.cumsum([len(t) for t in terms])]).astype(np.int64),
+            n_l,
+            lmax,
+        )
+    return _YL_TABLES[lmax]
 
 
 class OverlapCalculator:
@@ -316,14 +1006,28 @@ class OverlapCalculator:
     >>> S_k = oc.overlap(atoms, kpts=[[0, 0, 0.25]])[0]
 
     ``chunk`` is the number of atom pairs whose blocks are evaluated at once (memory).
+    ``engine``: 'numba' (compiled kernels, threads; numba must be installed), 'numpy'
+    (no compiled code, several times slower and with more memory) or 'auto' (numba when
+    installed).  ``threads``: threads of the compiled engine (default: the usable cores).
+    Both engines give the same S (to rounding) with no explicit zeros.
     """
 
-    def __init__(self, species: dict, chunk: int = 20_000):
+    def __init__(
+        self, species: dict, chunk: int = 20_000, engine: str = "auto", threads: int | None = None
+    ):
         self.species = {
             k: (v if isinstance(v, SpeciesBasis) else SpeciesBasis.from_dict(v))
             for k, v in species.items()
         }
         self.chunk = int(chunk)
+        if engine not in ("auto", "numba", "numpy"):
+            raise ValueError(f"engine={engine!r}: 'auto', 'numba' or 'numpy'")
+        self.engine = engine
+        if threads is None:
+            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        self.threads = max(1, int(threads))
+        self.cluster = 8  # atoms per group of rows assembled together (compiled engine)
+        self.timings: dict = {}
         self._expansions: dict = {}
 
     # -- per-structure setup -------------------------------------------------
@@ -502,8 +1206,12 @@ class OverlapCalculator:
         """Sparse S at Gamma (``kpts=None``: one real CSR matrix) or a list of
         complex CSR matrices, one per scaled k-point in ``kpts`` (n, 3).
 
-        ``parts=True`` returns ``(S, O, P, dO)`` for Gamma (diagnostics).
+        ``parts=True`` returns ``(S, O, P, dO)`` for Gamma (diagnostics).  The stage
+        times of the last call are in ``self.timings`` (seconds).
         """
+        t0 = time.perf_counter()
+        self.timings = {}
+        self.thread_times: dict = {}
         symbols = self._check(atoms)
         self._present = sorted(set(symbols))
         codes = (
@@ -511,18 +1219,45 @@ class OverlapCalculator:
             if symbols
             else np.zeros(0, np.int64)
         )
+        sb = [self.species[s] for s in symbols]
+        rc = np.array([s.rc for s in sb])
+        rp = np.array([s.projector_rc for s in sb])
+        opairs, ppairs = self._pairs(atoms, rc, rp)
+        self._lap("neighbours", t0)
+        run = self._overlap_compiled if self._use_compiled() else self._overlap_numpy
+        with _single_threaded_blas():  # many small products: BLAS threads only cost
+            out = run(atoms, symbols, codes, opairs, ppairs, kpts, parts)
+        self.timings["total"] = time.perf_counter() - t0
+        return out
+
+    def _use_compiled(self) -> bool:
+        if self.engine == "numpy":
+            return False
+        if _compiled():
+            return True
+        if self.engine == "numba":
+            raise ImportError("engine='numba' needs numba (pip install numba)")
+        return False
+
+    def _lap(self, stage: str, since: float) -> float:
+        """Add the time since ``since`` to ``timings[stage]``; returns now."""
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - since
+        return now
+
+    def _overlap_numpy(self, atoms, symbols, codes, opairs, ppairs, kpts, parts):
+        """Engine without numba: atom-level CSR layout, numpy scatters."""
+        t = time.perf_counter()
         rcut = self._transformer(self._present)
         nat = len(atoms)
         sb = [self.species[s] for s in symbols]
         nao = np.array([s.n_orbitals for s in sb], np.int64)
         npr = np.array([s.n_projectors for s in sb], np.int64)
-        rc = np.array([s.rc for s in sb])
-        rp = np.array([s.projector_rc for s in sb])
         kpts_arr = np.zeros((1, 3)) if kpts is None else np.asarray(kpts, float).reshape(-1, 3)
-
-        opairs, ppairs = self._pairs(atoms, rc, rp)
         flat, off = self._projector_blocks(codes, ppairs, rcut, nao, npr)
+        t = self._lap("projector blocks", t)
         lay = _Layout(nao, self._pattern(nat, opairs, ppairs, npr))
+        t = self._lap("layout", t)
         out = []
         for k in kpts_arr:
             gamma = not np.any(k)
@@ -530,18 +1265,292 @@ class OverlapCalculator:
             ph_p = None if gamma else np.exp(2j * np.pi * (ppairs[2] @ k))
             data = np.zeros(lay.nnz, float if gamma else complex)
             self._add_two_centre(data, lay, codes, opairs, rcut, ph_o)
+            t = self._lap("two-centre", t)
             if parts and kpts is None:
                 O = lay.csr(data.copy())
                 O.eliminate_zeros()
-            with _single_threaded_blas():  # many small products: threads only cost
-                self._add_paw(data, lay, ppairs, flat, off, npr, symbols, ph_p, _local_order(atoms))
+            self._add_paw(data, lay, ppairs, flat, off, npr, symbols, ph_p, _local_order(atoms))
+            t = self._lap("projector term", t)
             S = lay.csr(data)
             S.eliminate_zeros()
+            t = self._lap("csr", t)
             if parts and kpts is None:
                 return (
                     S,
                     O,
                     self._projector_matrix(ppairs, flat, off, nao, npr),
+                    self._dO_matrix(symbols, npr),
+                )
+            out.append(S)
+        return out[0] if kpts is None else out
+
+    # -- compiled engine -------------------------------------------------------
+    def _sparse_table(self, kind, s1, s2, rcut):
+        """(table, its non-zeros as kernel arrays, its GPAW splines)."""
+        key = ("sparse", kind, s1, s2, rcut)
+        if key not in self._expansions:
+            tab = self._table(kind, s1, s2, rcut)
+            rows, cols = np.nonzero(tab.B)
+            n1, n2 = tab.shape
+            a, b = np.divmod(cols, n2)
+            self._expansions[key] = (
+                tab,
+                tab.row_t.astype(np.int64),
+                tab.row_L.astype(np.int64),
+                rows.astype(np.int64),
+                cols.astype(np.int64),
+                (b * n1 + a).astype(np.int64),
+                tab.B[rows, cols],
+            )
+        return self._expansions[key]
+
+    def _evaluate(self, kind, codes, i, j, D, rcut, out, base, transpose):
+        """Blocks of all pairs (i, j) (D in Angstrom), species pair by species pair in
+        chunks of ``self.chunk`` pairs, added at ``out[base[p]:]`` row-major, (n_i, n_j) or
+        with ``transpose`` (n_j, n_i)."""
+        if not len(i):
+            return
+        nsp = len(self._present)
+        group = codes[i] * nsp + codes[j]
+        order = np.argsort(group, kind="stable")
+        bounds = np.searchsorted(group[order], np.arange(nsp * nsp + 1))
+        chunk = max(256, min(self.chunk, len(i) // (4 * self.threads) + 1))
+        pending: list = []
+        with ThreadPoolExecutor(self.threads) as ex:
+            for g in range(nsp * nsp):
+                sel = order[bounds[g] : bounds[g + 1]]
+                if not len(sel):
+                    continue
+                s1, s2 = self._present[g // nsp], self._present[g % nsp]
+                tab, row_t, row_l, nz_row, dst, dst_t, val = self._sparse_table(kind, s1, s2, rcut)
+                if not len(val):
+                    continue
+                for c in range(0, len(sel), chunk):
+                    part = sel[c : c + chunk]
+                    vec = np.ascontiguousarray(D[part]) / Bohr
+                    r = np.linalg.norm(vec, axis=1)
+                    s = np.empty((len(part), len(tab.splines)))
+                    for t, spline in enumerate(tab.splines):  # GPAW's splines (C, GIL)
+                        v = spline.map(r)
+                        v[np.abs(v) < _SPLINE_ZERO] = 0.0  # GPAW's C evaluator skips these
+                        s[:, t] = v
+                    while len(pending) > 2 * self.threads:  # bounded memory
+                        pending.pop(0).result()
+                    args = (vec, *_yl_table(tab.lmax), s, row_t, row_l, nz_row)
+                    args += (dst_t if transpose else dst, val, base[part], out)
+                    pending.append(ex.submit(_k_table, *args))
+            for f in pending:
+                f.result()
+
+    def _threads(self, fn, bounds, *args, scratch=None):
+        """fn(bounds[t], bounds[t + 1], *args, *scratch(t)) for each t, in threads; the
+        seconds each took are added to ``self.thread_times[fn name]``."""
+        n = len(bounds) - 1
+        extra = scratch or (lambda t: ())
+        name = getattr(fn, "__name__", "kernel")
+        times = self.thread_times.setdefault(name, [0.0] * n)
+
+        def run(t):
+            t0 = time.perf_counter()
+            out = fn(bounds[t], bounds[t + 1], *args, *extra(t))
+            times[t] += time.perf_counter() - t0
+            return out
+
+        if n == 1:
+            return [run(0)]
+        with ThreadPoolExecutor(n) as ex:
+            return list(ex.map(run, range(n)))
+
+    def _split(self, weights, ptr=None, members=None) -> np.ndarray:
+        """Bounds of ``self.threads`` contiguous ranges of about equal total weight; with
+        ``ptr``, weights are per element of groups ``ptr[i]:ptr[i + 1]`` (elements
+        ``members`` of the weights) and the bounds are group indices."""
+        weights = np.asarray(weights, float)
+        if members is not None:
+            weights = weights[members]
+        if ptr is not None:
+            weights = np.add.reduceat(weights, ptr[:-1]) if len(weights) else weights
+            weights[np.diff(ptr) == 0] = 0.0
+        n = max(1, min(self.threads, len(weights)))
+        cum = np.cumsum(weights)
+        if not len(cum) or cum[-1] <= 0:
+            return np.linspace(0, len(weights), n + 1).astype(np.int64)
+        inner = np.searchsorted(cum, cum[-1] * np.arange(1, n) / n)
+        return np.concatenate([[0], inner, [len(weights)]]).astype(np.int64)
+
+    def _overlap_compiled(self, atoms, symbols, codes, opairs, ppairs, kpts, parts):
+        """Engine with numba kernels: S written once, radial function by radial function,
+        in sorted CSR order, in threads over atoms (see the kernels' notes)."""
+        t = time.perf_counter()
+        rcut = self._transformer(self._present)
+        nat = len(atoms)
+        i64 = np.int64
+        spc = [self.species[s] for s in self._present]
+        l_sp = [np.array(s.l, i64) for s in spc]
+        w_sp = [2 * l + 1 for l in l_sp]
+        r_sp = [np.concatenate([[0], np.cumsum(w)[:-1]]).astype(i64) for w in w_sp]
+        nrad = np.array([len(l) for l in l_sp], i64)[codes]
+        nao = np.array([s.n_orbitals for s in spc], i64)[codes]
+        npr = np.array([s.n_projectors for s in spc], i64)[codes]
+        rad0 = np.concatenate([[0], np.cumsum(nrad)]).astype(i64)
+        am0 = np.concatenate([[0], np.cumsum(nao)]).astype(i64)
+        cat = lambda arrs: np.concatenate([arrs[c] for c in codes]) if nat else np.zeros(0, i64)  # noqa: E731
+        gw = cat(w_sp).astype(i64)
+        groff = cat(r_sp).astype(i64)
+        gm0 = (np.repeat(am0[:-1], nrad) + groff).astype(i64)
+        do_flat = np.concatenate([s.dO.ravel() for s in spc] + [np.zeros(0)])
+        do_off = np.concatenate([[0], np.cumsum([s.dO.size for s in spc])]).astype(i64)
+        rmax = int(nrad.max(initial=1))
+
+        # two-centre pairs grouped by species pair; their blocks and radial masks
+        oi, oj, oS, oD, onsite = opairs
+        order = np.argsort(codes[oi] * len(spc) + codes[oj], kind="stable")
+        oi, oj, oS, oD, onsite = oi[order], oj[order], oS[order], oD[order], onsite[order]
+        osize = nao[oi] * nao[oj]
+        ooff = np.concatenate([[0], np.cumsum(osize)]).astype(i64)
+        oblocks = np.zeros(int(ooff[-1]))
+        self._evaluate("O", codes, oi, oj, oD, rcut, oblocks, ooff, False)
+        t = self._lap("two-centre integrals", t)
+        pc, pb, pS, pD = ppairs
+        psize = nao[pb] * npr[pc]
+        poff = np.concatenate([[0], np.cumsum(psize)]).astype(i64)
+        pblocks = np.zeros(int(poff[-1]))
+        self._evaluate("P", codes, pc, pb, pD, rcut, pblocks, poff, True)
+        t = self._lap("projector integrals", t)
+
+        om_off = np.concatenate([[0], np.cumsum(nrad[oi] * nrad[oj])]).astype(i64)
+        omask = np.empty(int(om_off[-1]), np.bool_)
+        oargs = (oi, oj, ooff, om_off, nao, nrad, rad0, gw, groff, oblocks, omask)
+        self._threads(_k_omask, self._split(osize), *oargs)
+        pm_off = np.concatenate([[0], np.cumsum(nrad[pb])]).astype(i64)
+        pmask = np.empty(int(pm_off[-1]), np.bool_)
+        pargs = (pc, pb, poff, pm_off, npr, nrad, rad0, gw, groff, pblocks, pmask)
+        self._threads(_k_pmask, self._split(psize), *pargs)
+        # clusters of nearby atoms, assembled together; rank: an atom's cluster
+        cl_ptr, cl_atoms = _clusters(atoms, self.cluster)
+        rank = np.empty(nat, i64)
+        rank[cl_atoms] = np.repeat(np.arange(len(cl_ptr) - 1), np.diff(cl_ptr))
+        # segments: the radial functions each projector atom c reaches, by rank of atom
+        sidx = np.flatnonzero(pmask)
+        seg_q = (np.searchsorted(pm_off, sidx, side="right") - 1).astype(i64)
+        seg_jb = sidx - pm_off[seg_q]
+        seg_b = pb[seg_q]
+        o = np.lexsort((seg_jb, seg_b, rank[seg_b], pc[seg_q]))
+        seg_q, seg_jb, seg_b = seg_q[o], seg_jb[o], seg_b[o]
+        seg_rank = rank[seg_b]
+        sg = rad0[seg_b] + seg_jb
+        seg_w, seg_row = gw[sg], groff[sg]
+        seg_c = pc[seg_q]
+        segptr = np.searchsorted(seg_c, np.arange(nat + 1)).astype(i64)
+        excl = np.cumsum(seg_w) - seg_w
+        seg_col = (excl - excl[segptr[seg_c]]).astype(i64) if len(sidx) else excl
+        mc = np.bincount(seg_c, weights=seg_w, minlength=nat).astype(i64)
+        qoff = np.concatenate([[0], np.cumsum(npr * mc)]).astype(i64)
+        # two-centre blocks by row atom (both orientations), projector pairs by orbital atom
+        off = ~onsite
+        npair = np.arange(len(oi), dtype=i64)
+        rows = np.concatenate([oi, oj[off]])
+        o = np.argsort(rows, kind="stable")
+        oe_col = np.concatenate([oj, oi[off]])[o]
+        oe_p = np.concatenate([npair, npair[off]])[o]
+        oe_t = np.concatenate([np.zeros(len(oi), np.bool_), np.ones(int(off.sum()), np.bool_)])[o]
+        optr = np.searchsorted(rows[o], np.arange(nat + 1)).astype(i64)
+        bq = np.argsort(pb, kind="stable").astype(i64)
+        bptr = np.searchsorted(pb[bq], np.arange(nat + 1)).astype(i64)
+        t = self._lap("masks and lists", t)
+
+        def scratch(t):
+            return (
+                np.full(nat, -1, i64),
+                np.empty(nat, i64),
+                np.zeros((rmax, nat, rmax), np.uint8),
+            )
+
+        common = (optr, oe_p, oe_t, oe_col, om_off, omask, bptr, bq, pc, pm_off, pmask)
+        common += (segptr, seg_b, seg_jb)
+        L = np.zeros(len(gw), i64)
+        work = np.zeros(nat, i64)
+        bounds = self._split(nao * (np.diff(optr) + np.diff(bptr)) + 1)
+        self._threads(_k_count, bounds, *common, nrad, rad0, gw, nao, mc, L, work, scratch=scratch)
+        rowbase = np.concatenate([[0], np.cumsum(gw * L)]).astype(i64)
+        nnz = int(rowbase[-1])
+        nM = int(am0[-1])
+        idx_t = np.int32 if max(nnz, nM) < 2**31 - 1 else i64
+        # work of a cluster: its atoms' work times the fraction of columns it computes
+        e_row = np.repeat(np.arange(nat), np.diff(optr))
+        upper = np.bincount(e_row, rank[oe_col] >= rank[e_row], minlength=nat)
+        frac = (upper + 1) / (np.diff(optr) + 1)
+        cbounds = self._split(work * frac + 1, cl_ptr, cl_atoms)
+        orb_rad = np.repeat(np.arange(len(gw), dtype=i64), gw)
+        rad_atom = np.repeat(np.arange(nat, dtype=i64), nrad)
+        abounds = self._split(gw * L, rad0)
+        nmax = int(np.diff(cl_ptr).max(initial=1))
+        t = self._lap("pattern", t)
+
+        def fill(paw: bool, dtype, oph, pph, qflat):
+            data = np.empty(nnz, dtype)
+            indices = np.empty(nnz, idx_t)
+            rowcnt = np.empty(nM, idx_t)
+
+            def scratch_fill(t):
+                return (
+                    np.full(nat, -1, i64),
+                    np.empty(nat, i64),
+                    np.zeros((nmax, rmax, nat, rmax), np.uint8),
+                    np.empty(len(pc), i64),
+                    np.empty(len(pc), i64),
+                )
+
+            args = (cl_ptr, cl_atoms, rank, paw) + common
+            args += (seg_w, seg_col, seg_rank, nrad, rad0, gw, groff, gm0, nao, npr, L)
+            args += (rowbase, ooff, oblocks, oph, poff, pblocks, pph, mc, qoff, qflat)
+            args += (data, indices)
+            tf = time.perf_counter()
+            self._threads(_k_fill, cbounds, *args, scratch=scratch_fill)
+            tf = self._lap("  rows, half (dense buffers)", tf)
+            mir = (rank, nrad, rad0, gw, gm0, L, rowbase, orb_rad, rad_atom, data, indices)
+            self._threads(_k_mirror, abounds, *mir, scratch=lambda t: (np.full(len(gw), -1, i64),))
+            tf = self._lap("  rows, other half (conjugate transpose)", tf)
+            ends = self._threads(
+                _k_compact, abounds, rad0, gw, gm0, L, rowbase, data, indices, rowcnt
+            )
+            end = ends[0]
+            for b, e in zip(abounds[1:-1], ends[1:]):  # close the gaps between threads
+                start = int(rowbase[rad0[b]])
+                if start != end:
+                    _k_shift(data, indices, start, end, e - start)
+                end += e - start
+            indptr = np.empty(nM + 1, idx_t)
+            indptr[0] = 0
+            np.cumsum(rowcnt, out=indptr[1:])
+            self._lap("  zeros dropped", tf)
+            M = sp.csr_matrix((data[:end], indices[:end], indptr), shape=(nM, nM), copy=False)
+            M.has_sorted_indices = True
+            return M
+
+        kpts_arr = np.zeros((1, 3)) if kpts is None else np.asarray(kpts, float).reshape(-1, 3)
+        out = []
+        for k in kpts_arr:
+            gamma = not np.any(k)
+            dtype = float if gamma else complex
+            oph = np.ones(len(oi)) if gamma else np.exp(2j * np.pi * (oS @ k))
+            pph = np.ones(len(pc)) if gamma else np.exp(2j * np.pi * (pS @ k))
+            qflat = np.empty(int(qoff[-1]), dtype)
+            qargs = (npr, codes, do_flat, do_off, segptr, seg_q, seg_row, seg_w, seg_col, mc)
+            self._threads(
+                _k_q, self._split(npr * npr * mc + 1), *qargs, qoff, poff, pblocks, pph, qflat
+            )
+            t = self._lap("projector products", t)
+
+            S = fill(True, dtype, oph, pph, qflat)
+            t = self._lap("assembly", t)
+            if parts and kpts is None:
+                O = fill(False, dtype, oph, pph, qflat)
+                t = self._lap("two-centre only (parts)", t)
+                return (
+                    S,
+                    O,
+                    self._projector_matrix(ppairs, pblocks, poff, nao, npr),
                     self._dO_matrix(symbols, npr),
                 )
             out.append(S)
