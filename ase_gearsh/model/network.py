@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .fused import FusedTensor, TensorDense
+
 __all__ = [
     "ModelSettings",
     "GearsHNet",
@@ -129,6 +131,16 @@ def _basis(vec, *, max_degree, num, cutoff, radial_fn, cutoff_fn):
             e3x.so3.spherical_harmonics, r_is_normalized=True, normalization="orthonormal"
         ),
         cartesian_order=False,
+    )
+
+
+def _tensor_dense(features, *, max_degree, fused, name):
+    """A TensorDense layer: the fused one of :mod:`.fused` (e3x's parameters and
+    outputs, a faster layout) or e3x's with the full tensor product."""
+    if fused:
+        return TensorDense(features, max_degree=max_degree, name=name)
+    return e3x.nn.TensorDense(
+        features, max_degree=max_degree, use_fused_tensor=False, cartesian_order=False, name=name
     )
 
 
@@ -259,11 +271,10 @@ class AtomDescriptor(nn.Module):
         orders = [rho]
         x = rho
         for k in range(s.num_tensordenses):
-            x = e3x.nn.TensorDense(
+            x = _tensor_dense(
                 F,
                 max_degree=s.max_tensordense_degree,
-                use_fused_tensor=s.use_fused_tensor,
-                cartesian_order=False,
+                fused=s.use_fused_tensor,
                 name=f"tensordense_{k}",
             )(x)
             orders.append(x)
@@ -358,11 +369,10 @@ class GearsHNet(nn.Module):
             d = AtomDescriptor(s, name="atom_descriptor")(
                 species, edge_i, edge_j, edge_vec, rho=rho
             )
-            onsite = e3x.nn.TensorDense(
+            onsite = _tensor_dense(
                 s.out_features,
                 max_degree=s.out_max_degree,
-                use_fused_tensor=s.readout_fused_tensor,
-                cartesian_order=False,
+                fused=s.readout_fused_tensor,
                 name="onsite_readout",
             )(shared(d))
             if stage == "atoms":
@@ -374,18 +384,17 @@ class GearsHNet(nn.Module):
         gate_layer = nn.Dense(Fd, name="bond_species")
         proj = e3x.nn.Dense(Fd, use_bias=False, name="bond_projection")
         if s.bond_tensor == "fused_tensor":
-            tensor = e3x.nn.FusedTensor(
+            tensor = FusedTensor(
                 max_degree=s.bond_max_degree, cartesian_order=False, name="bond_tensor"
             )
         else:
             tensor = e3x.nn.Tensor(
                 max_degree=s.bond_max_degree, cartesian_order=False, name="bond_tensor"
             )
-        readout = e3x.nn.TensorDense(
+        readout = _tensor_dense(
             s.out_features,
             max_degree=s.out_max_degree,
-            use_fused_tensor=s.readout_fused_tensor,
-            cartesian_order=False,
+            fused=s.readout_fused_tensor,
             name="pair_readout",
         )
 
@@ -423,7 +432,7 @@ class GearsHNet(nn.Module):
             u = shared(tensor(pooled, y_even))  # even in r
             even = readout(u)
             F_odd = s.odd_features or Fd
-            odd_tensor = e3x.nn.FusedTensor(
+            odd_tensor = FusedTensor(
                 max_degree=s.out_max_degree, cartesian_order=False, name="pair_odd_tensor"
             )
             t = odd_tensor(
