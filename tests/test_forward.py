@@ -49,14 +49,15 @@ def test_chunked_prediction_equals_training_path(
     if system == "periodic":
         assert (np.abs(g.pair_shift).sum(axis=1) > 0).any()  # pairs across the cell
     ref_on, ref_pr = forward_blocks(model, g)
-    pred = Predictor(model, edge_chunk=4, pair_chunk=2)
-    on, pr, info = pred.canonical_blocks(g)
-    assert info["pair_chunks"] > 1
-    if not mp:  # message passing needs every edge in one call
-        assert info["edge_chunks"] > 1
     assert np.abs(ref_pr).max() > 0.1  # not trivially zero
-    assert np.abs(on - ref_on).max() < TOL
-    assert np.abs(pr - ref_pr).max() < TOL
+    for threads in (1, 2):  # bond chunks one after another, and two at a time
+        pred = Predictor(model, edge_chunk=4, pair_chunk=2, threads=threads)
+        on, pr, info = pred.canonical_blocks(g)
+        assert info["pair_chunks"] > 1
+        if not mp:  # message passing needs every edge in one call
+            assert info["edge_chunks"] > 1
+        assert np.abs(on - ref_on).max() < TOL
+        assert np.abs(pr - ref_pr).max() < TOL
     # the same through the default chunks and the GPAW-order assembly, at a k-point
     k = [0, 0, 0.3] if system == "periodic" else None
     H_pred = Predictor(model)(atoms).matrix(k, sparse=False)

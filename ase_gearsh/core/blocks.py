@@ -48,6 +48,14 @@ def block_indices(counts_i, counts_j, start_i, start_j):
     return rows, cols, block
 
 
+def _ranges(starts, counts) -> np.ndarray:
+    """Concatenation of arange(s, s + c) for all (s, c), vectorised."""
+    counts = np.asarray(counts, np.int64)
+    ends = np.cumsum(counts)
+    shift = np.asarray(starts, np.int64) - (ends - counts)
+    return np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(shift, counts)
+
+
 def canonical_orientation(i, j, S) -> np.ndarray:
     """True where the directed pair (i, j, R) is the stored orientation of its
     unordered pair: i < j, or i == j with R > 0 lexicographically."""
@@ -112,22 +120,60 @@ class BlockMatrices:
     def n_atoms(self) -> int:
         return len(self.orbital_counts)
 
-    def _indices(self):
-        if not hasattr(self, "_idx"):
+    def _layout(self):
+        """The CSR layout of M(k), the same at every k: (indptr, indices, dest,
+        unique), with ``dest`` the position in the CSR data of every element of the
+        on-site blocks, then of the pair blocks, then of the pair blocks' transposes
+        (each in its source block's row-major order); ``unique`` is false when
+        several blocks share an atom pair (images in a small cell): they are summed."""
+        if not hasattr(self, "_csr"):
             counts = self.orbital_counts
+            N = len(counts)
             off = orbital_offsets(counts)
-            r0, c0, _ = block_indices(counts, counts, off[:-1], off[:-1])
-            r1, c1, blk = block_indices(
-                counts[self.pair_i], counts[self.pair_j], off[self.pair_i], off[self.pair_j]
-            )
-            self._idx = (r0, c0, r1, c1, blk)
-        return self._idx
+            pi, pj = self.pair_i, self.pair_j
+            # directed blocks: on-site (a, a), pairs (i, j), transposes (j, i)
+            I = np.concatenate([np.arange(N), pi, pj])
+            J = np.concatenate([np.arange(N), pj, pi])
+            uniq, inv = np.unique(I * N + J, return_inverse=True)  # sorted by row, column
+            uI, uJ = uniq // N, uniq % N
+            nJ = counts[uJ]
+            rowlen = np.bincount(uI, weights=nJ, minlength=N).astype(np.int64)
+            first_u = np.searchsorted(uI, np.arange(N))  # each atom's first block
+            before = np.cumsum(nJ) - nJ
+            colstart = before - before[first_u][uI]  # column offset of a block in its row
+            base = np.concatenate([[0], np.cumsum(counts * rowlen)])  # first entry per atom
+            # within atom a, orbital row r starts at base[a] + r * rowlen[a]
+            atom_of_row = np.repeat(np.arange(N), counts)
+            local_row = np.arange(len(atom_of_row)) - off[atom_of_row]
+            indptr = np.append(base[atom_of_row] + local_row * rowlen[atom_of_row], base[-1])
+            collist = _ranges(off[uJ], nJ)  # each atom's column list, atom after atom
+            indices = collist[_ranges(before[first_u][atom_of_row], rowlen[atom_of_row])]
+            # destinations, source element by source element
+            rows_n = np.concatenate([counts, counts[pi], counts[pi]])  # source block shape
+            cols_n = np.concatenate([counts, counts[pj], counts[pj]])
+            sizes = rows_n * cols_n
+            blk = np.repeat(np.arange(len(sizes)), sizes)
+            local = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+            a, b = np.divmod(local, cols_n[blk])
+            del local
+            transposed = blk >= N + len(pi)  # a transpose's source (a, b) lands at (b, a)
+            row_local = np.where(transposed, b, a)
+            col_local = np.where(transposed, a, b)
+            del a, b, transposed
+            row_atom = I[blk]
+            dest = base[row_atom] + row_local * rowlen[row_atom]
+            del row_local, row_atom
+            dest += colstart[inv[blk]] + col_local
+            int_type = np.int32 if base[-1] < 2**31 else np.int64
+            self._csr = (indptr, indices.astype(int_type), dest, len(uniq) == len(I))
+        return self._csr
 
     def matrix(self, kpt=None, sparse: bool = True):
         """M(k) at scaled ``kpt`` (None: Gamma): real at Gamma, complex Hermitian
-        otherwise; scipy.sparse CSR unless ``sparse`` is false (dense numpy)."""
+        otherwise; scipy.sparse CSR (sorted indices, duplicates summed) unless
+        ``sparse`` is false (dense numpy)."""
         n = self.n_orbitals
-        r0, c0, r1, c1, blk = self._indices()
+        indptr, indices, dest, unique = self._layout()
         gamma = kpt is None or not np.any(np.asarray(kpt, float))
         if gamma:
             v = self.pairs
@@ -135,13 +181,21 @@ class BlockMatrices:
             dtype = np.result_type(self.onsite, self.pairs, np.float64)
         else:
             k = np.asarray(kpt, float).reshape(3)
-            v = self.pairs * np.exp(2j * np.pi * (self.pair_shift @ k))[blk]
+            sizes = self.orbital_counts[self.pair_i] * self.orbital_counts[self.pair_j]
+            v = self.pairs * np.repeat(np.exp(2j * np.pi * (self.pair_shift @ k)), sizes)
             tv = np.conj(v)
             dtype = np.complex128
-        rows = np.concatenate([r0, r1, c1])
-        cols = np.concatenate([c0, c1, r1])
-        data = np.concatenate([self.onsite, v, tv]).astype(dtype, copy=False)
-        mat = sp.coo_matrix((data, (rows, cols)), shape=(n, n)).tocsr()  # sums duplicates
+        values = np.concatenate([self.onsite, v, tv]).astype(dtype, copy=False)
+        nnz = int(indptr[-1])
+        if unique:
+            data = np.empty(nnz, dtype)
+            data[dest] = values
+        elif dtype == np.complex128:
+            data = np.bincount(dest, values.real, nnz) + 1j * np.bincount(dest, values.imag, nnz)
+        else:
+            data = np.bincount(dest, values, nnz).astype(dtype, copy=False)
+        mat = sp.csr_matrix((data, indices, indptr.astype(indices.dtype)), shape=(n, n))
+        mat.has_sorted_indices = True
         return mat if sparse else mat.toarray()
 
     def flat(self):

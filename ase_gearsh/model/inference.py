@@ -19,7 +19,9 @@ training set without a second network run.
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,14 @@ from .engine import Model, precision
 from .graph import FAR, Graph, pad_edges
 
 __all__ = ["bucket", "atom_invariants", "Predictor", "predictor_for"]
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def bucket(n: int, base: int = 64, growth: float = 1.25) -> int:
@@ -74,15 +84,24 @@ class Predictor:
 
     ``edge_chunk``/``pair_chunk``: edges and bonds per network call (upper
     bounds; small structures use the next bucket above their size).
+    ``threads``: bond chunks evaluated at the same time (default: the usable
+    cores; one compiled call of XLA's CPU backend runs mostly on one core).
     """
 
     def __init__(
-        self, model: Model, edge_chunk: int = 65536, pair_chunk: int = 1024, atom_base: int = 64
+        self,
+        model: Model,
+        edge_chunk: int = 65536,
+        pair_chunk: int = 1024,
+        atom_base: int = 64,
+        threads: int | None = None,
     ):
+        threads = usable_cores() if threads is None else threads
         for name, v in (
             ("edge_chunk", edge_chunk),
             ("pair_chunk", pair_chunk),
             ("atom_base", atom_base),
+            ("threads", threads),
         ):
             if int(v) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -90,6 +109,7 @@ class Predictor:
         self.edge_chunk = int(edge_chunk)
         self.pair_chunk = int(pair_chunk)
         self.atom_base = int(atom_base)
+        self.threads = int(threads)
         self._density = jax.jit(model.density)
         self._atoms = jax.jit(model.atoms)
         self._bonds = jax.jit(model.bonds)
@@ -186,18 +206,38 @@ class Predictor:
         P = len(pi)
         cp = min(self.pair_chunk, bucket(P, 256))
         starts = range(0, max(P, 1), cp)
+        bar = None
         if progress and len(starts) > 1:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="bonds", unit="chunk", leave=False)
+            bar = tqdm(total=len(starts), desc="bonds", unit="chunk", leave=False)
         pairs = np.empty((P, model.layout.n, model.layout.n), np.float32)
-        for a in starts:
+
+        def chunk(a):
             b = min(a + cp, P)
             ci, cj, cv = pad_edges(pi[a:b], pj[a:b], pv[a:b], cp, pad, FAR)
-            out = self._bonds(
-                params, stats, species, d, jnp.asarray(ci), jnp.asarray(cj), jnp.asarray(cv)
-            )
+            with precision():  # a thread-local setting: also in the worker threads
+                out = self._bonds(
+                    params, stats, species, d, jnp.asarray(ci), jnp.asarray(cj), jnp.asarray(cv)
+                )
             pairs[a:b] = np.asarray(out)[: b - a]
+
+        threads = min(self.threads, len(starts))
+        tick = bar.update if bar is not None else (lambda: None)
+        try:
+            if threads > 1:  # one compiled call per thread: XLA runs them side by side
+                chunk(starts[0])  # compiles once, before the threads share the executable
+                tick()
+                with ThreadPoolExecutor(threads) as pool:
+                    for _ in pool.map(chunk, starts[1:]):
+                        tick()
+            else:
+                for a in starts:
+                    chunk(a)
+                    tick()
+        finally:
+            if bar is not None:
+                bar.close()
         t2 = time.perf_counter()
         info = {
             "atoms": ainfo["atoms"],
