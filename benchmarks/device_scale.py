@@ -108,6 +108,14 @@ def main(argv=None):
         action="store_true",
         help="model.mlp.readout_fused_tensor: false (the slower readouts)",
     )
+    p.add_argument(
+        "--bond-threads",
+        type=int,
+        nargs="+",
+        default=[None],
+        help="bond chunks evaluated at a time (default: the usable cores); several values "
+        "time the second structure once per value, back to back",
+    )
     args = p.parse_args(argv)
     import jax
     from compilations import compilation_counter
@@ -122,10 +130,19 @@ def main(argv=None):
         f"paper configuration, random weights: {count_parameters(model.params):,} parameters, "
         f"{model.layout.n} canonical orbitals/atom, built in {time.perf_counter() - t:.1f} s"
     )
-    for k, seed in enumerate((0, 1)):
+    from ase_gearsh.model.inference import predictor_for
+
+    predictor = predictor_for(model)  # the calculator's (default chunks)
+    runs = [(0, args.bond_threads[0])] + [(1, n) for n in args.bond_threads]
+    for k, (seed, threads) in enumerate(runs):
+        if threads is not None:
+            predictor.threads = threads
         t = time.perf_counter()
         atoms = build_device(args.atoms, seed=seed)
-        print(f"\nstructure (seed {seed}) built in {time.perf_counter() - t:.2f} s")
+        print(
+            f"\nstructure (seed {seed}) built in {time.perf_counter() - t:.2f} s; "
+            f"bond chunks {predictor.threads} at a time"
+        )
         calc = time_prediction(
             model,
             atoms,
