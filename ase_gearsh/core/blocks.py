@@ -121,11 +121,12 @@ class BlockMatrices:
         return len(self.orbital_counts)
 
     def _layout(self):
-        """The CSR layout of M(k), the same at every k: (indptr, indices, dest,
-        unique), with ``dest`` the position in the CSR data of every element of the
-        on-site blocks, then of the pair blocks, then of the pair blocks' transposes
-        (each in its source block's row-major order); ``unique`` is false when
-        several blocks share an atom pair (images in a small cell): they are summed."""
+        """The CSR layout of M(k), the same at every k: (indptr, indices, groups,
+        unique).  ``groups`` lists, per kind of block (0 on-site, 1 pair, 2 pair
+        transposed) and block shape, the blocks' first source value, first CSR
+        entry of their first row, row length and column offset; ``unique`` is false
+        when several blocks share an atom pair (images in a small cell): they are
+        summed."""
         if not hasattr(self, "_csr"):
             counts = self.orbital_counts
             N = len(counts)
@@ -148,24 +149,29 @@ class BlockMatrices:
             indptr = np.append(base[atom_of_row] + local_row * rowlen[atom_of_row], base[-1])
             collist = _ranges(off[uJ], nJ)  # each atom's column list, atom after atom
             indices = collist[_ranges(before[first_u][atom_of_row], rowlen[atom_of_row])]
-            # destinations, source element by source element
+            # source offsets: on-site blocks in ``onsite``, pairs (and transposes) in ``pairs``
+            on_sizes = counts**2
+            pair_sizes = counts[pi] * counts[pj]
+            src = np.concatenate(
+                [np.cumsum(on_sizes) - on_sizes, np.tile(np.cumsum(pair_sizes) - pair_sizes, 2)]
+            )
+            kind = np.repeat([0, 1, 2], [N, len(pi), len(pi)])
             rows_n = np.concatenate([counts, counts[pi], counts[pi]])  # source block shape
             cols_n = np.concatenate([counts, counts[pj], counts[pj]])
-            sizes = rows_n * cols_n
-            blk = np.repeat(np.arange(len(sizes)), sizes)
-            local = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-            a, b = np.divmod(local, cols_n[blk])
-            del local
-            transposed = blk >= N + len(pi)  # a transpose's source (a, b) lands at (b, a)
-            row_local = np.where(transposed, b, a)
-            col_local = np.where(transposed, a, b)
-            del a, b, transposed
-            row_atom = I[blk]
-            dest = base[row_atom] + row_local * rowlen[row_atom]
-            del row_local, row_atom
-            dest += colstart[inv[blk]] + col_local
+            groups = []
+            for key in np.unique(np.stack([kind, rows_n, cols_n], axis=1), axis=0):
+                sel = np.flatnonzero((kind == key[0]) & (rows_n == key[1]) & (cols_n == key[2]))
+                groups.append(
+                    (
+                        tuple(int(x) for x in key),
+                        src[sel],
+                        base[I[sel]],
+                        rowlen[I[sel]],
+                        colstart[inv[sel]],
+                    )
+                )
             int_type = np.int32 if base[-1] < 2**31 else np.int64
-            self._csr = (indptr, indices.astype(int_type), dest, len(uniq) == len(I))
+            self._csr = (indptr, indices.astype(int_type), groups, len(uniq) == len(I))
         return self._csr
 
     def matrix(self, kpt=None, sparse: bool = True):
@@ -173,7 +179,7 @@ class BlockMatrices:
         otherwise; scipy.sparse CSR (sorted indices, duplicates summed) unless
         ``sparse`` is false (dense numpy)."""
         n = self.n_orbitals
-        indptr, indices, dest, unique = self._layout()
+        indptr, indices, groups, unique = self._layout()
         gamma = kpt is None or not np.any(np.asarray(kpt, float))
         if gamma:
             v = self.pairs
@@ -185,15 +191,21 @@ class BlockMatrices:
             v = self.pairs * np.repeat(np.exp(2j * np.pi * (self.pair_shift @ k)), sizes)
             tv = np.conj(v)
             dtype = np.complex128
-        values = np.concatenate([self.onsite, v, tv]).astype(dtype, copy=False)
+        sources = (self.onsite, v, tv)
         nnz = int(indptr[-1])
-        if unique:
-            data = np.empty(nnz, dtype)
-            data[dest] = values
-        elif dtype == np.complex128:
-            data = np.bincount(dest, values.real, nnz) + 1j * np.bincount(dest, values.imag, nnz)
-        else:
-            data = np.bincount(dest, values, nnz).astype(dtype, copy=False)
+        data = np.zeros(nnz, dtype)
+        for (kind, nr, nc), src, row0, rowlen, col0 in groups:
+            a = np.arange(nr)[None, :, None]  # the source block's rows and columns
+            b = np.arange(nc)[None, None, :]
+            first = (row0 + col0)[:, None, None]
+            step = rowlen[:, None, None]
+            # a transpose's source element (a, b) lands at row b, column a
+            dest = first + (b * step + a if kind == 2 else a * step + b)
+            values = sources[kind][src[:, None, None] + a * nc + b]
+            if unique:
+                data[dest] = values
+            else:
+                np.add.at(data, dest, values)
         mat = sp.csr_matrix((data, indices, indptr.astype(indices.dtype)), shape=(n, n))
         mat.has_sorted_indices = True
         return mat if sparse else mat.toarray()
