@@ -208,6 +208,11 @@ class Model:
 
     def bonds(self, params, stats, species, descriptors, pair_i, pair_j, pair_vec):
         """Stage 3: pair blocks (P, n, n) of these bonds."""
+        first, second = self.bond_irreps(params, species, descriptors, pair_i, pair_j, pair_vec)
+        return self.bond_blocks(first, second, stats, species, pair_i, pair_j, pair_vec)
+
+    def bond_irreps(self, params, species, descriptors, pair_i, pair_j, pair_vec):
+        """Stage 3, network part: the two pair outputs (irreps) of these bonds."""
         _, first, second = self.net.apply(
             params,
             species,
@@ -220,6 +225,10 @@ class Model:
             stage="bonds",
             descriptors=descriptors,
         )
+        return first, second
+
+    def bond_blocks(self, first, second, stats, species, pair_i, pair_j, pair_vec):
+        """Stage 3, post-processing: pair irreps -> blocks (P, n, n), eV."""
         post = postprocess_pairs_once if self.net.s.bond_evaluation == "once" else postprocess_pairs
         return post(first, second, stats, self.tables, species, pair_i, pair_j, pair_vec)
 

@@ -19,7 +19,6 @@ training set without a second network run.
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,14 +31,6 @@ from .engine import Model, precision
 from .graph import FAR, Graph, pad_edges
 
 __all__ = ["bucket", "atom_invariants", "Predictor", "predictor_for"]
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def bucket(n: int, base: int = 64, growth: float = 1.25) -> int:
@@ -84,8 +75,9 @@ class Predictor:
 
     ``edge_chunk``/``pair_chunk``: edges and bonds per network call (upper
     bounds; small structures use the next bucket above their size).
-    ``threads``: bond chunks evaluated at the same time (default: the usable
-    cores; one compiled call of XLA's CPU backend runs mostly on one core).
+    ``threads``: bond chunks evaluated at the same time in threads (default 1:
+    on 2 CPU cores two at a time measured no faster, ``benchmarks/device_scale.py
+    --bond-threads``).
     """
 
     def __init__(
@@ -96,7 +88,7 @@ class Predictor:
         atom_base: int = 64,
         threads: int | None = None,
     ):
-        threads = usable_cores() if threads is None else threads
+        threads = 1 if threads is None else threads
         for name, v in (
             ("edge_chunk", edge_chunk),
             ("pair_chunk", pair_chunk),
@@ -112,7 +104,10 @@ class Predictor:
         self.threads = int(threads)
         self._density = jax.jit(model.density)
         self._atoms = jax.jit(model.atoms)
-        self._bonds = jax.jit(model.bonds)
+        # the bond stage as two compiled calls: compiled together, XLA fuses the
+        # block gather into the network and the stage runs about 1.4x slower on the CPU
+        self._bond_irreps = jax.jit(model.bond_irreps)
+        self._bond_blocks = jax.jit(model.bond_blocks)
         self._invariants = jax.jit(atom_invariants)
 
     def __call__(self, atoms, progress: bool = False) -> BlockMatrices:
@@ -216,10 +211,10 @@ class Predictor:
         def chunk(a):
             b = min(a + cp, P)
             ci, cj, cv = pad_edges(pi[a:b], pj[a:b], pv[a:b], cp, pad, FAR)
+            ci, cj, cv = jnp.asarray(ci), jnp.asarray(cj), jnp.asarray(cv)
             with precision():  # a thread-local setting: also in the worker threads
-                out = self._bonds(
-                    params, stats, species, d, jnp.asarray(ci), jnp.asarray(cj), jnp.asarray(cv)
-                )
+                first, second = self._bond_irreps(params, species, d, ci, cj, cv)
+                out = self._bond_blocks(first, second, stats, species, ci, cj, cv)
             pairs[a:b] = np.asarray(out)[: b - a]
 
         threads = min(self.threads, len(starts))
