@@ -50,8 +50,9 @@ def test_chunked_prediction_equals_training_path(
         assert (np.abs(g.pair_shift).sum(axis=1) > 0).any()  # pairs across the cell
     ref_on, ref_pr = forward_blocks(model, g)
     assert np.abs(ref_pr).max() > 0.1  # not trivially zero
+    pred = Predictor(model, edge_chunk=4, pair_chunk=2)
     for threads in (1, 2):  # bond chunks one after another, and two at a time
-        pred = Predictor(model, edge_chunk=4, pair_chunk=2, threads=threads)
+        pred.threads = threads
         on, pr, info = pred.canonical_blocks(g)
         assert info["pair_chunks"] > 1
         if not mp:  # message passing needs every edge in one call

@@ -24,9 +24,7 @@ def _same_tree(p, q):
         assert a.shape == b.shape and np.array_equal(a, b)
 
 
-@pytest.mark.parametrize(
-    "L1,L2,L3", [(4, 4, 4), (2, 4, 4), (4, 2, 2), (1, 1, 2), (4, 4, 3), (0, 2, 2)]
-)
+@pytest.mark.parametrize("L1,L2,L3", [(4, 4, 4), (2, 4, 3), (0, 2, 2)])
 def test_equals_e3x_fused_tensor(L1, L2, L3):
     x, y = _inputs(L1, L2, F=5)
     ref = e3x.nn.FusedTensor(max_degree=L3, cartesian_order=False)
