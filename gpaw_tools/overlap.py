@@ -44,7 +44,7 @@ from ase.neighborlist import neighbor_list
 from ase.units import Bohr
 
 from ase_gearsh.core.basis import BasisDataError, SpeciesBasis
-from ase_gearsh.core.blocks import block_indices, canonical_orientation
+from ase_gearsh.core.blocks import _ranges, block_indices, canonical_orientation
 
 __all__ = [
     "SpeciesBasis",
@@ -288,16 +288,6 @@ class _Layout:
         S = sp.csr_matrix((data, indices, indptr), shape=(nM, nM), copy=False)
         S.has_sorted_indices = True
         return S
-
-
-def _ranges(starts, counts) -> np.ndarray:
-    """Concatenation of arange(s, s + c) for all (s, c), vectorised."""
-    counts = np.asarray(counts, np.int64)
-    total = int(counts.sum())
-    first = np.repeat(
-        np.asarray(starts, np.int64) - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts
-    )
-    return first + np.arange(total)
 
 
 def _single_threaded_blas():
