@@ -41,7 +41,7 @@ import scipy.sparse as sp
 from ase import Atoms
 from ase.data import atomic_numbers
 from ase.neighborlist import neighbor_list
-from ase.units import Bohr
+from ase.units import Bohr, Hartree
 
 from ase_gearsh.core.basis import BasisDataError, SpeciesBasis
 from ase_gearsh.core.blocks import _ranges, block_indices, canonical_orientation
@@ -1057,8 +1057,11 @@ class OverlapCalculator:
             tsoc = self._expansions[ft_key]
             a = splines(self.species[s1], "projectors" if kind == "P" else "basis")
             b = splines(self.species[s2], "basis")
+            fb = tsoc.transform(b)
+            if kind == "T":  # <phi_a| -nabla^2 / 2 |phi_b>: k^2 / 2 in Fourier space
+                fb = tsoc.laplacian(fb)
             tsoe = tsoc.calculate_expansions(
-                [f.l for f in a], tsoc.transform(a), [f.l for f in b], tsoc.transform(b)
+                [f.l for f in a], tsoc.transform(a), [f.l for f in b], fb
             )
             self._expansions[key] = tsoe
         return self._expansions[key]
@@ -1094,6 +1097,28 @@ class OverlapCalculator:
                 else:
                     blocks = table.evaluate(r, _real_harmonics(vec, table.lmax))
                 yield part, blocks.reshape((len(part),) + table.shape)
+
+    def two_centre_blocks(self, kind: str, s1: str, s2: str, vectors) -> np.ndarray:
+        """Two-centre blocks of species ``s1`` (rows) and ``s2`` (columns) at the
+        vectors (P, 3) from the first atom to the second, Angstrom: ``'O'`` the
+        overlap <phi_a|phi_b> (no PAW term), ``'T'`` the kinetic energy
+        <phi_a| -nabla^2 / 2 |phi_b> in eV.  GPAW orbital order, (P, n1, n2).
+
+        One Fourier-Bessel grid for all species of this calculator (GPAW's rule
+        for one calculation with all of them), so the blocks of a species pair
+        do not depend on which other elements a structure holds."""
+        if kind not in ("O", "T"):
+            raise ValueError(f"kind={kind!r}: 'O' (overlap) or 'T' (kinetic)")
+        for s in (s1, s2):
+            if s not in self.species:
+                raise BasisDataError(f"no basis functions for element {s!r}")
+        vec = np.asarray(vectors, dtype=float).reshape(-1, 3) / Bohr
+        table = self._table(kind, s1, s2, self._transformer(sorted(self.species)))
+        if not len(vec) or not len(table.B):
+            return np.zeros((len(vec),) + table.shape)
+        r = np.linalg.norm(vec, axis=1)
+        out = table.evaluate(r, _real_harmonics(vec, table.lmax)).reshape((len(vec),) + table.shape)
+        return out * Hartree if kind == "T" else out
 
     # -- the two parts of S ----------------------------------------------------
     def _add_two_centre(self, data, lay, codes, pairs, rcut, phase):

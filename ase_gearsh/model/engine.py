@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core.basis import Registry
+from .baseline import baseline_blocks
 from .checkpoint import CheckpointError, load_checkpoint
 from .graph import FAR, Graph, batch_graphs, build_graph, pad_size
 from .layout import Layout
@@ -230,7 +231,13 @@ class Model:
     def bond_blocks(self, first, second, stats, species, pair_i, pair_j, pair_vec):
         """Stage 3, post-processing: pair irreps -> blocks (P, n, n), eV."""
         post = postprocess_pairs_once if self.net.s.bond_evaluation == "once" else postprocess_pairs
-        return post(first, second, stats, self.tables, species, pair_i, pair_j, pair_vec)
+        blocks = post(first, second, stats, self.tables, species, pair_i, pair_j, pair_vec)
+        if "pair_baseline" in stats:  # the network corrects a two-centre H0
+            si, sj = species[pair_i], species[pair_j]
+            blocks = blocks + baseline_blocks(
+                stats["pair_baseline"], self.tables, stats["pair_cutoff"], si, sj, pair_vec
+            )
+        return blocks
 
     def forward(self, params, stats, batch):
         """The three stages on one padded batch (jittable, differentiable):

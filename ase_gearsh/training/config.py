@@ -83,6 +83,9 @@ DEFAULTS = {
             # odd parts in r); "both_orientations": the paper's average of i->j and j->i
             "evaluation": "once",
             "odd_features": 0,  # features of the odd branch of "once" (0: as the bond)
+            # "two_centre": the network corrects H0 = c(d) S + t(d) T of the two-centre
+            # overlap and kinetic integrals (ase_gearsh.model.baseline); "none": the paper
+            "baseline": "none",
             "bond_expansion_options": {
                 "cutoff_fn": "smooth_cutoff",
                 "radial_fn": "basic_fourier",
@@ -191,6 +194,7 @@ _CHOICES = {
     "model.bond_centered.tensor_module": ("fused_tensor", "tensor"),
     "model.bond_centered.tensor_module_dtype": ("float32",),
     "model.bond_centered.evaluation": ("once", "both_orientations"),
+    "model.bond_centered.baseline": ("none", "two_centre"),
     "model.mlp.mlp_dtype": ("float32",),
     "model.mlp.mlp_activation_function": (
         "bent_identity",

@@ -50,6 +50,7 @@ from ..model.engine import FAR, Model, pair_cutoff_matrix, precision
 from ..model.graph import Graph, attach_labels, batch_graphs, build_graph, pad_size
 from ..model.layout import Layout
 from ..model.statistics import fit_statistics
+from .baseline import TwoCentre, fit_baseline
 from .config import check_config, load_config, model_settings
 
 __all__ = [
@@ -345,14 +346,28 @@ def prepare_data(
             f"{out_t + out_v} stored blocks lie beyond the bond cut-offs (largest |H| "
             f"{max(max_t, max_v) * 1e3:.3g} meV); they are predicted as zero"
         )
+    basis = _basis_data(train_s, registry, log)
+    if bond["baseline"] == "two_centre":
+        if basis is None:
+            raise TrainingError(
+                "model.bond_centered.baseline: two_centre needs the basis functions of "
+                "the training data (GPAW's basis files for these elements); use "
+                "baseline: none"
+            )
+        log("fitting the two-centre baseline H0 ...")
+        table, _, resid = fit_baseline(tg, TwoCentre(basis, registry, layout), pc)
+        stats = fit_statistics([replace(g, pairs=r) for g, r in zip(tg, resid)], layout, pc)
+        stats["pair_baseline"] = table
+    else:
+        stats = fit_statistics(tg, layout, pc)
     return TrainingData(
         registry=registry,
         layout=layout,
         train=tg,
         valid=vg,
-        stats=fit_statistics(tg, layout, pc),
+        stats=stats,
         coverage=training_coverage(tg, registry.n_species),
-        basis=_basis_data(train_s, registry, log),
+        basis=basis,
     )
 
 
