@@ -1,4 +1,4 @@
-"""Demo: a shipped model predicts H for molecules it never saw; GPAW checks it.
+"""Demo: a shipped model predicts H for new geometries of its training molecules; GPAW checks.
 
     python -m ase_gearsh.demo [--model models/molecules.ckpt] [--output demo-output]
 

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).parent))
 from device_structure import build_device  # noqa: E402
 
@@ -30,7 +32,7 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def paper_model(seed: int = 0, readout_fused_tensor: bool = True):
+def paper_model(seed: int = 0, readout_fused_tensor: bool = True, baseline: bool = False):
     from ase_gearsh.core.basis import Registry
     from ase_gearsh.model.engine import Model, pair_cutoff_matrix
     from ase_gearsh.model.layout import Layout
@@ -54,6 +56,15 @@ def paper_model(seed: int = 0, readout_fused_tensor: bool = True):
     )
     settings = model_settings(cfg, reg.n_species, lay.lmax_out, lay.n_features)
     stats = neutral_statistics(lay, pair_cutoff_matrix(reg, settings["bond_cutoff"]))
+    if baseline:  # a two-centre baseline table of the trained size (random values: cost only)
+        from ase_gearsh.training.baseline import N_GRID
+
+        rng = np.random.default_rng(seed)
+        S1, L = reg.n_species + 1, lay.lmax_out
+        m0 = [l * l for l in range(L + 1)]
+        mask = lay.irreps_mask[:, :, :, m0, :]  # (S, S, 2, L + 1, F)
+        table = rng.normal(size=(S1, S1, N_GRID) + mask.shape[2:]) * mask[:, :, None]
+        stats["pair_baseline"] = table.astype(np.float32)
     model = Model(settings, reg, stats, None, cfg)
     model.params = model.init_params(seed)
     model.basis_data = {s: b.to_dict() for s, b in basis.items()}
@@ -109,6 +120,11 @@ def main(argv=None):
         help="model.mlp.readout_fused_tensor: false (the slower readouts)",
     )
     p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="with a two-centre baseline table in the statistics (its cost in the bond stage)",
+    )
+    p.add_argument(
         "--bond-threads",
         type=int,
         nargs="+",
@@ -123,7 +139,7 @@ def main(argv=None):
     compiles = compilation_counter()
     print(f"JAX {jax.__version__} on {jax.devices()}; {__import__('os').cpu_count()} CPU cores")
     t = time.perf_counter()
-    model = paper_model(readout_fused_tensor=not args.unfused_readout)
+    model = paper_model(readout_fused_tensor=not args.unfused_readout, baseline=args.baseline)
     from ase_gearsh.model.network import count_parameters
 
     print(

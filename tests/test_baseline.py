@@ -182,3 +182,60 @@ def _molecule():
     a.rattle(0.05, seed=5)
     a.center(vacuum=5.0)
     return a
+
+
+def test_checkpoint_stores_the_table_compactly_and_exactly(setup):
+    from ase_gearsh.model.checkpoint import _pack_stats, _unpack_stats
+
+    _, _, layout, pc, tc = setup
+    table, _, _ = fit_baseline(_graphs(setup, n=2, seed=4), tc, pc)
+    packed = _pack_stats({"pair_baseline": table, "pair_cutoff": pc})
+    assert "pair_baseline" not in packed
+    assert packed["pair_baseline_values"].nbytes < 0.6 * table.nbytes  # zeros not stored
+    back = _unpack_stats(packed)
+    assert np.array_equal(back["pair_baseline"], table)
+    assert np.array_equal(back["pair_cutoff"], pc)
+
+
+def test_onsite_baseline_fit_equivariance_and_chunks(setup):
+    """On-site H0: fitted to labels of its own form, the same in numpy and in the network
+    (summed over edge chunks as the predictor does), symmetric, D^T H0 D under rotation."""
+    from ase_gearsh.model.baseline import onsite_baseline_blocks
+    from ase_gearsh.training.baseline import _onsite_features, _onsite_h0, fit_onsite_baseline
+
+    _, reg, layout, pc, tc = setup
+    graphs = _graphs(setup, n=4, seed=6)
+    for g in graphs:  # labels: sum over neighbours of env(x) (2 S S^T - T T^T / 10)
+        f = _onsite_features(g, tc, pc, 1)
+        g.onsite = (2.0 * f[:, :, 0, 0] - 0.1 * f[:, :, 2, 0]).sum(1).astype(np.float32)
+    stats, resid = fit_onsite_baseline(graphs, tc, pc)
+    labels = np.concatenate([g.onsite for g in graphs])
+    assert np.sqrt((np.concatenate(resid) ** 2).mean()) < 0.02 * np.sqrt((labels**2).mean())
+    index, coef, _ = layout.gather_tables
+    tables = {"index": jnp.asarray(index), "coef": jnp.asarray(coef, jnp.float32), "n": layout.n}
+    st = {k: jnp.asarray(v) for k, v in stats.items()}
+    st["pair_cutoff"] = jnp.asarray(np.where(pc > 0, pc, 1.0), jnp.float32)
+    g = graphs[0]
+    sp = jnp.asarray(g.species)
+
+    def h0(ei, ej, ev):
+        out = onsite_baseline_blocks(
+            st, tables, sp, jnp.asarray(ei), jnp.asarray(ej), jnp.asarray(ev, jnp.float32)
+        )
+        return np.asarray(out, np.float64)
+
+    full = h0(g.edge_i, g.edge_j, g.edge_vec)
+    half = len(g.edge_i) // 2
+    chunks = h0(g.edge_i[:half], g.edge_j[:half], g.edge_vec[:half]) + h0(
+        g.edge_i[half:], g.edge_j[half:], g.edge_vec[half:]
+    )
+    assert np.abs(chunks - full).max() < 1e-4
+    ref = _onsite_h0(
+        _onsite_features(g, tc, pc, 4), stats["onsite_baseline_coef"].astype(float), g.species
+    )
+    assert np.abs(full - ref).max() < 0.01 and np.abs(ref).max() > 0.5
+    assert np.array_equal(full, np.swapaxes(full, -1, -2))
+    rot = Rotation.random(random_state=8).as_matrix()
+    D = canonical_rotation(rot, layout)
+    rotated = h0(g.edge_i, g.edge_j, g.edge_vec @ rot)
+    assert np.abs(D.T @ full @ D - rotated).max() < 2e-4 * max(1.0, np.abs(full).max())

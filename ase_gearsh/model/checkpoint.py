@@ -102,7 +102,7 @@ def save_checkpoint(
         "registry": json.dumps(registry),
         "versions": json.dumps(versions()),
         "extra": json.dumps(extra or {}),
-        "stats": {k: np.asarray(v) for k, v in stats.items()},
+        "stats": _pack_stats(stats),
         "params": _to_numpy(serialization.to_state_dict(params)),
     }
     if basis:
@@ -144,6 +144,35 @@ def load_checkpoint(path) -> dict:
         for key in ("stats", "params"):
             if not isinstance(payload[key], dict):
                 raise KeyError(key)
-    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        payload["stats"] = _unpack_stats(payload["stats"])
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: checkpoint is incomplete or corrupt ({err})") from None
     return payload
+
+
+def _pack_stats(stats: dict) -> dict:
+    """Statistics as stored: the baseline table (mostly zero channels: padding species,
+    unused (parity, L, feature) slots) as its non-zero radial functions and their
+    indices; everything else as is."""
+    out = {k: np.asarray(v) for k, v in stats.items() if k != "pair_baseline"}
+    if "pair_baseline" in stats:
+        t = np.asarray(stats["pair_baseline"])  # (S, S, G, 2, L, F)
+        moved = np.moveaxis(t, 2, -1)  # (S, S, 2, L, F, G)
+        idx = np.argwhere(np.abs(moved).max(axis=-1) > 0).astype(np.int32)
+        out["pair_baseline_shape"] = np.asarray(t.shape, np.int64)
+        out["pair_baseline_index"] = idx
+        out["pair_baseline_values"] = moved[tuple(idx.T)].astype(np.float32)
+    return out
+
+
+def _unpack_stats(stats: dict) -> dict:
+    if "pair_baseline_values" not in stats:
+        return stats
+    stats = dict(stats)
+    shape = tuple(int(x) for x in stats.pop("pair_baseline_shape"))
+    idx = np.asarray(stats.pop("pair_baseline_index"), np.int64).reshape(-1, 5)
+    vals = np.asarray(stats.pop("pair_baseline_values"), np.float32)
+    moved = np.zeros(shape[:2] + shape[3:] + shape[2:3], np.float32)
+    moved[tuple(idx.T)] = vals
+    stats["pair_baseline"] = np.moveaxis(moved, -1, 2)
+    return stats

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core.basis import Registry
-from .baseline import baseline_blocks
+from .baseline import baseline_blocks, onsite_baseline_blocks
 from .checkpoint import CheckpointError, load_checkpoint
 from .graph import FAR, Graph, batch_graphs, build_graph, pad_size
 from .layout import Layout
@@ -239,12 +239,22 @@ class Model:
             )
         return blocks
 
+    def onsite_baseline(self, stats, species, edge_i, edge_j, edge_vec):
+        """On-site H0 (N, n, n) summed over these edges, or ``None`` when the model has
+        none (a sum over edges: accumulated over edge chunks like the density)."""
+        if "onsite_baseline_coef" not in stats:
+            return None
+        return onsite_baseline_blocks(stats, self.tables, species, edge_i, edge_j, edge_vec)
+
     def forward(self, params, stats, batch):
         """The three stages on one padded batch (jittable, differentiable):
         canonical blocks (onsite (N, n, n), pairs (P, n, n))."""
         sp, ei, ej, ev = (batch[k] for k in ("species", "edge_i", "edge_j", "edge_vec"))
         rho = None if self.mp_steps else self.density(params, sp, ei, ej, ev)
         d, onsite = self.atoms(params, stats, sp, ei, ej, ev, rho)
+        h0 = self.onsite_baseline(stats, sp, ei, ej, ev)
+        if h0 is not None:
+            onsite = onsite + h0
         pairs = self.bonds(
             params, stats, sp, d, batch["pair_i"], batch["pair_j"], batch["pair_vec"]
         )

@@ -104,6 +104,7 @@ class Predictor:
         self.threads = int(threads)
         self._density = jax.jit(model.density)
         self._atoms = jax.jit(model.atoms)
+        self._onsite_h0 = jax.jit(model.onsite_baseline)
         # the bond stage as two compiled calls: compiled together, XLA fuses the
         # block gather into the network and the stage runs about 1.4x slower on the CPU
         self._bond_irreps = jax.jit(model.bond_irreps)
@@ -159,26 +160,32 @@ class Predictor:
         ei, ej, ev = g.edge_i, g.edge_j, g.edge_vec
         E = len(ei)
         t0 = time.perf_counter()
+        with_h0 = "onsite_baseline_coef" in stats
+        h0 = None
         if model.mp_steps:  # message passing needs every edge in one call
             ce = bucket(E, 1024)
             rho = None
             edges = pad_edges(ei, ej, ev, ce, pad, FAR)
             n_edge_chunks = 1
+            if with_h0:
+                h0 = self._onsite_h0(stats, species, *map(jnp.asarray, edges))
         else:
             ce = min(self.edge_chunk, bucket(E, 1024))
             rho = None
             starts = range(0, max(E, 1), ce)
             for a in starts:
                 b = min(a + ce, E)
-                part = self._density(
-                    params,
-                    species,
-                    *map(jnp.asarray, pad_edges(ei[a:b], ej[a:b], ev[a:b], ce, pad, FAR)),
-                )
+                chunk = [jnp.asarray(x) for x in pad_edges(ei[a:b], ej[a:b], ev[a:b], ce, pad, FAR)]
+                part = self._density(params, species, *chunk)
                 rho = part if rho is None else rho + part
+                if with_h0:
+                    part = self._onsite_h0(stats, species, *chunk)
+                    h0 = part if h0 is None else h0 + part
             edges = pad_edges(ei[:0], ej[:0], ev[:0], 1, pad, FAR)
             n_edge_chunks = len(starts)
         d, onsite = self._atoms(params, stats, species, *map(jnp.asarray, edges), rho)
+        if h0 is not None:
+            onsite = onsite + h0
         onsite = np.asarray(onsite)[:N]
         invariants = np.asarray(self._invariants(d))[:N]
         info = {

@@ -12,7 +12,7 @@ from gpaw_tools.overlap import OverlapCalculator
 from ..core.basis import SpeciesBasis
 from ..model.statistics import _env, _legendre
 
-__all__ = ["TwoCentre", "fit_baseline", "N_GRID", "N_TERMS"]
+__all__ = ["TwoCentre", "fit_baseline", "fit_onsite_baseline", "N_GRID", "N_TERMS"]
 
 N_GRID = 512  # points of the x grid of the table (linear interpolation: ~2 meV at 1 A)
 N_TERMS = 6  # Legendre terms of each coefficient function c(x), d(x)
@@ -166,3 +166,99 @@ def _table(coef, two_centre: TwoCentre, pair_cutoff):
             irr = lay.blocks_to_irreps(h0)  # (G, 2, LM, F); along z only M = 0 survives
             table[a, b] = irr[:, :, m0, :]
     return table
+
+
+def _radial_table(two_centre: TwoCentre, pair_cutoff, kind: str):
+    """Radial functions of the plain two-centre blocks ('O' or 'T') in irreps along +z."""
+    lay = two_centre.layout
+    S1 = two_centre.registry.n_species + 1
+    xg = np.linspace(0.0, 1.0, N_GRID)
+    m0 = np.array([L * L + L for L in range(lay.lmax_out + 1)])
+    table = np.zeros((S1, S1, N_GRID, 2, lay.lmax_out + 1, lay.n_features), np.float32)
+    for a in range(1, S1):
+        for b in range(1, S1):
+            vec = np.zeros((N_GRID, 3))
+            vec[:, 2] = np.maximum(xg * pair_cutoff[a, b], 1e-6)
+            blocks = two_centre.blocks(kind, np.full(N_GRID, a), np.full(N_GRID, b), vec)
+            table[a, b] = lay.blocks_to_irreps(blocks)[:, :, m0, :]
+    return table
+
+
+def _onsite_features(g, two_centre: TwoCentre, pair_cutoff, K: int) -> np.ndarray:
+    """(N, S+1, 3, K, n, n): per atom and neighbour species, the sums over neighbours of
+    env(x) P_k(x) times S S^T, S T^T + T S^T and T T^T."""
+    lay = two_centre.layout
+    S1 = two_centre.registry.n_species + 1
+    si, sj = g.species[g.edge_i], g.species[g.edge_j]
+    S = two_centre.blocks("O", si, sj, g.edge_vec)
+    T = two_centre.blocks("T", si, sj, g.edge_vec)
+    ST = S @ np.swapaxes(T, -1, -2)
+    F = np.stack(
+        [S @ np.swapaxes(S, -1, -2), ST + np.swapaxes(ST, -1, -2), T @ np.swapaxes(T, -1, -2)],
+        axis=1,
+    )
+    x = np.minimum(np.linalg.norm(g.edge_vec, axis=1) / pair_cutoff[si, sj], 1.0)
+    d = _design(x, K)
+    out = np.zeros((g.n_atoms, S1, 3, K, lay.n, lay.n))
+    np.add.at(out, (g.edge_i, sj), d[:, None, :, None, None] * F[:, :, None])
+    return out
+
+
+def fit_onsite_baseline(graphs, two_centre: TwoCentre, pair_cutoff, n_terms: int = 4):
+    """Fit the on-site H0 of :func:`ase_gearsh.model.baseline.onsite_baseline_blocks`.
+
+    Returns ``(stats, residuals)``: the statistics entries (``onsite_baseline_S``,
+    ``_T``: radial tables of S and T; ``onsite_baseline_coef`` (S+1, S+1, 3, K, n, n))
+    and per graph the on-site labels minus H0 (float32).
+    """
+    lay = two_centre.layout
+    S1 = two_centre.registry.n_species + 1
+    slot = _slot_index(lay)
+    ns = len(lay.slots)
+    K = int(n_terms)
+    feats = [_onsite_features(g, two_centre, pair_cutoff, K) for g in graphs]
+    F = np.concatenate(feats)
+    H = np.concatenate([g.onsite for g in graphs]).astype(np.float64)
+    sp = np.concatenate([g.species for g in graphs])
+    coef = np.zeros((S1, S1, 3, K, ns, ns))
+    for s in range(1, S1):
+        sel = np.flatnonzero(sp == s)
+        if not len(sel):
+            continue
+        used = lay.orbital_mask[s]
+        for p in range(ns):
+            rp = (slot == p) & used
+            if not rp.any():
+                continue
+            for q in range(ns):
+                rq = (slot == q) & used
+                if not rq.any():
+                    continue
+                h = H[sel][:, rp][:, :, rq].reshape(len(sel), -1)
+                f = F[sel][..., rp, :][..., rq]  # (A, S1, 3, K, np, nq)
+                M = np.moveaxis(f.reshape(len(sel), -1, h.shape[1]), 1, 2).reshape(-1, S1 * 3 * K)
+                keep = np.abs(M).max(axis=0) > 0
+                if not keep.any():
+                    continue
+                c = np.zeros(S1 * 3 * K)
+                c[keep] = _ridge(M[:, keep], h.reshape(-1))
+                coef[s, :, :, :, p, q] = c.reshape(S1, 3, K)
+    coef = 0.5 * (coef + np.swapaxes(coef, -1, -2))  # symmetric on-site blocks
+    full = coef[..., slot[:, None], slot[None, :]]  # (S1, S1, 3, K, n, n)
+    mask = lay.orbital_mask[:, :, None] & lay.orbital_mask[:, None, :]  # (S1, n, n)
+    full = full * mask[:, None, None, None]
+    residuals = []
+    for g, f in zip(graphs, feats):
+        residuals.append((g.onsite - _onsite_h0(f, full, g.species)).astype(np.float32))
+    stats = {
+        "onsite_baseline_S": _radial_table(two_centre, pair_cutoff, "O"),
+        "onsite_baseline_T": _radial_table(two_centre, pair_cutoff, "T"),
+        "onsite_baseline_coef": full.astype(np.float32),
+    }
+    return stats, residuals
+
+
+def _onsite_h0(feats, full, species):
+    """(N, n, n) on-site H0 from features (N, S+1, 3, K, n, n) and expanded coefficients."""
+    h0 = np.einsum("atqkmn,atqkmn->amn", feats, full[species])
+    return 0.5 * (h0 + np.swapaxes(h0, -1, -2))

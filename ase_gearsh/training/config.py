@@ -49,6 +49,9 @@ DEFAULTS = {
     },
     "model": {
         "atom_centered": {
+            # "two_centre": the on-site blocks correct H0 = sum over neighbours of the
+            # two-centre S S^T, S T^T + T S^T, T T^T terms (ase_gearsh.model.baseline)
+            "baseline": "none",
             "descriptor": {
                 "descriptor_name": "ShallowTDSAAtomCenteredDescriptor",
                 "use_fused_tensor": True,
@@ -195,6 +198,7 @@ _CHOICES = {
     "model.bond_centered.tensor_module_dtype": ("float32",),
     "model.bond_centered.evaluation": ("once", "both_orientations"),
     "model.bond_centered.baseline": ("none", "two_centre"),
+    "model.atom_centered.baseline": ("none", "two_centre"),
     "model.mlp.mlp_dtype": ("float32",),
     "model.mlp.mlp_activation_function": (
         "bent_identity",

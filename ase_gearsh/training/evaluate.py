@@ -146,6 +146,9 @@ def evaluate(
         "eig_mae_all_meV",
     ):
         summary[key] = float(np.nanmean([r[key] for r in rows]))
+    summary["per_structure"] = [
+        {k: v if k in ("name", "atoms") else float(v) for k, v in r.items()} for r in rows
+    ]
     summary["pooled"] = {
         "h_mae_onsite_meV": float(1e3 * herr[p["onsite"]].mean()),
         "h_mae_pair_meV": float(1e3 * herr[~p["onsite"]].mean()),

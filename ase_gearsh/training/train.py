@@ -50,7 +50,7 @@ from ..model.engine import FAR, Model, pair_cutoff_matrix, precision
 from ..model.graph import Graph, attach_labels, batch_graphs, build_graph, pad_size
 from ..model.layout import Layout
 from ..model.statistics import fit_statistics
-from .baseline import TwoCentre, fit_baseline
+from .baseline import TwoCentre, fit_baseline, fit_onsite_baseline
 from .config import check_config, load_config, model_settings
 
 __all__ = [
@@ -347,19 +347,33 @@ def prepare_data(
             f"{max(max_t, max_v) * 1e3:.3g} meV); they are predicted as zero"
         )
     basis = _basis_data(train_s, registry, log)
+    onsite_h0 = cfg["model"]["atom_centered"]["baseline"] == "two_centre"
+    if (bond["baseline"] == "two_centre" or onsite_h0) and basis is None:
+        raise TrainingError(
+            "the two-centre baseline (model.*.baseline: two_centre) needs the basis "
+            "functions of the training data (GPAW's basis files for these elements); "
+            "use baseline: none"
+        )
+    stats, residual = {}, tg  # the statistics are fitted on what the network learns
+    two_centre = TwoCentre(basis, registry, layout) if basis is not None else None
+    if onsite_h0:
+        entries, resid = fit_onsite_baseline(tg, two_centre, pc)
+        species = np.concatenate([g.species for g in tg])
+        _log_rms(
+            log,
+            "on-site",
+            [_centred(np.concatenate([g.onsite for g in tg]), species)],
+            [_centred(np.concatenate(resid), species)],
+            " (each element's mean block removed, as the statistics' shift does)",
+        )
+        residual = [replace(g, onsite=r) for g, r in zip(residual, resid)]
+        stats.update(entries)
     if bond["baseline"] == "two_centre":
-        if basis is None:
-            raise TrainingError(
-                "model.bond_centered.baseline: two_centre needs the basis functions of "
-                "the training data (GPAW's basis files for these elements); use "
-                "baseline: none"
-            )
-        log("fitting the two-centre baseline H0 ...")
-        table, _, resid = fit_baseline(tg, TwoCentre(basis, registry, layout), pc)
-        stats = fit_statistics([replace(g, pairs=r) for g, r in zip(tg, resid)], layout, pc)
+        table, _, resid = fit_baseline(tg, two_centre, pc)
+        _log_rms(log, "pair", [g.pairs for g in tg], resid)
+        residual = [replace(g, pairs=r) for g, r in zip(residual, resid)]
         stats["pair_baseline"] = table
-    else:
-        stats = fit_statistics(tg, layout, pc)
+    stats.update(fit_statistics(residual, layout, pc))
     return TrainingData(
         registry=registry,
         layout=layout,
@@ -369,6 +383,23 @@ def prepare_data(
         coverage=training_coverage(tg, registry.n_species),
         basis=basis,
     )
+
+
+def _log_rms(log, what, labels, residuals, note=""):
+    n = max(1, sum(x.size for x in labels))
+    before = np.sqrt(sum(float((x.astype(np.float64) ** 2).sum()) for x in labels) / n)
+    after = np.sqrt(sum(float((x.astype(np.float64) ** 2).sum()) for x in residuals) / n)
+    log(
+        f"two-centre baseline H0: RMS of the {what} labels {before * 1e3:.1f} meV, of "
+        f"what the network learns (H - H0) {after * 1e3:.1f} meV{note}"
+    )
+
+
+def _centred(blocks, species):
+    out = blocks.astype(np.float64)
+    for s in np.unique(species):
+        out[species == s] -= out[species == s].mean(axis=0)
+    return out
 
 
 def _labelled_graphs(
