@@ -199,9 +199,9 @@ def test_old_checkpoints_report_none(old_ckpt, make_atoms):
         calc.get_hamiltonian(atoms=a)
     assert calc.results["reliability"] is None and calc.results["atom_reliability"] is None
     assert calc.get_reliability() is None and calc.get_reliability(per_atom=True) is None
-    # the shipped model predates the reference
+    # the shipped model was trained with the reference (training.reliability)
     shipped = load_checkpoint("models/molecules.ckpt")
-    assert reference_of(SimpleNamespace(extra=shipped["extra"])) is None
+    assert reference_of(SimpleNamespace(extra=shipped["extra"])) is not None
 
 
 def test_predict_writes_the_figure(ckpt, old_ckpt, make_atoms, tmp_path):

@@ -1,9 +1,8 @@
 """Write tests/data/golden_molecules_ethanol.npz: the shipped model's H of one
 rattled ethanol.  Re-run only when models/molecules.ckpt is replaced on purpose.
 
-The stored file was written by the release before the one-forward-path refactor
-(its Predictor, the same molecule and seed); the refactored code reproduces it
-to 0.0 eV on the machine that wrote it."""
+The stored file was written for the model trained with the two-centre baseline
+(models/README.md) by this script, right after the model was copied there."""
 
 from pathlib import Path
 
