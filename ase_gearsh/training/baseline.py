@@ -18,6 +18,7 @@ N_GRID = 512  # points of the x grid of the table (linear interpolation: ~2 meV 
 N_TERMS = 6  # Legendre terms of each coefficient function c(x), d(x)
 KINDS = ("O", "T")
 RIDGE = 1e-3  # ridge of the fit, relative to unit-norm columns
+ONSITE_RIDGE = 1e-6  # the on-site fit (many atoms per column)
 
 
 class TwoCentre:
@@ -240,8 +241,17 @@ def fit_onsite_baseline(graphs, two_centre: TwoCentre, pair_cutoff, n_terms: int
                 keep = np.abs(M).max(axis=0) > 0
                 if not keep.any():
                     continue
+                # an intercept (the element's mean block, left to the statistics' shift)
+                # keeps the features from being bent to reproduce the mean levels
+                same_l = lay.slots[p][0] == lay.slots[q][0]
+                eye = np.eye(rp.sum(), rq.sum()).reshape(1, -1) if same_l else None
+                cols = [M[:, keep]]
+                if eye is not None:
+                    cols.append(np.broadcast_to(eye, h.shape).reshape(-1, 1))
                 c = np.zeros(S1 * 3 * K)
-                c[keep] = _ridge(M[:, keep], h.reshape(-1))
+                c[keep] = _ridge(np.concatenate(cols, axis=1), h.reshape(-1), ONSITE_RIDGE)[
+                    : keep.sum()
+                ]
                 coef[s, :, :, :, p, q] = c.reshape(S1, 3, K)
     coef = 0.5 * (coef + np.swapaxes(coef, -1, -2))  # symmetric on-site blocks
     full = coef[..., slot[:, None], slot[None, :]]  # (S1, S1, 3, K, n, n)
