@@ -64,6 +64,14 @@ def test_two_centre_integrals_equal_gpaw():
         oc.two_centre_blocks("S", "H", "C", v)
 
 
+@pytest.fixture(scope="module")
+def fitted(setup):
+    """Graphs with labels of the baseline's form and the fit on them."""
+    _, _, _, pc, tc = setup
+    graphs = _graphs(setup)
+    return graphs, fit_baseline(graphs, tc, pc)
+
+
 def _graphs(setup, n=6, seed=0):
     _, registry, layout, pc, tc = setup
     rng = np.random.default_rng(seed)
@@ -106,13 +114,12 @@ def _jax(table, setup, si, sj, vec):
     return np.asarray(out, np.float64)
 
 
-def test_fit_recovers_a_two_centre_hamiltonian_and_table_matches(setup):
+def test_fit_recovers_a_two_centre_hamiltonian_and_table_matches(setup, fitted):
     """Labels made of c(x) S + d(x) T are fitted to a small residual, and the network's
     table (radial functions along z times Y_LM) reproduces the fitted H0 in any
     direction."""
     _, _, layout, pc, tc = setup
-    graphs = _graphs(setup)
-    table, coef, resid = fit_baseline(graphs, tc, pc)
+    graphs, (table, coef, resid) = fitted
     labels = np.concatenate([g.pairs for g in graphs])
     res = np.concatenate(resid)
     assert np.sqrt((res**2).mean()) < 0.02 * np.sqrt((labels**2).mean())
@@ -123,11 +130,10 @@ def test_fit_recovers_a_two_centre_hamiltonian_and_table_matches(setup):
     assert np.abs(exact).max() > 1.0
 
 
-def test_table_is_equivariant_and_exactly_symmetric(setup):
+def test_table_is_equivariant_and_exactly_symmetric(setup, fitted):
     """H0 of a rotated bond is D^T H0 D; the reversed bond gives exactly the transpose."""
     _, _, layout, pc, tc = setup
-    graphs = _graphs(setup, n=4, seed=1)
-    table, _, _ = fit_baseline(graphs, tc, pc)
+    graphs, (table, _, _) = fitted
     g = graphs[1]
     si, sj, vec = g.species[g.pair_i], g.species[g.pair_j], g.pair_vec.astype(np.float64)
     B = _jax(table, setup, si, sj, vec)
@@ -184,11 +190,11 @@ def _molecule():
     return a
 
 
-def test_checkpoint_stores_the_table_compactly_and_exactly(setup):
+def test_checkpoint_stores_the_table_compactly_and_exactly(setup, fitted):
     from ase_gearsh.model.checkpoint import _pack_stats, _unpack_stats
 
     _, _, layout, pc, tc = setup
-    table, _, _ = fit_baseline(_graphs(setup, n=2, seed=4), tc, pc)
+    _, (table, _, _) = fitted
     packed = _pack_stats({"pair_baseline": table, "pair_cutoff": pc})
     assert "pair_baseline" not in packed
     assert packed["pair_baseline_values"].nbytes < 0.6 * table.nbytes  # zeros not stored
