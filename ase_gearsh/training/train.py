@@ -355,7 +355,8 @@ def prepare_data(
             "use baseline: none"
         )
     stats, residual = {}, tg  # the statistics are fitted on what the network learns
-    two_centre = TwoCentre(basis, registry, layout) if basis is not None else None
+    wanted = onsite_h0 or bond["baseline"] == "two_centre"
+    two_centre = TwoCentre(basis, registry, layout) if wanted else None
     if onsite_h0:
         entries, resid = fit_onsite_baseline(tg, two_centre, pc)
         species = np.concatenate([g.species for g in tg])
