@@ -5,13 +5,14 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := libxc-dev libopenblas-dev pkg-config g++ make
+APT_PACKAGES := libxc-dev libopenblas-dev libsuitesparse-dev pkg-config g++ make
 
 .PHONY: all install sysdeps test test-all lint format demo clean
 
 all: install
 
-# Debian packages: libxc and OpenBLAS for GPAW, a C++ compiler (GPAW's C
+# Debian packages: libxc and OpenBLAS for GPAW, SuiteSparse (CHOLMOD) for the
+# sparse Cholesky of S behind KPM, a C++ compiler (GPAW's C
 # sources build as C++), venv and Python headers when the interpreter lacks them.
 sysdeps:
 	@missing=""; \

@@ -150,7 +150,14 @@ def test_dense_dos_and_pdos(chain, labels):
     assert np.allclose(e3, np.linspace(-1, 1, 11)) and dos3.shape == (11,)
 
 
-def test_kpm_spectrum(chain, labels):
+def test_kpm_spectrum(chain, labels, monkeypatch):
+    import ase_gearsh.electronic.spectrum as spectrum_module
+
+    made = []
+    factor_class = spectrum_module.CholeskyFactor
+    monkeypatch.setattr(
+        spectrum_module, "CholeskyFactor", lambda S: made.append(1) or factor_class(S)
+    )
     H, S = chain
     zero = np.zeros(3)
     dense = DenseSpectrum(H, S, np.zeros((1, 3)), [1.0], labels)
@@ -179,6 +186,8 @@ def test_kpm_spectrum(chain, labels):
     auto = kpm.with_options(None)
     assert auto.bounds == kpm.bounds and auto.options == KPMOptions()
     assert auto.n_moments(0.1) > auto.n_moments(0.5) >= 64
+    auto.moments(0.5)
+    assert len(made) == 1  # S is factorised once for bounds, all moments and new options
 
 
 def test_kpoint_grid_reduction():

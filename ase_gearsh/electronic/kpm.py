@@ -10,8 +10,13 @@ number of orbitals n (per spin channel).
 A is mapped onto (-1, 1) by A~ = (A - b) / a and the Chebyshev moments
 mu_m^(g) = Re Tr[P_g T_m(A~)] (P_g: 0/1 projector on a group of orbitals) are
 estimated with real Rademacher vectors (or, with ``exact=True``, all unit
-vectors).  S is factorised once (sparse LU); every Chebyshev step costs one
-sparse product with H and one pair of triangular solves per vector.  The DOS is
+vectors).  S = L L^H is factorised once (supernodal sparse Cholesky, CHOLMOD
+through scikit-sparse, with a fill-reducing ordering), and the Chebyshev
+recursion runs on the Hermitian B = L^-1 H L^-H, similar to A: every step costs
+one sparse product with H and one pair of triangular solves per vector.  The
+total moments are r^H T_m(B~) r (the lowest-variance form for a Hermitian
+matrix); the group moments are (L r)^H P_g L^-H T_m(B~) r, unbiased estimates
+of the Mulliken traces Tr[P_g T_m(A~)] that sum over a partition to the total.  The DOS is
 reconstructed with the Jackson kernel (Weisse et al., Rev. Mod. Phys. 78, 275
 (2006)), whose energy resolution is about pi * a / M for M moments.
 """
@@ -24,10 +29,12 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 import scipy.sparse.linalg as sla
+from sksparse import cholmod
 
 from ..core.errors import GearsHError
 
 __all__ = [
+    "CholeskyFactor",
     "KPMError",
     "KPMMoments",
     "spectral_bounds",
@@ -65,8 +72,50 @@ def _as_matrix(M, name: str):
     return M
 
 
-def _prepare(H, S):
-    """Validate H and S; return (H csr, S csr, LU factor of S)."""
+class CholeskyFactor:
+    """S = L_f L_f^H with L_f = P^T L, the supernodal CHOLMOD factor of S with a
+    fill-reducing (METIS/AMD) ordering P.  ``lt_solve(v)`` = L_f^-H v and
+    ``l_solve(y)`` = L_f^-1 y, so B = L_f^-1 H L_f^-H is the Hermitian matrix
+    similar to S^-1 H (B = L_f^H S^-1 H L_f^-H) that the Chebyshev steps apply.
+
+    Factorise once and pass it as ``factor=`` to :func:`spectral_bounds` and
+    :func:`chebyshev_moments` (at device scale the factorisation is the costly part)."""
+
+    def __init__(self, S, _checked: bool = False):
+        if not _checked:
+            if len(np.shape(S)) != 2 or np.shape(S)[0] != np.shape(S)[1] or not np.shape(S)[0]:
+                raise KPMError(f"S must be a non-empty square 2D matrix; got {np.shape(S)}")
+            S = _as_matrix(S, "S")
+        self.shape = S.shape
+        try:
+            self.factor = cholmod.cholesky(sp.csc_matrix(S), mode="supernodal")
+        except cholmod.CholmodNotPositiveDefiniteError as err:
+            raise KPMError(
+                f"S must be positive definite; its Cholesky factorisation failed ({err})"
+            ) from None
+        self.dtype = S.dtype
+
+    def _split(self, fn, y):
+        if np.iscomplexobj(y) and self.dtype.kind != "c":  # real factor, complex vectors
+            return fn(np.ascontiguousarray(y.real)) + 1j * fn(np.ascontiguousarray(y.imag))
+        return fn(np.asarray(y, dtype=np.result_type(y, self.dtype)))
+
+    def lt_solve(self, v):
+        f = self.factor
+        return self._split(lambda x: f.apply_Pt(f.solve_Lt(x, use_LDLt_decomposition=False)), v)
+
+    def l_solve(self, y):
+        f = self.factor
+        return self._split(lambda x: f.solve_L(f.apply_P(x), use_LDLt_decomposition=False), y)
+
+    def solve(self, y):
+        """S^-1 y."""
+        return self._split(self.factor, y)
+
+
+def _prepare(H, S, factor: CholeskyFactor | None = None):
+    """Validate H and S; return (H csr, S csr, Cholesky factor of S: ``factor`` when
+    given, else a new one)."""
     hs, ss = np.shape(H), np.shape(S)
     shapes = f"got H {hs} and S {ss}"
     if len(hs) != 2 or len(ss) != 2 or hs[0] != hs[1] or ss[0] != ss[1]:
@@ -74,76 +123,58 @@ def _prepare(H, S):
     if hs != ss or hs[0] == 0:
         raise KPMError(f"H and S must be non-empty and of the same shape; {shapes}")
     H, S = _as_matrix(H, "H"), _as_matrix(S, "S")
-    try:  # symmetric-mode LU with diagonal pivots: diag(U) is D of S = L D L^H
-        lu = sla.splu(
-            sp.csc_array(S),
-            permc_spec="MMD_AT_PLUS_A",
-            diag_pivot_thresh=0.0,
-            options=dict(SymmetricMode=True),
-        )
-    except RuntimeError as err:
-        raise KPMError(f"S must be positive definite; got a singular matrix ({err})") from None
-    pivots = lu.U.diagonal().real
-    if not np.array_equal(lu.perm_r, lu.perm_c) or pivots.min() <= 0.0:
+    if factor is None:
+        return H, S, CholeskyFactor(S, _checked=True)
+    if not isinstance(factor, CholeskyFactor) or factor.shape != S.shape:
         raise KPMError(
-            "S must be positive definite; got an LDL^H factor with a "
-            f"non-positive pivot (smallest {pivots.min():.3g})"
+            f"factor must be the CholeskyFactor of this S {S.shape}; got "
+            f"{getattr(factor, 'shape', type(factor).__name__)}"
         )
-    return H, S, lu
-
-
-def _solve(lu, y: np.ndarray) -> np.ndarray:
-    """S^-1 y for y of shape (n,) or (n, k), complex y allowed with a real factor."""
-    if np.iscomplexobj(y) and lu.U.dtype.kind != "c":
-        return lu.solve(np.ascontiguousarray(y.real)) + 1j * lu.solve(np.ascontiguousarray(y.imag))
-    return lu.solve(np.asarray(y, dtype=lu.U.dtype))
+    return H, S, factor
 
 
 def _real_embedding(M):
     return sp.csr_array(sp.block_array([[M.real, -M.imag], [M.imag, M.real]]))
 
 
-def _bounds(H, S, lu, margin: float) -> tuple[float, float]:
+def _bounds(H, S, chol, margin: float) -> tuple[float, float]:
     n = H.shape[0]
     if n <= DENSE_MAX:
         ev = scipy.linalg.eigh(H.toarray(), S.toarray(), eigvals_only=True)
         lo, hi = float(ev[0]), float(ev[-1])
     else:
+        # Lanczos on the Hermitian B = L^-1 H L^-H (real embedding [[Re, -Im], [Im, Re]]
+        # for complex B: the same eigenvalues, doubled; real ARPACK is faster)
         embed = H.dtype.kind == "c" or S.dtype.kind == "c"
-        if embed:  # real symmetric [[Re, -Im], [Im, Re]]: same eigenvalues (doubled), and
-            # real ARPACK is faster and much less BLAS-thread-sensitive than complex ARPACK
-            H, S = _real_embedding(H), _real_embedding(S)
 
-        def solve(v):
-            if embed:
-                x = _solve(lu, v[:n] + 1j * v[n:])
-                return np.concatenate([x.real, x.imag])
-            return _solve(lu, v)
+        def matvec(v):
+            x = v[:n] + 1j * v[n:] if embed else v
+            y = chol.l_solve(H @ chol.lt_solve(x))
+            return np.concatenate([y.real, y.imag]) if embed else y.real
 
-        Minv = sla.LinearOperator(H.shape, matvec=solve, dtype=np.float64)
-        v0 = np.random.default_rng(0).standard_normal(H.shape[0])
+        dim = 2 * n if embed else n
+        B = sla.LinearOperator((dim, dim), matvec=matvec, dtype=np.float64)
+        v0 = np.random.default_rng(0).standard_normal(dim)
         lo, hi = (
-            float(
-                sla.eigsh(
-                    H, k=1, M=S, Minv=Minv, which=which, v0=v0, tol=1e-8, return_eigenvectors=False
-                )[0]
-            )
+            float(sla.eigsh(B, k=1, which=which, v0=v0, tol=1e-6, return_eigenvectors=False)[0])
             for which in ("SA", "LA")
         )
     width = max(hi - lo, 1e-6 * max(abs(lo), abs(hi), 1.0))
     return lo - margin * width, hi + margin * width
 
 
-def spectral_bounds(H, S, margin: float = 0.05) -> tuple[float, float]:
+def spectral_bounds(
+    H, S, margin: float = 0.05, factor: CholeskyFactor | None = None
+) -> tuple[float, float]:
     """(emin, emax) in eV of H c = E S c, widened by margin * (emax - emin) on each side.
 
-    Dense ``eigh`` for n <= 200, otherwise ARPACK Lanczos (k=1 at each end) in
-    the generalised mode, with solves by the sparse LU factor of S.
+    Dense ``eigh`` for n <= 200, otherwise ARPACK Lanczos (k=1 at each end) on
+    L^-1 H L^-H, with L the sparse Cholesky factor of S.
     """
     if not margin >= 0:
         raise KPMError(f"margin must be >= 0; got {margin}")
-    H, S, lu = _prepare(H, S)
-    return _bounds(H, S, lu, margin)
+    H, S, chol = _prepare(H, S, factor)
+    return _bounds(H, S, chol, margin)
 
 
 @dataclass
@@ -195,6 +226,7 @@ def chebyshev_moments(
     exact: bool = False,
     block: int = 16,
     progress: bool = False,
+    factor: CholeskyFactor | None = None,
 ) -> KPMMoments:
     """Stochastic (or exact) Chebyshev moments of the total and group-projected DOS.
 
@@ -204,23 +236,24 @@ def chebyshev_moments(
     x = -+(1 - 0.01).  Random vectors are real Rademacher (+-1), so mu_0 is exact;
     exact=True uses all n unit vectors instead (deterministic, O(n) vectors).
     block: number of vectors propagated together.  progress: tqdm bar over blocks
-    if tqdm is importable.
+    if tqdm is importable.  factor: the :class:`CholeskyFactor` of S, if already made.
     """
     _check_moments(n_moments)
     if not exact and (int(n_random) != n_random or n_random < 1):
         raise KPMError(f"n_random must be an integer >= 1; got {n_random}")
     if int(block) != block or block < 1:
         raise KPMError(f"block must be an integer >= 1; got {block}")
-    H, S, lu = _prepare(H, S)
+    H, S, chol = _prepare(H, S, factor)
     n = H.shape[0]
     names, G = _group_matrix(groups, n)
-    emin, emax = _bounds(H, S, lu, 0.05) if bounds is None else map(float, bounds)
+    emin, emax = _bounds(H, S, chol, 0.05) if bounds is None else map(float, bounds)
     if not emin < emax:
         raise KPMError(f"bounds must satisfy emin < emax; got ({emin}, {emax})")
     b, a = 0.5 * (emin + emax), 0.5 * (emax - emin) / (1.0 - EDGE)
 
-    def apply(v):  # A~ v = (S^-1 H v - b v) / a
-        return (_solve(lu, H @ v) - b * v) / a
+    def apply(v):  # (B~ v, L^-H v), B~ = (L^-1 H L^-H - b) / a
+        w = chol.lt_solve(v)
+        return (chol.l_solve(H @ w) - b * v) / a, w
 
     n_vec = n if exact else int(n_random)
     starts = range(0, n_vec, int(block))
@@ -240,6 +273,8 @@ def chebyshev_moments(
             pass
     rng = np.random.default_rng(seed)
     mu = np.zeros((len(names), int(n_moments)))
+    M = int(n_moments)
+    Gg = G[1:]  # the groups, without the total row
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
         for start in starts:
             k = min(int(block), n_vec - start)
@@ -248,19 +283,28 @@ def chebyshev_moments(
                 r[np.arange(start, start + k), np.arange(k)] = 1.0
             else:
                 r = rng.integers(0, 2, size=(n, k)).astype(np.float64) * 2.0 - 1.0
-            prev, cur = r, apply(r)
-            mu[:, 0] += G @ np.einsum("ib,ib->i", r, r)
-            mu[:, 1] += G @ np.einsum("ib,ib->i", r, cur.real)
-            for m in range(2, int(n_moments)):
-                prev, cur = cur, 2.0 * apply(cur) - prev
-                mu[:, m] += G @ np.einsum("ib,ib->i", r, cur.real)
-                if bar is not None and m % 32 == 0:
+            # v_m = T_m(B~) r.  Total: r^H v_m (B~ is Hermitian: the lowest-variance
+            # form).  Groups: (L r)^H P_g L^-H v_m, an unbiased estimate of
+            # Tr[P_g T_m(S^-1 H)] (Mulliken); L^-H v_m comes with the step from v_m.
+            prev, cur, u = None, r, None
+            for m in range(M):
+                mu[0, m] += np.einsum("ib,ib->", r, cur.real)
+                if m == M - 1 and G.shape[0] == 1:
+                    break
+                nxt, w = apply(cur)
+                if G.shape[0] > 1:
+                    if u is None:
+                        u = (S @ w).conj()  # L r = S L^-H r
+                    mu[1:, m] += Gg @ np.einsum("ib,ib->i", u, w).real
+                prev, cur = cur, (nxt if prev is None else 2.0 * nxt - prev)
+                if bar is not None and m % 32 == 31:
                     bar.update(32)
             if bar is not None:  # the block is done: its steps in full
                 bar.update((starts.index(start) + 1) * int(n_moments) - bar.n)
     if bar is not None:
         bar.close()
     mu /= 1 if exact else n_vec
+    mu[1:, 0] = Gg.sum(axis=1)  # mu_0 = Tr P_g is known: the PDOS integrates exactly
     if not np.all(np.isfinite(mu)) or np.abs(mu[0]).max() > 100.0 * n:
         raise KPMError(
             f"Chebyshev moments diverge (max |mu| = {np.abs(mu[0]).max():.3g} for "

@@ -28,6 +28,7 @@ import numpy as np
 from .checks import ArgumentError, check_choice, check_positive
 from .dense import energy_grid, fermi_level, gaussian_dos, group_matrix, solve_dense
 from .kpm import (
+    CholeskyFactor,
     KPMMoments,
     KPMResolutionWarning,
     chebyshev_moments,
@@ -269,19 +270,29 @@ class KPMSpectrum:
         )
         self.progress = progress
         self._bounds = bounds
+        self._factor: CholeskyFactor | None = None
         self._moments: dict[tuple[int, str], KPMMoments] = {}
 
     def with_options(self, options: KPMOptions | dict | None) -> KPMSpectrum:
-        """The same matrices and bounds with other options (moments recomputed)."""
-        return KPMSpectrum(
+        """The same matrices, factor and bounds with other options (moments recomputed)."""
+        other = KPMSpectrum(
             self.hamiltonian, self.overlap, self.labels, options, self.progress, self._bounds
         )
+        other._factor = self._factor
+        return other
+
+    @property
+    def factor(self) -> CholeskyFactor:
+        """The sparse Cholesky factor of S, made once and shared by every KPM call."""
+        if self._factor is None:
+            self._factor = CholeskyFactor(self.overlap)
+        return self._factor
 
     @property
     def bounds(self) -> tuple[float, float]:
         """(emin, emax) eV enclosing the spectrum (:func:`spectral_bounds`), cached."""
         if self._bounds is None:
-            self._bounds = spectral_bounds(self.hamiltonian, self.overlap)
+            self._bounds = spectral_bounds(self.hamiltonian, self.overlap, factor=self.factor)
         return self._bounds
 
     def n_moments(self, width: float, warn: bool = False) -> int:
@@ -318,6 +329,7 @@ class KPMSpectrum:
                 bounds=self.bounds,
                 seed=opts.seed,
                 progress=self.progress,
+                factor=self.factor,
             )
         return self._moments[key]
 
