@@ -11,6 +11,7 @@ import scipy.sparse as sp
 from scipy.integrate import cumulative_trapezoid, trapezoid
 
 from ase_gearsh.electronic.kpm import (
+    CholeskyFactor,
     KPMError,
     chebyshev_moments,
     jackson_kernel,
@@ -259,6 +260,10 @@ def test_errors():
         chebyshev_moments(H, S - 2.0 * sp.eye_array(n))  # indefinite
     with pytest.raises(KPMError, match="S must be positive definite"):
         spectral_bounds(H, sp.diags_array(np.r_[np.ones(n - 1), 0.0]))  # singular
+    with pytest.raises(KPMError, match=r"factor must be the CholeskyFactor of this S \(30, 30\)"):
+        chebyshev_moments(H, S, factor=CholeskyFactor(S[:27, :27]))
+    with pytest.raises(KPMError, match=r"S must be a non-empty square 2D matrix; got \(30, 29\)"):
+        CholeskyFactor(S[:, :29])
     with pytest.raises(KPMError, match="H must be symmetric/Hermitian"):
         spectral_bounds(H + sp.csr_array(([0.5], ([0], [1])), shape=(n, n)), S)
     with pytest.raises(KPMError, match="group 'x' must be a non-empty"):
