@@ -54,3 +54,33 @@ def test_matrix_equals_dense_sum(small_cell):
         np.testing.assert_allclose(M.toarray(), ref, atol=1e-13)
         assert abs(M - M.conj().T).max() < 1e-14
         assert np.count_nonzero(ref) > 0.3 * ref.size  # not trivially sparse
+
+
+def test_supercell_gamma_holds_the_folded_kpoints(chain_dataset):
+    """GPAW's k-sampled chain: H and S of the 1x1x3 supercell at Gamma have the
+    generalised eigenvalues of the cell at k = 0, 1/3, 2/3, and S is the exact overlap
+    of ``atoms.repeat`` (the same atom order)."""
+    import scipy.linalg as la
+
+    from ase_gearsh.core.data import Dataset
+    from gpaw_tools.overlap import OverlapCalculator, species_from_gpaw
+
+    s = Dataset(chain_dataset)[0]
+    H, S = s.blocks("H"), s.blocks("S")
+    Hs, Ss = H.supercell((1, 1, 3)), S.supercell((1, 1, 3))
+    assert Hs.n_atoms == 3 * H.n_atoms and Hs.n_orbitals == 3 * H.n_orbitals
+    sc = la.eigh(Hs.matrix(sparse=False), Ss.matrix(sparse=False), eigvals_only=True)
+    folded = np.sort(
+        np.concatenate(
+            [
+                la.eigh(H.matrix(k, sparse=False), S.matrix(k, sparse=False), eigvals_only=True)
+                for k in ([0, 0, 0], [0, 0, 1 / 3], [0, 0, 2 / 3])
+            ]
+        )
+    )
+    assert np.ptp(folded) > 10 and np.abs(sc - folded).max() < 1e-8
+    species = species_from_gpaw(sorted(set(s.atoms.get_chemical_symbols())), "PBE", "szp(dzp)")
+    exact = OverlapCalculator(species).overlap(s.atoms.repeat((1, 1, 3))).toarray()
+    assert np.abs(Ss.matrix(sparse=False) - exact).max() < 1e-10
+    with pytest.raises(ValueError, match=r"repeat must be three integers >= 1; got \(1, 0, 2\)"):
+        H.supercell((1, 0, 2))

@@ -120,6 +120,35 @@ class BlockMatrices:
     def n_atoms(self) -> int:
         return len(self.orbital_counts)
 
+    def supercell(self, repeat) -> BlockMatrices:
+        """The blocks of the (n1, n2, n3) supercell, atoms in the order of ASE's
+        ``atoms.repeat(repeat)``: the real-space M(R) of a k-sampled extraction gives
+        the supercell's matrix, whose Gamma point holds the eigenvalues of this cell at
+        the k-points (m1/n1, m2/n2, m3/n3) (exactly: the same Fourier sum)."""
+        rep = np.asarray(repeat, dtype=np.int64).reshape(-1)
+        if rep.shape != (3,) or (rep < 1).any():
+            raise ValueError(f"repeat must be three integers >= 1; got {repeat!r}")
+        N, n_cells = self.n_atoms, int(rep.prod())
+        cells = np.stack(np.unravel_index(np.arange(n_cells), tuple(rep)), axis=1)  # (C, 3)
+        to = cells[:, None, :] + self.pair_shift[None, :, :]  # (C, P, 3) target cells
+        shift = np.floor_divide(to, rep)
+        target = np.ravel_multi_index(tuple(np.mod(to, rep).reshape(-1, 3).T), tuple(rep))
+        first = (np.arange(n_cells)[:, None] * N + self.pair_i[None, :]).ravel()
+
+        def tiled(x):
+            return None if x is None else np.tile(np.asarray(x), n_cells)
+
+        return BlockMatrices(
+            orbital_counts=np.tile(self.orbital_counts, n_cells),
+            pair_i=first,
+            pair_j=target * N + np.tile(self.pair_j, n_cells),
+            pair_shift=shift.reshape(-1, 3),
+            onsite=tiled(self.onsite),
+            pairs=tiled(self.pairs),
+            pair_distance=tiled(self.pair_distance),
+            neighbours=tiled(self.neighbours),
+        )
+
     def _layout(self):
         """The CSR layout of M(k), the same at every k: (indptr, indices, groups,
         unique).  ``groups`` lists, per kind of block (0 on-site, 1 pair, 2 pair
