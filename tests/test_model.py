@@ -136,6 +136,7 @@ def test_pair_blocks_vanish_smoothly_at_the_cutoff(small_model):
     assert sizes[1] > sizes[2] > sizes[3]
 
 
+@pytest.mark.slow  # 1.5-2 min on 2 cores (two message-passing compilations): `make test-all`
 def test_message_passing_really_changes_outputs(small_model):
     """With mp_steps=1 an atom sees its neighbours' neighbours; without, it does not."""
     from ase_gearsh.model.engine import Model

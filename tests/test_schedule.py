@@ -74,6 +74,7 @@ def test_out_of_range_values_are_refused_before_work(patch, message):
         check_config(dict(patch, data={"train_data_path": "x"}))
 
 
+@pytest.mark.slow  # 1-2 min on 2 cores (compiles a training step): `make test-all`
 def test_moving_average_follows_its_recursion_and_scale_scales_the_step(
     water_dataset, tmp_path, make_config
 ):
