@@ -202,11 +202,21 @@ def test_shipped_equivariance_helper_on_the_prediction_path(small_model, chain_d
     assert err_on < TOL and err_pr < TOL, (err_on, err_pr)
 
 
-@pytest.fixture(scope="module", params=["once", "both_orientations"])
+@pytest.fixture(
+    scope="module",
+    params=[
+        "once",
+        # the paper's evaluation: another model to compile (about a minute): `make test-all`
+        pytest.param("both_orientations", marks=pytest.mark.slow),
+    ],
+)
 def model_variant(request, small_model):
-    """The small model with each way of making H_ji = H_ij^T exact."""
+    """The small model with each way of making H_ji = H_ij^T exact (``once`` is the
+    session's small model itself: no further compilation)."""
     from ase_gearsh.model.engine import Model
 
+    if request.param == small_model.settings["bond_evaluation"]:
+        return small_model
     settings = dict(small_model.settings, bond_evaluation=request.param)
     model = Model(settings, small_model.registry, small_model.stats, None, small_model.config)
     model.params = model.init_params(3)
@@ -223,8 +233,8 @@ def test_a_bond_reversed_gives_the_transposed_block(model_variant):
         _, _, p2 = _predict(model_variant, a[[1, 0]])
         assert np.abs(p1).max() > 1e-3
         assert np.abs(p2[0] - p1[0].T).max() < 1e-6, symbols
-        if symbols == "H2":
-            assert np.abs(p1[0] - p1[0].T).max() > 1e-4
+        if symbols == "H2":  # s-p entries of ~1e-5 eV at random init: far above rounding
+            assert np.abs(p1[0] - p1[0].T).max() > 1e-6
 
 
 def test_rotation_and_permutation_equivariance_of_both_evaluations(model_variant, water_dataset):
