@@ -108,10 +108,6 @@ class CholeskyFactor:
         f = self.factor
         return self._split(lambda x: f.solve_L(f.apply_P(x), use_LDLt_decomposition=False), y)
 
-    def solve(self, y):
-        """S^-1 y."""
-        return self._split(self.factor, y)
-
 
 def _prepare(H, S, factor: CholeskyFactor | None = None):
     """Validate H and S; return (H csr, S csr, Cholesky factor of S: ``factor`` when
@@ -131,10 +127,6 @@ def _prepare(H, S, factor: CholeskyFactor | None = None):
             f"{getattr(factor, 'shape', type(factor).__name__)}"
         )
     return H, S, factor
-
-
-def _real_embedding(M):
-    return sp.csr_array(sp.block_array([[M.real, -M.imag], [M.imag, M.real]]))
 
 
 def _bounds(H, S, chol, margin: float) -> tuple[float, float]:
