@@ -48,6 +48,11 @@ def main(argv=None):
         type=int,
         help="only time this many moments and extrapolate to the resolution (no accuracy)",
     )
+    p.add_argument(
+        "--compare-plain",
+        action="store_true",
+        help="also run the one-moment-per-step recursion (doubling=False) with each R",
+    )
     a = p.parse_args(argv)
     from ase_gearsh.core.data import Dataset
     from ase_gearsh.electronic.kpm import (
@@ -112,16 +117,26 @@ def main(argv=None):
     )
     sym_sc = np.tile(sym, n_cells)
     groups = {x: np.flatnonzero(sym_sc == x) for x in species}
+    modes = (True, False) if a.compare_plain else (True,)
     if a.timing_moments:
-        for R in a.random:
+        for R, doubling in itertools.product(a.random, modes):
             t = time.perf_counter()
             chebyshev_moments(
-                H, S, a.timing_moments, R, groups, bounds=bounds, block=R, factor=factor
+                H,
+                S,
+                a.timing_moments,
+                R,
+                groups,
+                bounds=bounds,
+                block=R,
+                factor=factor,
+                doubling=doubling,
             )
             dt = time.perf_counter() - t
             print(
-                f"R {R}: {a.timing_moments} moments in {dt:.1f} s ({dt / a.timing_moments:.3f} "
-                f"s per step): {M} moments would take {dt * M / a.timing_moments / 60:.1f} min; "
+                f"R {R}{'' if doubling else ' (one moment per step)'}: {a.timing_moments} "
+                f"moments in {dt:.1f} s ({dt / a.timing_moments:.3f} s per moment): {M} "
+                f"moments would take {dt * M / a.timing_moments / 60:.1f} min; "
                 f"peak RSS {rss_gib():.2f} GiB",
                 flush=True,
             )
@@ -139,10 +154,20 @@ def main(argv=None):
         f"{'R':>4s} {'time s':>8s} {'E_F':>8s} {'L1 DOS':>7s} {'W+Se window':>12s} "
         f"{'exact (kernel)':>15s} {'error':>7s}"
     )
-    for R in a.random:
+    for R, doubling in itertools.product(a.random, modes):
         t = time.perf_counter()
         mom = chebyshev_moments(
-            H, S, M, R, groups, bounds=bounds, seed=0, block=R, progress=True, factor=factor
+            H,
+            S,
+            M,
+            R,
+            groups,
+            bounds=bounds,
+            seed=0,
+            block=R,
+            progress=True,
+            factor=factor,
+            doubling=doubling,
         )
         dt = time.perf_counter() - t
         if ex is None:  # the exact moments with the same kernel and scaling
@@ -163,7 +188,8 @@ def main(argv=None):
         c = count(dk)
         print(
             f"{R:4d} {dt:8.1f} {ef:8.3f} {100 * l1:6.2f}% {c:12.2f} {ref_count:15.2f} "
-            f"{100 * (c - ref_count) / ref_count:+6.1f}%",
+            f"{100 * (c - ref_count) / ref_count:+6.1f}%"
+            + ("" if doubling else "  (one moment per step)"),
             flush=True,
         )
         print(  # a single species: the Mulliken group estimator, not the total's

@@ -168,6 +168,8 @@ def test_kpm_spectrum(chain, labels, monkeypatch):
     e, dos = kpm.dos(width=0.3, npts=4001)
     assert e[0] == lo and e[-1] == hi
     assert np.trapezoid(dos, e) == pytest.approx(N, rel=0.02)
+    total = kpm.moments(0.3, None)  # the DOS alone: the total row, two moments per step
+    assert total.names == ["total"] and total.moments.shape == (1, 200)
     _, pdos = kpm.pdos(width=0.3, npts=4001)
     assert list(pdos) == ["O", "H"]
     assert np.abs(sum(pdos.values()) - dos).max() < 1e-8 * dos.max()
@@ -178,6 +180,8 @@ def test_kpm_spectrum(chain, labels, monkeypatch):
     assert kpm.moments(0.3) is kpm.moments(0.05)
     assert kpm.moments(0.3).moments.shape == (3, 200)
     assert kpm.moments(0.3, "atom").moments.shape == (7, 200)
+    # the same random vectors: the projection's total row is the DOS's, to rounding
+    np.testing.assert_allclose(kpm.moments(0.3).moments[0], total.moments[0], atol=1e-9 * N)
     ef = kpm.fermi_level(8.0)
     assert ef == kpm.fermi_level(8.0)
     resolution = np.pi * kpm.moments(0.3).half_width / 200
@@ -187,6 +191,7 @@ def test_kpm_spectrum(chain, labels, monkeypatch):
     assert auto.bounds == kpm.bounds and auto.options == KPMOptions()
     assert auto.n_moments(0.1) > auto.n_moments(0.5) >= 64
     auto.moments(0.5)
+    assert auto.moments(0.5, None) is auto.moments(0.5)  # a projection serves the total
     assert len(made) == 1  # S is factorised once for bounds, all moments and new options
 
 
