@@ -737,7 +737,10 @@ class GearsHCalculator(Calculator):
         """(energies, dos): Gaussian-broadened DOS per spin channel (states/eV).
 
         ``method``: 'dense', 'kpm' or 'auto' (dense up to ``dense_limit`` orbitals).
-        With KPM the broadening is the Jackson kernel's (about ``width``).
+        With KPM the broadening is the Jackson kernel's (about ``width``); the total
+        alone takes half the Chebyshev steps of a projection, and a ``get_pdos`` at
+        the same width made first serves it (when both are wanted, ask for the PDOS
+        first).
         """
         check_dos_args(width, npts, emin, emax, method)
         return self._spectrum(method).dos(width, npts, emin, emax)

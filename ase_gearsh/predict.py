@@ -320,8 +320,9 @@ def _predict_into(
         units=np.array("eV"),
     )
     atomic_write_bytes(out / "blocks.npz", buf.getvalue())
-    e, dos = calc.get_dos(width=width, npts=npts, emin=emin, emax=emax, method=method)
+    # the projection first: with KPM its moments serve the total DOS too
     e, pdos = calc.get_pdos(width=width, npts=npts, emin=emin, emax=emax, method=method)
+    e, dos = calc.get_dos(width=width, npts=npts, emin=emin, emax=emax, method=method)
     ef = calc.get_fermi_level()
     t4 = time.perf_counter()
     reliability, reliability_line = reliability_summary(calc)

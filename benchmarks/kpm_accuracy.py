@@ -76,8 +76,8 @@ def main(argv=None):
     for R in a.random:
         calc.set(kpm={"n_moments": None, "n_random": R, "seed": 0})
         t = time.perf_counter()
-        _, dk = calc.get_dos(width=a.width, npts=4001, emin=e[0], emax=e[-1], method="kpm")
         _, pk = calc.get_pdos(width=a.width, npts=4001, emin=e[0], emax=e[-1], method="kpm")
+        _, dk = calc.get_dos(width=a.width, npts=4001, emin=e[0], emax=e[-1], method="kpm")
         dt = time.perf_counter() - t
         M = calc.kpm_moments(a.width).moments.shape[1]
         err = np.abs(np.cumsum(dk - dos) * de).max()
