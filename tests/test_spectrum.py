@@ -191,7 +191,10 @@ def test_kpm_spectrum(chain, labels, monkeypatch):
     assert auto.bounds == kpm.bounds and auto.options == KPMOptions()
     assert auto.n_moments(0.1) > auto.n_moments(0.5) >= 64
     auto.moments(0.5)
-    assert auto.moments(0.5, None) is auto.moments(0.5)  # a projection serves the total
+    served = auto.moments(0.5, None)  # a projection serves the total: its row 0 alone
+    assert served.names == ["total"] and served.moments.shape == (1, auto.n_moments(0.5))
+    np.testing.assert_array_equal(served.moments[0], auto.moments(0.5).moments[0])
+    assert auto.moments(0.5, None) is served
     assert len(made) == 1  # S is factorised once for bounds, all moments and new options
 
 

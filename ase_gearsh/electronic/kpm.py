@@ -155,8 +155,9 @@ def _bounds(H, S, chol, margin: float) -> tuple[float, float]:
         dim = 2 * n if embed else n
         B = sla.LinearOperator((dim, dim), matvec=matvec, dtype=np.float64)
         v0 = np.random.default_rng(0).standard_normal(dim)
-        # both ends in one run; a Ritz value within tol * |E| of the extreme eigenvalue is
-        # far inside the margin (5 % of the width by default)
+        # both ends in one run; Ritz values lie inside the spectrum, within about
+        # tol * |E| of its ends: far inside the margin (5 % of the width by default)
+        # while |E| stays below ~50x the width (DFT spectra: ~1x)
         ev = sla.eigsh(B, k=2, which="BE", v0=v0, tol=BOUNDS_RTOL, return_eigenvectors=False)
         lo, hi = float(ev.min()), float(ev.max())
     width = max(hi - lo, 1e-6 * max(abs(lo), abs(hi), 1.0))
@@ -263,7 +264,7 @@ def chebyshev_moments(
     starts = range(0, n_vec, int(block))
     M = int(n_moments)
     doubling = bool(doubling) and len(names) == 1
-    n_steps = M // 2 if doubling else M  # applications of B~ per block
+    n_steps = M // 2 if doubling else (M if len(names) > 1 else M - 1)  # B~ per block
     bar = None
     if progress:  # over Chebyshev steps of all blocks: its rate and ETA are the cost
         try:

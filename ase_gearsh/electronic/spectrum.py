@@ -321,11 +321,18 @@ class KPMSpectrum:
         if by is not None:
             check_choice("by", by, PROJECTIONS)
         m = self.n_moments(width)
-        if by is None:
-            done = next((v for (k, _), v in self._moments.items() if k == m), None)
-            if done is not None:
-                return done
         key = (m, by)
+        if by is None and key not in self._moments:
+            done = next((v for (k, _), v in self._moments.items() if k == m), None)
+            if done is not None:  # the total row of a projection: the same random vectors
+                self._moments[key] = KPMMoments(
+                    done.moments[:1].copy(),
+                    done.names[:1],
+                    done.center,
+                    done.half_width,
+                    done.n_random,
+                    done.n_orbitals,
+                )
         if key not in self._moments:
             opts = self.options
             self._moments[key] = chebyshev_moments(
@@ -372,5 +379,6 @@ class KPMSpectrum:
         by: str = "species",
     ):
         """(energies, PDOS) as :meth:`DenseSpectrum.pdos`, from the projected moments."""
+        check_choice("by", by, PROJECTIONS)
         e, density = self._density(width, npts, emin, emax, by)
         return e, self.labels.from_groups(density, by)
