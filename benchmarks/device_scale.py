@@ -132,6 +132,14 @@ def main(argv=None):
         help="bond chunks evaluated at a time (default: the usable cores); several values "
         "time the second structure once per value, back to back",
     )
+    p.add_argument(
+        "--pair-chunks",
+        type=int,
+        nargs="+",
+        default=[None],
+        help="bonds per network call (default: the calculator's); with several values each "
+        "is compiled on a first structure and timed on the second, back to back",
+    )
     args = p.parse_args(argv)
     import jax
     from compilations import compilation_counter
@@ -149,21 +157,25 @@ def main(argv=None):
     from ase_gearsh.model.inference import predictor_for
 
     predictor = predictor_for(model)  # the calculator's (default chunks)
-    runs = [(0, args.bond_threads[0])] + [(1, n) for n in args.bond_threads]
-    for k, (seed, threads) in enumerate(runs):
+    runs = [(0, args.bond_threads[0], None)] + [(1, n, None) for n in args.bond_threads]
+    if args.pair_chunks != [None]:  # a compiling structure, then the timed one, per value
+        runs = [(seed, None, c) for c in args.pair_chunks for seed in (0, 1)]
+    for seed, threads, chunk in runs:
         if threads is not None:
             predictor.threads = threads
+        if chunk is not None:
+            predictor.pair_chunk = chunk
         t = time.perf_counter()
         atoms = build_device(args.atoms, seed=seed)
         print(
             f"\nstructure (seed {seed}) built in {time.perf_counter() - t:.2f} s; "
-            f"bond chunks {predictor.threads} at a time"
+            f"bond chunks {predictor.threads} at a time, {predictor.pair_chunk} bonds per chunk"
         )
         calc = time_prediction(
             model,
             atoms,
             compiles,
-            "first call, compiles" if k == 0 else "same size bucket, no compilation",
+            "first call, compiles" if seed == 0 else "same size bucket, no compilation",
         )
         del calc, atoms
 
