@@ -110,6 +110,7 @@ def test_resume_continues_exactly(water_dataset, tmp_path, make_config):
     )
 
 
+@pytest.mark.slow  # 1.7-3.5 min on 2 cores (two compilations, one in a subprocess): `make test-all`
 def test_kill_mid_epoch_loses_at_most_that_epoch(water_dataset, tmp_path, make_config):
     """kill -9 during training: latest.ckpt stays readable and --resume finishes."""
     cfg = make_config(water_dataset, tmp_path, training={"n_epochs": 400})
