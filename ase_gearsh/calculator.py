@@ -349,7 +349,7 @@ class GearsHCalculator(Calculator):
         "dense_limit": 20000,  # orbitals; above: KPM for DOS/PDOS and the Fermi level
         "kpm": dict(KPM_DEFAULTS),
         "edge_chunk": 65536,
-        "pair_chunk": 1024,  # bonds per network call (small chunks are cache-friendly)
+        "pair_chunk": 512,  # bonds per network call (small chunks are cache-friendly)
         "warn_extrapolation": True,
         "reliability_threshold": RELIABILITY_THRESHOLD,  # warn above (None: never)
         "progress": False,

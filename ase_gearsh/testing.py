@@ -89,7 +89,7 @@ def forward_blocks(model: Model, graph: Graph, atoms_multiple: int = 100, nl_mul
     )
 
 
-def predicted_blocks(model: Model, graph: Graph, edge_chunk: int = 65536, pair_chunk: int = 1024):
+def predicted_blocks(model: Model, graph: Graph, edge_chunk: int = 65536, pair_chunk: int = 512):
     """Canonical blocks (onsite, pairs) of ``graph`` through the prediction path
     (:class:`~ase_gearsh.model.inference.Predictor`, chunked), float64."""
     on, pr, _ = predictor_for(model, edge_chunk, pair_chunk).canonical_blocks(graph)

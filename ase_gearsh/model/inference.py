@@ -84,7 +84,7 @@ class Predictor:
         self,
         model: Model,
         edge_chunk: int = 65536,
-        pair_chunk: int = 1024,
+        pair_chunk: int = 512,
         atom_base: int = 64,
         threads: int | None = None,
     ):
@@ -273,7 +273,7 @@ class Predictor:
         )
 
 
-def predictor_for(model: Model, edge_chunk: int = 65536, pair_chunk: int = 1024) -> Predictor:
+def predictor_for(model: Model, edge_chunk: int = 65536, pair_chunk: int = 512) -> Predictor:
     """One :class:`Predictor` (and its compiled stages) per model and chunk sizes,
     shared by every caller; kept in ``model.predictors``, so it is released with
     the model."""
