@@ -108,6 +108,7 @@ from .electronic.spectrum import (
     check_dos_args,
     check_kpm_options,
 )
+from .electronic.window import FermiStates, fermi_states, window_states
 from .model.coverage import coverage_messages, warn_extrapolation
 from .model.engine import Model, load_model
 from .model.inference import predictor_for
@@ -724,6 +725,66 @@ class GearsHCalculator(Calculator):
         atoms = self._sync()
         self._ensure("eigenvalues")
         return get_band_structure(atoms=atoms, calc=self, reference=reference)
+
+    # -- exact states near an energy (any size, Gamma) ---------------------------------
+    def _gamma_matrices(self, what: str):
+        if not self._kpoints().gamma_only:
+            raise PropertyUnavailableError(
+                f"{what} are computed at Gamma only (real H and S); use kpts=None (a "
+                f"large supercell) or dense diagonalisation of the k-sampled cell"
+            )
+        return self._matrix("H", np.zeros(3)), self._matrix("S", np.zeros(3))
+
+    def exact_fermi(self, atoms: Atoms | None = None) -> FermiStates:
+        """Fermi level, HOMO and LUMO at Gamma from exact states near the level, for
+        structures of any size (:func:`~ase_gearsh.electronic.window.fermi_states`:
+        a sparse LDL^T factorisation of H - sigma S counts the states below sigma
+        exactly, shift-invert iterations give the states around it).  Smearing
+        ``width`` and ``charge`` as for ``get_fermi_level``; cached.  Costs about one
+        Cholesky factorisation of S per shift tried (usually one or two)."""
+        self._sync(atoms)
+        key = ("exact_fermi", float(self.parameters.width), float(self._n_electrons()))
+        if key not in self._cache:
+            H, S = self._gamma_matrices("exact states")
+            self._cache[key] = fermi_states(
+                H,
+                S,
+                self._n_electrons(),
+                width=self.parameters.width,
+                progress=self.parameters.progress,
+            )
+        return self._cache[key]
+
+    @_input_errors()
+    def get_window_states(
+        self,
+        emin: float,
+        emax: float,
+        by: str = "species",
+        atoms: Atoms | None = None,
+    ):
+        """(energies, weights): every eigenvalue (eV) in [emin, emax] at Gamma, exactly,
+        for structures of any size (:func:`~ase_gearsh.electronic.window.window_states`),
+        and its Mulliken weights: ``by='species'`` a dict symbol -> (n_states,),
+        ``by='atom'`` an (N_atoms, n_states) array; a state's weights sum to 1.
+
+        Energies relative to the Fermi level: ``ef = calc.exact_fermi().fermi_level``,
+        then ``get_window_states(ef, ef + 0.2)``.  Ask for narrow windows: the cost
+        grows with the number of states in it."""
+        check_choice("by", by, PROJECTIONS)
+        for name, x in (("emin", emin), ("emax", emax)):
+            if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
+                raise CalculatorInputError(f"{name} must be a finite energy in eV, got {x!r}")
+            if not math.isfinite(x):
+                raise CalculatorInputError(f"{name} must be a finite energy in eV, got {x!r}")
+        if not emax > emin:
+            raise CalculatorInputError(f"expected emin < emax, got [{emin}, {emax}] eV")
+        self._sync(atoms)
+        H, S = self._gamma_matrices("window states")
+        st = window_states(H, S, float(emin), float(emax), progress=self.parameters.progress)
+        labels = self._labels()
+        per_orbital = st.vectors * (S @ st.vectors)  # Mulliken weight of each orbital
+        return st.eigenvalues.copy(), labels.from_atoms(labels.atom_matrix() @ per_orbital, by)
 
     @_input_errors()
     def get_dos(

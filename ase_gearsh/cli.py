@@ -198,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--emax", type=float, help="DOS window end, eV")
     r.add_argument(
         "--method",
-        choices=["auto", "dense", "kpm"],
+        choices=["auto", "dense", "kpm", "exact"],
         default="auto",
-        help="spectrum solver (auto: dense up to 20000 orbitals, then KPM)",
+        help="spectrum solver (auto: dense up to 20000 orbitals, then KPM; exact: the "
+        "exact states in --emin..--emax, default E_F -+ 2 eV, and E_F from a sparse "
+        "LDL^T factorisation, Gamma only, any size)",
     )
     r.add_argument("--charge", type=float, default=0.0, help="net charge (e)")
     r.add_argument("--index", default=-1, help="frame of a multi-frame file (default last)")

@@ -38,7 +38,7 @@ from .core.io import atomic_write_bytes, check_output_folder, new_figure, output
 from .electronic.spectrum import check_dos_args
 from .model.reliability import missing_species, reference_of
 
-__all__ = ["predict_structure", "predict_many", "hole_count", "PredictError"]
+__all__ = ["predict_structure", "predict_many", "hole_count", "exact_hole_count", "PredictError"]
 
 
 class PredictError(GearsHError, ValueError):
@@ -155,10 +155,7 @@ def predict_structure(
     for a cell periodic in a and b, the areal concentration in cm^-2, as in the GEARS H
     paper's WSe2-on-HfO2 study."""
     out = check_output_folder(output, overwrite)
-    try:
-        check_dos_args(width, npts, emin, emax, method)
-    except ValueError as err:
-        raise PredictError(str(err)) from None
+    _check_method_args(width, npts, emin, emax, method)
     holes = _check_holes(holes, hole_window)
     atoms, name = _read_structure(structure, index)
     missing = sorted(set(holes or []) - set(atoms.get_chemical_symbols()))
@@ -186,11 +183,8 @@ def predict_structure(
         )
     for line in lines:
         log(line)
-    log(
-        f"wrote {out}/: hamiltonian.npz overlap.npz blocks.npz "
-        f"{'eigenvalues.csv ' if summary['method'] == 'dense' else ''}"
-        "dos.csv dos.png summary.json"
-    )
+    extra = {"dense": "eigenvalues.csv ", "exact": "states.csv "}.get(summary["method"], "")
+    log(f"wrote {out}/: hamiltonian.npz overlap.npz blocks.npz {extra}dos.csv dos.png summary.json")
     return summary
 
 
@@ -213,6 +207,17 @@ def _read_structure(structure, index) -> tuple[Atoms, str]:
             f"{path}: --index {index!r} selects {len(atoms)} frames; expected one frame"
         )
     return atoms, path.name
+
+
+def _check_method_args(width, npts, emin, emax, method) -> None:
+    """The DOS arguments and ``method``: 'auto', 'dense', 'kpm' or 'exact'."""
+    try:
+        check_dos_args(width, npts, emin, emax, "auto" if method == "exact" else method)
+    except ValueError as err:
+        msg = str(err)
+        if "method must be" in msg:
+            msg = f"method must be 'auto', 'dense', 'kpm' or 'exact', got {method!r}"
+        raise PredictError(msg) from None
 
 
 def _check_holes(holes, window) -> list[str] | None:
@@ -244,6 +249,45 @@ def hole_count(energies, pdos: dict, fermi: float, species, window: float) -> fl
     fine = np.linspace(fermi, fermi + window, 401)
     total = sum(np.interp(fine, e, pdos[s]) for s in species)
     return float(2.0 * np.trapezoid(total, fine))
+
+
+def exact_hole_count(info: dict, fermi: float, species, window: float) -> float:
+    """States (both spins) of ``species`` in [E_F, E_F + window]: the sum of the exact
+    states' Mulliken weights on those species (no broadening)."""
+    e = info["energies"]
+    sel = (e >= fermi) & (e <= fermi + window)
+    return float(2.0 * sum(info["weights"][s][sel].sum() for s in species))
+
+
+def _exact_spectrum(calc, width, npts, emin, emax, hole_window):
+    """E_F, the exact states in [emin, emax] (default E_F -+ 2 eV, widened to hold the
+    hole window) and the DOS/PDOS they give, broadened by ``width`` (a local DOS: states
+    outside the window are not included)."""
+    fs = calc.exact_fermi()
+    ef = fs.fermi_level
+    lo = ef - 2.0 if emin is None else float(emin)
+    hi = ef + max(2.0, hole_window) if emax is None else float(emax)
+    if hole_window and not lo <= ef < ef + hole_window <= hi:
+        raise PredictError(
+            f"the window [{lo:.3f}, {hi:.3f}] eV does not cover E_F to E_F + "
+            f"{hole_window:g} eV ({ef:.3f} to {ef + hole_window:.3f}); widen --emin/--emax"
+        )
+    eps, weights = calc.get_window_states(lo, hi)
+    e = np.linspace(lo, hi, int(npts))
+    g = np.exp(-0.5 * ((e[None, :] - eps[:, None]) / width) ** 2) / (np.sqrt(2 * np.pi) * width)
+    pdos = {s: w @ g for s, w in weights.items()}
+    dos = g.sum(axis=0)
+    info = {
+        "energies": eps,
+        "weights": weights,
+        "window_eV": [lo, hi],
+        "states_in_window": int(len(eps)),
+        "homo_eV": fs.homo,
+        "lumo_eV": fs.lumo,
+        "gap": float(max(0.0, fs.lumo - fs.homo)) if fs.homo < ef < fs.lumo else 0.0,
+        "shifts_tried": [[float(s), int(c)] for s, c in fs.factorisations],
+    }
+    return e, dos, pdos, ef, info
 
 
 def _areal_density(atoms, count: float) -> float | None:
@@ -290,7 +334,13 @@ def _predict_into(
     atoms.calc = calc
     # cheap checks first: atoms, k-points against pbc, elements, solver
     calc.get_ibz_k_points()
-    use_kpm = calc.uses_kpm(method)
+    exact = method == "exact"
+    if exact and len(calc.get_ibz_k_points()) > 1:
+        raise PredictError(
+            "--method exact (exact states near E_F) works at Gamma only; got --kpts "
+            f"{kpts['size'] if isinstance(kpts, dict) else kpts}"
+        )
+    use_kpm = not exact and calc.uses_kpm(method)
     if use_kpm and len(calc.get_ibz_k_points()) > 1:
         raise PredictError(
             "the kernel polynomial method (used above dense_limit orbitals) works at "
@@ -320,13 +370,25 @@ def _predict_into(
         units=np.array("eV"),
     )
     atomic_write_bytes(out / "blocks.npz", buf.getvalue())
-    # the projection first: with KPM its moments serve the total DOS too
-    e, pdos = calc.get_pdos(width=width, npts=npts, emin=emin, emax=emax, method=method)
-    e, dos = calc.get_dos(width=width, npts=npts, emin=emin, emax=emax, method=method)
-    ef = calc.get_fermi_level()
+    exact_info = None
+    if exact:
+        e, dos, pdos, ef, exact_info = _exact_spectrum(
+            calc, width, npts, emin, emax, hole_window if holes else 0.0
+        )
+        rows = ["energy_eV," + ",".join(exact_info["weights"])]
+        for i, x in enumerate(exact_info["energies"]):
+            rows.append(
+                f"{x:.8f}," + ",".join(f"{w[i]:.6f}" for w in exact_info["weights"].values())
+            )
+        _write_text(out / "states.csv", "\n".join(rows) + "\n")
+    else:
+        # the projection first: with KPM its moments serve the total DOS too
+        e, pdos = calc.get_pdos(width=width, npts=npts, emin=emin, emax=emax, method=method)
+        e, dos = calc.get_dos(width=width, npts=npts, emin=emin, emax=emax, method=method)
+        ef = calc.get_fermi_level()
     t4 = time.perf_counter()
     reliability, reliability_line = reliability_summary(calc)
-    if not use_kpm:
+    if not use_kpm and not exact:
         k, w = calc.get_ibz_k_points(), calc.get_k_point_weights()
         rows = ["kpt,kx,ky,kz,weight,band,energy_eV"]
         for q in range(len(k)):
@@ -346,12 +408,16 @@ def _predict_into(
         pdos,
         ef,
         title=f"{name}: {len(atoms)} atoms, {H.shape[0]} orbitals"
-        f" ({'KPM' if use_kpm else 'dense'})",
+        f" ({'exact states' if exact else 'KPM' if use_kpm else 'dense'})",
     )
-    gap = _gap(calc, use_kpm)
+    gap = exact_info["gap"] if exact else _gap(calc, use_kpm)
     hole_info = None
     if holes:
-        count = hole_count(e, pdos, ef, holes, hole_window)
+        count = (
+            exact_hole_count(exact_info, ef, holes, hole_window)
+            if exact
+            else hole_count(e, pdos, ef, holes, hole_window)
+        )
         hole_info = {
             "species": holes,
             "window_eV": hole_window,
@@ -366,7 +432,10 @@ def _predict_into(
         "orbitals": int(H.shape[0]),
         "bonds": int(len(pb.pair_i)),
         "fermi_level_eV": ef,
-        "method": "kpm" if use_kpm else "dense",
+        "method": "exact" if exact else "kpm" if use_kpm else "dense",
+        "exact_states": None
+        if exact_info is None
+        else {k: v for k, v in exact_info.items() if k not in ("energies", "weights")},
         "kpts": calc.get_ibz_k_points().tolist(),
         "kpt_weights": calc.get_k_point_weights().tolist(),
         "n_electrons": calc.get_number_of_electrons(),
@@ -458,16 +527,13 @@ def predict_many(
         )
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise PredictError(f"--jobs must be an integer >= 1, got {jobs!r}")
-    try:
-        check_dos_args(
-            options.get("width", 0.1),
-            options.get("npts", 2001),
-            options.get("emin"),
-            options.get("emax"),
-            options.get("method", "auto"),
-        )
-    except ValueError as err:
-        raise PredictError(str(err)) from None
+    _check_method_args(
+        options.get("width", 0.1),
+        options.get("npts", 2001),
+        options.get("emin"),
+        options.get("emax"),
+        options.get("method", "auto"),
+    )
     options["holes"] = _check_holes(options.get("holes"), options.get("hole_window", 0.2))
     out = check_output_folder(output, overwrite=True)  # may exist: the batch resumes
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """GearsHCalculator: physics against GPAW (oracle blocks), symmetry, DOS, errors."""
 
+import importlib.util
 import json
 import warnings
 
@@ -208,6 +209,47 @@ def test_kpm_dos_matches_dense(model, make_atoms):
     )
 
 
+def test_exact_window_states_match_dense(model, make_atoms):
+    """Exact states near E_F (sparse LDL^T, shift-invert) against the dense spectrum:
+    Fermi level, HOMO/LUMO, every eigenvalue in a window and its species weights."""
+    pytest.importorskip("pypardiso")
+    atoms = make_atoms.chain().repeat((1, 1, 8))
+    atoms.rattle(0.02, seed=1)
+    atoms.calc = GearsHCalculator(model, warn_extrapolation=False)
+    eps = atoms.calc.get_eigenvalues()
+    ef = atoms.calc.get_fermi_level()
+    fs = atoms.calc.exact_fermi()
+    n_occ = int(round(atoms.calc.get_number_of_electrons() / 2))
+    assert fs.homo == pytest.approx(eps[n_occ - 1], abs=1e-6)
+    assert fs.lumo == pytest.approx(eps[n_occ], abs=1e-6)
+    assert fs.fermi_level == pytest.approx(ef, abs=1e-6)
+    e, w = atoms.calc.get_window_states(ef - 3.0, ef + 2.0)
+    ref = eps[(eps >= ef - 3.0) & (eps <= ef + 2.0)]
+    np.testing.assert_allclose(e, ref, atol=1e-6)
+    assert set(w) == {"C", "H"}
+    np.testing.assert_allclose(w["C"] + w["H"], 1.0, atol=1e-8)
+    _, wa = atoms.calc.get_window_states(ef - 3.0, ef + 2.0, by="atom")
+    assert wa.shape == (len(atoms), len(e))
+    # against the dense Mulliken weights: the PDOS of the dense path, sharply broadened
+    import scipy.linalg as sla
+
+    H, S = atoms.calc.get_hamiltonian().toarray(), atoms.calc.get_overlap().toarray()
+    E, C = sla.eigh(H, S)
+    sel = (E >= ef - 3.0) & (E <= ef + 2.0)
+    symbols = np.array(atoms.get_chemical_symbols())
+    carbon = np.repeat(symbols == "C", atoms.calc.blocks().orbital_counts)
+    wd = (C[:, sel] * (S @ C[:, sel]))[carbon].sum(axis=0)
+    np.testing.assert_allclose(w["C"], wd, atol=1e-6)
+    with pytest.raises(CalculatorInputError, match="expected emin < emax"):
+        atoms.calc.get_window_states(1.0, 0.0)
+    with pytest.raises(CalculatorInputError, match="emin must be a finite energy"):
+        atoms.calc.get_window_states(float("nan"), 0.0)
+    k_calc = GearsHCalculator(model, kpts=(1, 1, 3), warn_extrapolation=False)
+    k_calc.get_property("fermi_level", atoms)  # the k-sampled chain: dense works
+    with pytest.raises(PropertyUnavailableError, match="at Gamma only"):
+        k_calc.get_window_states(-1.0, 0.0)
+
+
 def test_state_is_cached_until_atoms_change(model):
     atoms = molecule("H2O")
     atoms.center(vacuum=3.0)
@@ -298,6 +340,28 @@ def test_predict_cli_writes_matrices_spectrum_and_plot(checkpoint, tmp_path):
     rows = (out / "eigenvalues.csv").read_text().splitlines()
     assert len(rows) == 1 + H.shape[0]
     assert main(["predict", str(tmp_path / "nope.xyz"), "-m", str(ckpt), "-o", str(out)]) == 2
+    if importlib.util.find_spec("pypardiso") is None:
+        return
+    # exact states near E_F: the same Fermi level and states as the dense run, and the
+    # hole count as the sum of the C+H weights of the states in the window
+    ex = tmp_path / "exact"
+    args = ["predict", str(tmp_path / "ethanol.xyz"), "-m", str(ckpt), "-o", str(ex), "-q"]
+    assert main(args + ["--method", "exact", "--holes", "C,H", "--hole-window", "3"]) == 0
+    s2 = json.loads((ex / "summary.json").read_text())
+    assert s2["method"] == "exact"
+    assert s2["fermi_level_eV"] == pytest.approx(summary["fermi_level_eV"], abs=1e-6)
+    assert s2["gap_eV"] == pytest.approx(summary["gap_eV"], abs=1e-6)
+    eps = np.array([float(r.split(",")[-1]) for r in rows[1:]])
+    ef = s2["fermi_level_eV"]
+    states = np.loadtxt(ex / "states.csv", delimiter=",", skiprows=1, ndmin=2)
+    np.testing.assert_allclose(states[:, 0], eps[(eps >= ef - 2) & (eps <= ef + 3)], atol=1e-6)
+    cols = (ex / "states.csv").read_text().splitlines()[0].split(",")
+    np.testing.assert_allclose(states[:, 1:].sum(axis=1), 1.0, atol=1e-5)  # weights per state
+    hole = (states[:, 0] >= ef) & (states[:, 0] <= ef + 3)
+    expected = 2 * states[hole][:, [cols.index("C"), cols.index("H")]].sum()
+    assert hole.sum() > 0 and s2["holes"]["holes"] == pytest.approx(expected, abs=1e-4)
+    assert (ex / "dos.png").stat().st_size > 10_000
+    assert main(args[:-2] + [str(tmp_path / "x2"), "--method", "exact", "--kpts", "2,2,2"]) == 2
 
 
 def test_no_recompilation_for_sizes_within_a_bucket(model):

@@ -140,7 +140,8 @@ def fermi_level(
     mu = 0.5 * (lo + hi)
     # mid-gap for insulators: integer filling with a gap around mu
     flat = eps.ravel()
-    below, above = flat[flat <= mu], flat[flat > mu]
+    # split at hi (holds n_electrons): with width 0, mu may end just below the HOMO
+    below, above = flat[flat <= hi], flat[flat > hi]
     if len(below) and len(above):
         homo, lumo = below.max(), above.min()
         n0 = _occupied(eps, w, 0.5 * (homo + lumo), 0.0, per_state)

@@ -1,0 +1,168 @@
+"""Exact states near an energy (shift-invert, inertia counts) against dense eigh and GPAW."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg as la
+import scipy.sparse as sp
+
+from ase_gearsh.electronic.dense import fermi_level
+from ase_gearsh.electronic.window import (
+    IndefiniteFactor,
+    WindowError,
+    count_below,
+    fermi_states,
+    initial_guess,
+    states_near,
+    window_states,
+)
+
+pytest.importorskip("pypardiso")
+
+
+def random_pair(n=1200, seed=0):
+    """Sparse symmetric H (eV) with a dense spectrum and S = I + small sparse part."""
+    rng = np.random.default_rng(seed)
+    A = sp.random(n, n, density=4.0 / n, random_state=seed)
+    H = (A + A.T + sp.diags(rng.normal(scale=2.0, size=n))).tocsr()
+    B = sp.random(n, n, density=2.0 / n, random_state=seed + 1) * 0.1
+    S = (sp.eye(n) + 0.5 * (B + B.T)).tocsr()
+    E = la.eigh(H.toarray(), S.toarray(), eigvals_only=True)
+    return H, S, E
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return random_pair()
+
+
+@pytest.mark.parametrize("sigma", [-3.0, 0.0123, 2.5])
+def test_count_below_is_exact(pair, sigma):
+    H, S, E = pair
+    assert count_below(H, S, sigma) == int((E < sigma).sum())
+
+
+def test_factor_solves_and_reports_inertia(pair):
+    H, S, E = pair
+    K = (H - 0.3 * S).tocsr()
+    f = IndefiniteFactor(K)
+    assert f.n_negative + f.n_positive == H.shape[0]
+    assert f.n_negative == int((la.eigvalsh(K.toarray()) < 0).sum())
+    B = np.random.default_rng(1).normal(size=(H.shape[0], 5))
+    assert np.abs(K @ f.solve(B) - B).max() < 1e-9
+
+
+@pytest.mark.parametrize("block", [4, 16])
+def test_states_near_match_dense(pair, block):
+    H, S, E = pair
+    sigma, k = 0.37, 24
+    st = states_near(H, S, sigma, k, block=block)
+    ref = np.sort(E[np.argsort(np.abs(E - sigma))[:k]])
+    assert np.abs(st.eigenvalues - ref).max() < 1e-9
+    assert st.residuals.max() <= 1e-6
+    C = st.vectors
+    assert np.abs(C.T @ (S @ C) - np.eye(k)).max() < 1e-8  # S-orthonormal
+    assert np.abs(H @ C - (S @ C) * st.eigenvalues).max() < 1e-5
+    assert st.n_below == int((E < sigma).sum())
+    # global indices: the computed states are consecutive in the spectrum
+    i0 = st.n_below_set
+    np.testing.assert_allclose(st.eigenvalues, E[i0 : i0 + k], atol=1e-9)
+    assert st.radius == pytest.approx(np.abs(ref - sigma).max())
+    # restarts happened with the small block (the basis is capped)
+    assert st.solves > 0
+
+
+def test_window_states_are_all_states_in_window(pair):
+    H, S, E = pair
+    emin, emax = -0.4, 0.25
+    w = window_states(H, S, emin, emax, k=8, block=8)  # k grows until the window is covered
+    ref = E[(E >= emin) & (E <= emax)]
+    assert len(ref) > 8
+    assert len(w.eigenvalues) == len(ref)
+    np.testing.assert_allclose(w.eigenvalues, ref, atol=1e-9)
+    groups = {"a": np.arange(0, 600), "b": np.arange(600, 1200)}
+    wt = w.weights(S, groups)
+    np.testing.assert_allclose(wt["a"] + wt["b"], 1.0, atol=1e-10)
+    # Mulliken weights of dense eigenvectors
+    Ed, Cd = la.eigh(H.toarray(), S.toarray())
+    sel = (Ed >= emin) & (Ed <= emax)
+    wd = (Cd[:, sel] * (S.toarray() @ Cd[:, sel]))[:600].sum(axis=0)
+    np.testing.assert_allclose(wt["a"], wd, atol=1e-7)
+
+
+@pytest.mark.parametrize("width", [0.0, 0.002, 0.02])
+def test_fermi_states_match_dense(pair, width):
+    H, S, E = pair
+    n_el = 2.0 * 517  # even: a definite HOMO
+    fs = fermi_states(H, S, n_el, width=width, guess=1.5, k=16, block=8)
+    assert fs.homo == pytest.approx(E[516], abs=1e-9)
+    assert fs.lumo == pytest.approx(E[517], abs=1e-9)
+    assert len(fs.factorisations) >= 2  # the guess was off: sigma moved
+    if width == 0:  # no smearing: mid-gap
+        assert fs.fermi_level == pytest.approx(0.5 * (E[516] + E[517]), abs=1e-9)
+    else:  # Fermi-Dirac smearing, as for the dense spectrum
+        ref = fermi_level(E[None, :], np.ones(1), n_el, width)
+        assert fs.fermi_level == pytest.approx(ref, abs=1e-7)
+
+
+def test_initial_guess_avoids_diagonal_values():
+    H = sp.diags([-2.0, -2.0, -1.0, 0.5]).tocsr()
+    S = sp.eye(4).tocsr()
+    g = initial_guess(H, S, 4.0)  # two states filled: between -2 and -1
+    assert -2.0 < g < -1.0
+
+
+def test_gpaw_water_states(h2o_gpw):
+    """Window states of GPAW's own H and S rebuild GPAW's eigenvalues, count and gap."""
+    from ase_gearsh.core.blocks import assemble
+    from gpaw_tools.extract import extract
+
+    arrays, meta = extract(h2o_gpw)
+    blocks = [arrays[k] for k in ("orbital_counts",)]
+    H = assemble(
+        blocks[0],
+        arrays["onsite_H"][0],
+        arrays["pair_ij"],
+        arrays["pair_shift"],
+        arrays["pair_H"][0],
+        sparse=True,
+    )
+    S = assemble(
+        blocks[0],
+        arrays["onsite_S"],
+        arrays["pair_ij"],
+        arrays["pair_shift"],
+        arrays["pair_S"],
+        sparse=True,
+    )
+    eps = arrays["eigenvalues"][0, 0]
+    n_el = meta["n_electrons"]
+    nocc = int(round(n_el / 2))
+    fs = fermi_states(H, S, n_el, k=4, block=4)  # the Krylov path: 23 orbitals > 3 blocks
+    assert fs.homo == pytest.approx(eps[nocc - 1], abs=1e-5)
+    assert fs.lumo == pytest.approx(eps[nocc], abs=1e-5)
+    assert count_below(H, S, 0.5 * (fs.homo + fs.lumo)) == nocc
+    w = window_states(H, S, eps[nocc - 1] - 3.0, eps[nocc] + 0.01, k=2, block=4)
+    ref = eps[(eps >= eps[nocc - 1] - 3.0) & (eps <= eps[nocc] + 0.01)]
+    np.testing.assert_allclose(w.eigenvalues, ref, atol=1e-5)
+
+
+def test_errors(pair):
+    H, S, _ = pair
+    with pytest.raises(WindowError, match="same shape"):
+        count_below(H, S[:10, :10], 0.0)
+    with pytest.raises(WindowError, match="sigma must be a finite number"):
+        count_below(H, S, float("nan"))
+    with pytest.raises(WindowError, match="must be symmetric"):
+        count_below(sp.csr_matrix(np.triu(H.toarray())), S, 0.0)
+    with pytest.raises(WindowError, match="complex"):
+        count_below(H * (1 + 1j), S, 0.0)
+    with pytest.raises(WindowError, match="k must be an integer"):
+        states_near(H, S, 0.0, 0)
+    with pytest.raises(WindowError, match="emax > emin"):
+        window_states(H, S, 1.0, 0.0)
+    with pytest.raises(WindowError, match="n_electrons must lie between"):
+        fermi_states(H, S, 5000.0)
+    with pytest.raises(WindowError, match="did not converge"):
+        states_near(H, S, 0.0, 40, block=4, max_solves=8)
