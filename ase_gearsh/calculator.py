@@ -769,7 +769,8 @@ class GearsHCalculator(Calculator):
         ``by='atom'`` an (N_atoms, n_states) array; a state's weights sum to 1.
 
         Energies relative to the Fermi level: ``ef = calc.exact_fermi().fermi_level``,
-        then ``get_window_states(ef, ef + 0.2)``.  Ask for narrow windows: the cost
+        then ``get_window_states(ef, ef + 0.2)`` (a window within 1 eV of the last shift
+        of ``exact_fermi`` reuses its factorisation).  Ask for narrow windows: the cost
         grows with the number of states in it."""
         check_choice("by", by, PROJECTIONS)
         for name, x in (("emin", emin), ("emax", emax)):
@@ -781,7 +782,15 @@ class GearsHCalculator(Calculator):
             raise CalculatorInputError(f"expected emin < emax, got [{emin}, {emax}] eV")
         self._sync(atoms)
         H, S = self._gamma_matrices("window states")
-        st = window_states(H, S, float(emin), float(emax), progress=self.parameters.progress)
+        # the factorisation behind exact_fermi serves windows within 1 eV of its shift
+        factor = None
+        for key, fs in self._cache.items():
+            f = getattr(fs, "factor", None) if key[:1] == ("exact_fermi",) else None
+            if f is not None and max(f.sigma - emin, emax - f.sigma) <= 1.0:
+                factor = f
+        st = window_states(
+            H, S, float(emin), float(emax), factor=factor, progress=self.parameters.progress
+        )
         labels = self._labels()
         per_orbital = st.vectors * (S @ st.vectors)  # Mulliken weight of each orbital
         return st.eigenvalues.copy(), labels.from_atoms(labels.atom_matrix() @ per_orbital, by)

@@ -37,6 +37,26 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def folded_reference(s, r: int):
+    """Exact spectrum of the cell ``s`` tiled r x r in the plane: the eigenvalues of the
+    cell at the r^2 folded k-points, sorted, with their Mulliken weights per species
+    (rows in the order of ``species``).  Returns (E, W, species)."""
+    Hb, Sb = s.blocks("H"), s.blocks("S")
+    sym = np.repeat(np.array(s.atoms.get_chemical_symbols()), s.orbital_counts)
+    species = list(dict.fromkeys(sym))
+    E, W = [], []
+    for m1, m2 in itertools.product(range(r), range(r)):
+        k = [m1 / r, m2 / r, 0.0]
+        Sk = Sb.matrix(k, sparse=False)
+        e, C = la.eigh(Hb.matrix(k, sparse=False), Sk)
+        w = (np.conj(C) * (Sk @ C)).real
+        E.append(e)
+        W.append(np.stack([w[sym == x].sum(0) for x in species]))
+    E, W = np.concatenate(E), np.concatenate(W, axis=1)
+    order = np.argsort(E)
+    return E[order], W[:, order], species
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dataset")
@@ -71,7 +91,6 @@ def main(argv=None):
     r = a.repeat
     Hb, Sb = s.blocks("H"), s.blocks("S")
     sym = np.repeat(np.array(s.atoms.get_chemical_symbols()), s.orbital_counts)
-    species = list(dict.fromkeys(sym))
     n_cells = r * r
     print(
         f"cell {s.atoms.get_chemical_formula()} ({Hb.n_orbitals} orbitals), repeated "
@@ -80,17 +99,7 @@ def main(argv=None):
     )
     # exact reference: the cell at the folded k-points
     t = time.perf_counter()
-    E, W = [], []
-    for m1, m2 in itertools.product(range(r), range(r)):
-        k = [m1 / r, m2 / r, 0.0]
-        Sk = Sb.matrix(k, sparse=False)
-        e, C = la.eigh(Hb.matrix(k, sparse=False), Sk)
-        w = (np.conj(C) * (Sk @ C)).real
-        E.append(e)
-        W.append(np.stack([w[sym == x].sum(0) for x in species]))
-    E, W = np.concatenate(E), np.concatenate(W, axis=1)
-    order = np.argsort(E)
-    E, W = E[order], W[:, order]
+    E, W, species = folded_reference(s, r)
     n_occ = int(round(s.n_electrons * n_cells / 2))
     vbm, cbm = E[n_occ - 1], E[n_occ]
     t_ref = time.perf_counter() - t

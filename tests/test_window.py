@@ -106,6 +106,20 @@ def test_fermi_states_match_dense(pair, width):
         assert fs.fermi_level == pytest.approx(ref, abs=1e-7)
 
 
+def test_window_from_the_fermi_factorisation(pair):
+    """A window off the factor's shift (the hole window above E_F) reuses it."""
+    H, S, E = pair
+    fs = fermi_states(H, S, 2.0 * 517, k=16, block=8)
+    w = window_states(H, S, fs.fermi_level, fs.fermi_level + 0.2, factor=fs.factor, block=8)
+    assert "factorisation" not in w.seconds  # no new factorisation
+    ref = E[(E >= fs.fermi_level) & (E <= fs.fermi_level + 0.2)]
+    assert len(ref) > 5
+    np.testing.assert_allclose(w.eigenvalues, ref, atol=1e-9)
+    with pytest.raises(WindowError, match="factor must be the IndefiniteFactor"):
+        window_states(H, S, 0.0, 0.1, factor=IndefiniteFactor(H))
+    fs.factor.free()
+
+
 def test_initial_guess_avoids_diagonal_values():
     H = sp.diags([-2.0, -2.0, -1.0, 0.5]).tocsr()
     S = sp.eye(4).tocsr()

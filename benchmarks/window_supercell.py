@@ -1,0 +1,121 @@
+"""Exact states near the Fermi level at device scale, against an exact reference.
+
+    python benchmarks/window_supercell.py DATASET [--index 1] [--repeat 3 6] [--window 0.2]
+                                          [--k 48] [--block 32]
+
+The DFT H(R) and S(R) of a k-sampled cell (a 6x6 WSe2 cell with Se vacancies from
+``make_wse2.py``) tiled ``--repeat`` x ``--repeat`` in the plane give the H and S of a
+supercell at Gamma whose spectrum is exactly the cell's at the folded k-points
+(``kpm_supercell.folded_reference``).  On the supercell's sparse matrices, as the
+calculator runs them (:mod:`ase_gearsh.electronic.window`):
+
+* the Fermi level: sparse LDL^T factorisations of H - sigma S count the states below
+  sigma exactly, shift-invert iterations give the states around it (E_F mid-gap);
+* the paper's hole window: every state in the ``--window`` eV below the valence-band
+  maximum (for a Fermi level pinned that far inside the valence band), with its W and Se
+  Mulliken weights, from the factorisation at the window's centre.
+
+Printed per size: stage times, peak RSS, E_F, HOMO/LUMO and the window's states and W/Se
+weights against the reference (largest eigenvalue and weight errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kpm_supercell import folded_reference  # noqa: E402
+
+
+def rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dataset")
+    p.add_argument("--index", type=int, default=1, help="structure of the dataset")
+    p.add_argument("--repeat", type=int, nargs="+", default=[3, 6])
+    p.add_argument("--window", type=float, default=0.2, help="eV below the VBM")
+    p.add_argument("--k", type=int, default=48, help="states asked for near E_F")
+    p.add_argument("--block", type=int, default=32, help="vectors per solve")
+    p.add_argument("--guess", type=float, help="first shift for E_F (default: diagonal fill)")
+    a = p.parse_args(argv)
+    from ase_gearsh.core.data import Dataset
+    from ase_gearsh.electronic.window import fermi_states, window_states
+
+    s = Dataset(a.dataset)[a.index]
+    Hb, Sb = s.blocks("H"), s.blocks("S")
+    for r in a.repeat:
+        n_cells = r * r
+        print(
+            f"\n== cell {s.atoms.get_chemical_formula()} ({Hb.n_orbitals} orbitals) repeated "
+            f"{r}x{r}: {n_cells * len(s.atoms)} atoms, {n_cells * Hb.n_orbitals} orbitals",
+            flush=True,
+        )
+        t = time.perf_counter()
+        E, W, species = folded_reference(s, r)
+        n_el = s.n_electrons * n_cells
+        n_occ = int(round(n_el / 2))
+        vbm, cbm = E[n_occ - 1], E[n_occ]
+        print(
+            f"exact reference ({n_cells} k-points of the cell): {time.perf_counter() - t:.1f} s;"
+            f" VBM {vbm:.4f}, CBM {cbm:.4f} eV",
+            flush=True,
+        )
+        t = time.perf_counter()
+        H, S = Hb.supercell((r, r, 1)).matrix(), Sb.supercell((r, r, 1)).matrix()
+        H, S = H.real.tocsr(), S.real.tocsr()
+        print(
+            f"supercell H and S (nnz {H.nnz:,}, {S.nnz:,}) in {time.perf_counter() - t:.1f} s",
+            flush=True,
+        )
+        t0 = time.perf_counter()
+        fs = fermi_states(H, S, n_el, k=a.k, block=a.block, guess=a.guess)
+        t_f = time.perf_counter() - t0
+        tried = ", ".join(f"{x:.3f} eV ({c} below)" for x, c in fs.factorisations)
+        print(
+            f"Fermi level {fs.fermi_level:.4f} eV (reference mid-gap {0.5 * (vbm + cbm):.4f}); "
+            f"HOMO {fs.homo:.6f} (error {abs(fs.homo - vbm):.1e}), LUMO {fs.lumo:.6f} (error "
+            f"{abs(fs.lumo - cbm):.1e}) in {t_f:.1f} s: {len(fs.factorisations)} "
+            f"factorisation(s) at {tried}; last iteration {fs.states.seconds['iteration']:.1f}"
+            f" s, {fs.states.solves} solves; RSS {rss_gib():.2f} GiB",
+            flush=True,
+        )
+        lo, hi = vbm - a.window, vbm + 1e-4
+        t = time.perf_counter()
+        w = window_states(H, S, lo, hi, k=a.k, block=a.block)
+        t_w = time.perf_counter() - t
+        sym = np.tile(
+            np.repeat(np.array(s.atoms.get_chemical_symbols()), s.orbital_counts), n_cells
+        )
+        wt = w.weights(S, {x: np.flatnonzero(sym == x) for x in species})
+        sel = (E >= lo) & (E <= hi)
+        ok = len(w.eigenvalues) == sel.sum()
+        e_err = np.abs(w.eigenvalues - E[sel]).max() if ok else float("nan")
+        counts = ", ".join(
+            f"{x} {2 * wt[x].sum():.4f} (exact {2 * W[i, sel].sum():.4f})"
+            for i, x in enumerate(species)
+        )
+        print(
+            f"window [VBM - {a.window:g}, VBM] eV: {len(w.eigenvalues)} states (exact "
+            f"{sel.sum()}), largest eigenvalue error {e_err:.1e} eV; states x 2 spins: "
+            f"{counts}; in {t_w:.1f} s ({w.seconds.get('factorisation', 0.0):.1f} s "
+            f"factorisation, {w.solves} solves)",
+            flush=True,
+        )
+        print(
+            f"total for E_F and the window: {t_f + t_w:.1f} s on {len(s.atoms) * n_cells} "
+            f"atoms; peak RSS {rss_gib():.2f} GiB",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
