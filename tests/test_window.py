@@ -180,3 +180,15 @@ def test_errors(pair):
         fermi_states(H, S, 5000.0)
     with pytest.raises(WindowError, match="did not converge"):
         states_near(H, S, 0.0, 40, block=4, max_solves=8)
+
+
+def test_parallel_sparse_product_equals_scipy():
+    from ase_gearsh.electronic import sparse_products
+
+    A = sp.random(3000, 2000, density=0.02, random_state=4, format="csr")
+    X = np.random.default_rng(5).normal(size=(2000, 40))
+    assert A.nnz * X.shape[1] >= sparse_products.MIN_WORK  # the threaded path
+    np.testing.assert_allclose(sparse_products.csr_times_block(A, X), A @ X, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        sparse_products.csr_times_block(A, np.asfortranarray(X[:, :3])), A @ X[:, :3], atol=1e-12
+    )

@@ -38,6 +38,7 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from ..core.errors import GearsHError
+from .sparse_products import csr_times_block
 
 __all__ = [
     "WindowError",
@@ -218,8 +219,7 @@ class NearStates:
     def weights(self, S, groups: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Mulliken weight of each state on each group of orbitals (they sum to 1
         over a partition): sum_{mu in g} c_mu (S c)_mu."""
-        SC = S @ self.vectors
-        w = self.vectors * SC
+        w = self.vectors * csr_times_block(sp.csr_matrix(S, dtype=np.float64), self.vectors)
         return {name: w[np.asarray(idx)].sum(axis=0) for name, idx in groups.items()}
 
 
@@ -249,7 +249,7 @@ class _BlockKrylov:
         """Add the current block (S-orthonormalised against Q) and apply T to it;
         False when nothing new was added."""
         W = self.X
-        SW = self.S @ W
+        SW = csr_times_block(self.S, W)
         for _ in range(2):  # S-orthogonal to Q (twice is enough)
             if self.Q.shape[1]:
                 coef = self.SQ.T @ W
@@ -265,7 +265,7 @@ class _BlockKrylov:
         KW = self.K.solve(SW)
         self.solves += SW.shape[1]
         self.Q = np.hstack([self.Q, W])
-        self.HQ = np.hstack([self.HQ, self.H @ W])
+        self.HQ = np.hstack([self.HQ, csr_times_block(self.H, W)])
         self.SQ = np.hstack([self.SQ, SW])
         self.KQ = np.hstack([self.KQ, KW])
         self.X = KW
