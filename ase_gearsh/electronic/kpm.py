@@ -39,6 +39,7 @@ import scipy.sparse.linalg as sla
 from sksparse import cholmod
 
 from ..core.errors import GearsHError
+from .sparse_products import csr_times_block
 
 __all__ = [
     "CholeskyFactor",
@@ -258,7 +259,7 @@ def chebyshev_moments(
 
     def apply(v):  # (B~ v, L^-H v), B~ = (L^-1 H L^-H - b) / a
         w = chol.lt_solve(v)
-        return (chol.l_solve(H @ w) - b * v) / a, w
+        return (chol.l_solve(_times(H, w)) - b * v) / a, w
 
     n_vec = n if exact else int(n_random)
     starts = range(0, n_vec, int(block))
@@ -314,6 +315,13 @@ def chebyshev_moments(
 def _bar_tick(bar, m):
     if bar is not None and m % 32 == 31:
         bar.update(32)
+
+
+def _times(A, X):
+    """A @ X, on all cores for real A and X (:mod:`.sparse_products`)."""
+    if np.isrealobj(X) and A.dtype == np.float64 and np.ndim(X) == 2:
+        return csr_times_block(A, X)
+    return A @ X
 
 
 def _plain_block(r, apply, S, Gg, M, bar):
