@@ -240,6 +240,8 @@ class _BlockKrylov:
         self.HQ = np.zeros((n, 0))
         self.SQ = np.zeros((n, 0))
         self.KQ = np.zeros((n, 0))
+        self.Hs = np.zeros((0, 0))
+        self.Ts = np.zeros((0, 0))
         rng = np.random.default_rng(seed)
         self.X = rng.standard_normal((n, min(block, n)))
         self.max_basis = max_basis
@@ -264,8 +266,13 @@ class _BlockKrylov:
         W, SW = W @ T, SW @ T
         KW = self.K.solve(SW)
         self.solves += SW.shape[1]
+        HW = csr_times_block(self.H, W)
+        # the projections Q^T H Q and Q^T S K^-1 S Q, grown by the new block's rows and
+        # columns (O(n m b) per block instead of O(n m^2))
+        self.Hs = _grow(self.Hs, self.Q.T @ HW, W.T @ HW)
+        self.Ts = _grow(self.Ts, self.SQ.T @ KW, SW.T @ KW)
         self.Q = np.hstack([self.Q, W])
-        self.HQ = np.hstack([self.HQ, csr_times_block(self.H, W)])
+        self.HQ = np.hstack([self.HQ, HW])
         self.SQ = np.hstack([self.SQ, SW])
         self.KQ = np.hstack([self.KQ, KW])
         self.X = KW
@@ -274,12 +281,10 @@ class _BlockKrylov:
     def select(self, k: int):
         """The k states nearest sigma: (E, Y, theta) with Y (m, k) coefficients in Q
         (S-orthonormal Ritz vectors Q Y), E their energies, sorted by |theta|."""
-        Ts = self.SQ.T @ self.KQ  # Q^T S K^-1 S Q
-        theta, Z = np.linalg.eigh(0.5 * (Ts + Ts.T))
+        theta, Z = np.linalg.eigh(self.Ts)
         top = np.argsort(-np.abs(theta), kind="stable")
         Zk = Z[:, top[:k]]
-        Hk = Zk.T @ (self.Q.T @ (self.HQ @ Zk))
-        E, V = np.linalg.eigh(0.5 * (Hk + Hk.T))
+        E, V = np.linalg.eigh(_sym(Zk.T @ self.Hs @ Zk))
         return E, Zk @ V, Z[:, top]
 
     def restart(self, Z):
@@ -294,6 +299,22 @@ class _BlockKrylov:
             self.SQ @ Z,
             self.KQ @ Z,
         )
+        self.Hs, self.Ts = _sym(Z.T @ self.Hs @ Z), _sym(Z.T @ self.Ts @ Z)
+
+
+def _sym(A):
+    return 0.5 * (A + A.T)
+
+
+def _grow(P, cross, corner):
+    """[[P, cross], [cross^T, corner]], symmetrised."""
+    m, b = cross.shape
+    out = np.empty((m + b, m + b))
+    out[:m, :m] = P
+    out[:m, m:] = cross
+    out[m:, :m] = cross.T
+    out[m:, m:] = _sym(corner)
+    return out
 
 
 def states_near(
