@@ -735,13 +735,15 @@ class GearsHCalculator(Calculator):
             )
         return self._matrix("H", np.zeros(3)), self._matrix("S", np.zeros(3))
 
-    def exact_fermi(self, atoms: Atoms | None = None) -> FermiStates:
+    def exact_fermi(self, atoms: Atoms | None = None, guess: float | None = None) -> FermiStates:
         """Fermi level, HOMO and LUMO at Gamma from exact states near the level, for
         structures of any size (:func:`~ase_gearsh.electronic.window.fermi_states`:
         a sparse LDL^T factorisation of H - sigma S counts the states below sigma
         exactly, shift-invert iterations give the states around it).  Smearing
         ``width`` and ``charge`` as for ``get_fermi_level``; cached.  Costs about one
-        Cholesky factorisation of S per shift tried (usually one or two)."""
+        Cholesky factorisation of S per shift tried.  The first shift is ``guess`` (eV;
+        e.g. the level of a similar structure) or an estimate from the local DOS of small
+        clusters around 256 sampled atoms (:func:`~ase_gearsh.electronic.window.local_guess`)."""
         self._sync(atoms)
         key = ("exact_fermi", float(self.parameters.width), float(self._n_electrons()))
         if key not in self._cache:
@@ -751,6 +753,8 @@ class GearsHCalculator(Calculator):
                 S,
                 self._n_electrons(),
                 width=self.parameters.width,
+                guess=guess,
+                atom_of=self._labels().atom_of,
                 progress=self.parameters.progress,
             )
         return self._cache[key]

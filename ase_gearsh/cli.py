@@ -70,6 +70,7 @@ def _predict(args: argparse.Namespace) -> int | None:
         index=args.index,
         holes=args.holes,
         hole_window=args.hole_window,
+        fermi_guess=args.fermi_guess,
     )
     if len(args.structure) == 1:
         predict_structure(
@@ -191,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         "count (e.g. W,Se)",
     )
     r.add_argument("--hole-window", type=float, default=0.2, help="hole window above E_F, eV (0.2)")
+    r.add_argument(
+        "--fermi-guess",
+        type=float,
+        help="with --method exact: the first shift of the Fermi-level search, eV (e.g. the "
+        "level of a similar structure; default: from the local DOS of small clusters)",
+    )
     r.add_argument("--kpts", help="Gamma-centred k-grid, e.g. 4,4,1 (default: Gamma only)")
     r.add_argument("--width", type=float, default=0.1, help="DOS broadening, eV (0.1)")
     r.add_argument("--npts", type=int, default=2001, help="DOS energy points (2001)")

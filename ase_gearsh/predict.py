@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import time
 from pathlib import Path
 
@@ -146,6 +147,7 @@ def predict_structure(
     overwrite: bool = False,
     holes=None,
     hole_window: float = 0.2,
+    fermi_guess: float | None = None,
 ) -> dict:
     """Run the calculator on one structure file (or Atoms) and write ``output``
     (a new folder; an existing one is replaced only with ``overwrite``).
@@ -157,6 +159,7 @@ def predict_structure(
     out = check_output_folder(output, overwrite)
     _check_method_args(width, npts, emin, emax, method)
     holes = _check_holes(holes, hole_window)
+    _check_guess(fermi_guess)
     atoms, name = _read_structure(structure, index)
     missing = sorted(set(holes or []) - set(atoms.get_chemical_symbols()))
     if missing:
@@ -180,6 +183,7 @@ def predict_structure(
             progress,
             holes,
             hole_window,
+            fermi_guess,
         )
     for line in lines:
         log(line)
@@ -218,6 +222,13 @@ def _check_method_args(width, npts, emin, emax, method) -> None:
         if "method must be" in msg:
             msg = f"method must be 'auto', 'dense', 'kpm' or 'exact', got {method!r}"
         raise PredictError(msg) from None
+
+
+def _check_guess(guess) -> None:
+    if guess is None:
+        return
+    if isinstance(guess, bool) or not isinstance(guess, (int, float)) or not math.isfinite(guess):
+        raise PredictError(f"--fermi-guess must be a finite energy in eV, got {guess!r}")
 
 
 def _check_holes(holes, window) -> list[str] | None:
@@ -259,11 +270,11 @@ def exact_hole_count(info: dict, fermi: float, species, window: float) -> float:
     return float(2.0 * sum(info["weights"][s][sel].sum() for s in species))
 
 
-def _exact_spectrum(calc, width, npts, emin, emax, hole_window):
+def _exact_spectrum(calc, width, npts, emin, emax, hole_window, fermi_guess=None):
     """E_F, the exact states in [emin, emax] (default E_F -+ 2 eV, widened to hold the
     hole window) and the DOS/PDOS they give, broadened by ``width`` (a local DOS: states
     outside the window are not included)."""
-    fs = calc.exact_fermi()
+    fs = calc.exact_fermi(guess=fermi_guess)
     ef = fs.fermi_level
     lo = ef - 2.0 if emin is None else float(emin)
     hi = ef + max(2.0, hole_window) if emax is None else float(emax)
@@ -326,6 +337,7 @@ def _predict_into(
     progress,
     holes=None,
     hole_window=0.2,
+    fermi_guess=None,
 ):
     """Compute everything and write it into the folder ``out``; (summary, log lines)."""
     t0 = time.perf_counter()
@@ -373,7 +385,7 @@ def _predict_into(
     exact_info = None
     if exact:
         e, dos, pdos, ef, exact_info = _exact_spectrum(
-            calc, width, npts, emin, emax, hole_window if holes else 0.0
+            calc, width, npts, emin, emax, hole_window if holes else 0.0, fermi_guess
         )
         rows = ["energy_eV," + ",".join(exact_info["weights"])]
         for i, x in enumerate(exact_info["energies"]):
