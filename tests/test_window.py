@@ -200,3 +200,38 @@ def test_parallel_sparse_product_equals_scipy():
     np.testing.assert_allclose(
         sparse_products.csr_times_block(A, np.asfortranarray(X[:, :3])), A @ X[:, :3], atol=1e-12
     )
+
+
+def test_one_sided_requests_match_dense(pair):
+    """The nearest states below and above sigma (extremes of the shift-invert operator)."""
+    H, S, E = pair
+    sigma = 0.21
+    nb = int((E < sigma).sum())
+    st = states_near(H, S, sigma, 0, below=3, above=20, block=8)
+    np.testing.assert_allclose(st.eigenvalues, E[nb - 3 : nb + 20], atol=1e-9)
+    assert st.reach_below == pytest.approx(sigma - E[nb - 3])
+    assert st.reach_above == pytest.approx(E[nb + 19] - sigma)
+    # continuing the same Krylov space for more states
+    more = states_near(H, S, sigma, 0, below=3, above=40, block=8, space=st.space)
+    np.testing.assert_allclose(more.eigenvalues, E[nb - 3 : nb + 40], atol=1e-9)
+
+
+def test_fermi_level_across_a_gap():
+    """An insulator whose first shift lies in the valence band: the states across the
+    gap converge slowly from there, so the next shift goes to the gap's middle."""
+    H0, S, E0 = random_pair(n=800, seed=3)
+    Sd = S.toarray()
+    E, C = la.eigh(H0.toarray(), Sd)
+    n_occ = 400
+    Eg = np.where(np.arange(len(E)) < n_occ, E - 2.0, E + 2.0)  # a gap of 4 eV or more
+    SC = Sd @ C
+    H = sp.csr_matrix((SC * Eg) @ SC.T)  # eigenpairs (Eg, C) with the same S
+    H = 0.5 * (H + H.T)
+    guess = Eg[n_occ - 30] + 1e-3  # 29 states below the HOMO lie above the guess
+    fs = fermi_states(H, S, 2.0 * n_occ, guess=guess, k=48, block=8)
+    assert fs.homo == pytest.approx(Eg[n_occ - 1], abs=1e-8)
+    assert fs.lumo == pytest.approx(Eg[n_occ], abs=1e-8)
+    assert fs.fermi_level == pytest.approx(0.5 * (Eg[n_occ - 1] + Eg[n_occ]), abs=1e-8)
+    # the second shift lies in the gap: exactly the occupied states below it
+    assert len(fs.factorisations) == 2 and fs.factorisations[1][1] == n_occ
+    fs.factor.free()
