@@ -601,8 +601,9 @@ def local_guess(
     on the central atom are that atom's local DOS.  Scaled to all atoms and broadened
     by ``width`` eV, their integral holds ``n_electrons`` (two per state) at the
     estimate.  ``atom_of``: the atom of every orbital (orbitals of an atom contiguous).
-    Cluster edges leave dangling states, so this is a guess (typically within a few
-    tenths of an eV of E_F; the exact level comes from :func:`fermi_states`)."""
+    Cluster edges leave dangling states, so this is only a first shift (a 954-atom WSe2
+    supercell: 0.29 eV below the valence-band maximum, 0.73 eV below mid-gap); the
+    exact level comes from :func:`fermi_states`."""
     H, S = _check_pair(H, S)
     atom_of = np.asarray(atom_of, np.int64)
     n = H.shape[0]
