@@ -399,7 +399,7 @@ predict: no atoms | gearsh predict {empty} -m {model} -o {tmp}/out -q | 2 | expe
 predict: --index beyond the frames | gearsh predict {frames} -m {model} -o {tmp}/out --index 7 -q | 2 | frames\.extxyz: --index '7' selects no frame of the file
 predict: --index selects several frames | gearsh predict {frames} -m {model} -o {tmp}/out --index : -q | 2 | selects 2 frames; expected one frame
 predict: --charge nan | gearsh predict {mol} -m {model} -o {tmp}/out --charge nan -q | 2 | charge must be a finite number
-predict: unknown --method | gearsh predict {mol} -m {model} -o {tmp}/out --method exact | 2 | invalid choice: 'exact'
+predict: unknown --method | gearsh predict {mol} -m {model} -o {tmp}/out --method lanczos | 2 | invalid choice: 'lanczos'
 predict: model missing | gearsh predict {mol} -m {tmp}/none.ckpt -o {tmp}/out -q | 2 | checkpoint '.*none\.ckpt' not found
 predict: model is a text file | gearsh predict {mol} -m {file} -o {tmp}/out -q | 2 | not a readable GEARS H checkpoint
 attach-basis: other functional than the training data | gearsh attach-basis {model} --xc LDA | 2 | xc='LDA' differs from the functional of the training data \('PBE'.*--force

@@ -154,7 +154,7 @@ def test_gpaw_water_states(h2o_gpw):
     eps = arrays["eigenvalues"][0, 0]
     n_el = meta["n_electrons"]
     nocc = int(round(n_el / 2))
-    fs = fermi_states(H, S, n_el, k=4, block=4)  # the Krylov path: 23 orbitals > 3 blocks
+    fs = fermi_states(H, S, n_el, k=4, block=4)  # 23 orbitals: the dense path inside
     # the local-cluster guess: here a cluster is the whole molecule (exact DOS), so the
     # broadened level lies in the gap; from it the first shift finds the level
     atom_of = np.repeat(np.arange(len(blocks[0])), blocks[0])

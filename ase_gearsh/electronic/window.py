@@ -371,7 +371,9 @@ def states_near(
     one_sided = below is not None or above is not None
     if one_sided:
         below, above = int(below or 0), int(above or 0)
-        k = below + above
+        if factor is not None:  # no more than there are on each side
+            below, above = min(below, factor.n_negative), min(above, n - factor.n_negative)
+        k = max(below + above, 1)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
         raise WindowError(
             f"k must be an integer from 1 to the matrix size {n}, got {k!r}"
@@ -388,7 +390,7 @@ def states_near(
         seconds["factorisation"] = factor.seconds
     elif factor.shape != H.shape:
         raise WindowError(f"factor is of shape {factor.shape}, H of {H.shape}")
-    if n <= 3 * block or n <= 2 * k + block:  # small: dense
+    if n <= max(3 * block, 2 * k + block, 64):  # small: dense
         E, C = scipy.linalg.eigh(H.toarray(), S.toarray())
         if one_sided:
             nb = int((E < sigma).sum())
