@@ -355,6 +355,7 @@ def states_near(
     below: int | None = None,
     above: int | None = None,
     space=None,
+    _checked: bool = False,
 ) -> NearStates:
     """The ``k`` eigenpairs of H c = E S c nearest ``sigma`` (eV), exactly (to ``tol``).
 
@@ -366,7 +367,8 @@ def states_near(
     sigma and the ``above`` nearest above it (k is then their sum).  ``space``: the
     ``space`` of an earlier result at the same sigma, continued instead of restarted."""
     sigma = _check_number("sigma", sigma)
-    H, S = _check_pair(H, S)
+    if not _checked:  # the callers below check H and S once, not per call
+        H, S = _check_pair(H, S)
     n = H.shape[0]
     one_sided = below is not None or above is not None
     if one_sided:
@@ -539,7 +541,16 @@ def window_states(
     solves, space = 0, None
     while True:
         st = states_near(
-            H, S, sigma, 0, factor=factor, below=below, above=above, space=space, **options
+            H,
+            S,
+            sigma,
+            0,
+            factor=factor,
+            below=below,
+            above=above,
+            space=space,
+            _checked=True,
+            **options,
         )
         space = st.space
         solves += st.solves
@@ -778,6 +789,7 @@ def fermi_states(
                     below=need_below + margin,
                     above=need_above + margin,
                     space=space,
+                    _checked=True,
                     **dict(options, max_solves=options.get("max_solves") or 40 * k),
                 )
             except WindowError as err:
@@ -803,7 +815,7 @@ def fermi_states(
             sigma = sigma_next
             continue
         if st is None:  # too far: a first look at the density of states here
-            st = states_near(H, S, sigma, k, factor=factor, **options)
+            st = states_near(H, S, sigma, k, factor=factor, _checked=True, **options)
         span = max(st.reach_below + st.reach_above, 1e-6)
         density = max(len(st.eigenvalues) - 1, 1) / span  # states per eV near sigma
         factor.free()
