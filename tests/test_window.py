@@ -121,6 +121,37 @@ def test_window_from_the_fermi_factorisation(pair):
     fs.factor.free()
 
 
+def test_window_far_from_the_factor_gets_its_own_factorisation(pair):
+    """A factor whose shift lies far from a narrow window is not reused (by default):
+    the window is factorised at its centre, and the states are the same either way."""
+    H, S, E = pair
+    emin, emax = -1.05, -0.95  # narrow window, 0.5 eV from the factor's shift
+    ref = E[(E >= emin) & (E <= emax)]
+    assert len(ref) >= 3
+    far = IndefiniteFactor((H + 0.5 * S).tocsr())
+    far.sigma = -0.5
+    auto = window_states(H, S, emin, emax, factor=far, k=8, block=8)
+    assert "factorisation" in auto.seconds and auto.sigma == pytest.approx(-1.0)
+    np.testing.assert_allclose(auto.eigenvalues, ref, atol=1e-9)
+    assert auto.n_below == int((E < -1.0).sum())
+    forced = window_states(H, S, emin, emax, factor=far, k=8, block=8, refactor=False)
+    assert "factorisation" not in forced.seconds and forced.sigma == -0.5
+    np.testing.assert_allclose(forced.eigenvalues, ref, atol=1e-9)
+    assert auto.solves < forced.solves  # the point of the new factorisation
+    near = IndefiniteFactor((H + 1.02 * S).tocsr())
+    near.sigma = -1.02
+    assert "factorisation" not in window_states(H, S, emin, emax, factor=near).seconds
+    again = window_states(H, S, emin, emax, factor=near, refactor=True)
+    assert "factorisation" in again.seconds
+    np.testing.assert_allclose(again.eigenvalues, ref, atol=1e-9)
+    with pytest.raises(WindowError, match="refactor must be None, True or False, got 'yes'"):
+        window_states(H, S, emin, emax, factor=near, refactor="yes")
+    near.free()
+    near.free()  # twice is harmless
+    with pytest.raises(WindowError, match="was freed"):
+        near.solve(np.ones(H.shape[0]))
+
+
 def test_initial_guess_avoids_diagonal_values():
     H = sp.diags([-2.0, -2.0, -1.0, 0.5]).tocsr()
     S = sp.eye(4).tocsr()

@@ -154,11 +154,22 @@ class IndefiniteFactor:
             raise WindowError(
                 f"expected {self.shape[0]} rows in the right-hand side, got {B.shape}"
             )
+        if self._solver is None:
+            raise WindowError("this factorisation was freed (IndefiniteFactor.free)")
         return self._solver.solve(self._upper, B)
 
     def free(self) -> None:
-        """Release PARDISO's memory (the factor)."""
-        self._solver.free_memory(everything=True)
+        """Release PARDISO's memory (the factor).  Also done when the object is
+        garbage-collected: PARDISO's memory is outside Python's."""
+        solver, self._solver = getattr(self, "_solver", None), None
+        if solver is not None:
+            solver.free_memory(everything=True)
+
+    def __del__(self):
+        try:
+            self.free()
+        except Exception:  # interpreter shutdown: nothing left to release
+            pass
 
 
 def _factor(H, S, sigma: float) -> IndefiniteFactor:
@@ -498,6 +509,11 @@ def _check_k(name: str, k, n: int) -> int:
     return int(min(k, n))
 
 
+# window_states reuses a given factorisation when its shift lies within the window
+# widened by this many window widths on each side (benchmarks/window_supercell.py)
+REUSE_WIDTHS = 1.0
+
+
 def window_states(
     H,
     S,
@@ -506,32 +522,53 @@ def window_states(
     *,
     factor: IndefiniteFactor | None = None,
     k: int = 32,
+    refactor: bool | None = None,
     **options,
 ) -> NearStates:
     """Every eigenpair of H c = E S c with emin <= E <= emax (eV), exactly.
 
     Factorises H - sigma S at the window's centre, or uses ``factor`` (an
     :class:`IndefiniteFactor` of H - sigma S from :func:`fermi_states` or an earlier
-    call: its ``sigma`` may lie anywhere, preferably near the window), and asks
-    :func:`states_near` for ``k`` states, then for more until they reach beyond both
-    edges of the window.  ``options`` go to :func:`states_near`.  Returns a
+    call), and asks :func:`states_near` for ``k`` states, then for more until they
+    reach beyond both edges of the window.  ``refactor``: None (default) reuses
+    ``factor`` only when its sigma lies within the window widened by
+    ``REUSE_WIDTHS`` window widths on each side, and factorises at the centre
+    otherwise (from a shift far from a window in a dense band the iteration needs
+    every state in between, and converges slowly); True always factorises, False
+    always reuses.  ``options`` go to :func:`states_near`.  Returns a
     :class:`NearStates` holding only the states in the window (``n_below``: the count
-    below the factor's sigma; ``radius``: the reach needed from sigma)."""
+    below the sigma used; ``radius``: the reach needed from sigma;
+    ``seconds['factorisation']`` only when a new factorisation was made)."""
     emin, emax = _check_number("emin", emin), _check_number("emax", emax)
     if not emax > emin:
         raise WindowError(f"the window must have emax > emin, got [{emin}, {emax}] eV")
+    if refactor is not None and not isinstance(refactor, bool):
+        raise WindowError(f"refactor must be None, True or False, got {refactor!r}")
     H, S = _check_pair(H, S)
     n = H.shape[0]
     k = _check_k("k", k, n)
     seconds = {}
-    if factor is None:
-        factor = _factor(H, S, 0.5 * (emin + emax))
-        seconds["factorisation"] = factor.seconds
-    elif factor.sigma is None or factor.shape != H.shape:
+    if factor is not None and (factor.sigma is None or factor.shape != H.shape):
         raise WindowError(
             "factor must be the IndefiniteFactor of H - sigma S from this module "
             "(fermi_states, or an earlier window) for these matrices"
         )
+    if factor is not None and refactor is None:
+        margin = REUSE_WIDTHS * (emax - emin)
+        refactor = not emin - margin <= factor.sigma <= emax + margin
+    own = factor is None or refactor
+    if own:
+        factor = _factor(H, S, 0.5 * (emin + emax))
+        seconds["factorisation"] = factor.seconds
+    try:
+        return _window_from(H, S, emin, emax, factor, k, seconds, options)
+    finally:
+        if own:  # PARDISO's memory, not Python's: release it now
+            factor.free()
+
+
+def _window_from(H, S, emin, emax, factor, k, seconds, options) -> NearStates:
+    n = H.shape[0]
     sigma = factor.sigma
     # every state between sigma and the far edge on each side of sigma is needed: the
     # nearest ones below and above it (extremes of the shift-invert operator at each end)
