@@ -60,6 +60,9 @@ Conventions
   method (:mod:`ase_gearsh.electronic.kpm`) at Gamma, eigenvalues are not
   available, and the Fermi level comes from the total KPM DOS at the fixed
   resolution ``kpm["fermi_width"]`` (computed once, whatever is asked first).
+  For Gamma-only structures of ``overlap_alongside`` atoms or more (default 500),
+  the exact S is computed in a worker thread while the network predicts H (an
+  error there is raised only where S is asked for).
 
 Layout: this module holds the ASE plumbing (parameters, state, results), the
 model, predictor and overlap pieces and the cache of H(k) and S(k).  k-points
@@ -74,6 +77,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -141,7 +145,7 @@ class PropertyUnavailableError(GearsHError, PropertyNotPresent):
 
 # parameter changes that leave the atoms-level data (blocks, H(k), S(k), KPM at Gamma) valid
 _KEEPS_MATRICES = {"kpts", "width", "charge", "dense_limit", "kpm"}
-_NO_EFFECT = {"progress", "warn_extrapolation", "reliability_threshold"}
+_NO_EFFECT = {"progress", "warn_extrapolation", "reliability_threshold", "overlap_alongside"}
 # results that depend on the atoms only (kept when k-points or smearing change)
 _ATOMS_RESULTS = ("hamiltonian", "overlap", "reliability", "atom_reliability")
 # overlap tables are built lazily and are costly: one OverlapCalculator per model
@@ -190,6 +194,8 @@ def _check_parameter(key: str, value):
         check_positive("dense_limit", value, integer=True, allow_zero=True)
     elif key in ("edge_chunk", "pair_chunk"):
         check_positive(key, value, integer=True)
+    elif key == "overlap_alongside" and value is not None:
+        check_positive("overlap_alongside (atoms; None: never)", value, integer=True)
     elif key == "reliability_threshold" and value is not None:
         check_positive("reliability_threshold (None: never warn)", value)
     return value
@@ -267,6 +273,10 @@ def _overlap_calculator(model: Model) -> OverlapCalculator:
     if entry is None or entry[0] is not data:
         entry = _OVERLAPS[model] = (data, OverlapCalculator(data))
     return entry[1]
+
+
+# one worker thread for exact S computed alongside the network (GearsHCalculator)
+_WORKER = ThreadPoolExecutor(1, thread_name_prefix="gearsh-overlap")
 
 
 def _overlap(model: Model, atoms: Atoms, k: np.ndarray):
@@ -354,6 +364,9 @@ class GearsHCalculator(Calculator):
         "warn_extrapolation": True,
         "reliability_threshold": RELIABILITY_THRESHOLD,  # warn above (None: never)
         "progress": False,
+        # exact S at Gamma computed in a thread while the network runs (Gamma-only
+        # calculations of at least this many atoms; None: never)
+        "overlap_alongside": 500,
     }
 
     def __init__(self, model=None, atoms: Atoms | None = None, **kwargs):
@@ -499,12 +512,40 @@ class GearsHCalculator(Calculator):
 
     def _blocks(self) -> BlockMatrices:
         if "blocks" not in self._cache:
-            pb = self.predictor(self.atoms, progress=self.parameters.progress)
+            alongside = self._overlap_alongside()
+            try:
+                pb = self.predictor(self.atoms, progress=self.parameters.progress)
+            finally:
+                if alongside is not None:
+                    self._collect_overlap(alongside)
             if self.parameters.warn_extrapolation:
                 _check_coverage(self.model, self.atoms, pb)
             self._cache["blocks"] = pb
             self._reliability()  # with every prediction: results and the warning
         return self._cache["blocks"]
+
+    def _overlap_alongside(self):
+        """Start exact S(Gamma) in a worker thread when it will be wanted (Gamma-only
+        calculation of at least ``overlap_alongside`` atoms, S not yet computed): its
+        compiled kernels and the network's XLA calls release the GIL, so on a few cores
+        the shorter of the two is hidden.  Returns the future, or None."""
+        limit = self.parameters.overlap_alongside
+        key = ("S", (0.0, 0.0, 0.0))
+        if limit is None or len(self.atoms) < limit or key in self._cache:
+            return None
+        if self.parameters.kpts is not None or not getattr(self.model, "basis_data", None):
+            return None
+        return _WORKER.submit(_overlap, self.model, self.atoms.copy(), np.zeros(3))
+
+    def _collect_overlap(self, future) -> None:
+        """Keep S from :meth:`_overlap_alongside`; an error is left for the caller that
+        asks for S (it is raised again there), so a prediction of H alone never fails
+        because of S."""
+        try:
+            S = future.result()
+        except Exception:  # noqa: BLE001 - recomputed, and raised, where S is asked for
+            return
+        self._cache[("S", (0.0, 0.0, 0.0))] = S
 
     def _reliability(self) -> tuple:
         """(figure, per-atom scores) of the prediction, also put in ``results``."""
@@ -773,9 +814,10 @@ class GearsHCalculator(Calculator):
         ``by='atom'`` an (N_atoms, n_states) array; a state's weights sum to 1.
 
         Energies relative to the Fermi level: ``ef = calc.exact_fermi().fermi_level``,
-        then ``get_window_states(ef, ef + 0.2)`` (a window within 1 eV of the last shift
-        of ``exact_fermi`` reuses its factorisation).  Ask for narrow windows: the cost
-        grows with the number of states in it."""
+        then ``get_window_states(ef, ef + 0.2)``.  A window near the last shift of
+        ``exact_fermi`` (within one window width of its edges) reuses that
+        factorisation; a window farther away gets its own, at its centre.  Ask for
+        narrow windows: the cost grows with the number of states in it."""
         check_choice("by", by, PROJECTIONS)
         for name, x in (("emin", emin), ("emax", emax)):
             if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
@@ -786,12 +828,12 @@ class GearsHCalculator(Calculator):
             raise CalculatorInputError(f"expected emin < emax, got [{emin}, {emax}] eV")
         self._sync(atoms)
         H, S = self._gamma_matrices("window states")
-        # the factorisation behind exact_fermi serves windows within 1 eV of its shift
+        # the factorisation behind exact_fermi serves windows near its shift
+        # (window_states decides: electronic.window.REUSE_WIDTHS)
         factor = None
         for key, fs in self._cache.items():
-            f = getattr(fs, "factor", None) if key[:1] == ("exact_fermi",) else None
-            if f is not None and max(f.sigma - emin, emax - f.sigma) <= 1.0:
-                factor = f
+            if key[:1] == ("exact_fermi",) and getattr(fs, "factor", None) is not None:
+                factor = fs.factor
         st = window_states(
             H, S, float(emin), float(emax), factor=factor, progress=self.parameters.progress
         )

@@ -84,6 +84,33 @@ def test_oracle_eigenvalues_equal_gpaw_gamma(model, water_dataset):
     assert isinstance(calc.results["hamiltonian"], sp.csr_matrix)
 
 
+def test_overlap_alongside_the_network_is_the_same_s(model, water_dataset):
+    """S computed in a worker thread during the prediction equals GPAW's S and the
+    S computed afterwards; a failure there does not stop a prediction of H."""
+    s = Dataset(water_dataset)[0]
+    atoms, calc = oracle_calc(model, s, overlap_alongside=1)
+    calc.blocks()
+    assert ("S", (0.0, 0.0, 0.0)) in calc._cache  # ready with the blocks
+    S = calc.get_overlap()
+    assert np.abs(S.toarray() - s.overlap()).max() < 1e-8
+    atoms2, calc2 = oracle_calc(model, s, overlap_alongside=None)
+    calc2.blocks()
+    assert ("S", (0.0, 0.0, 0.0)) not in calc2._cache  # off: computed when asked for
+    assert abs(calc2.get_overlap() - S).max() == 0.0
+    np.testing.assert_array_equal(calc.get_eigenvalues(), calc2.get_eigenvalues())
+    with pytest.raises(CalculatorInputError, match="overlap_alongside"):
+        GearsHCalculator(model, overlap_alongside=-3)
+    # no basis functions: S fails in the worker, H is still predicted, S raises where asked
+    data, model.basis_data = model.basis_data, {"O": model.basis_data["O"]}
+    try:
+        atoms3, calc3 = oracle_calc(model, s, overlap_alongside=1)
+        assert calc3.get_hamiltonian().shape == S.shape
+        with pytest.raises(GearsHError, match=r"no basis functions for element\(s\) \['H'\]"):
+            calc3.get_overlap()
+    finally:
+        model.basis_data = data
+
+
 def test_oracle_eigenvalues_equal_gpaw_at_every_kpoint(model, chain_dataset, chain_kpts):
     s = Dataset(chain_dataset)[0]
     kpts = s.reference_kpts
