@@ -814,10 +814,10 @@ class GearsHCalculator(Calculator):
         ``by='atom'`` an (N_atoms, n_states) array; a state's weights sum to 1.
 
         Energies relative to the Fermi level: ``ef = calc.exact_fermi().fermi_level``,
-        then ``get_window_states(ef, ef + 0.2)``.  A window near the last shift of
-        ``exact_fermi`` (within one window width of its edges) reuses that
-        factorisation; a window farther away gets its own, at its centre.  Ask for
-        narrow windows: the cost grows with the number of states in it."""
+        then ``get_window_states(ef, ef + 0.2)``.  A window within 1 eV of the last
+        shift of ``exact_fermi`` reuses that factorisation; a window farther away gets
+        its own, at its centre.  Ask for narrow windows: the cost grows with the
+        number of states in it."""
         check_choice("by", by, PROJECTIONS)
         for name, x in (("emin", emin), ("emax", emax)):
             if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
@@ -829,7 +829,7 @@ class GearsHCalculator(Calculator):
         self._sync(atoms)
         H, S = self._gamma_matrices("window states")
         # the factorisation behind exact_fermi serves windows near its shift
-        # (window_states decides: electronic.window.REUSE_WIDTHS)
+        # (window_states decides: electronic.window.REUSE_REACH, 1 eV)
         factor = None
         for key, fs in self._cache.items():
             if key[:1] == ("exact_fermi",) and getattr(fs, "factor", None) is not None:

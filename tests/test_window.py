@@ -122,25 +122,23 @@ def test_window_from_the_fermi_factorisation(pair):
 
 
 def test_window_far_from_the_factor_gets_its_own_factorisation(pair):
-    """A factor whose shift lies far from a narrow window is not reused (by default):
-    the window is factorised at its centre, and the states are the same either way."""
+    """A given factor serves windows within REUSE_REACH (1 eV) of its shift; a window
+    farther away is factorised at its centre; the states are the same either way."""
     H, S, E = pair
-    emin, emax = -1.05, -0.95  # narrow window, 0.5 eV from the factor's shift
+    emin, emax = -1.05, -0.95
     ref = E[(E >= emin) & (E <= emax)]
     assert len(ref) >= 3
-    far = IndefiniteFactor((H + 0.5 * S).tocsr())
-    far.sigma = -0.5
+    far = IndefiniteFactor((H - 0.2 * S).tocsr())
+    far.sigma = 0.2  # 1.25 eV from the lower edge
     auto = window_states(H, S, emin, emax, factor=far, k=8, block=8)
     assert "factorisation" in auto.seconds and auto.sigma == pytest.approx(-1.0)
     np.testing.assert_allclose(auto.eigenvalues, ref, atol=1e-9)
     assert auto.n_below == int((E < -1.0).sum())
-    forced = window_states(H, S, emin, emax, factor=far, k=8, block=8, refactor=False)
-    assert "factorisation" not in forced.seconds and forced.sigma == -0.5
-    np.testing.assert_allclose(forced.eigenvalues, ref, atol=1e-9)
-    assert auto.solves < forced.solves  # the point of the new factorisation
-    near = IndefiniteFactor((H + 1.02 * S).tocsr())
-    near.sigma = -1.02
-    assert "factorisation" not in window_states(H, S, emin, emax, factor=near).seconds
+    near = IndefiniteFactor((H + 0.5 * S).tocsr())
+    near.sigma = -0.5  # 0.55 eV from the lower edge
+    reused = window_states(H, S, emin, emax, factor=near, k=8, block=8)
+    assert "factorisation" not in reused.seconds and reused.sigma == -0.5
+    np.testing.assert_allclose(reused.eigenvalues, ref, atol=1e-9)
     again = window_states(H, S, emin, emax, factor=near, refactor=True)
     assert "factorisation" in again.seconds
     np.testing.assert_allclose(again.eigenvalues, ref, atol=1e-9)
@@ -150,6 +148,22 @@ def test_window_far_from_the_factor_gets_its_own_factorisation(pair):
     near.free()  # twice is harmless
     with pytest.raises(WindowError, match="was freed"):
         near.solve(np.ones(H.shape[0]))
+
+
+def test_states_near_stops_when_the_converged_states_reach_far_enough(pair):
+    """With enough=(d, 0) the iteration stops once the states converged below sigma reach
+    d: fewer states than asked for, every one converged, none left out."""
+    H, S, E = pair
+    sigma, d = 0.37, 0.3
+    st = states_near(H, S, sigma, 0, below=64, above=0, enough=(d, 0.0), block=8)
+    n_in = int(((E < sigma) & (E >= sigma - d)).sum())
+    assert n_in < len(st.eigenvalues) < 64  # stopped early, just past the reach
+    assert st.residuals.max() <= 1e-6
+    assert st.reach_below >= d
+    lo = E[(E < sigma) & (E >= sigma - st.reach_below)]
+    np.testing.assert_allclose(st.eigenvalues, lo, atol=1e-9)
+    full = states_near(H, S, sigma, 0, below=64, above=0, block=8)
+    assert len(full.eigenvalues) == 64 and st.solves < full.solves
 
 
 def test_initial_guess_avoids_diagonal_values():
