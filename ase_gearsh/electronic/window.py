@@ -549,8 +549,9 @@ def window_states(
     more until they reach beyond both edges of the window (it stops as soon as the
     converged states cover the window).  ``refactor``: None (default) reuses ``factor``
     when both edges lie within ``REUSE_REACH`` (1 eV) of its sigma, and factorises
-    at the window's centre otherwise; True always factorises, False always reuses.  ``options`` go to :func:`states_near`.  Returns a
-    :class:`NearStates` holding only the states in the window (``n_below``: the count
+    at the window's centre otherwise; True always factorises, False always reuses.
+    ``options`` go to :func:`states_near`.  Returns a :class:`NearStates` holding
+    only the states in the window (``n_below``: the count
     below the sigma used; ``radius``: the reach needed from sigma;
     ``seconds['factorisation']`` only when a new factorisation was made)."""
     emin, emax = _check_number("emin", emin), _check_number("emax", emax)
