@@ -52,6 +52,10 @@ def _eval(args: argparse.Namespace) -> None:
         f"  eigenvalue MAE {s['eig_mae_window_meV']:9.3f} meV   within +-5 eV of E_F "
         f"(all states {s['eig_mae_all_meV']:.3f})"
     )
+    print(
+        f"  of which shift {s['eig_abs_shift_meV']:9.3f} meV   mean |common shift| of a "
+        f"structure's eigenvalues; MAE without it {s['eig_mae_window_unshifted_meV']:.3f}"
+    )
     if args.output:
         print(f"  wrote {args.output}/summary.json, structures.csv, errors.png, parity.png")
     if args.json:

@@ -257,7 +257,7 @@ def test_eval_cli_reports_errors_and_plots(water_dataset, tmp_path, capsys, trai
         == 0
     )
     out = capsys.readouterr().out
-    assert "H MAE" in out and "eigenvalue MAE" in out
+    assert "H MAE" in out and "eigenvalue MAE" in out and "MAE without it" in out
     s = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert s["structures"] == 4 and s["h_mae_meV"] > 0
     assert s["eig_mae_window_meV"] > 0
@@ -286,6 +286,21 @@ def test_oracle_blocks_give_gpaw_eigenvalues(water_dataset, small_model, monkeyp
     )
     s = ev.evaluate("oracle", ds, progress=False)
     assert s["h_mae_meV"] == 0 and s["eig_mae_all_meV"] < 1e-6
+    # H + c S has GPAW's eigenvalues shifted by c: all of the error is the common shift
+    c = 0.05
+    monkeypatch.setattr(
+        ev,
+        "predict_structure_blocks",
+        lambda model, s: (
+            s.arrays["onsite_H"][0] + c * s.arrays["onsite_S"],
+            s.arrays["pair_H"][0] + c * s.arrays["pair_S"],
+        ),
+    )
+    s = ev.evaluate("oracle", ds, progress=False)
+    assert s["eig_mae_window_meV"] == pytest.approx(50.0, abs=1e-6)
+    assert s["eig_abs_shift_meV"] == pytest.approx(50.0, abs=1e-6)
+    assert s["eig_mae_window_unshifted_meV"] < 1e-6
+    assert all(r["eig_shift_meV"] == pytest.approx(50.0, abs=1e-6) for r in s["per_structure"])
 
 
 def test_validation_elements_must_be_in_the_training_set(
