@@ -527,8 +527,10 @@ class GearsHCalculator(Calculator):
     def _overlap_alongside(self):
         """Start exact S(Gamma) in a worker thread when it will be wanted (Gamma-only
         calculation of at least ``overlap_alongside`` atoms, S not yet computed): its
-        compiled kernels and the network's XLA calls release the GIL, so on a few cores
-        the shorter of the two is hidden.  Returns the future, or None."""
+        compiled kernels and the network's XLA calls release the GIL.  On 2 cores both
+        already use both cores, so little time is hidden (3999 atoms: 19.9 against
+        20.5 s), but S is built before H is assembled (peak memory 4.7 against 5.4
+        GiB; benchmarks/device_scale.py).  Returns the future, or None."""
         limit = self.parameters.overlap_alongside
         key = ("S", (0.0, 0.0, 0.0))
         if limit is None or len(self.atoms) < limit or key in self._cache:
