@@ -32,7 +32,12 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def paper_model(seed: int = 0, readout_fused_tensor: bool = True, baseline: bool = False):
+def paper_model(
+    seed: int = 0,
+    readout_fused_tensor: bool = True,
+    baseline: bool = False,
+    descriptor: tuple[int, int] | None = None,
+):
     from ase_gearsh.core.basis import Registry
     from ase_gearsh.model.engine import Model, pair_cutoff_matrix
     from ase_gearsh.model.layout import Layout
@@ -51,7 +56,10 @@ def paper_model(seed: int = 0, readout_fused_tensor: bool = True, baseline: bool
     cfg = check_config(
         {
             "data": {"train_data_path": "unused"},  # paper defaults
-            "model": {"mlp": {"readout_fused_tensor": readout_fused_tensor}},
+            "model": {
+                "mlp": {"readout_fused_tensor": readout_fused_tensor},
+                "atom_centered": {"descriptor": descriptor_options(descriptor)},
+            },
         }
     )
     settings = model_settings(cfg, reg.n_species, lay.lmax_out, lay.n_features)
@@ -70,6 +78,14 @@ def paper_model(seed: int = 0, readout_fused_tensor: bool = True, baseline: bool
     model.basis_data = {s: b.to_dict() for s, b in basis.items()}
     model.coverage = None
     return model
+
+
+def descriptor_options(descriptor: tuple[int, int] | None) -> dict:
+    """The descriptor keys for (features, TensorDenses); None: the paper's."""
+    if descriptor is None:
+        return {}
+    features, tds = descriptor
+    return {"num_tensordense_features": int(features), "num_tensordenses": int(tds)}
 
 
 def _evaluation(model) -> str:
@@ -158,6 +174,14 @@ def main(argv=None):
         help="exact S in a worker thread while the network runs (the calculator's default) "
         "or after it; several values time the second structure once per value, back to back",
     )
+    p.add_argument(
+        "--descriptor",
+        type=int,
+        nargs=2,
+        metavar=("FEATURES", "TENSORDENSES"),
+        help="atom descriptor size instead of the paper's 12 features and 1 TensorDense "
+        "(benchmarks/molecules_fast.yaml uses 24 2)",
+    )
     args = p.parse_args(argv)
     import jax
     from compilations import compilation_counter
@@ -165,11 +189,21 @@ def main(argv=None):
     compiles = compilation_counter()
     print(f"JAX {jax.__version__} on {jax.devices()}; {__import__('os').cpu_count()} CPU cores")
     t = time.perf_counter()
-    model = paper_model(readout_fused_tensor=not args.unfused_readout, baseline=args.baseline)
+    model = paper_model(
+        readout_fused_tensor=not args.unfused_readout,
+        baseline=args.baseline,
+        descriptor=tuple(args.descriptor) if args.descriptor else None,
+    )
     from ase_gearsh.model.network import count_parameters
 
     print(
-        f"paper configuration, random weights: {count_parameters(model.params):,} parameters, "
+        (
+            "paper configuration"
+            if not args.descriptor
+            else f"paper configuration but a descriptor of {args.descriptor[0]} features and "
+            f"{args.descriptor[1]} TensorDenses"
+        )
+        + f", random weights: {count_parameters(model.params):,} parameters, "
         f"{model.layout.n} canonical orbitals/atom, built in {time.perf_counter() - t:.1f} s"
     )
     from ase_gearsh.model.inference import predictor_for
