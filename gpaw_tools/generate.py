@@ -41,6 +41,7 @@ from ase_gearsh.core.processes import (
     WORKER_THREADS,
     Interrupted,
     interrupt_on_sigterm,
+    interrupted,
     run_pool,
 )
 from ase_gearsh.core.schema import read_structure
@@ -141,7 +142,8 @@ def run_structure(atoms, name: str, outdir: str | Path, settings: RunSettings) -
                 if not settings.keep_gpw:
                     gpw.unlink()
     except Exception:
-        error.write_text(traceback.format_exc())
+        if not interrupted():  # an interrupt can surface as another exception
+            error.write_text(traceback.format_exc())
         raise
     finally:  # also on Ctrl-C and SIGTERM, which are not failures of the run
         tmp.unlink(missing_ok=True)
@@ -158,6 +160,8 @@ def _worker(args):
     try:
         run_structure(atoms, name, outdir, settings)
     except Exception as err:
+        if interrupted():  # SIGTERM seen as another error (e.g. during an import)
+            os._exit(128 + signal.SIGTERM)
         return name, None, f"{type(err).__name__}: {err}"
     except BaseException:  # SystemExit from SIGTERM: clean-up done, leave now
         os._exit(128 + signal.SIGTERM)

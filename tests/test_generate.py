@@ -132,3 +132,25 @@ def test_extraction_in_the_worker_equals_extraction_from_the_file(tmp_path, caps
         main([str(src), "-o", str(runs2), "--discard-gpw", *common])
     assert stop.value.code == 2
     assert "--discard-gpw needs --extract" in capsys.readouterr().err
+
+
+def test_an_interrupt_seen_as_another_error_writes_no_error_file(tmp_path, monkeypatch):
+    """SIGTERM raised while an extension module initialises surfaces as ImportError: a
+    worker that was told to stop must not record that as a failed run."""
+    import signal
+
+    from ase_gearsh.core import processes
+
+    bad = molecule("H2")
+    bad.positions[1] = bad.positions[0]  # GPAW refuses: an ordinary failure
+    settings = generate.RunSettings(h=0.3, vacuum=3.0)
+    with pytest.raises(Exception, match="AtomsTooClose|too close"):
+        generate.run_structure(bad, "failed", tmp_path, settings)
+    assert (tmp_path / "failed.error").is_file()  # a real failure is recorded
+    monkeypatch.setattr(processes, "_INTERRUPTED", processes.threading.Event())
+    with pytest.raises(SystemExit):  # the worker's SIGTERM handler
+        processes._exit_on_sigterm(signal.SIGTERM, None)
+    assert processes.interrupted()
+    with pytest.raises(Exception, match="AtomsTooClose|too close"):
+        generate.run_structure(bad, "interrupted", tmp_path, settings)
+    assert not (tmp_path / "interrupted.error").exists()

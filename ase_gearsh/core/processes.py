@@ -31,7 +31,19 @@ __all__ = [
     "run_pool",
     "Interrupted",
     "environment",
+    "interrupted",
 ]
+
+# set by the SIGTERM handler of worker processes (worker_init)
+_INTERRUPTED = threading.Event()
+
+
+def interrupted() -> bool:
+    """True once this worker process was told to stop (SIGTERM from the parent or its
+    death).  The interrupt may surface as another exception (a SystemExit raised while
+    an extension module initialises becomes ``ImportError: initialization failed``), so
+    error handlers check this before recording a failure."""
+    return _INTERRUPTED.is_set()
 
 
 class Interrupted(KeyboardInterrupt):
@@ -43,6 +55,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _exit_on_sigterm(signum, frame):
+    _INTERRUPTED.set()
     raise SystemExit(128 + signum)
 
 
