@@ -1,5 +1,6 @@
 """The eigenvalue loss: Gamma-point levels of (H, S) from canonical blocks, checked
-against GPAW's own eigenvalues, and a training run that uses it."""
+against GPAW's own eigenvalues, and a training run that uses it; the common-shift
+loss (the part of the H error along S)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,8 @@ import pytest
 
 from ase_gearsh.core.data import Dataset
 from ase_gearsh.model.graph import attach_labels, batch_graphs
-from ase_gearsh.training.train import _eigen_sums, gamma_levels
+from ase_gearsh.testing import canonical_rotation, random_rotation
+from ase_gearsh.training.train import _eigen_sums, _shift_sums, gamma_levels
 
 
 def _batch(model, structures, slots):
@@ -57,6 +59,53 @@ def test_eigenvalue_errors_vanish_for_the_labels_and_have_gradients(water_datase
     assert np.isfinite(float(g)) and float(g) > 0  # a rigid shift raises the error
 
 
+def test_shift_of_h_plus_c_s_is_c_per_structure_and_moves_gpaws_levels_by_c(
+    water_dataset, small_model
+):
+    """H + c_k S per structure: the shift sums give exactly c_k, and the levels of
+    (H + c_k S, S) are GPAW's eigenvalues moved by c_k (the quantity the loss is for)."""
+    ds = Dataset(water_dataset)
+    b = _batch(small_model, [ds[0], ds[2]], slots=3)  # a third, empty slot
+    mask = jnp.asarray(small_model.layout.orbital_mask)
+    zero = np.asarray(_shift_sums(b["onsite"], b["pairs"], b, mask))
+    assert zero[2] == 2 and zero[0] < 1e-12  # two real structures, no error
+    c = jnp.array([0.05, -0.02, 7.0])  # the empty slot's value must not count
+    on = b["onsite"] + c[b["atom_graph"].clip(0, 2)][:, None, None] * b["onsite_s"]
+    pr = b["pairs"] + c[b["atom_graph"][b["pair_i"]].clip(0, 2)][:, None, None] * b["pairs_s"]
+    s = np.asarray(_shift_sums(on, pr, b, mask))
+    np.testing.assert_allclose(s, [0.05**2 + 0.02**2, 0.07, 2.0], rtol=1e-4)
+    levels = np.asarray(gamma_levels(on, pr, b, mask, n_atoms=3))
+    for k, st in enumerate([ds[0], ds[2]]):
+        gpaw = st.reference_eigenvalues[0, 0]
+        assert np.abs(levels[k, : len(gpaw)] - gpaw - float(c[k])).max() < 2e-3
+    # an on-site error orthogonal to S (Frobenius) gives no shift
+    one = _batch(small_model, [ds[0]], slots=1)
+    noise = jax.random.normal(jax.random.PRNGKey(0), one["onsite"].shape)
+    S = one["onsite_s"]
+    perp = noise - (noise * S).sum() / (S * S).sum() * S
+    s_perp = np.asarray(_shift_sums(one["onsite"] + 0.1 * perp, one["pairs"], one, mask))
+    assert s_perp[1] < 1e-6 and s_perp[2] == 1
+
+
+def test_shift_is_rotation_invariant_and_has_gradients(water_dataset, small_model):
+    ds = Dataset(water_dataset)
+    b = _batch(small_model, [ds[1]], slots=1)
+    mask = jnp.asarray(small_model.layout.orbital_mask)
+    rng = np.random.default_rng(3)
+    on = b["onsite"] + 0.02 * rng.normal(size=b["onsite"].shape)
+    pr = b["pairs"] + 0.02 * rng.normal(size=b["pairs"].shape)
+    before = np.asarray(_shift_sums(on, pr, b, mask))
+    D = jnp.asarray(canonical_rotation(random_rotation(4), small_model.layout))
+    rot = lambda x: jnp.einsum("ab,nbc,cd->nad", D.T, x, D)  # noqa: E731
+    moved = dict(b, onsite=rot(b["onsite"]), pairs=rot(b["pairs"]))
+    moved.update(onsite_s=rot(b["onsite_s"]), pairs_s=rot(b["pairs_s"]))
+    after = np.asarray(_shift_sums(rot(on), rot(pr), moved, mask))
+    assert before[1] > 1e-4  # not trivially zero
+    np.testing.assert_allclose(after, before, rtol=1e-3)  # float32 blocks
+    g = jax.grad(lambda x: _shift_sums(b["onsite"] + x * b["onsite_s"], b["pairs"], b, mask)[0])
+    assert float(g(0.05)) > 0  # a shift raises the loss, and the gradient says so
+
+
 @pytest.mark.slow  # two more compilations of the training step: `make test-all`
 def test_training_with_the_eigenvalue_loss(water_dataset, tmp_path, make_config):
     from ase_gearsh.model.checkpoint import load_checkpoint
@@ -66,9 +115,33 @@ def test_training_with_the_eigenvalue_loss(water_dataset, tmp_path, make_config)
         water_dataset,
         tmp_path,
         data={"n_train": 3, "n_valid": 1, "batch_size": 2, "bond_fraction": 0.5},
-        loss={"loss_parameters": {"eigenvalue_weight": 1.0, "eigenvalue_start": 0.5}},
+        loss={
+            "loss_parameters": {
+                "eigenvalue_weight": 1.0,
+                "eigenvalue_start": 0.5,
+                "shift_weight": 1.0,
+            }
+        },
         training={"n_epochs": 2},
     )
     run = train(cfg, progress=False, log=lambda *a: None)
     hist = load_checkpoint(run / "latest.ckpt")["extra"]["history"]
     assert len(hist) == 2 and all(np.isfinite(h["train_loss"]) for h in hist)
+
+
+def test_training_with_the_shift_loss(water_dataset, tmp_path, make_config):
+    from ase_gearsh.model.checkpoint import load_checkpoint
+    from ase_gearsh.training.train import train
+
+    cfg = make_config(
+        water_dataset,
+        tmp_path,
+        data={"n_train": 3, "n_valid": 1, "batch_size": 2, "bond_fraction": 0.5},
+        loss={"loss_parameters": {"shift_weight": 1.0}},
+        training={"n_epochs": 2},
+    )
+    run = train(cfg, progress=False, log=lambda *a: None)
+    ck = load_checkpoint(run / "latest.ckpt")
+    hist = ck["extra"]["history"]
+    assert len(hist) == 2 and all(np.isfinite(h["train_loss"]) for h in hist)
+    assert ck["config"]["loss"]["loss_parameters"]["shift_weight"] == 1.0

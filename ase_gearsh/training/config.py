@@ -144,6 +144,10 @@ DEFAULTS = {
             "eigenvalue_weight": 0.0,
             "eigenvalue_window": 5.0,
             "eigenvalue_start": 0.5,
+            # our key: a loss on the common shift of each structure's levels, the
+            # part c = <dH, S> / <S, S> of its H error along S (H + cS has every
+            # eigenvalue moved by c); weighted like the H terms; 0 switches it off
+            "shift_weight": 0.0,
         },
     },
     "training": {
@@ -315,6 +319,12 @@ def check_config(given: dict | None) -> dict:
         (
             "loss.loss_parameters.eigenvalue_weight",
             cfg["loss"]["loss_parameters"]["eigenvalue_weight"],
+            lambda v: v >= 0,
+            ">= 0",
+        ),
+        (
+            "loss.loss_parameters.shift_weight",
+            cfg["loss"]["loss_parameters"]["shift_weight"],
             lambda v: v >= 0,
             ">= 0",
         ),

@@ -332,8 +332,9 @@ def prepare_data(
     make = partial(
         _labelled_graphs, registry=registry, layout=layout, cutoff=cutoff, pc=pc, progress=progress
     )
-    eigen = cfg["loss"]["loss_parameters"]["eigenvalue_weight"] > 0
-    tg, out_t, max_t = make(train_s, desc="training labels", overlap=eigen)
+    lp = cfg["loss"]["loss_parameters"]
+    overlap = lp["eigenvalue_weight"] > 0 or lp["shift_weight"] > 0  # S labels needed
+    tg, out_t, max_t = make(train_s, desc="training labels", overlap=overlap)
     vg, out_v, max_v = make(valid_s, desc="validation labels")
     rc_sum = float(np.max(registry.rc[1:, None] + registry.rc[None, 1:]))
     if bond["cutoff"] < rc_sum:
@@ -539,6 +540,36 @@ def _eigen_sums(pred_on, pred_pair, b, orbital_mask, window: float, n_atoms: int
     return jnp.stack([(err**2).sum(), jnp.abs(err).sum(), inside.sum().astype(err.dtype)])
 
 
+def _shift_sums(pred_on, pred_pair, b, orbital_mask):
+    """The part of each structure's H error along its S: c = <dH, S> / <S, S>
+    (Frobenius products over the batch's blocks, pairs counted twice for H_ij and
+    H_ji).  H + cS has the eigenvalues of H moved by c, so c is the common shift
+    of the levels that the element-wise loss sees only diluted.  Returns the sums
+    of c^2 and |c| and the number of structures (a batch built with
+    ``structures``)."""
+    G = b["fermi"].shape[0]
+    m = orbital_mask[b["species"]]
+    m_on = (m[:, :, None] & m[:, None, :]).astype(pred_on.dtype)
+    mp = (
+        orbital_mask[b["species"][b["pair_i"]]][:, :, None]
+        & orbital_mask[b["species"][b["pair_j"]]][:, None, :]
+    )
+    m_off = mp.astype(pred_pair.dtype) * (2.0 * b["pair_weight"])[:, None, None]
+    s_on, s_off = b["onsite_s"] * m_on, b["pairs_s"] * m_off
+    g_on, g_off = b["atom_graph"], b["atom_graph"][b["pair_i"]]
+    seg = partial(jax.ops.segment_sum, num_segments=G + 1)
+    num = seg(((pred_on - b["onsite"]) * s_on).sum(axis=(1, 2)), g_on) + seg(
+        ((pred_pair - b["pairs"]) * s_off).sum(axis=(1, 2)), g_off
+    )
+    den = seg((s_on * b["onsite_s"]).sum(axis=(1, 2)), g_on) + seg(
+        (s_off * b["pairs_s"]).sum(axis=(1, 2)), g_off
+    )
+    num, den = num[:G], den[:G]
+    real = den > 0
+    c = jnp.where(real, num / jnp.where(real, den, 1.0), 0.0)
+    return jnp.stack([(c**2).sum(), jnp.abs(c).sum(), real.sum().astype(c.dtype)])
+
+
 def loss_from_sums(s, lp: dict):
     """Weighted MSE + RMSE (paper listing 6) from summed squared errors and counts."""
     mse_on = s[0] / jnp.maximum(s[2], 1.0)
@@ -549,28 +580,37 @@ def loss_from_sums(s, lp: dict):
     )
 
 
-def _batch_sums(model: Model, orbital_mask, params, stats, batch, eigen=None):
+def _batch_sums(model: Model, orbital_mask, params, stats, batch, eigen=None, shift=False):
     """Error sums of a sharded batch (leading axis: devices), summed over shards;
-    ``eigen`` = (window, atoms per structure) adds the eigenvalue sums."""
+    ``eigen`` = (window, atoms per structure) adds the eigenvalue sums, ``shift``
+    the common-shift sums (:func:`_shift_sums`), in that order."""
 
     def one(b):
         on, pr = model.forward(params, stats, b)
-        s = _sums(on, pr, b, orbital_mask)
+        s = [_sums(on, pr, b, orbital_mask)]
         if eigen is not None:
-            s = jnp.concatenate([s, _eigen_sums(on, pr, b, orbital_mask, *eigen)])
-        return s
+            s.append(_eigen_sums(on, pr, b, orbital_mask, *eigen))
+        if shift:
+            s.append(_shift_sums(on, pr, b, orbital_mask))
+        return jnp.concatenate(s)
 
     return jax.vmap(one)(batch).sum(axis=0)
 
 
-def _loss(model: Model, orbital_mask, lp: dict, params, stats, batch, eigen=None):
-    s = _batch_sums(model, orbital_mask, params, stats, batch, eigen)
+def _loss(model: Model, orbital_mask, lp: dict, params, stats, batch, eigen=None, shift=False):
+    s = _batch_sums(model, orbital_mask, params, stats, batch, eigen, shift)
     loss = loss_from_sums(s, lp)
-    if eigen is not None:  # weighted MSE + RMSE of the eigenvalues in the window
-        mse = s[6] / jnp.maximum(s[8], 1.0)
-        loss = loss + lp["loss_multiplier"] * lp["eigenvalue_weight"] * (
-            lp["mse_weight"] * mse + lp["rmse_weight"] * jnp.sqrt(mse + 1e-12)
-        )
+
+    def term(sq, count):  # weighted MSE + RMSE, like the H terms
+        mse = sq / jnp.maximum(count, 1.0)
+        return lp["mse_weight"] * mse + lp["rmse_weight"] * jnp.sqrt(mse + 1e-12)
+
+    k = 6
+    if eigen is not None:  # the eigenvalues in the window
+        loss = loss + lp["loss_multiplier"] * lp["eigenvalue_weight"] * term(s[k], s[k + 2])
+        k += 3
+    if shift:  # the common shift of each structure's levels
+        loss = loss + lp["loss_multiplier"] * lp["shift_weight"] * term(s[k], s[k + 2])
     return loss, s
 
 
@@ -588,15 +628,16 @@ def _train_step(
     lr_scale,
     step,
     eigen=None,
+    shift=False,
 ):
-    """One optimiser step: (params, opt_state, ema, loss).  ``eigen``: see
-    :func:`_batch_sums` (static).
+    """One optimiser step: (params, opt_state, ema, loss).  ``eigen``, ``shift``:
+    see :func:`_batch_sums` (static).
 
     The updates are multiplied by ``lr_scale`` (the host-side schedule: the same
     as scaling the learning rate, weight decay included).  ``ema`` is the moving
     average of the weights with decay min(ema_decay, (1 + step) / (10 + step))."""
     (loss, _), grads = jax.value_and_grad(
-        partial(_loss, model, orbital_mask, lp, eigen=eigen), has_aux=True
+        partial(_loss, model, orbital_mask, lp, eigen=eigen, shift=shift), has_aux=True
     )(params, stats, batch)
     updates, opt_state = tx.update(grads, opt_state, params, value=loss)
     updates = jax.tree_util.tree_map(lambda u: u * lr_scale.astype(u.dtype), updates)
@@ -778,20 +819,35 @@ class StepFunctions:
         self._repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self.stats = self.replicate({k: jnp.asarray(v) for k, v in data.stats.items()})
         mask = jnp.asarray(data.layout.orbital_mask)
+        # the common-shift loss: every step (cheap: no diagonalisation)
+        self.shift = self.lp["shift_weight"] > 0
+        needs_s = self.shift or self.lp["eigenvalue_weight"] > 0
+        if needs_s and any(g.onsite_s is None for g in data.train):
+            raise TrainingError(
+                "loss.loss_parameters.eigenvalue_weight and shift_weight need the S "
+                "labels of the training structures (prepare_data attaches them)"
+            )
         self._step = jax.jit(
-            partial(_train_step, model, mask, self.lp, self.tx, self.ema_decay),
+            partial(_train_step, model, mask, self.lp, self.tx, self.ema_decay, shift=self.shift),
             donate_argnums=(0, 1, 2),
         )
         # the eigenvalue loss: from eigenvalue_start of the budget on, all bonds
         self.eigen_start = None
         if self.lp["eigenvalue_weight"] > 0:
-            if any(g.onsite_s is None for g in data.train):
-                raise TrainingError("the eigenvalue loss needs S labels (prepare_data)")
             self.eigen_start = float(self.lp["eigenvalue_start"])
             most_atoms = max(g.n_atoms for g in data.train)
             eigen = (float(self.lp["eigenvalue_window"]), most_atoms)
             self._step_eigen = jax.jit(
-                partial(_train_step, model, mask, self.lp, self.tx, self.ema_decay, eigen=eigen),
+                partial(
+                    _train_step,
+                    model,
+                    mask,
+                    self.lp,
+                    self.tx,
+                    self.ema_decay,
+                    eigen=eigen,
+                    shift=self.shift,
+                ),
                 donate_argnums=(0, 1, 2),
             )
         self._eval_sums = jax.jit(partial(_batch_sums, model, mask))
@@ -800,10 +856,11 @@ class StepFunctions:
         """``tree`` on every device of the mesh."""
         return jax.device_put(tree, self._repl)
 
-    def batch(self, graphs: list[Graph], eigen: bool = False) -> dict:
+    def batch(self, graphs: list[Graph], per_structure: bool = False) -> dict:
         """Padded arrays of ``graphs``, split over the devices (leading axis);
-        ``eigen``: with what the eigenvalue loss needs."""
-        per_shard = -(-self.batch_size // self.n_dev) if eigen else None
+        ``per_structure``: with the S labels and structure indices that the
+        eigenvalue and shift losses need."""
+        per_shard = -(-self.batch_size // self.n_dev) if per_structure else None
         arrays = _shards(graphs, self.n_dev, *self.pad, structures=per_shard)
         return {k: jax.device_put(jnp.asarray(v), self._shard) for k, v in arrays.items()}
 
@@ -828,7 +885,7 @@ class StepFunctions:
                 else _subsample(graphs[i], self.bond_fraction, self.sampling_alpha, rng)
                 for i in order[k * bs : (k + 1) * bs]
             ]
-            batch = self.batch(chosen, eigen)
+            batch = self.batch(chosen, eigen or self.shift)
             scale = self.schedule(state.step, clock())
             step = self._step_eigen if eigen else self._step
             with precision():
