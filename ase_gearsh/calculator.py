@@ -42,7 +42,9 @@ Conventions
   any cell size works (no neighbour-unique restriction).  ``kpt`` arguments
   are scaled (fractional) k-points or an index into ``get_ibz_k_points()``.
 * S is exact: two-centre integrals of the basis functions stored in the
-  model checkpoint, plus the PAW correction (see :mod:`gpaw_tools.overlap`).
+  model checkpoint, plus the PAW correction (see :mod:`gpaw_tools.overlap`),
+  every element within ``overlap_screen`` (default 1e-8) of GPAW's; what cannot
+  change an element by more is left out (0: GPAW's S to rounding).
 * Spin-paired (one spin channel).  ``get_dos``/``get_pdos`` are per spin
   channel: the DOS integrates to the number of orbitals (``ase.dft.dos.DOS``
   doubles spin-paired DOS, so it integrates to twice that).
@@ -194,6 +196,16 @@ def _check_parameter(key: str, value):
         check_positive("dense_limit", value, integer=True, allow_zero=True)
     elif key in ("edge_chunk", "pair_chunk"):
         check_positive(key, value, integer=True)
+    elif key == "overlap_screen":
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float, np.integer, np.floating))
+            or not (math.isfinite(value) and 0 <= value < 1e-3)
+        ):
+            raise CalculatorInputError(
+                f"overlap_screen must be 0 (exact S) or a small tolerance in [0, 1e-3) "
+                f"such as 1e-8, got {value!r}"
+            )
     elif key == "overlap_alongside" and value is not None:
         check_positive("overlap_alongside (atoms; None: never)", value, integer=True)
     elif key == "reliability_threshold" and value is not None:
@@ -279,10 +291,13 @@ def _overlap_calculator(model: Model) -> OverlapCalculator:
 _WORKER = ThreadPoolExecutor(1, thread_name_prefix="gearsh-overlap")
 
 
-def _overlap(model: Model, atoms: Atoms, k: np.ndarray):
-    """Exact S(k) (scipy.sparse CSR) of ``atoms`` with the model's basis functions."""
+def _overlap(model: Model, atoms: Atoms, k: np.ndarray, screen: float = 0.0):
+    """Exact S(k) (scipy.sparse CSR) of ``atoms`` with the model's basis functions,
+    every element within ``screen`` of the exact value (0: exact)."""
     oc = _overlap_calculator(model)
-    return oc.overlap(atoms) if not np.any(k) else oc.overlap(atoms, kpts=[k])[0]
+    if not np.any(k):
+        return oc.overlap(atoms, screen=screen)
+    return oc.overlap(atoms, kpts=[k], screen=screen)[0]
 
 
 def _check_coverage(model: Model, atoms: Atoms, pb: BlockMatrices) -> None:
@@ -367,6 +382,9 @@ class GearsHCalculator(Calculator):
         # exact S at Gamma computed in a thread while the network runs (Gamma-only
         # calculations of at least this many atoms; None: never)
         "overlap_alongside": 500,
+        # S leaves out what changes no element by more than this (0: exact; see
+        # gpaw_tools.overlap): at device scale a third of the non-zeros, faster
+        "overlap_screen": 1e-8,
     }
 
     def __init__(self, model=None, atoms: Atoms | None = None, **kwargs):
@@ -537,7 +555,9 @@ class GearsHCalculator(Calculator):
             return None
         if self.parameters.kpts is not None or not getattr(self.model, "basis_data", None):
             return None
-        return _WORKER.submit(_overlap, self.model, self.atoms.copy(), np.zeros(3))
+        return _WORKER.submit(
+            _overlap, self.model, self.atoms.copy(), np.zeros(3), self.parameters.overlap_screen
+        )
 
     def _collect_overlap(self, future) -> None:
         """Keep S from :meth:`_overlap_alongside`; an error is left for the caller that
@@ -573,7 +593,7 @@ class GearsHCalculator(Calculator):
             self._cache[key] = (
                 self._blocks().matrix(None if gamma else k)
                 if kind == "H"
-                else _overlap(self.model, self.atoms, k)
+                else _overlap(self.model, self.atoms, k, self.parameters.overlap_screen)
             )
         if gamma:
             self.results["hamiltonian" if kind == "H" else "overlap"] = self._cache[key]

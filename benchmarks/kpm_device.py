@@ -1,10 +1,11 @@
 """KPM spectra of the device-scale structure: Cholesky of S, bounds, moments, DOS/PDOS, holes.
 
     python benchmarks/kpm_device.py [--atoms 3999] [--resolution 0.1] [--moments M]
-                                    [--random 16] [--window 0.2]
+                                    [--random 16] [--window 0.2] [--screen 1e-8]
 
 Structure: ``benchmarks/device_structure.py`` (amorphous HfO2:Ni under 2H-WSe2), exact S
-from ``gpaw_tools.overlap`` (PBE, szp(dzp)).  There is no trained model for
+from ``gpaw_tools.overlap`` (PBE, szp(dzp); ``--screen e``: every element within e of
+the exact S, fewer non-zeros, as the calculator's ``overlap_screen``).  There is no trained model for
 Hf/O/Ni/W/Se, so H is a stand-in with exactly S's sparsity pattern: the extended-Hueckel
 (Wolfsberg-Helmholz) form H_ij = K S_ij (e_i + e_j) / 2, K = 1.75, with on-site energies
 e per species and radial function (:data:`ONSITE`, rounded valence ionisation energies
@@ -61,6 +62,7 @@ def main(argv=None):
     p.add_argument("--moments", type=int, help="compute only this many moments (timing)")
     p.add_argument("--random", type=int, default=16)
     p.add_argument("--window", type=float, default=0.2, help="hole window above E_F, eV")
+    p.add_argument("--screen", type=float, default=0.0, help="S screening (0: exact)")
     p.add_argument(
         "--total-too",
         action="store_true",
@@ -82,13 +84,14 @@ def main(argv=None):
     atoms = build_device(a.atoms, seed=0)
     sym = atoms.get_chemical_symbols()
     species = species_from_gpaw(sorted(set(sym)), "PBE", "szp(dzp)")
-    S = OverlapCalculator(species).overlap(atoms)
+    S = OverlapCalculator(species, screen=a.screen).overlap(atoms)
     H = huckel(S, sym, species)
     counts = np.array([species[s].n_orbitals for s in sym])
     orb_symbol = np.repeat(np.array(sym), counts)
     n = S.shape[0]
     print(
-        f"{len(atoms)} atoms, {n} orbitals, S nnz {S.nnz:,} ({100 * S.nnz / n**2:.1f} %); "
+        f"{len(atoms)} atoms, {n} orbitals, S nnz {S.nnz:,} ({100 * S.nnz / n**2:.1f} %, "
+        f"screen {a.screen:g}); "
         f"structure, S and H in {time.perf_counter() - t:.1f} s, RSS {rss_gib():.2f} GiB",
         flush=True,
     )

@@ -2,7 +2,8 @@
 implementations, back to back in one process.
 
     python benchmarks/overlap_speed.py [--atoms 1000 4000] [--repeat 1] [--no-reference]
-                                       [--numpy] [--threads N]
+                                       [--numpy] [--threads N] [--screen 1e-8 ...]
+                                       [--eigen-check DATASET]
 
 For each size the device structure of ``device_structure.py`` (amorphous HfO2:Ni under
 2H-WSe2) is built and S at Gamma is timed with
@@ -12,7 +13,14 @@ For each size the device structure of ``device_structure.py`` (amorphous HfO2:Ni
 * ``numpy`` (``--numpy``): the engine without compiled code (the implementation before
   the compiled one);
 * ``reference`` (unless ``--no-reference``): ``benchmarks/_overlap_reference.py``, the
-  implementation before the sparse layouts.
+  implementation before the sparse layouts;
+* ``numba screen=e`` (``--screen e ...``): the compiled engine leaving out what changes
+  no element by more than e (``OverlapCalculator(screen=e)``), against the exact S.
+
+``--eigen-check DATASET``: for the first structure of an extracted dataset (GPAW's H and
+S, e.g. the WSe2 benchmark's), the largest change of the Gamma-point eigenvalues of
+(GPAW's H, S) when the exact S is replaced by the screened one, over all levels and
+within E_F +- 5 eV.
 
 szp(dzp) basis, PBE setups.  The Fourier-Bessel expansions of every species pair are
 computed first, and the compiled kernels compiled (or loaded from numba's cache: the time
@@ -114,7 +122,11 @@ def main(argv=None):
     p.add_argument("--no-reference", action="store_true", help="skip the reference code")
     p.add_argument("--numpy", action="store_true", help="also time the numpy engine")
     p.add_argument("--threads", type=int, default=None, help="threads (default: cores)")
+    p.add_argument("--screen", type=float, nargs="*", default=[], help="screened runs")
+    p.add_argument("--eigen-check", default=None, help="dataset for the eigenvalue check")
     args = p.parse_args(argv)
+    if args.eigen_check:
+        eigen_check(args.eigen_check, args.screen or [1e-8])
 
     import _overlap_reference as reference
 
@@ -124,6 +136,10 @@ def main(argv=None):
     calcs = {}
     if new._compiled():
         calcs["numba"] = new.OverlapCalculator(species, engine="numba", threads=args.threads)
+        for e in args.screen:
+            calcs[f"numba screen={e:g}"] = new.OverlapCalculator(
+                species, engine="numba", threads=args.threads, screen=e
+            )
     if args.numpy or not calcs:
         calcs["numpy"] = new.OverlapCalculator(species, engine="numpy")
     if not args.no_reference:
@@ -164,13 +180,45 @@ def main(argv=None):
             if first is None:
                 first = (name, S, t)
             else:
-                print(
-                    f"{len(atoms):5d} atoms  {first[0]} is {t / first[2]:.1f}x faster than {name}"
-                )
+                print(f"{len(atoms):5d} atoms  {name}: {first[2] / t:.2f}x the speed of {first[0]}")
             del S
         first = None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"max RSS of the process {rss:.2f} GiB")
+
+
+def eigen_check(path, screens) -> None:
+    """Eigenvalues of (GPAW's H, S) at Gamma with the exact and the screened S."""
+    from scipy.linalg import eigh
+
+    from ase_gearsh.core.data import Dataset
+    from gpaw_tools.overlap import OverlapCalculator, species_from_gpaw
+
+    s = Dataset(path)[0]
+    atoms = s.atoms
+    names = {v["name"] for v in s.basis.values()}
+    if len(names) != 1:
+        raise SystemExit(f"--eigen-check: expected one basis name for all elements, got {names}")
+    species = species_from_gpaw(sorted(s.basis), xc="PBE", basis=names.pop())
+    H = s.hamiltonian()  # Gamma, eV
+    S0 = OverlapCalculator(species).overlap(atoms)
+    gpaw_err = np.abs(S0.toarray() - s.overlap()).max()
+    e0 = eigh(H, S0.toarray(), eigvals_only=True)
+    window = np.abs(e0 - s.fermi_level) <= 5.0
+    print(
+        f"eigenvalue check: {len(atoms)} atoms ({atoms.get_chemical_formula()}), "
+        f"{len(e0)} orbitals, {window.sum()} levels within E_F +- 5 eV; "
+        f"max |S_exact - S_GPAW| = {gpaw_err:.1e}"
+    )
+    for e in screens:
+        S = OverlapCalculator(species, screen=e).overlap(atoms)
+        d = eigh(H, S.toarray(), eigvals_only=True) - e0
+        print(
+            f"  screen={e:g}: nnz {S.nnz:,} of {S0.nnz:,} ({S.nnz / S0.nnz:.1%}), "
+            f"max |dS| {abs(S - S0).max():.1e}, max |d eigenvalue| {np.abs(d).max():.1e} eV "
+            f"(E_F +- 5 eV: {np.abs(d[window]).max():.1e} eV)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

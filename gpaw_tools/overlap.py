@@ -387,7 +387,8 @@ def _k_table(vec, coef, px, py, pz, ptr, n_l, lmax, s, row_t, row_l, nz_row, dst
 
 
 def _k_omask(p0, p1, oi, oj, ooff, om_off, nao, nrad, rad0, gw, groff, blocks, omask):
-    """omask[om_off[p] + ja * nrad_j + jb]: sub-block (ja, jb) of two-centre block p != 0."""
+    """omask[om_off[p] + ja * nrad_j + jb]: max |element| of sub-block (ja, jb) of
+    two-centre block p."""
     for p in range(p0, p1):
         a = oi[p]
         b = oj[p]
@@ -398,31 +399,29 @@ def _k_omask(p0, p1, oi, oj, ooff, om_off, nao, nrad, rad0, gw, groff, blocks, o
             for jb in range(nrad[b]):
                 rb = groff[rad0[b] + jb]
                 wb = gw[rad0[b] + jb]
-                nz = False
+                big = 0.0
                 for m in range(wa):
                     s0 = ooff[p] + (ra + m) * n2 + rb
                     for nu in range(wb):
-                        if blocks[s0 + nu] != 0.0:
-                            nz = True
-                            break
-                    if nz:
-                        break
-                omask[om_off[p] + ja * nrad[b] + jb] = nz
+                        big = max(big, abs(blocks[s0 + nu]))
+                omask[om_off[p] + ja * nrad[b] + jb] = big
 
 
 def _k_pmask(q0, q1, pc, pb, poff, pm_off, npr, nrad, rad0, gw, groff, blocks, pmask):
-    """pmask[pm_off[q] + jb]: <p_c | radial function jb of b> != 0 for projector pair q."""
+    """pmask[pm_off[q] + jb]: the largest 2-norm over the projectors of c of an orbital of
+    radial function jb of b (<p_c,i | orbital>, i = 1..ni) for projector pair q."""
     for q in range(q0, q1):
         ni = npr[pc[q]]
         b = pb[q]
         for jb in range(nrad[b]):
             s0 = poff[q] + groff[rad0[b] + jb] * ni
-            nz = False
-            for k in range(s0, s0 + gw[rad0[b] + jb] * ni):
-                if blocks[k] != 0.0:
-                    nz = True
-                    break
-            pmask[pm_off[q] + jb] = nz
+            big = 0.0
+            for m in range(gw[rad0[b] + jb]):
+                acc = 0.0
+                for k in range(s0 + m * ni, s0 + (m + 1) * ni):
+                    acc += blocks[k] * blocks[k]
+                big = max(big, acc)
+            pmask[pm_off[q] + jb] = np.sqrt(big)
 
 
 def _k_q(
@@ -481,6 +480,9 @@ def _k_collect(
     segptr,
     seg_b,
     seg_jb,
+    seg_nrm,
+    pnorm,
+    cthr,
     nrad,
     apos,
     cand,
@@ -536,8 +538,10 @@ def _k_collect(
         c = pc[q]
         for ja in range(nra):
             if pmask[pm_off[q] + ja]:
+                na = pnorm[pm_off[q] + ja]
                 for s in range(segptr[c], segptr[c + 1]):
-                    cmask[ja, apos[seg_b[s]], seg_jb[s]] = 1
+                    if na * seg_nrm[s] > cthr[c]:  # see OverlapCalculator._screening
+                        cmask[ja, apos[seg_b[s]], seg_jb[s]] = 1
     return nc
 
 
@@ -564,6 +568,9 @@ def _k_count(
     segptr,
     seg_b,
     seg_jb,
+    seg_nrm,
+    pnorm,
+    cthr,
     nrad,
     rad0,
     gw,
@@ -594,6 +601,9 @@ def _k_count(
             segptr,
             seg_b,
             seg_jb,
+            seg_nrm,
+            pnorm,
+            cthr,
             nrad,
             apos,
             cand,
@@ -636,6 +646,9 @@ def _k_fill(
     segptr,
     seg_b,
     seg_jb,
+    seg_nrm,
+    pnorm,
+    cthr,
     seg_w,
     seg_col,
     seg_rank,
@@ -774,8 +787,10 @@ def _k_fill(
             c = pc[q]
             for ja in range(nrad[a]):
                 if pmask[pm_off[q] + ja]:
+                    na = pnorm[pm_off[q] + ja]
                     for s in range(segptr[c], segptr[c + 1]):
-                        cmask[k, ja, apos[seg_b[s]], seg_jb[s]] = 1
+                        if na * seg_nrm[s] > cthr[c]:  # see OverlapCalculator._screening
+                            cmask[k, ja, apos[seg_b[s]], seg_jb[s]] = 1
         if paw and nq:
             cs = np.empty(nq, np.int64)
             for u in range(nq):
@@ -905,9 +920,10 @@ def _k_mirror(a0, a1, rank, nrad, rad0, gw, gm0, L, rowbase, orb_rad, rad_atom, 
                 k += wb
 
 
-def _k_compact(a0, a1, rad0, gw, gm0, L, rowbase, data, indices, rowcnt):
-    """Drop the exact zeros of the rows of atoms a0 <= a < a1 in place, from the start of
-    their range on; rowcnt receives each row's length.  Returns the end."""
+def _k_compact(a0, a1, rad0, gw, gm0, L, rowbase, data, indices, rowcnt, drop):
+    """Drop the elements with |value| <= ``drop`` (0: the exact zeros) of the rows of atoms
+    a0 <= a < a1 in place, from the start of their range on; rowcnt receives each row's
+    length.  Returns the end."""
     wp = rowbase[rad0[a0]]
     for g in range(rad0[a0], rad0[a1]):
         lg = L[g]
@@ -915,7 +931,7 @@ def _k_compact(a0, a1, rad0, gw, gm0, L, rowbase, data, indices, rowcnt):
             k0 = rowbase[g] + m * lg
             n = 0
             for k in range(k0, k0 + lg):
-                if data[k] != 0.0:
+                if abs(data[k]) > drop:
                     data[wp] = data[k]
                     indices[wp] = indices[k]
                     wp += 1
@@ -988,6 +1004,50 @@ def _yl_table(lmax: int) -> tuple:
     return _YL_TABLES[lmax]
 
 
+def _check_screen(screen) -> float:
+    if isinstance(screen, bool) or not isinstance(screen, (int, float, np.integer, np.floating)):
+        raise ValueError(f"screen must be a number (0: exact S, e.g. 1e-8), got {screen!r}")
+    if not (np.isfinite(screen) and 0 <= screen < 1e-3):
+        raise ValueError(
+            f"screen={screen!r}: expected 0 (exact) or a small tolerance on the elements "
+            f"of S in [0, 1e-3), such as 1e-8"
+        )
+    return float(screen)
+
+
+def _screening(screen, omax, pnorm, pc, pb, nrad, codes, spc):
+    """Which two-centre sub-blocks and projector segments enter S, and the |value| at
+    or below which elements are dropped, for ``screen`` (0: exact, only exact zeros
+    left out).  With screen = e every element of S is within e of the exact value:
+
+    * elements with |S| <= e / 2 are dropped, and so are two-centre sub-blocks whose
+      largest element is <= e / 2 (when no projector term reaches them);
+    * projector atom c adds p_am^T dO_c p_bn to S_(am, bn), at most
+      |p_am| |dO_c|_2 |p_bn|.  A segment (c, radial function of atom a) is left out
+      when |p_am| |dO_c|_2 max_bn |p_bn| <= e / (2 n), n the most projector atoms
+      that reach one atom, and a pair of radial functions (of a and b) is not stored
+      through c when max |p_am| max |p_bn| |dO_c|_2 <= e / (2 n) (``cthr`` holds
+      e / (2 n |dO_c|_2)): the left-out terms of one element sum to at most e / 2.
+      A stored element is then within e / 2 of the exact value, a dropped or
+      unstored one within e.
+    """
+    nat = len(codes)
+    if not screen:
+        return omax > 0, pnorm > 0, np.zeros(nat), 0.0
+    half = 0.5 * screen
+    seg_c = np.repeat(pc, nrad[pb])  # sorted: projector pairs are sorted by c
+    pmax = np.zeros(nat)
+    if len(seg_c):
+        starts = np.flatnonzero(np.r_[True, seg_c[1:] != seg_c[:-1]])
+        pmax[seg_c[starts]] = np.maximum.reduceat(pnorm, starts)
+    don = np.array([np.linalg.norm(s.dO, 2) if s.n_projectors else 0.0 for s in spc])
+    reach = int(np.bincount(pb, minlength=nat).max(initial=1))
+    bound = pnorm * (don[codes] * pmax)[seg_c]
+    with np.errstate(divide="ignore"):
+        cthr = np.where(don[codes] > 0, half / reach / don[codes], np.inf)
+    return omax > half, bound > half / reach, cthr, half
+
+
 class OverlapCalculator:
     """Sparse exact S(k) for structures made of the given species.
 
@@ -1000,10 +1060,22 @@ class OverlapCalculator:
     (no compiled code, several times slower and with more memory) or 'auto' (numba when
     installed).  ``threads``: threads of the compiled engine (default: the usable cores).
     Both engines give the same S (to rounding) with no explicit zeros.
+
+    ``screen``: 0 (default) gives S exactly (GPAW's to rounding).  A small e > 0 leaves out
+    what cannot change any element by more than e (every element stays within e of the
+    exact one; see :func:`_screening`): at device scale most stored elements of the
+    projector term P^T dO P are tiny products of projector tails, and e = 1e-8 stores
+    about a third as many non-zeros, faster (``benchmarks/overlap_speed.py --screen``).
+    The numpy engine only drops the elements <= e / 2.
     """
 
     def __init__(
-        self, species: dict, chunk: int = 20_000, engine: str = "auto", threads: int | None = None
+        self,
+        species: dict,
+        chunk: int = 20_000,
+        engine: str = "auto",
+        threads: int | None = None,
+        screen: float = 0.0,
     ):
         self.species = {
             k: (v if isinstance(v, SpeciesBasis) else SpeciesBasis.from_dict(v))
@@ -1013,6 +1085,7 @@ class OverlapCalculator:
         if engine not in ("auto", "numba", "numpy"):
             raise ValueError(f"engine={engine!r}: 'auto', 'numba' or 'numpy'")
         self.engine = engine
+        self.screen = _check_screen(screen)
         if threads is None:
             threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         self.threads = max(1, int(threads))
@@ -1217,14 +1290,16 @@ class OverlapCalculator:
             np.add.at(data, idx.ravel(), R.ravel())
         return data
 
-    def overlap(self, atoms: Atoms, kpts=None, parts: bool = False):
+    def overlap(self, atoms: Atoms, kpts=None, parts: bool = False, screen: float | None = None):
         """Sparse S at Gamma (``kpts=None``: one real CSR matrix) or a list of
         complex CSR matrices, one per scaled k-point in ``kpts`` (n, 3).
+        ``screen``: this call's tolerance (default: the calculator's ``screen``).
 
         ``parts=True`` returns ``(S, O, P, dO)`` for Gamma (diagnostics).  The stage
         times of the last call are in ``self.timings`` (seconds).
         """
         t0 = time.perf_counter()
+        screen = self.screen if screen is None else _check_screen(screen)
         self.timings = {}
         self.thread_times: dict = {}
         symbols = self._check(atoms)
@@ -1241,7 +1316,7 @@ class OverlapCalculator:
         self._lap("neighbours", t0)
         run = self._overlap_compiled if self._use_compiled() else self._overlap_numpy
         with _single_threaded_blas():  # many small products: BLAS threads only cost
-            out = run(atoms, symbols, codes, opairs, ppairs, kpts, parts)
+            out = run(atoms, symbols, codes, opairs, ppairs, kpts, parts, screen)
         self.timings["total"] = time.perf_counter() - t0
         return out
 
@@ -1260,7 +1335,7 @@ class OverlapCalculator:
         self.timings[stage] = self.timings.get(stage, 0.0) + now - since
         return now
 
-    def _overlap_numpy(self, atoms, symbols, codes, opairs, ppairs, kpts, parts):
+    def _overlap_numpy(self, atoms, symbols, codes, opairs, ppairs, kpts, parts, screen):
         """Engine without numba: atom-level CSR layout, numpy scatters."""
         t = time.perf_counter()
         rcut = self._transformer(self._present)
@@ -1286,6 +1361,8 @@ class OverlapCalculator:
                 O.eliminate_zeros()
             self._add_paw(data, lay, ppairs, flat, off, npr, symbols, ph_p, _local_order(atoms))
             t = self._lap("projector term", t)
+            if screen:  # this engine only drops small elements (<= screen / 2)
+                data[np.abs(data) <= 0.5 * screen] = 0.0
             S = lay.csr(data)
             S.eliminate_zeros()
             t = self._lap("csr", t)
@@ -1393,7 +1470,7 @@ class OverlapCalculator:
         inner = np.searchsorted(cum, cum[-1] * np.arange(1, n) / n)
         return np.concatenate([[0], inner, [len(weights)]]).astype(np.int64)
 
-    def _overlap_compiled(self, atoms, symbols, codes, opairs, ppairs, kpts, parts):
+    def _overlap_compiled(self, atoms, symbols, codes, opairs, ppairs, kpts, parts, screen):
         """Engine with numba kernels: S written once, radial function by radial function,
         in sorted CSR order, in threads over atoms (see the kernels' notes)."""
         t = time.perf_counter()
@@ -1434,13 +1511,14 @@ class OverlapCalculator:
         t = self._lap("projector integrals", t)
 
         om_off = np.concatenate([[0], np.cumsum(nrad[oi] * nrad[oj])]).astype(i64)
-        omask = np.empty(int(om_off[-1]), np.bool_)
-        oargs = (oi, oj, ooff, om_off, nao, nrad, rad0, gw, groff, oblocks, omask)
+        omax = np.empty(int(om_off[-1]))
+        oargs = (oi, oj, ooff, om_off, nao, nrad, rad0, gw, groff, oblocks, omax)
         self._threads(_k_omask, self._split(osize), *oargs)
         pm_off = np.concatenate([[0], np.cumsum(nrad[pb])]).astype(i64)
-        pmask = np.empty(int(pm_off[-1]), np.bool_)
-        pargs = (pc, pb, poff, pm_off, npr, nrad, rad0, gw, groff, pblocks, pmask)
+        pnorm = np.empty(int(pm_off[-1]))
+        pargs = (pc, pb, poff, pm_off, npr, nrad, rad0, gw, groff, pblocks, pnorm)
         self._threads(_k_pmask, self._split(psize), *pargs)
+        omask, pmask, cthr, drop = _screening(screen, omax, pnorm, pc, pb, nrad, codes, spc)
         # clusters of nearby atoms, assembled together; rank: an atom's cluster
         cl_ptr, cl_atoms = _clusters(atoms, self.cluster)
         rank = np.empty(nat, i64)
@@ -1452,6 +1530,7 @@ class OverlapCalculator:
         seg_b = pb[seg_q]
         o = np.lexsort((seg_jb, seg_b, rank[seg_b], pc[seg_q]))
         seg_q, seg_jb, seg_b = seg_q[o], seg_jb[o], seg_b[o]
+        seg_nrm = pnorm[sidx[o]]
         seg_rank = rank[seg_b]
         sg = rad0[seg_b] + seg_jb
         seg_w, seg_row = gw[sg], groff[sg]
@@ -1482,7 +1561,7 @@ class OverlapCalculator:
             )
 
         common = (optr, oe_p, oe_t, oe_col, om_off, omask, bptr, bq, pc, pm_off, pmask)
-        common += (segptr, seg_b, seg_jb)
+        common += (segptr, seg_b, seg_jb, seg_nrm, pnorm, cthr)
         L = np.zeros(len(gw), i64)
         work = np.zeros(nat, i64)
         bounds = self._split(nao * (np.diff(optr) + np.diff(bptr)) + 1)
@@ -1527,7 +1606,7 @@ class OverlapCalculator:
             self._threads(_k_mirror, abounds, *mir, scratch=lambda t: (np.full(len(gw), -1, i64),))
             tf = self._lap("  rows, other half (conjugate transpose)", tf)
             ends = self._threads(
-                _k_compact, abounds, rad0, gw, gm0, L, rowbase, data, indices, rowcnt
+                _k_compact, abounds, rad0, gw, gm0, L, rowbase, data, indices, rowcnt, drop
             )
             end = ends[0]
             for b, e in zip(abounds[1:-1], ends[1:]):  # close the gaps between threads

@@ -111,6 +111,25 @@ def test_overlap_alongside_the_network_is_the_same_s(model, water_dataset):
         model.basis_data = data
 
 
+def test_overlap_screen_parameter(model, water_dataset):
+    """overlap_screen: the default (1e-8) and a coarse value keep S within the value
+    of GPAW's; 0 gives GPAW's S to rounding; the alongside path uses it too; bad
+    values are refused with the range expected."""
+    s = Dataset(water_dataset)[0]
+    ref = s.overlap()
+    assert GearsHCalculator.default_parameters["overlap_screen"] == 1e-8
+    for screen, alongside in ((0.0, None), (1e-8, None), (1e-3 / 2, 1), (1e-3 / 2, None)):
+        atoms, calc = oracle_calc(model, s, overlap_screen=screen, overlap_alongside=alongside)
+        S = calc.get_overlap()
+        err = np.abs(S.toarray() - ref).max()
+        assert err <= max(screen, 1e-13)
+        if screen > 1e-4:  # a coarse value really drops elements of this molecule
+            assert np.sum(np.abs(ref) > 0) > S.nnz and (np.abs(S.data) > screen / 2).all()
+    for bad in (-1e-8, 1e-2, float("nan"), "1e-8", True):
+        with pytest.raises(CalculatorInputError, match="overlap_screen"):
+            GearsHCalculator(model, overlap_screen=bad)
+
+
 def test_oracle_eigenvalues_equal_gpaw_at_every_kpoint(model, chain_dataset, chain_kpts):
     s = Dataset(chain_dataset)[0]
     kpts = s.reference_kpts

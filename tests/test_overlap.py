@@ -220,3 +220,55 @@ def test_neighbour_fallback_matches(chon, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_vesin)
     S2 = OverlapCalculator(chon).overlap(atoms)
     assert np.abs((S - S2).toarray()).max() < 1e-14
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_screened_overlap_against_gpaw_and_its_eigenvalues(chain_kpts, chon, engine):
+    """screen=e: every element of S(k) within e of GPAW's at every k-point, and the
+    generalised eigenvalues of GPAW's own H(k) with the screened S(k) equal GPAW's."""
+    from gpaw import GPAW
+    from gpaw.lcao.tools import get_lcao_hamiltonian
+    from scipy.linalg import eigh
+
+    atoms, kpts, S_ref = _gpaw_S(chain_kpts[0])
+    H_ref = get_lcao_hamiltonian(GPAW(str(chain_kpts[0]), txt=None))[0][0]  # spin 0, eV
+    for e in (1e-8, 1e-4):
+        S = OverlapCalculator(chon, engine=engine, screen=e).overlap(atoms, kpts=kpts)
+        for Sk, ref, Hk in zip(S, S_ref, H_ref):
+            assert np.abs(Sk.toarray() - ref).max() <= e
+            assert (np.abs(Sk.data) > e / 2).all()  # small elements dropped
+            assert abs(Sk - Sk.conj().T).max() < 1e-15
+            exact, screened = (
+                eigh(Hk, ref, eigvals_only=True),
+                eigh(Hk, Sk.toarray(), eigvals_only=True),
+            )
+            assert np.abs(screened - exact).max() < (1e-6 if e == 1e-8 else 1e-2)
+    exact = OverlapCalculator(chon, engine=engine).overlap(atoms)
+    assert S[0].nnz < exact.nnz  # 1e-4 really dropped elements
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("screen", [1e-8, 1e-6])
+def test_screening_bound_and_savings_on_the_device_species(device_species, screen):
+    """Five species with long tails: the screened S is within ``screen`` of the exact S
+    everywhere (Gamma and a k-point), Hermitian, stores fewer elements, and the numpy
+    engine (which only drops small elements) is within ``screen`` too."""
+    atoms = _device_piece(seed=4, n=40)
+    atoms.cell[2, 2] = 20.0
+    kpts = [[0.0, 0.0, 0.0], [0.3, -0.2, 0.0]]
+    exact = OverlapCalculator(device_species, engine="numba").overlap(atoms, kpts=kpts)
+    fast = OverlapCalculator(device_species, engine="numba", screen=screen)
+    slow = OverlapCalculator(device_species, engine="numpy", screen=screen)
+    for S0, S, S1 in zip(exact, fast.overlap(atoms, kpts=kpts), slow.overlap(atoms, kpts=kpts)):
+        err = np.abs((S - S0).toarray()).max()
+        assert 0 < err <= screen  # something was left out, and no more than allowed
+        assert np.abs((S1 - S0).toarray()).max() <= screen
+        assert S.nnz < S0.nnz
+        assert abs(S - S.conj().T).max() < 1e-15
+        _check_csr(S)
+    # the per-call value overrides the calculator's
+    assert fast.overlap(atoms, screen=0.0).nnz == exact[0].nnz
+    with pytest.raises(ValueError, match="screen"):
+        OverlapCalculator(device_species, screen=-1e-8)
+    with pytest.raises(ValueError, match="screen"):
+        fast.overlap(atoms, screen=float("nan"))
