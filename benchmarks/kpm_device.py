@@ -5,12 +5,12 @@
 
 Structure: ``benchmarks/device_structure.py`` (amorphous HfO2:Ni under 2H-WSe2), exact S
 from ``gpaw_tools.overlap`` (PBE, szp(dzp); ``--screen e``: every element within e of
-the exact S, fewer non-zeros, as the calculator's ``overlap_screen``).  There is no trained model for
-Hf/O/Ni/W/Se, so H is a stand-in with exactly S's sparsity pattern: the extended-Hueckel
-(Wolfsberg-Helmholz) form H_ij = K S_ij (e_i + e_j) / 2, K = 1.75, with on-site energies
-e per species and radial function (:data:`ONSITE`, rounded valence ionisation energies
-of extended-Hueckel tables; semicore s/p deeper; polarisation functions at 0 eV).  Only
-a timing stand-in: its DOS is not the device's.
+the exact S, fewer non-zeros, as the calculator's ``overlap_screen``).  There is no
+trained model for Hf/O/Ni/W/Se, so H is a stand-in with exactly S's sparsity pattern:
+the extended-Hueckel (Wolfsberg-Helmholz) form H_ij = K S_ij (e_i + e_j) / 2, K = 1.75,
+with on-site energies e per species and radial function (:data:`ONSITE`, rounded
+valence ionisation energies of extended-Hueckel tables; semicore s/p deeper;
+polarisation functions at 0 eV).  Only a timing stand-in: its DOS is not the device's.
 
 Prints each stage with its time and the peak RSS: structure and matrices, the sparse
 Cholesky factorisation of S (CHOLMOD), the spectral bounds (Lanczos), the Chebyshev
