@@ -43,8 +43,9 @@ Conventions
   are scaled (fractional) k-points or an index into ``get_ibz_k_points()``.
 * S is exact: two-centre integrals of the basis functions stored in the
   model checkpoint, plus the PAW correction (see :mod:`gpaw_tools.overlap`),
-  every element within ``overlap_screen`` (default 1e-8) of GPAW's; what cannot
-  change an element by more is left out (0: GPAW's S to rounding).
+  screened by ``overlap_screen`` (default 1e-8: elements below 5e-9 and projector
+  terms below 5e-10 left out; every element measured within 1e-8 of GPAW's; 0:
+  GPAW's S to rounding).
 * Spin-paired (one spin channel).  ``get_dos``/``get_pdos`` are per spin
   channel: the DOS integrates to the number of orbitals (``ase.dft.dos.DOS``
   doubles spin-paired DOS, so it integrates to twice that).
@@ -382,8 +383,8 @@ class GearsHCalculator(Calculator):
         # exact S at Gamma computed in a thread while the network runs (Gamma-only
         # calculations of at least this many atoms; None: never)
         "overlap_alongside": 500,
-        # S leaves out what changes no element by more than this (0: exact; see
-        # gpaw_tools.overlap): at device scale a third of the non-zeros, faster
+        # S leaves out elements below half of this and projector terms below a 20th
+        # (0: exact; gpaw_tools.overlap): at device scale far fewer non-zeros, faster
         "overlap_screen": 1e-8,
     }
 
