@@ -692,6 +692,10 @@ def _k_fill(
     bmem = np.empty(1 << 16, dt)  # buffers reused from cluster to cluster (no page faults)
     tmem = np.empty(1 << 16, dt)
     xmem = np.empty(1 << 12, dt)
+    most = cmask.shape[2] * cmask.shape[3]  # radial functions a row can reach
+    run_g = np.empty(most, np.int64)
+    run_b = np.empty(most, np.int64)
+    run_w = np.empty(most, np.int64)
     for cl in range(t0, t1):
         k0 = cl_ptr[cl]
         n = cl_ptr[cl + 1] - k0
@@ -879,33 +883,35 @@ def _k_fill(
                     for j in range(mw):
                         brow[dcol[j]] += trow[j]
                 g = h
-        for k in range(n):  # read out at the structural columns
+        for k in range(n):  # read out at the structural columns, row by row
             a = cl_atoms[k0 + k]
             for ja in range(nrad[a]):
                 gg = rad0[a] + ja
                 lg = L[gg]
                 base = rowbase[gg]
                 br = roff[k] + groff[gg]
-                off = 0
+                nrun = 0  # runs of columns: (global column, buffer column or -1, width)
                 for ci in range(nc):
                     b = cand[ci]
                     for jb in range(nrad[b]):
-                        if not cmask[k, ja, ci, jb]:
-                            continue
-                        gb = rad0[b] + jb
-                        col0 = gm0[gb]
-                        wb = gw[gb]
-                        for m in range(gw[gg]):
-                            dst = base + m * lg + off
-                            for nu in range(wb):
-                                indices[dst + nu] = col0 + nu
-                        if coff[ci] >= 0:
-                            lc = coff[ci] + groff[gb]
-                            for m in range(gw[gg]):
-                                dst = base + m * lg + off
-                                for nu in range(wb):
-                                    data[dst + nu] = buf[br + m, lc + nu]
-                        off += wb
+                        if cmask[k, ja, ci, jb]:
+                            gb = rad0[b] + jb
+                            run_g[nrun] = gm0[gb]
+                            run_b[nrun] = coff[ci] + groff[gb] if coff[ci] >= 0 else -1
+                            run_w[nrun] = gw[gb]
+                            nrun += 1
+                for m in range(gw[gg]):
+                    dst = base + m * lg
+                    row = buf[br + m]
+                    for r in range(nrun):
+                        col0 = run_g[r]
+                        lc = run_b[r]
+                        for nu in range(run_w[r]):
+                            indices[dst + nu] = col0 + nu
+                        if lc >= 0:
+                            for nu in range(run_w[r]):
+                                data[dst + nu] = row[lc + nu]
+                        dst += run_w[r]
         for ci in range(nc):
             apos[cand[ci]] = -1
         cmask[:n, :, :nc, :] = 0
