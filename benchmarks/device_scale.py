@@ -1,6 +1,7 @@
 """Device-scale prediction: ~4000-atom HfO2(Ni)/WSe2 with the paper's hyperparameters.
 
     python benchmarks/device_scale.py [--atoms 4000] [--overlap-alongside on off]
+                                      [--overlap-screen 0 1e-8]
 
 A randomly initialised model with the paper's configuration (listings 2-4, 8 A
 cut-offs, mp_steps 0) and the szp(dzp) basis sets of Hf, O, Ni, W and Se times
@@ -93,11 +94,12 @@ def _evaluation(model) -> str:
     return "once per bond" if mode == "once" else "in both orientations"
 
 
-def time_prediction(model, atoms, compiles, label, alongside=None):
+def time_prediction(model, atoms, compiles, label, alongside=None, screen=None):
     from ase_gearsh import GearsHCalculator
 
+    extra = {} if screen is None else {"overlap_screen": screen}
     calc = GearsHCalculator(
-        model, warn_extrapolation=False, progress=True, overlap_alongside=alongside
+        model, warn_extrapolation=False, progress=True, overlap_alongside=alongside, **extra
     )
     atoms.calc = calc
     n0, c0 = compiles["n"], compiles["seconds"]
@@ -126,7 +128,8 @@ def time_prediction(model, atoms, compiles, label, alongside=None):
     print(f"  to GPAW order       {tm['to_gpaw_order']:7.2f} s")
     print(f"  sparse H assembly   {t2 - t1:7.2f} s   (nnz {H.nnz:,})")
     print(
-        f"  exact sparse S      {t3 - t2:7.2f} s   (nnz {S.nnz:,})"
+        f"  exact sparse S      {t3 - t2:7.2f} s   (nnz {S.nnz:,}, "
+        f"overlap_screen {calc.parameters.overlap_screen:g})"
         + ("   (done alongside the network)" if alongside and len(atoms) >= alongside else "")
     )
     print(
@@ -182,6 +185,14 @@ def main(argv=None):
         help="atom descriptor size instead of the paper's 12 features and 1 TensorDense "
         "(benchmarks/molecules_fast.yaml uses 24 2)",
     )
+    p.add_argument(
+        "--overlap-screen",
+        type=float,
+        nargs="+",
+        default=[None],
+        help="the calculator's overlap_screen (default: its default, 1e-8; 0: exact S); "
+        "several values time the second structure once per value, back to back",
+    )
     args = p.parse_args(argv)
     import jax
     from compilations import compilation_counter
@@ -213,11 +224,12 @@ def main(argv=None):
 
     along = {"on": GearsHCalculator.default_parameters["overlap_alongside"], "off": None}
     modes = [along[m] for m in args.overlap_alongside]
-    runs = [(0, args.bond_threads[0], None, modes[0])]
-    runs += [(1, n, None, m) for n in args.bond_threads for m in modes]
+    sc = args.overlap_screen
+    runs = [(0, args.bond_threads[0], None, modes[0], sc[0])]
+    runs += [(1, n, None, m, e) for n in args.bond_threads for m in modes for e in sc]
     if args.pair_chunks != [None]:  # a compiling structure, then the timed one, per value
-        runs = [(seed, None, c, modes[0]) for c in args.pair_chunks for seed in (0, 1)]
-    for seed, threads, chunk, alongside in runs:
+        runs = [(seed, None, c, modes[0], sc[0]) for c in args.pair_chunks for seed in (0, 1)]
+    for seed, threads, chunk, alongside, screen in runs:
         if threads is not None:
             predictor.threads = threads
         if chunk is not None:
@@ -234,6 +246,7 @@ def main(argv=None):
             compiles,
             "first call, compiles" if seed == 0 else "same size bucket, no compilation",
             alongside,
+            screen,
         )
         del calc, atoms
 
