@@ -13,11 +13,11 @@ from ase_gearsh.testing import canonical_rotation, random_rotation
 from ase_gearsh.training.train import _eigen_sums, _shift_sums, gamma_levels
 
 
-def _batch(model, structures, slots):
+def _batch(model, structures, slots, window=None):
     graphs = []
     for s in structures:
         g = model.graph(s.atoms)
-        attach_labels(g, s, model.layout, overlap=True)
+        attach_labels(g, s, model.layout, overlap=True, window=window)
         graphs.append(g)
     b = batch_graphs(graphs, 4, 8, structures=slots)
     b["pair_weight"] = np.ones(len(b["pair_i"]), np.float32)
@@ -59,13 +59,11 @@ def test_eigenvalue_errors_vanish_for_the_labels_and_have_gradients(water_datase
     assert np.isfinite(float(g)) and float(g) > 0  # a rigid shift raises the error
 
 
-def test_shift_of_h_plus_c_s_is_c_per_structure_and_moves_gpaws_levels_by_c(
-    water_dataset, small_model
-):
-    """H + c_k S per structure: the shift sums give exactly c_k, and the levels of
-    (H + c_k S, S) are GPAW's eigenvalues moved by c_k (the quantity the loss is for)."""
+def test_level_shift_of_h_plus_c_s_is_c_per_structure(water_dataset, small_model):
+    """H + c_k S per structure: the shift sums give exactly c_k (<S, rho_w> = 1), and
+    the levels of (H + c_k S, S) are GPAW's eigenvalues moved by c_k."""
     ds = Dataset(water_dataset)
-    b = _batch(small_model, [ds[0], ds[2]], slots=3)  # a third, empty slot
+    b = _batch(small_model, [ds[0], ds[2]], slots=3, window=5.0)  # a third, empty slot
     mask = jnp.asarray(small_model.layout.orbital_mask)
     zero = np.asarray(_shift_sums(b["onsite"], b["pairs"], b, mask))
     assert zero[2] == 2 and zero[0] < 1e-12  # two real structures, no error
@@ -78,18 +76,45 @@ def test_shift_of_h_plus_c_s_is_c_per_structure_and_moves_gpaws_levels_by_c(
     for k, st in enumerate([ds[0], ds[2]]):
         gpaw = st.reference_eigenvalues[0, 0]
         assert np.abs(levels[k, : len(gpaw)] - gpaw - float(c[k])).max() < 2e-3
-    # an on-site error orthogonal to S (Frobenius) gives no shift
-    one = _batch(small_model, [ds[0]], slots=1)
-    noise = jax.random.normal(jax.random.PRNGKey(0), one["onsite"].shape)
-    S = one["onsite_s"]
-    perp = noise - (noise * S).sum() / (S * S).sum() * S
-    s_perp = np.asarray(_shift_sums(one["onsite"] + 0.1 * perp, one["pairs"], one, mask))
-    assert s_perp[1] < 1e-6 and s_perp[2] == 1
 
 
-def test_shift_is_rotation_invariant_and_has_gradients(water_dataset, small_model):
+def test_level_shift_is_the_first_order_mean_shift_of_the_window(water_dataset, small_model):
+    """A small random symmetric error on every block: the shift sums equal the mean
+    change of the Gamma-point levels within the window (to second order), which the
+    Frobenius part along S does not (it ignores where the window's states live)."""
     ds = Dataset(water_dataset)
-    b = _batch(small_model, [ds[1]], slots=1)
+    b = _batch(small_model, [ds[1]], slots=1, window=5.0)
+    mask = jnp.asarray(small_model.layout.orbital_mask)
+    m = np.asarray(mask)[np.asarray(b["species"])]
+    rng = np.random.default_rng(5)
+    d_on = rng.normal(size=b["onsite"].shape) * 1e-3
+    d_on = (d_on + np.swapaxes(d_on, 1, 2)) * (m[:, :, None] & m[:, None, :])
+    mp = (
+        np.asarray(mask)[np.asarray(b["species"])[np.asarray(b["pair_i"])]][:, :, None]
+        & (np.asarray(mask)[np.asarray(b["species"])[np.asarray(b["pair_j"])]][:, None, :])
+    )
+    d_pr = (
+        rng.normal(size=b["pairs"].shape) * 1e-3 * mp * np.asarray(b["pair_weight"])[:, None, None]
+    )
+    with jax.enable_x64(True):
+        bb = {
+            k: jnp.asarray(np.asarray(v, np.float64) if np.asarray(v).dtype.kind == "f" else v)
+            for k, v in b.items()
+        }
+        ref = np.asarray(gamma_levels(bb["onsite"], bb["pairs"], bb, mask, n_atoms=3))[0]
+        new = np.asarray(
+            gamma_levels(bb["onsite"] + d_on, bb["pairs"] + d_pr, bb, mask, n_atoms=3)
+        )[0]
+        inside = np.abs(ref - float(b["fermi"][0])) <= 5.0
+        mean_shift = (new - ref)[inside].mean()
+        c = float(_shift_sums(bb["onsite"] + d_on, bb["pairs"] + d_pr, bb, mask)[1])
+    assert abs(mean_shift) > 1e-5  # not trivially zero
+    assert abs(abs(mean_shift) - c) < 2e-3 * abs(mean_shift) + 1e-7, (mean_shift, c)
+
+
+def test_level_shift_is_rotation_invariant_and_has_gradients(water_dataset, small_model):
+    ds = Dataset(water_dataset)
+    b = _batch(small_model, [ds[1]], slots=1, window=5.0)
     mask = jnp.asarray(small_model.layout.orbital_mask)
     rng = np.random.default_rng(3)
     on = b["onsite"] + 0.02 * rng.normal(size=b["onsite"].shape)
@@ -98,12 +123,30 @@ def test_shift_is_rotation_invariant_and_has_gradients(water_dataset, small_mode
     D = jnp.asarray(canonical_rotation(random_rotation(4), small_model.layout))
     rot = lambda x: jnp.einsum("ab,nbc,cd->nad", D.T, x, D)  # noqa: E731
     moved = dict(b, onsite=rot(b["onsite"]), pairs=rot(b["pairs"]))
-    moved.update(onsite_s=rot(b["onsite_s"]), pairs_s=rot(b["pairs_s"]))
+    moved.update(onsite_w=rot(b["onsite_w"]), pairs_w=rot(b["pairs_w"]))
     after = np.asarray(_shift_sums(rot(on), rot(pr), moved, mask))
     assert before[1] > 1e-4  # not trivially zero
     np.testing.assert_allclose(after, before, rtol=1e-3)  # float32 blocks
     g = jax.grad(lambda x: _shift_sums(b["onsite"] + x * b["onsite_s"], b["pairs"], b, mask)[0])
     assert float(g(0.05)) > 0  # a shift raises the loss, and the gradient says so
+
+
+def test_level_shift_labels_need_gamma_only_data_and_subsampling_scales_pairs(
+    chain_dataset, water_dataset, small_model
+):
+    from ase_gearsh.model.graph import LabelError
+    from ase_gearsh.training.train import _subsample
+
+    s = Dataset(chain_dataset)[0]
+    g = small_model.graph(s.atoms)
+    with pytest.raises(LabelError, match="Gamma-only"):
+        attach_labels(g, s, small_model.layout, overlap=True, window=5.0)
+    w = Dataset(water_dataset)[0]
+    g = small_model.graph(w.atoms)
+    attach_labels(g, w, small_model.layout, overlap=True, window=5.0)
+    h = _subsample(g, 0.5, 0.0, np.random.default_rng(0))
+    assert len(h.pair_i) < len(g.pair_i) and h.pair_scale == len(g.pair_i) / len(h.pair_i)
+    assert h.pairs_w.shape == h.pairs.shape
 
 
 @pytest.mark.slow  # two more compilations of the training step: `make test-all`

@@ -61,6 +61,12 @@ class Graph:
     onsite_s: np.ndarray | None = None
     pairs_s: np.ndarray | None = None
     fermi: float | None = None
+    # for the level-shift loss (attach_labels(..., window=w)): canonical blocks of the
+    # window density matrix rho_w (:func:`window_density`), and the number of bonds
+    # of the full graph per bond kept (a subsample of bonds scales its pair terms)
+    onsite_w: np.ndarray | None = None
+    pairs_w: np.ndarray | None = None
+    pair_scale: float = 1.0
 
     @property
     def n_atoms(self) -> int:
@@ -99,9 +105,37 @@ def build_graph(atoms, species, cutoff: float, pair_cutoff: np.ndarray, name="")
     )
 
 
-def attach_labels(graph: Graph, structure, layout, overlap: bool = False) -> dict:
+def window_density(structure, window: float) -> np.ndarray:
+    """rho_w = (1/N_w) sum_n C_n C_n^T over the N_w Gamma-point states of the reference
+    (H, S) within ``window`` eV of the Fermi level (GPAW order, dense).  For any
+    symmetric dH, <dH, rho_w> (Frobenius) is the first-order mean shift of those levels;
+    <S, rho_w> = 1, so H + cS gives c."""
+    from scipy.linalg import eigh
+
+    kpts = np.asarray(structure.reference_kpts).reshape(-1, 3)
+    if len(kpts) != 1 or np.any(kpts):
+        raise LabelError(
+            f"{structure.meta['source']['name']}: the level-shift loss needs Gamma-only "
+            f"reference data (molecules, Gamma-point cells); this structure has "
+            f"{len(kpts)} k-point(s)"
+        )
+    e, C = eigh(structure.hamiltonian(), structure.overlap())
+    inside = np.abs(e - structure.fermi_level) <= window
+    if not inside.any():
+        raise LabelError(
+            f"{structure.meta['source']['name']}: no level within {window} eV of the Fermi level"
+        )
+    Cw = C[:, inside]
+    return (Cw @ Cw.T) / inside.sum()
+
+
+def attach_labels(
+    graph: Graph, structure, layout, overlap: bool = False, window: float | None = None
+) -> dict:
     """Canonical float32 H labels for the graph's atoms and bonds (spin channel 0);
-    with ``overlap`` also S labels and the Fermi level (for the eigenvalue loss).
+    with ``overlap`` also S labels and the Fermi level (for the eigenvalue loss);
+    with ``window`` (eV) also the blocks of the window density matrix
+    (:func:`window_density`, for the level-shift loss).
 
     A bond that the dataset does not store (dropped by a threshold) gets a
     zero label.  Returns a summary: stored blocks outside the model's bond
@@ -139,6 +173,15 @@ def attach_labels(graph: Graph, structure, layout, overlap: bool = False) -> dic
         else:
             graph.onsite_s, graph.pairs_s = onsite, pairs
             graph.fermi = structure.fermi_level
+    if window is not None:
+        rho = window_density(structure, window)
+        sl = structure.orbital_slices()
+        graph.onsite_w = np.zeros((graph.n_atoms, layout.n, layout.n), dtype=np.float32)
+        for k in range(graph.n_atoms):
+            graph.onsite_w[k] = layout.to_canonical(rho[sl[k], sl[k]], sp[k], sp[k])
+        graph.pairs_w = np.zeros((len(graph.pair_i), layout.n, layout.n), dtype=np.float32)
+        for p, (i, j) in enumerate(zip(graph.pair_i, graph.pair_j)):
+            graph.pairs_w[p] = layout.to_canonical(rho[sl[i], sl[j]], sp[i], sp[j])
     return info
 
 
@@ -196,6 +239,11 @@ def batch_graphs(
         onsite = np.zeros((N, n, n), np.float32)
         pairs = np.zeros((P, n, n), np.float32)
     eig = with_labels and structures is not None and graphs[0].onsite_s is not None
+    win = eig and graphs[0].onsite_w is not None
+    if win:
+        onsite_w = np.zeros((N, n, n), np.float32)
+        pairs_w = np.zeros((P, n, n), np.float32)
+        pair_scale = np.zeros(P, np.float32)
     if eig:
         onsite_s = np.zeros((N, n, n), np.float32)
         pairs_s = np.zeros((P, n, n), np.float32)
@@ -221,6 +269,10 @@ def batch_graphs(
             atom_graph[a : a + na] = k
             atom_local[a : a + na] = np.arange(na)
             fermi[k] = g.fermi
+        if win:
+            onsite_w[a : a + na] = g.onsite_w
+            pairs_w[p : p + npr] = g.pairs_w
+            pair_scale[p : p + npr] = g.pair_scale
         a, e, p = a + na, e + ne, p + npr
     out.update(
         species=species,
@@ -241,4 +293,6 @@ def batch_graphs(
             atom_local=atom_local,
             fermi=fermi,
         )
+    if win:
+        out.update(onsite_w=onsite_w, pairs_w=pairs_w, pair_scale=pair_scale)
     return out

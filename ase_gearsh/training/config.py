@@ -144,9 +144,10 @@ DEFAULTS = {
             "eigenvalue_weight": 0.0,
             "eigenvalue_window": 5.0,
             "eigenvalue_start": 0.5,
-            # our key: a loss on the common shift of each structure's levels, the
-            # part c = <dH, S> / <S, S> of its H error along S (H + cS has every
-            # eigenvalue moved by c); weighted like the H terms; 0 switches it off
+            # our key: a loss on the first-order mean shift of each structure's levels
+            # within eigenvalue_window of E_F, c = <dH, rho_w> with rho_w the window
+            # density matrix of the reference (H + aS gives c = a); Gamma-only data;
+            # weighted like the H terms; 0 switches it off
             "shift_weight": 0.0,
         },
     },

@@ -47,7 +47,7 @@ from ..core.io import OutputLock, atomic_write_bytes, check_output_folder, new_f
 from ..model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..model.coverage import training_coverage
 from ..model.engine import FAR, Model, pair_cutoff_matrix, precision
-from ..model.graph import Graph, attach_labels, batch_graphs, build_graph, pad_size
+from ..model.graph import Graph, LabelError, attach_labels, batch_graphs, build_graph, pad_size
 from ..model.layout import Layout
 from ..model.statistics import fit_statistics
 from .baseline import TwoCentre, fit_baseline, fit_onsite_baseline
@@ -334,7 +334,8 @@ def prepare_data(
     )
     lp = cfg["loss"]["loss_parameters"]
     overlap = lp["eigenvalue_weight"] > 0 or lp["shift_weight"] > 0  # S labels needed
-    tg, out_t, max_t = make(train_s, desc="training labels", overlap=overlap)
+    window = float(lp["eigenvalue_window"]) if lp["shift_weight"] > 0 else None
+    tg, out_t, max_t = make(train_s, desc="training labels", overlap=overlap, window=window)
     vg, out_v, max_v = make(valid_s, desc="validation labels")
     rc_sum = float(np.max(registry.rc[1:, None] + registry.rc[None, 1:]))
     if bond["cutoff"] < rc_sum:
@@ -405,7 +406,7 @@ def _centred(blocks, species):
 
 
 def _labelled_graphs(
-    structures, *, registry, layout, cutoff, pc, desc="", progress=True, overlap=False
+    structures, *, registry, layout, cutoff, pc, desc="", progress=True, overlap=False, window=None
 ):
     """Graphs with H labels; also the number and largest |H| of stored blocks
     beyond the bond cut-offs."""
@@ -418,7 +419,14 @@ def _labelled_graphs(
             pc,
             name=s.meta["source"]["name"],
         )
-        info = attach_labels(g, s, layout, overlap=overlap)
+        if window is None:
+            info = attach_labels(g, s, layout, overlap=overlap)
+        else:
+            info = attach_labels(g, s, layout, overlap=True)
+            try:
+                attach_labels(g, s, layout, window=window)
+            except LabelError as err:
+                raise TrainingError(f"loss.loss_parameters.shift_weight > 0: {err}") from None
         outside += info["outside"]
         outside_max = max(outside_max, info["outside_max"])
         graphs.append(g)
@@ -541,12 +549,12 @@ def _eigen_sums(pred_on, pred_pair, b, orbital_mask, window: float, n_atoms: int
 
 
 def _shift_sums(pred_on, pred_pair, b, orbital_mask):
-    """The part of each structure's H error along its S: c = <dH, S> / <S, S>
-    (Frobenius products over the batch's blocks, pairs counted twice for H_ij and
-    H_ji).  H + cS has the eigenvalues of H moved by c, so c is the common shift
-    of the levels that the element-wise loss sees only diluted.  Returns the sums
-    of c^2 and |c| and the number of structures (a batch built with
-    ``structures``)."""
+    """The first-order mean shift of each structure's levels within the window:
+    c = <dH, rho_w> (Frobenius, over its blocks; pairs counted for H_ij and H_ji and
+    scaled by the bonds left out by subsampling), rho_w the window density matrix of
+    the reference (:func:`~ase_gearsh.model.graph.window_density`).  H + aS gives
+    c = a.  Returns the sums of c^2 and |c| and the number of structures (a batch
+    built with ``structures`` from graphs labelled with ``window``)."""
     G = b["fermi"].shape[0]
     m = orbital_mask[b["species"]]
     m_on = (m[:, :, None] & m[:, None, :]).astype(pred_on.dtype)
@@ -554,19 +562,14 @@ def _shift_sums(pred_on, pred_pair, b, orbital_mask):
         orbital_mask[b["species"][b["pair_i"]]][:, :, None]
         & orbital_mask[b["species"][b["pair_j"]]][:, None, :]
     )
-    m_off = mp.astype(pred_pair.dtype) * (2.0 * b["pair_weight"])[:, None, None]
-    s_on, s_off = b["onsite_s"] * m_on, b["pairs_s"] * m_off
-    g_on, g_off = b["atom_graph"], b["atom_graph"][b["pair_i"]]
+    w_off = 2.0 * b["pair_weight"] * b["pair_scale"]
+    m_off = mp.astype(pred_pair.dtype) * w_off[:, None, None]
     seg = partial(jax.ops.segment_sum, num_segments=G + 1)
-    num = seg(((pred_on - b["onsite"]) * s_on).sum(axis=(1, 2)), g_on) + seg(
-        ((pred_pair - b["pairs"]) * s_off).sum(axis=(1, 2)), g_off
-    )
-    den = seg((s_on * b["onsite_s"]).sum(axis=(1, 2)), g_on) + seg(
-        (s_off * b["pairs_s"]).sum(axis=(1, 2)), g_off
-    )
-    num, den = num[:G], den[:G]
-    real = den > 0
-    c = jnp.where(real, num / jnp.where(real, den, 1.0), 0.0)
+    on = ((pred_on - b["onsite"]) * b["onsite_w"] * m_on).sum(axis=(1, 2))
+    off = ((pred_pair - b["pairs"]) * b["pairs_w"] * m_off).sum(axis=(1, 2))
+    c = (seg(on, b["atom_graph"]) + seg(off, b["atom_graph"][b["pair_i"]]))[:G]
+    real = seg((b["species"] > 0).astype(c.dtype), b["atom_graph"])[:G] > 0
+    c = jnp.where(real, c, 0.0)
     return jnp.stack([(c**2).sum(), jnp.abs(c).sum(), real.sum().astype(c.dtype)])
 
 
@@ -669,6 +672,8 @@ def _subsample(g, fraction, alpha, rng):
         pair_vec=g.pair_vec[pick],
         pairs=g.pairs[pick],
         pairs_s=None if g.pairs_s is None else g.pairs_s[pick],
+        pairs_w=None if g.pairs_w is None else g.pairs_w[pick],
+        pair_scale=P / k,
     )
 
 
