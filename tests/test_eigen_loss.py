@@ -110,6 +110,11 @@ def test_level_shift_is_the_first_order_mean_shift_of_the_window(water_dataset, 
         c = float(_shift_sums(bb["onsite"] + d_on, bb["pairs"] + d_pr, bb, mask)[1])
     assert abs(mean_shift) > 1e-5  # not trivially zero
     assert abs(abs(mean_shift) - c) < 2e-3 * abs(mean_shift) + 1e-7, (mean_shift, c)
+    # the on-site part alone (the loss's default): the shift of an on-site-only error
+    on_only = float(_shift_sums(b["onsite"] + d_on, b["pairs"] + d_pr, b, mask, pairs=False)[1])
+    with jax.enable_x64(True):
+        only = np.asarray(gamma_levels(bb["onsite"] + d_on, bb["pairs"], bb, mask, n_atoms=3))[0]
+    assert abs(abs((only - ref)[inside].mean()) - on_only) < 2e-3 * on_only + 1e-7
 
 
 def test_level_shift_is_rotation_invariant_and_has_gradients(water_dataset, small_model):
@@ -163,6 +168,7 @@ def test_training_with_the_eigenvalue_loss(water_dataset, tmp_path, make_config)
                 "eigenvalue_weight": 1.0,
                 "eigenvalue_start": 0.5,
                 "shift_weight": 1.0,
+                "shift_pairs": True,
             }
         },
         training={"n_epochs": 2},

@@ -149,6 +149,9 @@ DEFAULTS = {
             # density matrix of the reference (H + aS gives c = a); Gamma-only data;
             # weighted like the H terms; 0 switches it off
             "shift_weight": 0.0,
+            # with the pair blocks' part too (false: on-site blocks only, whose part
+            # carries the shift, without the noise of a subsample of bonds)
+            "shift_pairs": False,
         },
     },
     "training": {

@@ -548,13 +548,15 @@ def _eigen_sums(pred_on, pred_pair, b, orbital_mask, window: float, n_atoms: int
     return jnp.stack([(err**2).sum(), jnp.abs(err).sum(), inside.sum().astype(err.dtype)])
 
 
-def _shift_sums(pred_on, pred_pair, b, orbital_mask):
+def _shift_sums(pred_on, pred_pair, b, orbital_mask, pairs: bool = True):
     """The first-order mean shift of each structure's levels within the window:
     c = <dH, rho_w> (Frobenius, over its blocks; pairs counted for H_ij and H_ji and
     scaled by the bonds left out by subsampling), rho_w the window density matrix of
     the reference (:func:`~ase_gearsh.model.graph.window_density`).  H + aS gives
-    c = a.  Returns the sums of c^2 and |c| and the number of structures (a batch
-    built with ``structures`` from graphs labelled with ``window``)."""
+    c = a.  ``pairs=False``: the on-site blocks' part only (no sampling noise from a
+    subsample of bonds).  Returns the sums of c^2 and |c| and the number of
+    structures (a batch built with ``structures`` from graphs labelled with
+    ``window``)."""
     G = b["fermi"].shape[0]
     m = orbital_mask[b["species"]]
     m_on = (m[:, :, None] & m[:, None, :]).astype(pred_on.dtype)
@@ -567,7 +569,9 @@ def _shift_sums(pred_on, pred_pair, b, orbital_mask):
     seg = partial(jax.ops.segment_sum, num_segments=G + 1)
     on = ((pred_on - b["onsite"]) * b["onsite_w"] * m_on).sum(axis=(1, 2))
     off = ((pred_pair - b["pairs"]) * b["pairs_w"] * m_off).sum(axis=(1, 2))
-    c = (seg(on, b["atom_graph"]) + seg(off, b["atom_graph"][b["pair_i"]]))[:G]
+    c = seg(on, b["atom_graph"])[:G]
+    if pairs:
+        c = c + seg(off, b["atom_graph"][b["pair_i"]])[:G]
     real = seg((b["species"] > 0).astype(c.dtype), b["atom_graph"])[:G] > 0
     c = jnp.where(real, c, 0.0)
     return jnp.stack([(c**2).sum(), jnp.abs(c).sum(), real.sum().astype(c.dtype)])
@@ -586,7 +590,8 @@ def loss_from_sums(s, lp: dict):
 def _batch_sums(model: Model, orbital_mask, params, stats, batch, eigen=None, shift=False):
     """Error sums of a sharded batch (leading axis: devices), summed over shards;
     ``eigen`` = (window, atoms per structure) adds the eigenvalue sums, ``shift``
-    the common-shift sums (:func:`_shift_sums`), in that order."""
+    ("all", "onsite" or False) the level-shift sums (:func:`_shift_sums`), in that
+    order."""
 
     def one(b):
         on, pr = model.forward(params, stats, b)
@@ -594,7 +599,7 @@ def _batch_sums(model: Model, orbital_mask, params, stats, batch, eigen=None, sh
         if eigen is not None:
             s.append(_eigen_sums(on, pr, b, orbital_mask, *eigen))
         if shift:
-            s.append(_shift_sums(on, pr, b, orbital_mask))
+            s.append(_shift_sums(on, pr, b, orbital_mask, shift == "all"))
         return jnp.concatenate(s)
 
     return jax.vmap(one)(batch).sum(axis=0)
@@ -612,7 +617,7 @@ def _loss(model: Model, orbital_mask, lp: dict, params, stats, batch, eigen=None
     if eigen is not None:  # the eigenvalues in the window
         loss = loss + lp["loss_multiplier"] * lp["eigenvalue_weight"] * term(s[k], s[k + 2])
         k += 3
-    if shift:  # the common shift of each structure's levels
+    if shift:  # the first-order mean shift of each structure's window levels
         loss = loss + lp["loss_multiplier"] * lp["shift_weight"] * term(s[k], s[k + 2])
     return loss, s
 
@@ -824,8 +829,12 @@ class StepFunctions:
         self._repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self.stats = self.replicate({k: jnp.asarray(v) for k, v in data.stats.items()})
         mask = jnp.asarray(data.layout.orbital_mask)
-        # the common-shift loss: every step (cheap: no diagonalisation)
-        self.shift = self.lp["shift_weight"] > 0
+        # the level-shift loss: every step (cheap: no diagonalisation)
+        self.shift = (
+            ("all" if self.lp["shift_pairs"] else "onsite")
+            if self.lp["shift_weight"] > 0
+            else False
+        )
         needs_s = self.shift or self.lp["eigenvalue_weight"] > 0
         if needs_s and any(g.onsite_s is None for g in data.train):
             raise TrainingError(
