@@ -12,19 +12,21 @@ real-space blocks H(R), S(R), which lifts that requirement.
 Writes ``OUT_DIR/wse2.extxyz``, runs GPAW LCAO (szp(dzp), PBE, h = 0.25 A, the paper's
 settings) on a Gamma-centred ``kpts x kpts x 1`` grid with symmetry off through
 ``gpaw_tools.generate`` and extracts each run into ``OUT_DIR/dataset`` (the .gpw files are
-discarded).  Resumable: re-running skips finished structures.
+discarded).  Resumable: re-running skips finished structures, and a rerun with a larger
+``--n`` adds cells (the first ones are the same).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 from ase.build import mx2
-from ase.io import write
+from ase.io import read, write
 
 
 def cells(
@@ -67,8 +69,27 @@ def main(argv=None):
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     xyz = out / "wse2.extxyz"
-    if not xyz.exists():
-        write(xyz, cells(args.n, args.seed, size=args.size))
+    wanted = cells(args.n, args.seed, size=args.size)
+    if xyz.exists():  # a rerun: the same cells, perhaps more of them (--n)
+        have = read(xyz, ":")
+        m = min(len(have), len(wanted))
+        if any(
+            len(a) != len(b) or not np.allclose(a.positions, b.positions, atol=1e-6)
+            for a, b in zip(have[:m], wanted[:m])
+        ):
+            raise SystemExit(
+                f"{xyz} holds other cells than --seed {args.seed} --size {args.size} make; "
+                f"use another OUT_DIR or the options it was made with"
+            )
+        if len(wanted) > len(have):
+            tmp = xyz.with_name(xyz.name + ".part")
+            write(tmp, wanted, format="extxyz")
+            os.replace(tmp, xyz)
+            print(f"{xyz}: {len(have)} -> {len(wanted)} cells")
+    else:
+        tmp = xyz.with_name(xyz.name + ".part")
+        write(tmp, wanted, format="extxyz")
+        os.replace(tmp, xyz)
     k = str(args.kpts)
     return subprocess.call(
         [
