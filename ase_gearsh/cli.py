@@ -75,6 +75,7 @@ def _predict(args: argparse.Namespace) -> int | None:
         holes=args.holes,
         hole_window=args.hole_window,
         fermi_guess=args.fermi_guess,
+        overlap_screen=args.overlap_screen,
     )
     if len(args.structure) == 1:
         predict_structure(
@@ -216,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         "LDL^T factorisation, Gamma only, any size)",
     )
     r.add_argument("--charge", type=float, default=0.0, help="net charge (e)")
+    r.add_argument(
+        "--overlap-screen",
+        type=float,
+        help="S leaves out elements below half of this and projector terms below a "
+        "20th (default 1e-8; 0: GPAW's S to rounding)",
+    )
     r.add_argument("--index", default=-1, help="frame of a multi-frame file (default last)")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=_predict)

@@ -148,9 +148,11 @@ def predict_structure(
     holes=None,
     hole_window: float = 0.2,
     fermi_guess: float | None = None,
+    overlap_screen: float | None = None,
 ) -> dict:
     """Run the calculator on one structure file (or Atoms) and write ``output``
     (a new folder; an existing one is replaced only with ``overwrite``).
+    ``overlap_screen``: the calculator's parameter (None: its default, 1e-8).
 
     ``holes``: element symbols (e.g. ``["W", "Se"]``) whose projected DOS is
     integrated from E_F to E_F + ``hole_window`` eV: the hole count (both spins) and,
@@ -184,6 +186,7 @@ def predict_structure(
             holes,
             hole_window,
             fermi_guess,
+            overlap_screen,
         )
     for line in lines:
         log(line)
@@ -338,10 +341,12 @@ def _predict_into(
     holes=None,
     hole_window=0.2,
     fermi_guess=None,
+    overlap_screen=None,
 ):
     """Compute everything and write it into the folder ``out``; (summary, log lines)."""
     t0 = time.perf_counter()
-    calc = GearsHCalculator(model, kpts=kpts, charge=charge, progress=progress)
+    extra = {} if overlap_screen is None else {"overlap_screen": overlap_screen}
+    calc = GearsHCalculator(model, kpts=kpts, charge=charge, progress=progress, **extra)
     t_load = time.perf_counter()
     atoms.calc = calc
     # cheap checks first: atoms, k-points against pbc, elements, solver
@@ -452,6 +457,7 @@ def _predict_into(
         "kpt_weights": calc.get_k_point_weights().tolist(),
         "n_electrons": calc.get_number_of_electrons(),
         "width_eV": width,
+        "overlap_screen": calc.parameters.overlap_screen,
         "reliability": None if reliability is None else reliability["figure"],
         "reliability_detail": reliability,
         "units": {"energy": "eV", "length": "Angstrom", "dos": "states/eV per spin"},

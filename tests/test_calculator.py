@@ -381,6 +381,17 @@ def test_predict_cli_writes_matrices_spectrum_and_plot(checkpoint, tmp_path):
     assert abs(S - a.calc.get_overlap()).max() < 1e-12
     summary = json.loads((out / "summary.json").read_text())
     assert summary["orbitals"] == H.shape[0] and summary["method"] == "dense"
+    assert summary["overlap_screen"] == 1e-8  # the calculator's default
+    out0 = tmp_path / "out0"  # GPAW's S to rounding, asked for on the command line
+    args = ["predict", str(tmp_path / "ethanol.xyz"), "-m", str(ckpt), "-o", str(out0), "-q"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExtrapolationWarning)
+        assert main(args + ["--overlap-screen", "0"]) == 0
+    assert json.loads((out0 / "summary.json").read_text())["overlap_screen"] == 0.0
+    assert abs(sp.load_npz(out0 / "overlap.npz") - S).max() <= 1e-8
+    bad = tmp_path / "bad"
+    assert main(args[:-2] + [str(bad), "-q", "--overlap-screen", "-1"]) == 2
+    assert not bad.exists()  # refused before anything was written
     assert summary["fermi_level_eV"] == pytest.approx(a.calc.get_fermi_level())
     assert (out / "dos.png").stat().st_size > 10_000
     rows = (out / "eigenvalues.csv").read_text().splitlines()
