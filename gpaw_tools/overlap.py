@@ -540,7 +540,7 @@ def _k_collect(
             if pmask[pm_off[q] + ja]:
                 na = pnorm[pm_off[q] + ja]
                 for s in range(segptr[c], segptr[c + 1]):
-                    if na * seg_nrm[s] > cthr[c]:  # see OverlapCalculator._screening
+                    if na * seg_nrm[s] > cthr[c]:  # see _screening
                         cmask[ja, apos[seg_b[s]], seg_jb[s]] = 1
     return nc
 
