@@ -97,7 +97,7 @@ from ase.calculators.calculator import (
 )
 from ase.spectrum.band_structure import BandStructure, get_band_structure
 
-from gpaw_tools.overlap import OverlapCalculator
+from gpaw_tools.overlap import OverlapCalculator, check_screen
 
 from .core.blocks import BlockMatrices
 from .core.errors import GearsHError
@@ -198,15 +198,10 @@ def _check_parameter(key: str, value):
     elif key in ("edge_chunk", "pair_chunk"):
         check_positive(key, value, integer=True)
     elif key == "overlap_screen":
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float, np.integer, np.floating))
-            or not (math.isfinite(value) and 0 <= value < 1e-3)
-        ):
-            raise CalculatorInputError(
-                f"overlap_screen must be 0 (exact S) or a small tolerance in [0, 1e-3) "
-                f"such as 1e-8, got {value!r}"
-            )
+        try:
+            check_screen(value)
+        except ValueError as err:
+            raise CalculatorInputError(f"overlap_screen: {err}") from None
     elif key == "overlap_alongside" and value is not None:
         check_positive("overlap_alongside (atoms; None: never)", value, integer=True)
     elif key == "reliability_threshold" and value is not None:
@@ -294,7 +289,7 @@ _WORKER = ThreadPoolExecutor(1, thread_name_prefix="gearsh-overlap")
 
 def _overlap(model: Model, atoms: Atoms, k: np.ndarray, screen: float = 0.0):
     """Exact S(k) (scipy.sparse CSR) of ``atoms`` with the model's basis functions,
-    every element within ``screen`` of the exact value (0: exact)."""
+    screened by ``screen`` (0: exact; :class:`~gpaw_tools.overlap.OverlapCalculator`)."""
     oc = _overlap_calculator(model)
     if not np.any(k):
         return oc.overlap(atoms, screen=screen)

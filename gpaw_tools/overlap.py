@@ -54,6 +54,7 @@ __all__ = [
     "BasisDataError",
     "splines",
     "basis_for_registry",
+    "check_screen",
 ]
 
 
@@ -1033,7 +1034,8 @@ def _yl_table(lmax: int) -> tuple:
     return _YL_TABLES[lmax]
 
 
-def _check_screen(screen) -> float:
+def check_screen(screen) -> float:
+    """``screen`` as a float, or a ValueError that says what is expected."""
     if isinstance(screen, bool) or not isinstance(screen, (int, float, np.integer, np.floating)):
         raise ValueError(f"screen must be a number (0: exact S, e.g. 1e-8), got {screen!r}")
     if not (np.isfinite(screen) and 0 <= screen < 1e-3):
@@ -1119,7 +1121,7 @@ class OverlapCalculator:
         if engine not in ("auto", "numba", "numpy"):
             raise ValueError(f"engine={engine!r}: 'auto', 'numba' or 'numpy'")
         self.engine = engine
-        self.screen = _check_screen(screen)
+        self.screen = check_screen(screen)
         if threads is None:
             threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         self.threads = max(1, int(threads))
@@ -1333,7 +1335,7 @@ class OverlapCalculator:
         times of the last call are in ``self.timings`` (seconds).
         """
         t0 = time.perf_counter()
-        screen = self.screen if screen is None else _check_screen(screen)
+        screen = self.screen if screen is None else check_screen(screen)
         self.timings = {}
         self.thread_times: dict = {}
         symbols = self._check(atoms)
