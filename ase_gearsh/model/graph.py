@@ -22,6 +22,7 @@ __all__ = [
     "Graph",
     "build_graph",
     "attach_labels",
+    "attach_window",
     "batch_graphs",
     "pad_size",
     "pad_edges",
@@ -174,15 +175,22 @@ def attach_labels(
             graph.onsite_s, graph.pairs_s = onsite, pairs
             graph.fermi = structure.fermi_level
     if window is not None:
-        rho = window_density(structure, window)
-        sl = structure.orbital_slices()
-        graph.onsite_w = np.zeros((graph.n_atoms, layout.n, layout.n), dtype=np.float32)
-        for k in range(graph.n_atoms):
-            graph.onsite_w[k] = layout.to_canonical(rho[sl[k], sl[k]], sp[k], sp[k])
-        graph.pairs_w = np.zeros((len(graph.pair_i), layout.n, layout.n), dtype=np.float32)
-        for p, (i, j) in enumerate(zip(graph.pair_i, graph.pair_j)):
-            graph.pairs_w[p] = layout.to_canonical(rho[sl[i], sl[j]], sp[i], sp[j])
+        attach_window(graph, structure, layout, window)
     return info
+
+
+def attach_window(graph: Graph, structure, layout, window: float) -> None:
+    """Canonical float32 blocks of the window density matrix (:func:`window_density`)
+    for the graph's atoms and bonds: ``graph.onsite_w``, ``graph.pairs_w``."""
+    sp = graph.species
+    rho = window_density(structure, window)
+    sl = structure.orbital_slices()
+    graph.onsite_w = np.zeros((graph.n_atoms, layout.n, layout.n), dtype=np.float32)
+    for k in range(graph.n_atoms):
+        graph.onsite_w[k] = layout.to_canonical(rho[sl[k], sl[k]], sp[k], sp[k])
+    graph.pairs_w = np.zeros((len(graph.pair_i), layout.n, layout.n), dtype=np.float32)
+    for p, (i, j) in enumerate(zip(graph.pair_i, graph.pair_j)):
+        graph.pairs_w[p] = layout.to_canonical(rho[sl[i], sl[j]], sp[i], sp[j])
 
 
 def pad_edges(i, j, vec, size: int, pad_atom: int, far: float = FAR):

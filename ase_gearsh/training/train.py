@@ -47,7 +47,15 @@ from ..core.io import OutputLock, atomic_write_bytes, check_output_folder, new_f
 from ..model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..model.coverage import training_coverage
 from ..model.engine import FAR, Model, pair_cutoff_matrix, precision
-from ..model.graph import Graph, LabelError, attach_labels, batch_graphs, build_graph, pad_size
+from ..model.graph import (
+    Graph,
+    LabelError,
+    attach_labels,
+    attach_window,
+    batch_graphs,
+    build_graph,
+    pad_size,
+)
 from ..model.layout import Layout
 from ..model.statistics import fit_statistics
 from .baseline import TwoCentre, fit_baseline, fit_onsite_baseline
@@ -419,12 +427,10 @@ def _labelled_graphs(
             pc,
             name=s.meta["source"]["name"],
         )
-        if window is None:
-            info = attach_labels(g, s, layout, overlap=overlap)
-        else:
-            info = attach_labels(g, s, layout, overlap=True)
+        info = attach_labels(g, s, layout, overlap=overlap)
+        if window is not None:
             try:
-                attach_labels(g, s, layout, window=window)
+                attach_window(g, s, layout, window)
             except LabelError as err:
                 raise TrainingError(f"loss.loss_parameters.shift_weight > 0: {err}") from None
         outside += info["outside"]
