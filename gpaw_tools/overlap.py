@@ -492,7 +492,8 @@ def _k_collect(
     """Columns of the rows of atom a: ``cand[:nc]`` the atoms they reach (sorted, with
     ``apos[b]`` their position) and ``cmask[ja, ci, jb]`` the radial functions of each;
     returns nc.  Two-centre partners and, for every projector atom c that reaches a
-    radial function ja of a, every radial function c reaches."""
+    radial function ja of a, every radial function c reaches (marked in ``cmask`` only
+    where the screening bound passes: :func:`_screening`)."""
     nc = 0
     for e in range(optr[a], optr[a + 1]):
         b = oe_col[e]
