@@ -832,10 +832,12 @@ class GearsHCalculator(Calculator):
         ``by='atom'`` an (N_atoms, n_states) array; a state's weights sum to 1.
 
         Energies relative to the Fermi level: ``ef = calc.exact_fermi().fermi_level``,
-        then ``get_window_states(ef, ef + 0.2)``.  A window within 1 eV of the last
-        shift of ``exact_fermi`` reuses that factorisation; a window farther away gets
-        its own, at its centre.  Ask for narrow windows: the cost grows with the
-        number of states in it."""
+        then ``get_window_states(ef, ef + 0.2)``.  After ``exact_fermi``, a window that
+        ends in the gap at a band edge (e.g. ``[homo - 0.2, homo]``) gets its own
+        factorisation just beyond that edge, where its states converge fast; another
+        window within 1 eV of the last shift of ``exact_fermi`` reuses that
+        factorisation; a window farther away gets its own, at its centre.  Ask for
+        narrow windows: the cost grows with the number of states in it."""
         check_choice("by", by, PROJECTIONS)
         for name, x in (("emin", emin), ("emax", emax)):
             if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
@@ -846,14 +848,21 @@ class GearsHCalculator(Calculator):
             raise CalculatorInputError(f"expected emin < emax, got [{emin}, {emax}] eV")
         self._sync(atoms)
         H, S = self._gamma_matrices("window states")
-        # the factorisation behind exact_fermi serves windows near its shift
-        # (window_states decides: electronic.window.REUSE_REACH, 1 eV)
-        factor = None
+        # the factorisation behind exact_fermi serves windows near its shift, and its
+        # HOMO and LUMO place a window at a band edge (window_states decides:
+        # electronic.window.edge_shift, REUSE_REACH)
+        factor, gap = None, None
         for key, fs in self._cache.items():
             if key[:1] == ("exact_fermi",) and getattr(fs, "factor", None) is not None:
-                factor = fs.factor
+                factor, gap = fs.factor, (fs.homo, fs.lumo)
         st = window_states(
-            H, S, float(emin), float(emax), factor=factor, progress=self.parameters.progress
+            H,
+            S,
+            float(emin),
+            float(emax),
+            factor=factor,
+            gap=gap,
+            progress=self.parameters.progress,
         )
         labels = self._labels()
         per_orbital = st.vectors * (S @ st.vectors)  # Mulliken weight of each orbital

@@ -2,7 +2,7 @@
 
     python benchmarks/window_supercell.py DATASET [--index 1] [--repeat 3 6] [--window 0.2]
                                           [--k 48] [--block 32]
-                                          [--route auto|reuse|centre|both]
+                                          [--route auto|reuse|centre|edge|both|all]
 
 The DFT H(R) and S(R) of a k-sampled cell (a 6x6 WSe2 cell with Se vacancies from
 ``make_wse2.py``) tiled ``--repeat`` x ``--repeat`` in the plane give the H and S of a
@@ -16,10 +16,13 @@ calculator runs them (:mod:`ase_gearsh.electronic.window`):
   diagonal fill, ``--guess``: a given value);
 * the paper's hole window: every state in the ``--window`` eV below the valence-band
   maximum (for a Fermi level pinned that far inside the valence band), with its W and Se
-  Mulliken weights; ``--route``: ``auto`` as the calculator does (a new factorisation
-  at the window's centre unless the Fermi level's shift lies within one window width of
-  the window), ``reuse`` (the Fermi level's factorisation), ``centre`` (a new one) or
-  ``both`` (reuse, then centre, back to back).
+  Mulliken weights; ``--route``: ``auto`` as the calculator does (given the Fermi
+  level's HOMO and LUMO: a new factorisation just beyond the band edge when the window
+  ends in the gap, else at the window's centre unless the Fermi level's shift lies
+  within 1 eV of the window), ``reuse`` (the Fermi level's factorisation), ``centre`` (a new one),
+  ``edge`` (a new one in the gap just above the valence-band maximum, from the Fermi
+  level's HOMO and LUMO: ``window.edge_shift``), ``both``
+  (reuse, then centre, back to back) or ``all`` (reuse, edge, centre).
 
 Printed per size: stage times, peak RSS, E_F, HOMO/LUMO and the window's states and W/Se
 weights against the reference (largest eigenvalue and weight errors).
@@ -57,7 +60,7 @@ def main(argv=None):
     )
     p.add_argument(
         "--route",
-        choices=["auto", "reuse", "centre", "both"],
+        choices=["auto", "reuse", "centre", "edge", "both", "all"],
         default="auto",
         help="the window's factorisation (see above)",
     )
@@ -65,6 +68,7 @@ def main(argv=None):
     from ase_gearsh.core.data import Dataset
     from ase_gearsh.electronic.window import (
         WindowError,
+        edge_shift,
         fermi_states,
         local_guess,
         window_states,
@@ -122,14 +126,26 @@ def main(argv=None):
             np.repeat(np.array(s.atoms.get_chemical_symbols()), s.orbital_counts), n_cells
         )
         sel = (E >= lo) & (E <= hi)
-        routes = {"auto": [None], "reuse": [False], "centre": [True], "both": [False, True]}
+        routes = {
+            "auto": [None],
+            "reuse": [False],
+            "centre": [True],
+            "edge": ["edge"],
+            "both": [False, True],
+            "all": [False, "edge", True],
+        }
         t_w = 0.0
         for refactor in routes[a.route]:
             t = time.perf_counter()
+            opts = dict(factor=fs.factor, k=a.k, block=a.block)
+            if refactor is None:  # as the calculator: it knows the gap from E_F
+                opts["gap"] = (fs.homo, fs.lumo)
+            elif refactor == "edge":
+                opts["sigma"] = edge_shift(lo, hi, fs.homo, fs.lumo)
+            else:
+                opts["refactor"] = refactor
             try:
-                w = window_states(
-                    H, S, lo, hi, factor=fs.factor, k=a.k, block=a.block, refactor=refactor
-                )
+                w = window_states(H, S, lo, hi, **opts)
             except WindowError as err:
                 print(f"window: {err} (after {time.perf_counter() - t:.1f} s)", flush=True)
                 continue

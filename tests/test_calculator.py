@@ -276,6 +276,12 @@ def test_exact_window_states_match_dense(model, make_atoms):
     np.testing.assert_allclose(w["C"] + w["H"], 1.0, atol=1e-8)
     _, wa = atoms.calc.get_window_states(ef - 3.0, ef + 2.0, by="atom")
     assert wa.shape == (len(atoms), len(e))
+    # a window ending in the gap (the hole window below the band edge): own shift there
+    assert fs.lumo - fs.homo > 0.01
+    e_edge, _ = atoms.calc.get_window_states(fs.homo - 1.0, fs.homo + 1e-4)
+    np.testing.assert_allclose(
+        e_edge, eps[(eps >= fs.homo - 1.0) & (eps <= fs.homo + 1e-4)], atol=1e-6
+    )
     # against the dense Mulliken weights: the PDOS of the dense path, sharply broadened
     import scipy.linalg as sla
 

@@ -12,6 +12,7 @@ from ase_gearsh.electronic.window import (
     IndefiniteFactor,
     WindowError,
     count_below,
+    edge_shift,
     fermi_states,
     initial_guess,
     local_guess,
@@ -213,6 +214,51 @@ def test_gpaw_water_states(h2o_gpw):
     w = window_states(H, S, eps[nocc - 1] - 3.0, eps[nocc] + 0.01, k=2, block=4)
     ref = eps[(eps >= eps[nocc - 1] - 3.0) & (eps <= eps[nocc] + 0.01)]
     np.testing.assert_allclose(w.eigenvalues, ref, atol=1e-5)
+
+
+def test_edge_shift_rule():
+    """A window ending in the gap gets a shift just beyond its band edge, in the gap."""
+    # valence-band window: homo + a quarter of the width, at most half the gap
+    assert edge_shift(-5.2, -5.0, -5.0, -4.2) == pytest.approx(-4.95)
+    assert edge_shift(-5.2, -5.0, -5.0, -4.96) == pytest.approx(-4.98)  # half the gap
+    # conduction-band window, mirrored
+    assert edge_shift(-4.3, -4.0, -5.0, -4.2) == pytest.approx(-4.2 - 0.075)
+    # no edge: inside a band, inside the gap, across the gap, or a metal's spacing
+    assert edge_shift(-6.0, -5.5, -5.0, -4.2) is None
+    assert edge_shift(-4.8, -4.6, -5.0, -4.2) is None
+    assert edge_shift(-5.5, -4.0, -5.0, -4.2) is None
+    assert edge_shift(-5.2, -5.0, -5.0, -4.995) is None
+    with pytest.raises(WindowError, match="homo must be a finite number"):
+        edge_shift(-5.2, -5.0, float("nan"), -4.2)
+
+
+def test_window_at_a_band_edge_factorised_in_the_gap(pair):
+    """With the gap known, a window that ends in it is factorised just beyond the edge
+    (not at the far factor's shift nor at its centre); the states are all of the
+    window's, as with an explicit ``sigma``; ``sigma`` with ``refactor=False`` is an
+    error."""
+    H, S, E = pair
+    gaps = np.where(np.abs(E[:-1]) < 3.0, np.diff(E), 0.0)
+    i = int(np.argmax(gaps))  # the widest spacing: a "gap" of 0.02 eV
+    homo, lumo = E[i], E[i + 1]
+    assert lumo - homo > 0.015
+    emin, emax = homo - 0.3, homo + 1e-6
+    ref = E[(E >= emin) & (E <= emax)]
+    assert len(ref) >= 5
+    far = IndefiniteFactor((H - (homo + 3.0) * S).tocsr())
+    far.sigma = homo + 3.0
+    w = window_states(H, S, emin, emax, factor=far, k=8, block=8, gap=(homo, lumo))
+    sigma = edge_shift(emin, emax, homo, lumo)
+    assert homo < sigma < lumo
+    assert "factorisation" in w.seconds and w.sigma == pytest.approx(sigma)
+    assert w.n_below == i + 1  # every state up to the homo lies below the edge shift
+    np.testing.assert_allclose(w.eigenvalues, ref, atol=1e-9)
+    mine = window_states(H, S, emin, emax, k=8, block=8, sigma=homo + 0.01)
+    assert mine.sigma == pytest.approx(homo + 0.01)
+    np.testing.assert_allclose(mine.eigenvalues, ref, atol=1e-9)
+    with pytest.raises(WindowError, match="sigma is the shift of a new factorisation"):
+        window_states(H, S, emin, emax, factor=far, refactor=False, sigma=homo)
+    far.free()
 
 
 def test_errors(pair):

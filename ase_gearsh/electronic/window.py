@@ -48,6 +48,7 @@ __all__ = [
     "count_below",
     "states_near",
     "window_states",
+    "edge_shift",
     "fermi_states",
     "initial_guess",
     "local_guess",
@@ -539,26 +540,40 @@ def window_states(
     factor: IndefiniteFactor | None = None,
     k: int = 32,
     refactor: bool | None = None,
+    sigma: float | None = None,
+    gap: tuple[float, float] | None = None,
     **options,
 ) -> NearStates:
     """Every eigenpair of H c = E S c with emin <= E <= emax (eV), exactly.
 
-    Factorises H - sigma S at the window's centre, or uses ``factor`` (an
-    :class:`IndefiniteFactor` of H - sigma S from :func:`fermi_states` or an earlier
-    call), and asks :func:`states_near` for up to ``k`` states on each side, then for
-    more until they reach beyond both edges of the window (it stops as soon as the
-    converged states cover the window).  ``refactor``: None (default) reuses ``factor``
-    when both edges lie within ``REUSE_REACH`` (1 eV) of its sigma, and factorises
-    at the window's centre otherwise; True always factorises, False always reuses.
-    ``options`` go to :func:`states_near`.  Returns a :class:`NearStates` holding
-    only the states in the window (``n_below``: the count
-    below the sigma used; ``radius``: the reach needed from sigma;
-    ``seconds['factorisation']`` only when a new factorisation was made)."""
+    Factorises H - sigma S, or uses ``factor`` (an :class:`IndefiniteFactor` of
+    H - sigma S from :func:`fermi_states` or an earlier call), and asks
+    :func:`states_near` for up to ``k`` states on each side, then for more until they
+    reach beyond both edges of the window (it stops as soon as the converged states
+    cover the window).
+
+    The shift of a new factorisation: ``sigma`` when given; else, with ``gap=(homo,
+    lumo)`` (e.g. from :func:`fermi_states`) and a window that ends in the gap, just
+    beyond the band edge inside it (:func:`edge_shift`: the window's states are then
+    the extreme eigenvalues of the shift-invert operator, spread far apart, and
+    converge fast); else the window's centre.  ``refactor``: None (default) reuses
+    ``factor`` when no ``sigma`` is asked for, no edge shift applies and both edges lie
+    within ``REUSE_REACH`` (1 eV) of its sigma; True always factorises, False always
+    reuses.  ``options`` go to :func:`states_near`.  Returns a :class:`NearStates`
+    holding only the states in the window (``n_below``: the count below the sigma
+    used; ``radius``: the reach needed from sigma; ``seconds['factorisation']`` only
+    when a new factorisation was made)."""
     emin, emax = _check_number("emin", emin), _check_number("emax", emax)
     if not emax > emin:
         raise WindowError(f"the window must have emax > emin, got [{emin}, {emax}] eV")
     if refactor is not None and not isinstance(refactor, bool):
         raise WindowError(f"refactor must be None, True or False, got {refactor!r}")
+    if sigma is not None:
+        sigma = _check_number("sigma", sigma)
+        if refactor is False:
+            raise WindowError("sigma is the shift of a new factorisation; refactor=False")
+    elif gap is not None:
+        sigma = edge_shift(emin, emax, *gap)
     H, S = _check_pair(H, S)
     n = H.shape[0]
     k = _check_k("k", k, n)
@@ -569,16 +584,47 @@ def window_states(
             "(fermi_states, or an earlier window) for these matrices"
         )
     if factor is not None and refactor is None:
-        refactor = max(factor.sigma - emin, emax - factor.sigma) > REUSE_REACH
+        if sigma is not None:
+            refactor = sigma != factor.sigma
+        else:
+            refactor = max(factor.sigma - emin, emax - factor.sigma) > REUSE_REACH
     own = factor is None or refactor
     if own:
-        factor = _factor(H, S, 0.5 * (emin + emax))
+        factor = _factor(H, S, 0.5 * (emin + emax) if sigma is None else sigma)
         seconds["factorisation"] = factor.seconds
     try:
         return _window_from(H, S, emin, emax, factor, k, seconds, options)
     finally:
         if own:  # PARDISO's memory, not Python's: release it now
             factor.free()
+
+
+EDGE_FRACTION = 0.25  # edge_shift: sigma lies this fraction of the window beyond the edge
+EDGE_MIN_GAP = 0.01  # eV: narrower "gaps" (level spacings of a metal) get no edge shift
+
+
+def edge_shift(emin: float, emax: float, homo: float, lumo: float) -> float | None:
+    """The shift for the window [emin, emax] (eV) at a band edge, or None.
+
+    When the window ends in the gap (homo, lumo) above the valence band (emin < homo
+    <= emax < lumo): homo + d, d = ``EDGE_FRACTION`` x the window's width, at most half
+    the gap; mirrored for a window that starts in the gap below the conduction band.
+    Shift-invert maps the window's states to 1 / (E - sigma): from such a shift they are
+    the largest values, spread over [1 / (w + d), 1 / d], far from the rest of the
+    spectrum; from a shift in the middle of the gap they crowd together near 1 / (gap /
+    2) and converge slowly (benchmarks/window_supercell.py).  None when the window does
+    not touch exactly one band edge or the gap is narrower than ``EDGE_MIN_GAP``
+    (0.01 eV: the level spacing of a metal, where the Fermi level's own shift serves)."""
+    emin, emax = _check_number("emin", emin), _check_number("emax", emax)
+    homo, lumo = _check_number("homo", homo), _check_number("lumo", lumo)
+    if not lumo - homo >= EDGE_MIN_GAP:
+        return None
+    d = min(EDGE_FRACTION * (emax - emin), 0.5 * (lumo - homo))
+    if emin < homo <= emax < lumo:
+        return homo + d
+    if homo < emin <= lumo < emax:
+        return lumo - d
+    return None
 
 
 def _window_from(H, S, emin, emax, factor, k, seconds, options) -> NearStates:
