@@ -261,6 +261,22 @@ def test_window_at_a_band_edge_factorised_in_the_gap(pair):
     far.free()
 
 
+def test_window_continues_when_a_request_runs_out_of_solves(pair):
+    """Each request gets few solves (max_solves); what converged is kept and the next,
+    larger request continues the same space, until the window is covered."""
+    H, S, E = pair
+    emin, emax = -0.4, 0.25
+    ref = E[(E >= emin) & (E <= emax)]
+    w = window_states(H, S, emin, emax, k=8, block=4, max_solves=32)
+    np.testing.assert_allclose(w.eigenvalues, ref, atol=1e-9)
+    assert w.solves > 32  # more than one request's budget: it went on
+    st = states_near(H, S, 0.0, 0, below=40, above=40, block=4, max_solves=64, partial=True)
+    assert 0 < len(st.eigenvalues) < 80  # the converged part, nearest sigma outwards
+    assert st.residuals.max() <= 1e-6
+    inside = (E >= -st.reach_below - 1e-9) & (E <= st.reach_above + 1e-9)
+    np.testing.assert_allclose(st.eigenvalues, E[inside], atol=1e-9)
+
+
 def test_errors(pair):
     H, S, _ = pair
     with pytest.raises(WindowError, match="same shape"):

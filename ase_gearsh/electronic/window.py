@@ -368,6 +368,7 @@ def states_near(
     above: int | None = None,
     space=None,
     enough: tuple[float, float] | None = None,
+    partial: bool = False,
     _checked: bool = False,
 ) -> NearStates:
     """The ``k`` eigenpairs of H c = E S c nearest ``sigma`` (eV), exactly (to ``tol``).
@@ -381,7 +382,10 @@ def states_near(
     ``space`` of an earlier result at the same sigma, continued instead of restarted.
     ``enough=(d_below, d_above)`` (with ``below``/``above``): stop as soon as the states
     converged outwards from sigma reach d_below below it and d_above above it, and
-    return those (fewer than asked for; a window needs no more)."""
+    return those (fewer than asked for; a window needs no more).  ``partial`` (with
+    ``below``/``above``): when ``max_solves`` is reached, return the states converged
+    outwards from sigma so far, maybe none (``reach_below``/``reach_above`` say how far
+    they go), instead of raising; ``space`` continues from there."""
     sigma = _check_number("sigma", sigma)
     if not _checked:  # the callers below check H and S once, not per call
         H, S = _check_pair(H, S)
@@ -479,6 +483,18 @@ def states_near(
                         E, Y, res = E[keep], Y[:, keep], res[keep]
                         break
             if not grew or space.solves - start_solves >= max_solves:
+                if partial and one_sided and grew:
+                    # what converged so far (maybe nothing), for the caller to go on
+                    if space.Q.shape[1] < k:  # the basis is smaller than the request
+                        E, Y, _ = space.select(k, below, above)
+                        res = np.linalg.norm(space.HQ @ Y - (space.SQ @ Y) * E, axis=0)
+                        lo, hi = np.flatnonzero(E < sigma)[::-1], np.flatnonzero(E >= sigma)
+                        ok_lo, ok_hi = np.cumprod(res[lo] <= tol), np.cumprod(res[hi] <= tol)
+                    n_lo, n_hi = int(ok_lo.sum()), int(ok_hi.sum())
+                    keep = np.sort(np.concatenate([lo[:n_lo], hi[:n_hi]]))
+                    E, Y, res = E[keep], Y[:, keep], res[keep]
+                    below, above = n_lo if below else 0, n_hi if above else 0
+                    break
                 err = WindowError(
                     f"the {k} states nearest {sigma:.4f} eV did not converge to "
                     f"{tol:g} eV in {space.solves - start_solves} solves ({converged} "
@@ -494,7 +510,7 @@ def states_near(
         if bar is not None:
             bar.close()
     C = space.Q @ Y
-    radius = float(np.abs(E - sigma).max())
+    radius = float(np.abs(E - sigma).max(initial=0.0))
     reach = {}
     if one_sided:
         reach = dict(
@@ -599,6 +615,7 @@ def window_states(
             factor.free()
 
 
+MAX_STALLED = 3  # window_states: requests in a row whose states reach no further
 EDGE_FRACTION = 0.25  # edge_shift: sigma lies this fraction of the window beyond the edge
 EDGE_MIN_GAP = 0.01  # eV: narrower "gaps" (level spacings of a metal) get no edge shift
 
@@ -635,8 +652,10 @@ def _window_from(H, S, emin, emax, factor, k, seconds, options) -> NearStates:
     want_below, want_above = max(sigma - emin, 0.0), max(emax - sigma, 0.0)
     below = k if want_below > 0 else 0
     above = k if want_above > 0 else 0
-    solves, space = 0, None
+    solves, space, reached, stalled = 0, None, (-1.0, -1.0), 0
     while True:
+        # partial: a request that runs out of solves returns what converged, and the
+        # next one continues the same space with more states (a larger basis)
         st = states_near(
             H,
             S,
@@ -647,6 +666,7 @@ def _window_from(H, S, emin, emax, factor, k, seconds, options) -> NearStates:
             above=above,
             space=space,
             enough=(want_below, want_above),
+            partial=True,
             _checked=True,
             **options,
         )
@@ -657,15 +677,28 @@ def _window_from(H, S, emin, emax, factor, k, seconds, options) -> NearStates:
         short_above = above and st.reach_above < want_above and above < n - st.n_below
         if not (short_below or short_above) or below + above >= n:
             break
+        now = (st.reach_below, st.reach_above)
+        stalled = stalled + 1 if now[0] <= reached[0] and now[1] <= reached[1] else 0
+        if stalled >= MAX_STALLED:
+            raise WindowError(
+                f"the states of [{emin:.4f}, {emax:.4f}] eV did not converge: after "
+                f"{solves} solves from sigma = {sigma:.4f} eV they reach "
+                f"{sigma - now[0]:.4f} to {sigma + now[1]:.4f} eV, no further in the "
+                f"last {MAX_STALLED} requests; raise max_solves or tol"
+            )
+        reached = max(now[0], reached[0]), max(now[1], reached[1])
         # more states on the short side: in proportion to the reach still missing
+        # (2x to 4x); 2x after a request that ran out of solves (fewer states came back
+        # than were asked for: slow convergence, not too small a request)
+        got_below = int((st.eigenvalues < sigma).sum())
         if short_below:
-            below = int(
-                min(n, max(2 * below, 1.2 * below * want_below / max(st.reach_below, 1e-9)))
-            )
+            grow = 1.2 * want_below / max(st.reach_below, 1e-9)
+            grow = 2.0 if got_below < below else min(4.0, max(2.0, grow))
+            below = int(min(n, below * grow))
         if short_above:
-            above = int(
-                min(n, max(2 * above, 1.2 * above * want_above / max(st.reach_above, 1e-9)))
-            )
+            grow = 1.2 * want_above / max(st.reach_above, 1e-9)
+            grow = 2.0 if len(st.eigenvalues) - got_below < above else min(4.0, max(2.0, grow))
+            above = int(min(n, above * grow))
     st.space = None
     reach = max(want_below, want_above)
     inside = (st.eigenvalues >= emin) & (st.eigenvalues <= emax)
