@@ -825,6 +825,7 @@ class GearsHCalculator(Calculator):
         emax: float,
         by: str = "species",
         atoms: Atoms | None = None,
+        keep_factor: bool = True,
     ):
         """(energies, weights): every eigenvalue (eV) in [emin, emax] at Gamma, exactly,
         for structures of any size (:func:`~ase_gearsh.electronic.window.window_states`),
@@ -837,8 +838,13 @@ class GearsHCalculator(Calculator):
         factorisation just beyond that edge, where its states converge fast; another
         window within 1 eV of the last shift of ``exact_fermi`` reuses that
         factorisation; a window farther away gets its own, at its centre.  Ask for
-        narrow windows: the cost grows with the number of states in it."""
+        narrow windows: the cost grows with the number of states in it.
+        ``keep_factor=False`` frees ``exact_fermi``'s factorisation when the window needs
+        its own (at device scale the peak memory of one factorisation instead of two;
+        later windows then factorise anew)."""
         check_choice("by", by, PROJECTIONS)
+        if not isinstance(keep_factor, bool):
+            raise CalculatorInputError(f"keep_factor must be True or False, got {keep_factor!r}")
         for name, x in (("emin", emin), ("emax", emax)):
             if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
                 raise CalculatorInputError(f"{name} must be a finite energy in eV, got {x!r}")
@@ -862,6 +868,7 @@ class GearsHCalculator(Calculator):
             float(emax),
             factor=factor,
             gap=gap,
+            release=not keep_factor,
             progress=self.parameters.progress,
         )
         labels = self._labels()

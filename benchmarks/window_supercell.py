@@ -3,6 +3,7 @@
     python benchmarks/window_supercell.py DATASET [--index 1] [--repeat 3 6] [--window 0.2]
                                           [--k 48] [--block 32]
                                           [--route auto|reuse|centre|edge|both|all]
+                                          [--release]
 
 The DFT H(R) and S(R) of a k-sampled cell (a 6x6 WSe2 cell with Se vacancies from
 ``make_wse2.py``) tiled ``--repeat`` x ``--repeat`` in the plane give the H and S of a
@@ -63,6 +64,12 @@ def main(argv=None):
         choices=["auto", "reuse", "centre", "edge", "both", "all"],
         default="auto",
         help="the window's factorisation (see above)",
+    )
+    p.add_argument(
+        "--release",
+        action="store_true",
+        help="free the Fermi level's factorisation when the window makes its own "
+        "(peak memory of one factorisation; the calculator's keep_factor=False)",
     )
     a = p.parse_args(argv)
     from ase_gearsh.core.data import Dataset
@@ -137,7 +144,7 @@ def main(argv=None):
         t_w = 0.0
         for refactor in routes[a.route]:
             t = time.perf_counter()
-            opts = dict(factor=fs.factor, k=a.k, block=a.block)
+            opts = dict(factor=fs.factor, k=a.k, block=a.block, release=a.release)
             if refactor is None:  # as the calculator: it knows the gap from E_F
                 opts["gap"] = (fs.homo, fs.lumo)
             elif refactor == "edge":

@@ -282,6 +282,14 @@ def test_exact_window_states_match_dense(model, make_atoms):
     np.testing.assert_allclose(
         e_edge, eps[(eps >= fs.homo - 1.0) & (eps <= fs.homo + 1e-4)], atol=1e-6
     )
+    assert not fs.factor.freed  # kept for later windows near E_F
+    e_rel, _ = atoms.calc.get_window_states(fs.homo - 1.0, fs.homo + 1e-4, keep_factor=False)
+    assert fs.factor.freed  # the window had its own factorisation: E_F's was released
+    np.testing.assert_allclose(e_rel, e_edge, atol=1e-9)
+    e_again, _ = atoms.calc.get_window_states(ef - 3.0, ef + 2.0)  # factorises anew
+    np.testing.assert_allclose(e_again, ref, atol=1e-6)
+    with pytest.raises(CalculatorInputError, match="keep_factor must be True or False"):
+        atoms.calc.get_window_states(ef - 3.0, ef + 2.0, keep_factor="no")
     # against the dense Mulliken weights: the PDOS of the dense path, sharply broadened
     import scipy.linalg as sla
 

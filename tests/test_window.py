@@ -258,7 +258,20 @@ def test_window_at_a_band_edge_factorised_in_the_gap(pair):
     np.testing.assert_allclose(mine.eigenvalues, ref, atol=1e-9)
     with pytest.raises(WindowError, match="sigma is the shift of a new factorisation"):
         window_states(H, S, emin, emax, factor=far, refactor=False, sigma=homo)
-    far.free()
+    # release: the given factor is freed before a new factorisation, not when reused
+    near = IndefiniteFactor((H - (homo + 0.01) * S).tocsr())
+    near.sigma = homo + 0.01
+    kept = window_states(H, S, emin, emax, factor=near, refactor=False, release=True)
+    assert not near.freed and "factorisation" not in kept.seconds
+    again = window_states(H, S, emin, emax, factor=far, gap=(homo, lumo), release=True)
+    assert far.freed and "factorisation" in again.seconds
+    np.testing.assert_allclose(again.eigenvalues, ref, atol=1e-9)
+    after = window_states(H, S, emin, emax, factor=far, k=8, block=8)  # freed: a new one
+    assert "factorisation" in after.seconds
+    np.testing.assert_allclose(after.eigenvalues, ref, atol=1e-9)
+    with pytest.raises(WindowError, match="the given factor was freed"):
+        window_states(H, S, emin, emax, factor=far, refactor=False)
+    near.free()
 
 
 def test_window_continues_when_a_request_runs_out_of_solves(pair):

@@ -159,6 +159,11 @@ class IndefiniteFactor:
             raise WindowError("this factorisation was freed (IndefiniteFactor.free)")
         return self._solver.solve(self._upper, B)
 
+    @property
+    def freed(self) -> bool:
+        """True once :meth:`free` has released the factor."""
+        return getattr(self, "_solver", None) is None
+
     def free(self) -> None:
         """Release PARDISO's memory (the factor).  Also done when the object is
         garbage-collected: PARDISO's memory is outside Python's."""
@@ -558,6 +563,7 @@ def window_states(
     refactor: bool | None = None,
     sigma: float | None = None,
     gap: tuple[float, float] | None = None,
+    release: bool = False,
     **options,
 ) -> NearStates:
     """Every eigenpair of H c = E S c with emin <= E <= emax (eV), exactly.
@@ -575,7 +581,9 @@ def window_states(
     converge fast); else the window's centre.  ``refactor``: None (default) reuses
     ``factor`` when no ``sigma`` is asked for, no edge shift applies and both edges lie
     within ``REUSE_REACH`` (1 eV) of its sigma; True always factorises, False always
-    reuses.  ``options`` go to :func:`states_near`.  Returns a :class:`NearStates`
+    reuses.  ``release``: when a new factorisation is made, free the given ``factor``
+    first (the peak memory of one factorisation instead of two; later windows then
+    factorise anew).  ``options`` go to :func:`states_near`.  Returns a :class:`NearStates`
     holding only the states in the window (``n_below``: the count below the sigma
     used; ``radius``: the reach needed from sigma; ``seconds['factorisation']`` only
     when a new factorisation was made)."""
@@ -599,6 +607,10 @@ def window_states(
             "factor must be the IndefiniteFactor of H - sigma S from this module "
             "(fermi_states, or an earlier window) for these matrices"
         )
+    if factor is not None and factor.freed:  # released by an earlier window: none
+        if refactor is False:
+            raise WindowError("refactor=False, but the given factor was freed")
+        factor = None
     if factor is not None and refactor is None:
         if sigma is not None:
             refactor = sigma != factor.sigma
@@ -606,6 +618,8 @@ def window_states(
             refactor = max(factor.sigma - emin, emax - factor.sigma) > REUSE_REACH
     own = factor is None or refactor
     if own:
+        if release and factor is not None:
+            factor.free()
         factor = _factor(H, S, 0.5 * (emin + emax) if sigma is None else sigma)
         seconds["factorisation"] = factor.seconds
     try:
