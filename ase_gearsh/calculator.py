@@ -31,6 +31,10 @@ ASE's calculator rules
   ``reliability_threshold`` (2.0) an :class:`~ase_gearsh.model.reliability.UnreliableWarning`
   names the worst atoms.  Checkpoints without a reference report ``None``.
   ``get_reliability()`` returns the figure.
+* Committees (``gearsh committee``): H is the mean of the members' predictions and
+  ``results["committee_spread"]`` the members' mean absolute deviation from it (eV,
+  over all stored H elements), a second reliability figure from the same prediction
+  (``None`` for a single model).
 * Bad input raises :class:`CalculatorInputError` (a ``GearsHError``, ASE
   ``CalculatorSetupError`` and ``ValueError``); a property that cannot be
   computed raises :class:`PropertyUnavailableError` (ASE ``PropertyNotPresent``).
@@ -150,7 +154,7 @@ class PropertyUnavailableError(GearsHError, PropertyNotPresent):
 _KEEPS_MATRICES = {"kpts", "width", "charge", "dense_limit", "kpm"}
 _NO_EFFECT = {"progress", "warn_extrapolation", "reliability_threshold", "overlap_alongside"}
 # results that depend on the atoms only (kept when k-points or smearing change)
-_ATOMS_RESULTS = ("hamiltonian", "overlap", "reliability", "atom_reliability")
+_ATOMS_RESULTS = ("hamiltonian", "overlap", "reliability", "atom_reliability", "committee_spread")
 # overlap tables are built lazily and are costly: one OverlapCalculator per model
 _OVERLAPS: weakref.WeakKeyDictionary[Model, tuple] = weakref.WeakKeyDictionary()
 
@@ -363,6 +367,7 @@ class GearsHCalculator(Calculator):
         "fermi_level",
         "reliability",
         "atom_reliability",
+        "committee_spread",
     ]
     default_parameters = {
         "kpts": None,
@@ -509,6 +514,7 @@ class GearsHCalculator(Calculator):
             "fermi_level": self._fermi_level,
             "reliability": lambda: self._reliability()[0],
             "atom_reliability": lambda: self._reliability()[1],
+            "committee_spread": lambda: getattr(self._blocks(), "committee_spread", None),
         }
         for name in properties:
             if name not in self.results:
@@ -535,6 +541,7 @@ class GearsHCalculator(Calculator):
             if self.parameters.warn_extrapolation:
                 _check_coverage(self.model, self.atoms, pb)
             self._cache["blocks"] = pb
+            self.results["committee_spread"] = getattr(pb, "committee_spread", None)
             self._reliability()  # with every prediction: results and the warning
         return self._cache["blocks"]
 

@@ -1,6 +1,7 @@
 """The ``gearsh`` command: ``train CONFIG``, ``eval MODEL DATASET``,
 ``predict STRUCTURE -m MODEL -o OUT``, ``attach-basis MODEL``,
-``attach-reliability MODEL DATASET [DATASET...]``, ``check DATASET [DATASET...]``."""
+``attach-reliability MODEL DATASET [DATASET...]``, ``committee MODEL MODEL [...] -o OUT``,
+``check DATASET [DATASET...]``."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .core.errors import GearsHError
 from .core.processes import Interrupted, interrupt_on_sigterm
 from .export import register as register_export
 from .model.checkpoint import load_checkpoint
+from .model.committee import build_committee
 from .model.engine import enable_compilation_cache
 from .model.reliability import reference_summary
 from .predict import format_summary_table, parse_kpts, predict_many, predict_structure
@@ -56,6 +58,13 @@ def _eval(args: argparse.Namespace) -> None:
         f"  of which shift {s['eig_abs_shift_meV']:9.3f} meV   mean |common shift| of a "
         f"structure's eigenvalues; MAE without it {s['eig_mae_window_unshifted_meV']:.3f}"
     )
+    if "committee_spread_meV" in s:
+        rho = s.get("committee_spread_spearman")
+        print(
+            f"  committee      {s['committee_spread_meV']:9.3f} meV   mean spread of the "
+            f"{s['committee_members']} members' H"
+            + ("" if rho is None else f" (Spearman rank correlation with the H MAE {rho:+.2f})")
+        )
     if args.output:
         print(f"  wrote {args.output}/summary.json, structures.csv, errors.png, parity.png")
     if args.json:
@@ -130,6 +139,12 @@ def _attach_reliability(args: argparse.Namespace) -> None:
     which = "every structure" if names is None else "the training structures"
     print(f"wrote {args.output or args.model} with a reliability reference from {which}")
     print(f"  {reference_summary(ref)}")
+
+
+def _committee(args: argparse.Namespace) -> None:
+    out = build_committee(args.models, args.output)
+    n = len(load_checkpoint(out).get("members") or {}) + 1
+    print(f"wrote {out}: a committee of {n} members (predictions are their mean)")
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -264,6 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--components", type=int, default=8, help="principal components (8)")
     a.add_argument("-q", "--quiet", action="store_true")
     a.set_defaults(func=_attach_reliability)
+    m = sub.add_parser(
+        "committee",
+        help="combine checkpoints of one network (e.g. trained with different seeds) into "
+        "one whose predictions are the members' mean",
+    )
+    m.add_argument("models", nargs="+", metavar="model", help="two or more checkpoints")
+    m.add_argument("-o", "--output", required=True, help="the committee's checkpoint")
+    m.set_defaults(func=_committee)
     c = sub.add_parser(
         "check",
         help="list corrupt or inconsistent entries of datasets (exit status 1 if any)",

@@ -79,14 +79,17 @@ def canonical_rotation(rot, layout: Layout, inversion: bool = False) -> np.ndarr
 
 def forward_blocks(model: Model, graph: Graph, atoms_multiple: int = 100, nl_multiple: int = 10000):
     """Canonical blocks (onsite, pairs) of ``graph`` through the training path
-    (:meth:`Model.forward` on one padded batch), float64."""
+    (:meth:`Model.forward` on one padded batch; a committee: the mean over its
+    members), float64."""
     b = batch_graphs([graph], atoms_multiple, nl_multiple, with_labels=False)
+    forward = jax.jit(model.forward)
+    ons, prs = [], []
     with precision():
-        on, pr = jax.jit(model.forward)(model.params, model.stats, b)
-    return (
-        np.asarray(on, np.float64)[: graph.n_atoms],
-        np.asarray(pr, np.float64)[: len(graph.pair_i)],
-    )
+        for params, stats in model.members:
+            on, pr = forward(params, stats, b)
+            ons.append(np.asarray(on, np.float64)[: graph.n_atoms])
+            prs.append(np.asarray(pr, np.float64)[: len(graph.pair_i)])
+    return np.mean(ons, axis=0), np.mean(prs, axis=0)
 
 
 def predicted_blocks(model: Model, graph: Graph, edge_chunk: int = 65536, pair_chunk: int = 512):

@@ -2,7 +2,8 @@
 
 A checkpoint holds the config, network settings, basis registry, scale-shift
 statistics, parameters, package versions and (for ``latest.ckpt``) the
-optimiser and data-order state needed to resume.  Writes are atomic.
+optimiser and data-order state needed to resume; a committee also the parameters and
+statistics of its further members (``members``).  Writes are atomic.
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ def save_checkpoint(
     extra: dict | None = None,
     state: dict | None = None,
     basis: dict | None = None,
+    members: list | None = None,
 ) -> None:
     """Write a checkpoint atomically.  ``params``/``state`` are pytrees of arrays.
+    ``members``: (params, stats) of further committee members (same network).
 
     ``basis``: {symbol: ase_gearsh.core.basis.SpeciesBasis.to_dict()}, the basis
     functions and PAW projectors from which the exact overlap S is computed at
@@ -107,6 +110,14 @@ def save_checkpoint(
     }
     if basis:
         payload["basis"] = basis_payload(basis)
+    if members:
+        payload["members"] = {
+            str(i): {
+                "params": _to_numpy(serialization.to_state_dict(p)),
+                "stats": _pack_stats(st),
+            }
+            for i, (p, st) in enumerate(members)
+        }
     if state is not None:
         payload["state"] = _to_numpy(serialization.to_state_dict(state))
     atomic_write_bytes(Path(path), serialization.msgpack_serialize(payload))
@@ -145,7 +156,15 @@ def load_checkpoint(path) -> dict:
             if not isinstance(payload[key], dict):
                 raise KeyError(key)
         payload["stats"] = _unpack_stats(payload["stats"])
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+        members = payload.get("members") or {}
+        if not isinstance(members, dict):
+            raise KeyError("members")
+        for key, m in members.items():
+            int(key)  # member keys are indices
+            if not isinstance(m.get("params"), dict) or not isinstance(m.get("stats"), dict):
+                raise KeyError(f"members.{key}")
+            m["stats"] = _unpack_stats(m["stats"])
+    except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: checkpoint is incomplete or corrupt ({err})") from None
     return payload
 

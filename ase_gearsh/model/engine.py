@@ -15,6 +15,11 @@ three stages composed on one padded batch (differentiable); prediction
 ``gearsh predict`` and the calculator) calls the same stages on chunks.  Blocks
 come out in the canonical layout, eV.  Call the stages inside :func:`precision`
 (the training loop and the Predictor do).
+
+A committee (``gearsh committee``) is one model with several parameter sets of the
+same network: :attr:`Model.members` lists (parameters, statistics) of each, the first
+being :attr:`Model.params` and :attr:`Model.stats`; prediction averages the members'
+blocks (:class:`~ase_gearsh.model.inference.Predictor`).
 """
 
 from __future__ import annotations
@@ -97,6 +102,8 @@ class Model:
     Attributes set by :meth:`from_checkpoint` (``None`` for a model built in
     memory): ``path``, ``extra`` (training record), ``versions``,
     ``basis_data`` (basis functions for the exact S) and ``coverage``.
+    ``committee``: the (parameters, statistics) of further committee members (empty
+    for a single model); see :attr:`members`.
     """
 
     path: str | None = None
@@ -122,6 +129,7 @@ class Model:
         self.net = GearsHNet(ModelSettings(**self.settings))
         self.stats = {k: jnp.asarray(v) for k, v in stats.items()}
         self.params = params
+        self.committee: list[tuple] = []
         index, coef, _ = self.layout.gather_tables
         self.tables = {
             "index": jnp.asarray(index),
@@ -142,6 +150,15 @@ class Model:
         registry = Registry.from_dict(ck["registry"])
         model = cls(ck["settings"], registry, ck["stats"], None, ck["config"])
         model.params = _restore(model.param_shapes(), ck["params"], path)
+        members = ck.get("members") or {}
+        for key in sorted(members, key=int):
+            m = members[key]
+            model.committee.append(
+                (
+                    _restore(model.param_shapes(), m["params"], f"{path} (member {int(key) + 1})"),
+                    {k: jnp.asarray(v) for k, v in m["stats"].items()},
+                )
+            )
         model.extra = ck["extra"]
         model.versions = ck["versions"]
         model.basis_data = ck.get("basis")  # for the exact overlap (None in old files)
@@ -172,6 +189,11 @@ class Model:
     def init_params(self, seed: int):
         with precision():
             return _jitted_init(self.net.s)(jax.random.PRNGKey(seed), *self._init_args())
+
+    @property
+    def members(self) -> list[tuple]:
+        """(parameters, statistics) of every committee member, this model's first."""
+        return [(self.params, self.stats), *self.committee]
 
     # -- the forward path ---------------------------------------------------
     def species_index(self, atoms) -> np.ndarray:

@@ -114,13 +114,17 @@ class Predictor:
     def __call__(self, atoms, progress: bool = False) -> BlockMatrices:
         """Predicted H of ``atoms`` (eV, GPAW order).  The result also carries
         ``atom_invariants`` (N, K) float32: :func:`atom_invariants` of the atom
-        descriptors of this prediction."""
+        descriptors of this prediction (a committee's first member), and
+        ``committee_spread``: for a committee, the mean absolute deviation (eV) of the
+        members' H elements from their mean, over all stored elements (None for a
+        single model)."""
         t0 = time.perf_counter()
         g = self.model.graph(atoms)
         t1 = time.perf_counter()
         with precision():
             onsite, pairs, invariants, info = self._predict(g, progress)
         t2 = time.perf_counter()
+        spread = info.pop("committee_spread")
         result = self.to_gpaw(g, onsite, pairs)
         t3 = time.perf_counter()
         result.timings = {
@@ -130,6 +134,7 @@ class Predictor:
             **info,
         }
         result.atom_invariants = invariants
+        result.committee_spread = spread
         return result
 
     def canonical_blocks(self, g: Graph, progress: bool = False):
@@ -143,14 +148,15 @@ class Predictor:
         an ``ase.Atoms``): stages 1 and 2 only, no bonds."""
         if not isinstance(g, Graph):
             g = self.model.graph(g)
+        params, stats = self.model.members[0]
         with precision():
-            _, _, _, invariants, _ = self._atoms_stage(g)
+            _, _, _, invariants, _ = self._atoms_stage(g, params, stats)
         return invariants
 
-    def _atoms_stage(self, g: Graph):
-        """Stages 1 and 2: (padded species, descriptors (device), on-site blocks
-        (N, n, n), invariants (N, K), info)."""
-        model, params, stats = self.model, self.model.params, self.model.stats
+    def _atoms_stage(self, g: Graph, params, stats):
+        """Stages 1 and 2 of one committee member: (padded species, descriptors
+        (device), on-site blocks (N, n, n), invariants (N, K), info)."""
+        model = self.model
         N = g.n_atoms
         Np = bucket(N, self.atom_base)
         pad = Np - 1
@@ -199,9 +205,17 @@ class Predictor:
 
     def _predict(self, g: Graph, progress: bool):
         """The three stages: (onsite, pairs, invariants, info); call inside
-        :func:`~ase_gearsh.model.engine.precision`."""
-        model, params, stats = self.model, self.model.params, self.model.stats
-        species, d, onsite, invariants, ainfo = self._atoms_stage(g)
+        :func:`~ase_gearsh.model.engine.precision`.  A committee's blocks are the mean
+        of its members' (each bond chunk is evaluated by every member in turn), its
+        invariants the first member's; ``info["committee_spread"]``: see
+        :meth:`__call__`."""
+        model, members = self.model, self.model.members
+        stages = [self._atoms_stage(g, params, stats) for params, stats in members]
+        species, _, _, invariants, ainfo = stages[0]
+        real = model.layout.orbital_mask[g.species].astype(np.float64)  # (N, n)
+        onsite, dev_sum = _member_mean([st[2] for st in stages], real, real)
+        descriptors = [st[1] for st in stages]
+        ainfo["atoms"] = sum(st[4]["atoms"] for st in stages)
         pad = len(species) - 1
         t1 = time.perf_counter()
         pi, pj, pv = g.pair_i, g.pair_j, g.pair_vec
@@ -214,15 +228,19 @@ class Predictor:
 
             bar = tqdm(total=len(starts), desc="bonds", unit="chunk", leave=False)
         pairs = np.empty((P, model.layout.n, model.layout.n), np.float32)
+        chunk_dev = np.zeros(len(starts))  # sums of the members' deviations, per chunk
 
         def chunk(a):
             b = min(a + cp, P)
             ci, cj, cv = pad_edges(pi[a:b], pj[a:b], pv[a:b], cp, pad, FAR)
             ci, cj, cv = jnp.asarray(ci), jnp.asarray(cj), jnp.asarray(cv)
+            outs = []
             with precision():  # a thread-local setting: also in the worker threads
-                first, second = self._bond_irreps(params, species, d, ci, cj, cv)
-                out = self._bond_blocks(first, second, stats, species, ci, cj, cv)
-            pairs[a:b] = np.asarray(out)[: b - a]
+                for (params, stats), d in zip(members, descriptors):
+                    first, second = self._bond_irreps(params, species, d, ci, cj, cv)
+                    out = self._bond_blocks(first, second, stats, species, ci, cj, cv)
+                    outs.append(np.asarray(out)[: b - a])
+            pairs[a:b], chunk_dev[a // cp] = _member_mean(outs, real[pi[a:b]], real[pj[a:b]])
 
         threads = min(self.threads, len(starts))
         tick = bar.update if bar is not None else (lambda: None)
@@ -251,7 +269,12 @@ class Predictor:
             "pair_chunk": cp,
             "edge_chunks": ainfo["edge_chunks"],
             "pair_chunks": len(range(0, max(P, 1), cp)),
+            "committee_spread": None,
         }
+        if len(members) > 1:  # over the stored elements: n_a^2 per atom, n_i n_j per bond
+            n = real.sum(axis=1)
+            stored = (n**2).sum() + (n[pi] * n[pj]).sum()
+            info["committee_spread"] = float((dev_sum + chunk_dev.sum()) / max(stored, 1))
         return onsite, pairs, invariants, info
 
     def to_gpaw(self, g: Graph, onsite, pairs) -> BlockMatrices:
@@ -271,6 +294,19 @@ class Predictor:
             pair_distance=g.pair_distance,
             neighbours=np.bincount(g.edge_i, minlength=g.n_atoms),
         )
+
+
+def _member_mean(outs: list, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, float]:
+    """(mean of the members' blocks (B, n, n) (float32), sum over the orbitals' elements
+    of the mean absolute deviation of the members from it).  ``rows``/``cols`` (B, n):
+    the canonical slots that are orbitals of each block's atoms (the others are
+    padding, left out of the sum)."""
+    if len(outs) == 1:
+        return np.asarray(outs[0]), 0.0
+    stack = np.stack([np.asarray(o, np.float64) for o in outs])
+    mean = stack.mean(axis=0)
+    dev = np.abs(stack - mean).mean(axis=0)
+    return mean.astype(np.float32), float(np.einsum("bij,bi,bj->", dev, rows, cols))
 
 
 def predictor_for(model: Model, edge_chunk: int = 65536, pair_chunk: int = 512) -> Predictor:

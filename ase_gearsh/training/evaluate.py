@@ -4,8 +4,10 @@ H MAE (meV) over every stored matrix element (on-site, pair, all); eigenvalue
 MAE (meV) within +-5 eV of the Fermi level and over all states, from the
 predicted H with the dataset's exact S at the reference k-points.  Averages
 are per structure, then over structures (as in the paper), and also over all
-values pooled.  Writes ``summary.json``, ``structures.csv`` and PNGs (parity,
-error CDFs, eigenvalue errors against energy) when an output folder is given.
+values pooled.  For a committee (``gearsh committee``) also the members' spread per
+structure and its rank correlation with the H MAE.  Writes ``summary.json``,
+``structures.csv`` and PNGs (parity, error CDFs, eigenvalue errors against energy)
+when an output folder is given.
 """
 
 from __future__ import annotations
@@ -35,13 +37,16 @@ class EvaluationError(GearsHError, ValueError):
 WINDOW = 5.0  # eV around the Fermi level
 
 
-def predict_structure_blocks(predictor: Predictor, structure):
+def predict_structure_blocks(predictor: Predictor, structure, info: dict | None = None):
     """Predicted flat on-site and pair blocks (GPAW order, eV) of a dataset
-    structure, through the prediction path users run, in the dataset's pair order."""
+    structure, through the prediction path users run, in the dataset's pair order.
+    ``info``: a dict that receives the prediction's ``committee_spread`` (eV)."""
     model = predictor.model
     name = structure.meta["source"]["name"]
     model.registry.check_basis(structure.basis, name)
     bm = predictor(structure.atoms)
+    if info is not None:
+        info["committee_spread"] = getattr(bm, "committee_spread", None)
     counts = structure.orbital_counts
     a = structure.arrays
     sizes = counts[bm.pair_i] * counts[bm.pair_j]
@@ -100,7 +105,8 @@ def evaluate(
         )
     rows, pooled = [], {"ref": [], "pred": [], "onsite": [], "eig_err": [], "eig_ref": []}
     for s in tqdm(structures, desc="evaluate", unit="structure", disable=not progress):
-        on, pr = predict_structure_blocks(predictor, s)
+        got = {}
+        on, pr = predict_structure_blocks(predictor, s, got)
         a = s.arrays
         d_on = on - a["onsite_H"][0]
         d_pr = pr - a["pair_H"][0]
@@ -133,6 +139,8 @@ def evaluate(
                 else float("nan"),
             }
         )
+        if got["committee_spread"] is not None:
+            rows[-1]["committee_spread_meV"] = 1e3 * got["committee_spread"]
         pooled["ref"].append(np.concatenate([a["onsite_H"][0], a["pair_H"][0]]))
         pooled["pred"].append(np.concatenate([on, pr]))
         pooled["onsite"].append(np.r_[np.ones(on.size, bool), np.zeros(pr.size, bool)])
@@ -155,6 +163,15 @@ def evaluate(
     ):
         summary[key] = float(np.nanmean([r[key] for r in rows]))
     summary["eig_abs_shift_meV"] = float(np.nanmean([abs(r["eig_shift_meV"]) for r in rows]))
+    if "committee_spread_meV" in rows[0]:  # a committee: does its spread follow the error?
+        spread = np.array([r["committee_spread_meV"] for r in rows])
+        summary["committee_members"] = len(model.members)
+        summary["committee_spread_meV"] = float(spread.mean())
+        if n >= 3:
+            from scipy.stats import spearmanr
+
+            rho = spearmanr(spread, [r["h_mae_meV"] for r in rows]).statistic
+            summary["committee_spread_spearman"] = float(rho)
     summary["per_structure"] = [
         {k: v if k in ("name", "atoms") else float(v) for k, v in r.items()} for r in rows
     ]
