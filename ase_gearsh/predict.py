@@ -460,6 +460,9 @@ def _predict_into(
         "overlap_screen": calc.parameters.overlap_screen,
         "reliability": None if reliability is None else reliability["figure"],
         "reliability_detail": reliability,
+        "committee_spread_meV": None
+        if getattr(pb, "committee_spread", None) is None
+        else 1e3 * pb.committee_spread,
         "units": {"energy": "eV", "length": "Angstrom", "dos": "states/eV per spin"},
         "timings_s": {
             "load_model": t_load - t0,
@@ -477,6 +480,11 @@ def _predict_into(
         f"{t4 - t3:.2f} s ({summary['method']})",
         reliability_line,
     ]
+    if summary["committee_spread_meV"] is not None:
+        lines.append(
+            f"committee of {len(calc.model.members)} models: their H differ from their mean "
+            f"by {summary['committee_spread_meV']:.2f} meV on average"
+        )
     if hole_info is not None:
         per = hole_info["per_cm2"]
         lines.append(

@@ -1,6 +1,8 @@
 """Committees (``gearsh committee``): the mean of the members' blocks, through the one
 forward path, equivariant and exactly symmetric, with the members' spread."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from ase_gearsh.testing import check_block_equivariance, forward_blocks, predict
 TOL = 1e-4  # eV, as in test_forward: float32 sums in a different order
 
 
-def _save(model, params, path, seed, settings=None):
+def _save(model, params, path, seed, settings=None, basis=None):
     save_checkpoint(
         path,
         config=dict(model.config, training={"seed": seed}),
@@ -26,6 +28,7 @@ def _save(model, params, path, seed, settings=None):
         stats={k: np.asarray(v) for k, v in model.stats.items()},
         params=jax.device_get(params),
         extra={"train_names": ["a", "b"]},
+        basis=basis,
     )
     return path
 
@@ -136,3 +139,22 @@ def test_calculator_and_eval_report_the_spread(files, water_dataset):
     )
     assert -1 <= s["committee_spread_spearman"] <= 1
     assert "committee_spread_meV" not in evaluate(a, water_dataset, limit=2, progress=False)
+
+
+def test_predict_command_reports_the_spread(small_model, water_dataset, tmp_path, capsys):
+    from ase.io import write
+
+    from gpaw_tools.overlap import basis_for_registry
+
+    basis = {k: v.to_dict() for k, v in basis_for_registry(small_model.registry, "PBE").items()}
+    a = _save(small_model, small_model.init_params(21), tmp_path / "a.ckpt", 21, basis=basis)
+    b = _save(small_model, small_model.init_params(22), tmp_path / "b.ckpt", 22, basis=basis)
+    ab = build_committee([a, b], tmp_path / "ab.ckpt")
+    write(tmp_path / "w.xyz", Dataset(water_dataset)[0].atoms)
+    out = tmp_path / "out"
+    args = ["predict", str(tmp_path / "w.xyz"), "-m", str(ab), "-o", str(out), "-q"]
+    assert main(args) == 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["committee_spread_meV"] > 1.0
+    assert "committee of 2 models" in capsys.readouterr().out
