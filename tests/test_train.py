@@ -279,7 +279,7 @@ def test_oracle_blocks_give_gpaw_eigenvalues(water_dataset, small_model, monkeyp
     monkeypatch.setattr(
         ev,
         "predict_structure_blocks",
-        lambda model, s: (s.arrays["onsite_H"][0], s.arrays["pair_H"][0]),
+        lambda model, s, info=None: (s.arrays["onsite_H"][0], s.arrays["pair_H"][0]),
     )
     monkeypatch.setattr(
         "ase_gearsh.model.engine.Model.from_checkpoint", classmethod(lambda cls, p: small_model)
@@ -291,7 +291,7 @@ def test_oracle_blocks_give_gpaw_eigenvalues(water_dataset, small_model, monkeyp
     monkeypatch.setattr(
         ev,
         "predict_structure_blocks",
-        lambda model, s: (
+        lambda model, s, info=None: (
             s.arrays["onsite_H"][0] + c * s.arrays["onsite_S"],
             s.arrays["pair_H"][0] + c * s.arrays["pair_S"],
         ),

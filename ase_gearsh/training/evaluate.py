@@ -139,7 +139,7 @@ def evaluate(
                 else float("nan"),
             }
         )
-        if got["committee_spread"] is not None:
+        if got.get("committee_spread") is not None:
             rows[-1]["committee_spread_meV"] = 1e3 * got["committee_spread"]
         pooled["ref"].append(np.concatenate([a["onsite_H"][0], a["pair_H"][0]]))
         pooled["pred"].append(np.concatenate([on, pr]))
