@@ -83,7 +83,10 @@ def _predict(model, images) -> list[dict]:
         H = calc.get_hamiltonian().toarray()
         eps = calc.get_eigenvalues()
         dt = time.perf_counter() - t
-        preds.append({"H": H, "eps": eps, "ef": calc.get_fermi_level(), "seconds": dt})
+        spread = calc.get_property("committee_spread")  # None for a single model
+        preds.append(
+            {"H": H, "eps": eps, "ef": calc.get_fermi_level(), "seconds": dt, "spread": spread}
+        )
         print(
             f"  {atoms.info['molecule']:9s} {len(atoms):2d} atoms, {H.shape[0]:3d} orbitals: "
             f"{dt:6.2f} s{'  (includes one-time JIT compilation)' if k == 0 else ''}"
@@ -130,6 +133,8 @@ def _compare(images, preds, reference: dict, scf) -> tuple[list[dict], list[dict
             "gpaw_scf_s": scf[k],
             "model_s": pr["seconds"],
         }
+        if pr["spread"] is not None:  # a committee: its own error estimate, without DFT
+            row["committee_spread_meV"] = 1e3 * pr["spread"]
         rows.append(row)
         e = np.linspace(ef - 25, ef + 10, 1401)
         panels.append(
@@ -147,19 +152,26 @@ def _compare(images, preds, reference: dict, scf) -> tuple[list[dict], list[dict
 def _report(rows, scf) -> dict:
     """Print the comparison table and the totals; returns the summary figures."""
     print("\n3. model vs GPAW")
+    spread = "committee_spread_meV" in rows[0]
     print(
         f"  {'molecule':9s} {'H MAE':>9s} {'eig MAE':>9s} {'eig MAE':>9s} {'E_F model':>10s} "
-        f"{'E_F GPAW':>9s} {'GPAW':>7s} {'model':>7s}"
+        f"{'E_F GPAW':>9s} {'GPAW':>7s} {'model':>7s}" + (f" {'spread':>7s}" if spread else "")
     )
     print(
         f"  {'':9s} {'meV':>9s} {'+-5 eV':>9s} {'all':>9s} {'eV':>10s} {'eV':>9s} "
-        f"{'s':>7s} {'s':>7s}"
+        f"{'s':>7s} {'s':>7s}" + (f" {'meV':>7s}" if spread else "")
     )
     for r in rows:
         print(
             f"  {r['molecule']:9s} {r['h_mae_meV']:9.1f} {r['eig_mae_window_meV']:9.1f} "
             f"{r['eig_mae_all_meV']:9.1f} {r['fermi_model_eV']:10.3f} "
             f"{r['fermi_gpaw_eV']:9.3f} {r['gpaw_scf_s']:7.2f} {r['model_s']:7.2f}"
+            + (f" {r['committee_spread_meV']:7.1f}" if spread else "")
+        )
+    if spread:
+        print(
+            "  spread: the committee members' mean deviation from their mean H, an error "
+            "estimate made without DFT"
         )
     mean = {
         k: float(np.mean([r[k] for r in rows]))
@@ -208,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  loaded in {time.perf_counter() - t:.1f} s; trained on "
         f"{model.extra.get('n_train', '?')} structures of {', '.join(model.registry.symbols)}"
+        + (f"; a committee of {len(model.members)} models" if len(model.members) > 1 else "")
     )
     preds = _predict(model, images)
     reference = _gpaw_reference(images, out, settings)

@@ -8,7 +8,7 @@ outside the training set (methanol, acetic acid, methylamine, pyridine,
 acetaldehyde, methyl nitrite) with ``make_molecules.py --names`` and GPAW LCAO at
 the training settings, then evaluates every model on them exactly as ``gearsh
 eval`` does and prints H MAE and eigenvalue MAE (E_F +- 5 eV) per molecule and
-overall.
+overall (a committee: also its members' spread).
 """
 
 from __future__ import annotations
@@ -50,17 +50,27 @@ def main(argv=None):
             k = int(row["name"].split("-")[-1].split(".")[0])
             per.setdefault(names[k], []).append(row)
         print(f"\n{model}: {s['structures']} structures of molecules outside its training set")
-        print(f"  {'molecule':10s} {'formula':9s} {'H MAE meV':>10s} {'eig MAE meV':>12s}")
+        spread = "committee_spread_meV" in s  # a committee: its members' spread too
+        head = f"  {'molecule':10s} {'formula':9s} {'H MAE meV':>10s} {'eig MAE meV':>12s}"
+        print(head + (f" {'spread meV':>11s}" if spread else ""))
         for name, rows in per.items():
             k = NEW.index(name) * PER_MOLECULE
             h = sum(r["h_mae_meV"] for r in rows) / len(rows)
             e = sum(r["eig_mae_window_meV"] for r in rows) / len(rows)
-            print(f"  {name:10s} {formulas[k]:9s} {h:10.1f} {e:12.1f}")
+            line = f"  {name:10s} {formulas[k]:9s} {h:10.1f} {e:12.1f}"
+            if spread:
+                line += f" {sum(r['committee_spread_meV'] for r in rows) / len(rows):11.2f}"
+            print(line)
         print(
             f"  all: H MAE {s['h_mae_meV']:.1f} meV (on-site {s['h_mae_onsite_meV']:.1f}, "
             f"pairs {s['h_mae_pair_meV']:.1f}); eigenvalue MAE within E_F +- 5 eV "
             f"{s['eig_mae_window_meV']:.1f} meV"
         )
+        if spread:
+            print(
+                f"  committee spread {s['committee_spread_meV']:.2f} meV (Spearman with the "
+                f"H MAE over the structures {s['committee_spread_spearman']:+.2f})"
+            )
     return 0
 
 

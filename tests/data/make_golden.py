@@ -1,9 +1,9 @@
 """Write tests/data/golden_molecules_ethanol.npz: the shipped model's H of one
 rattled ethanol.  Re-run only when models/molecules.ckpt is replaced on purpose.
 
-The stored file was written for the model trained with the two-centre baseline, two
-TensorDenses and 24 features (models/README.md) by this script, right after the model
-was copied there."""
+The stored file was written for the committee of two models (two-centre baseline, two
+TensorDenses, 24 features; models/README.md) by this script, right after the committee
+was written there."""
 
 from pathlib import Path
 
