@@ -2,8 +2,9 @@
 
 A checkpoint holds the config, network settings, basis registry, scale-shift
 statistics, parameters, package versions and (for ``latest.ckpt``) the
-optimiser and data-order state needed to resume; a committee also the parameters and
-statistics of its further members (``members``).  Writes are atomic.
+optimiser and data-order state needed to resume; a committee
+(:mod:`~ase_gearsh.model.committee`) also the parameters and statistics of its further
+members (``members``).  Writes are atomic.
 """
 
 from __future__ import annotations
@@ -86,10 +87,8 @@ def save_checkpoint(
     extra: dict | None = None,
     state: dict | None = None,
     basis: dict | None = None,
-    members: list | None = None,
 ) -> None:
     """Write a checkpoint atomically.  ``params``/``state`` are pytrees of arrays.
-    ``members``: (params, stats) of further committee members (same network).
 
     ``basis``: {symbol: ase_gearsh.core.basis.SpeciesBasis.to_dict()}, the basis
     functions and PAW projectors from which the exact overlap S is computed at
@@ -110,14 +109,6 @@ def save_checkpoint(
     }
     if basis:
         payload["basis"] = basis_payload(basis)
-    if members:
-        payload["members"] = {
-            str(i): {
-                "params": _to_numpy(serialization.to_state_dict(p)),
-                "stats": _pack_stats(st),
-            }
-            for i, (p, st) in enumerate(members)
-        }
     if state is not None:
         payload["state"] = _to_numpy(serialization.to_state_dict(state))
     atomic_write_bytes(Path(path), serialization.msgpack_serialize(payload))

@@ -149,16 +149,13 @@ class Model:
         ck = load_checkpoint(path)
         registry = Registry.from_dict(ck["registry"])
         model = cls(ck["settings"], registry, ck["stats"], None, ck["config"])
-        model.params = _restore(model.param_shapes(), ck["params"], path)
+        shapes = model.param_shapes()
+        model.params = _restore(shapes, ck["params"], path)
         members = ck.get("members") or {}
-        for key in sorted(members, key=int):
+        for key in sorted(members, key=int):  # a committee's further members
             m = members[key]
-            model.committee.append(
-                (
-                    _restore(model.param_shapes(), m["params"], f"{path} (member {int(key) + 1})"),
-                    {k: jnp.asarray(v) for k, v in m["stats"].items()},
-                )
-            )
+            params = _restore(shapes, m["params"], f"{path} (member {int(key) + 1})")
+            model.committee.append((params, {k: jnp.asarray(v) for k, v in m["stats"].items()}))
         model.extra = ck["extra"]
         model.versions = ck["versions"]
         model.basis_data = ck.get("basis")  # for the exact overlap (None in old files)
