@@ -213,7 +213,8 @@ class Predictor:
         stages = [self._atoms_stage(g, params, stats) for params, stats in members]
         species, _, _, invariants, ainfo = stages[0]
         real = model.layout.orbital_mask[g.species].astype(np.float64)  # (N, n)
-        onsite, dev_sum = _member_mean([st[2] for st in stages], real, real)
+        every = slice(None)
+        onsite, dev_sum = _member_mean([st[2] for st in stages], real, every, every)
         descriptors = [st[1] for st in stages]
         ainfo["atoms"] = sum(st[4]["atoms"] for st in stages)
         pad = len(species) - 1
@@ -240,7 +241,7 @@ class Predictor:
                     first, second = self._bond_irreps(params, species, d, ci, cj, cv)
                     out = self._bond_blocks(first, second, stats, species, ci, cj, cv)
                     outs.append(np.asarray(out)[: b - a])
-            pairs[a:b], chunk_dev[a // cp] = _member_mean(outs, real[pi[a:b]], real[pj[a:b]])
+            pairs[a:b], chunk_dev[a // cp] = _member_mean(outs, real, pi[a:b], pj[a:b])
 
         threads = min(self.threads, len(starts))
         tick = bar.update if bar is not None else (lambda: None)
@@ -296,13 +297,15 @@ class Predictor:
         )
 
 
-def _member_mean(outs: list, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, float]:
+def _member_mean(outs: list, real: np.ndarray, i, j) -> tuple[np.ndarray, float]:
     """(mean of the members' blocks (B, n, n) (float32), sum over the orbitals' elements
-    of the mean absolute deviation of the members from it).  ``rows``/``cols`` (B, n):
-    the canonical slots that are orbitals of each block's atoms (the others are
-    padding, left out of the sum)."""
+    of the mean absolute deviation of the members from it).  ``real`` (N, n): the
+    canonical slots that are orbitals of each atom (the others are padding, left out
+    of the sum); ``i``/``j``: the atoms of the blocks' rows and columns.  A single
+    member is returned as it is."""
     if len(outs) == 1:
         return np.asarray(outs[0]), 0.0
+    rows, cols = real[i], real[j]
     stack = np.stack([np.asarray(o, np.float64) for o in outs])
     mean = stack.mean(axis=0)
     dev = np.abs(stack - mean).mean(axis=0)
