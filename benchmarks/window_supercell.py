@@ -3,7 +3,7 @@
     python benchmarks/window_supercell.py DATASET [--index 1] [--repeat 3 6] [--window 0.2]
                                           [--k 48] [--block 32]
                                           [--route auto|reuse|centre|edge|both|all]
-                                          [--release]
+                                          [--release] [--tol 1e-4]
 
 The DFT H(R) and S(R) of a k-sampled cell (a 6x6 WSe2 cell with Se vacancies from
 ``make_wse2.py``) tiled ``--repeat`` x ``--repeat`` in the plane give the H and S of a
@@ -71,7 +71,13 @@ def main(argv=None):
         help="free the Fermi level's factorisation when the window makes its own "
         "(peak memory of one factorisation; the calculator's keep_factor=False)",
     )
+    p.add_argument(
+        "--tol",
+        type=float,
+        help="residual tolerance of the states (eV; default: the library's, 1e-4)",
+    )
     a = p.parse_args(argv)
+    tol = {} if a.tol is None else {"tol": a.tol}
     from ase_gearsh.core.data import Dataset
     from ase_gearsh.electronic.window import (
         WindowError,
@@ -117,7 +123,7 @@ def main(argv=None):
                 f"local-cluster guess {guess:.4f} eV in {time.perf_counter() - t0:.1f} s",
                 flush=True,
             )
-        fs = fermi_states(H, S, n_el, k=a.k, block=a.block, guess=guess)
+        fs = fermi_states(H, S, n_el, k=a.k, block=a.block, guess=guess, **tol)
         t_f = time.perf_counter() - t0
         tried = ", ".join(f"{x:.3f} eV ({c} below)" for x, c in fs.factorisations)
         print(
@@ -144,7 +150,7 @@ def main(argv=None):
         t_w = 0.0
         for refactor in routes[a.route]:
             t = time.perf_counter()
-            opts = dict(factor=fs.factor, k=a.k, block=a.block, release=a.release)
+            opts = dict(factor=fs.factor, k=a.k, block=a.block, release=a.release, **tol)
             if refactor is None:  # as the calculator: it knows the gap from E_F
                 opts["gap"] = (fs.homo, fs.lumo)
             elif refactor == "edge":

@@ -19,10 +19,12 @@ the broadening of a Chebyshev kernel.  Each factorisation costs about as much as
 Cholesky factorisation of S behind KPM; each block of solves is cheap.
 
 Accuracy: the eigenvectors c are S-orthonormal and a state counts as converged when
-||H c - E S c||_2 <= ``tol`` (eV); then some eigenvalue of (H, S) lies within
-||r||_{S^-1} <= tol / sqrt(lambda_min(S)) of E, and the Ritz value itself is accurate
-to about ||r||^2 / (distance to the next eigenvalue).  The counts are exact unless
-PARDISO had to perturb pivots (``IndefiniteFactor.n_perturbed``; a warning says so).
+||H c - E S c||_2 <= ``tol`` (eV, default 1e-4); then some eigenvalue of (H, S) lies
+within ||r||_{S^-1} <= tol / sqrt(lambda_min(S)) of E, and the Ritz value itself is
+accurate to about ||r||^2 / (distance to the next eigenvalue): 5e-11 eV for the
+band-edge states of a 954-atom WSe2 supercell (``benchmarks/window_supercell.py``).
+The counts are exact unless PARDISO had to perturb pivots
+(``IndefiniteFactor.n_perturbed``; a warning says so).
 Complex H(k) (k != 0) is not supported here: use dense diagonalisation of the small
 cell, which is what k-sampling is for.
 """
@@ -103,6 +105,81 @@ def _check_number(name: str, x) -> float:
     return float(x)
 
 
+_PARDISO = None
+
+
+def _pardiso_class():
+    """pypardiso's solver with a solve that skips what a fixed factorisation does not
+    need: the per-call comparison of the matrix with the factorised one and the int32
+    copies of its index arrays (at 43k orbitals about 0.3 s of a 2-3 s block solve)."""
+    global _PARDISO
+    if _PARDISO is not None:
+        return _PARDISO
+    try:
+        from pypardiso import PyPardisoSolver
+    except ImportError as err:  # the optional dependency is missing
+        raise WindowError(
+            "exact window states need pypardiso and mkl (pip install pypardiso mkl; "
+            f"installed by `make install`): {err}"
+        ) from None
+
+    class _Solver(PyPardisoSolver):
+        _index = None  # (A, 1-based indptr, 1-based indices) of the factorised matrix
+
+        def _call_pardiso(self, A, b):
+            # pypardiso's call, with the 1-based int32 index arrays made once per matrix
+            import ctypes
+
+            if self._index is None or self._index[0] is not A:
+                self._index = (A, A.indptr.astype(np.int32) + 1, A.indices.astype(np.int32) + 1)
+            _, ia, ja = self._index
+            x = np.zeros_like(b)
+            error = ctypes.c_int32(0)
+            i32, f64 = ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_double)
+            self._mkl_pardiso(
+                self.pt.ctypes.data_as(ctypes.POINTER(self._pt_type[0])),
+                ctypes.byref(ctypes.c_int32(1)),  # maxfct
+                ctypes.byref(ctypes.c_int32(1)),  # mnum
+                ctypes.byref(ctypes.c_int32(self.mtype)),
+                ctypes.byref(ctypes.c_int32(self.phase)),
+                ctypes.byref(ctypes.c_int32(A.shape[0])),
+                A.data.ctypes.data_as(f64),
+                ia.ctypes.data_as(i32),
+                ja.ctypes.data_as(i32),
+                self.perm.ctypes.data_as(i32),
+                ctypes.byref(ctypes.c_int32(1 if b.ndim == 1 else b.shape[1])),  # nrhs
+                self.iparm.ctypes.data_as(i32),
+                ctypes.byref(ctypes.c_int32(self.msglvl)),
+                b.ctypes.data_as(f64),
+                x.ctypes.data_as(f64),
+                ctypes.byref(error),
+            )
+            if error.value != 0:
+                from pypardiso.pardiso_wrapper import PyPardisoError
+
+                raise PyPardisoError(error.value)
+            return np.ascontiguousarray(x)
+
+        def factorize(self, A):
+            # pypardiso's, without keeping a copy of A to compare later solves with
+            # (solve_factorised does not compare: 0.7 GB at 43k orbitals)
+            self._check_A(A)
+            self.set_phase(12)
+            self._call_pardiso(A, np.zeros((A.shape[0], 1)))
+
+        def solve_factorised(self, A, b):
+            """A^-1 b with the factorisation of A made by factorize (phase 33 only)."""
+            self.set_phase(33)
+            return self._call_pardiso(A, np.asfortranarray(b, dtype=np.float64))
+
+        def free_memory(self, everything=False):
+            self._index = None
+            super().free_memory(everything=everything)
+
+    _PARDISO = _Solver
+    return _Solver
+
+
 class IndefiniteFactor:
     """P L D L^T P^T of a real symmetric sparse matrix A (MKL PARDISO, matrix type -2).
 
@@ -112,13 +189,7 @@ class IndefiniteFactor:
     iterative refinement.  Blocks of vectors amortise the pass over the factor."""
 
     def __init__(self, A, threads: int | None = None):
-        try:
-            from pypardiso import PyPardisoSolver
-        except ImportError as err:  # the optional dependency is missing
-            raise WindowError(
-                "exact window states need pypardiso and mkl (pip install pypardiso mkl; "
-                f"installed by `make install`): {err}"
-            ) from None
+        PyPardisoSolver = _pardiso_class()
         A = sp.csr_matrix(A, dtype=np.float64)
         n = A.shape[0]
         upper = sp.triu(A, format="csr")
@@ -128,7 +199,7 @@ class IndefiniteFactor:
         self.shape = A.shape
         self.sigma = None  # the shift when A = H - sigma S (set by the functions below)
         self._upper = upper
-        solver = PyPardisoSolver(mtype=-2, size_limit_storage=upper.nnz + 1)
+        solver = PyPardisoSolver(mtype=-2)
         solver.set_iparm(1, 1)  # our settings below, PARDISO's defaults elsewhere
         solver.set_iparm(2, 2)  # METIS nested dissection
         # iparm(8) = 0: iterative refinement only after perturbed pivots (each step is
@@ -157,7 +228,7 @@ class IndefiniteFactor:
             )
         if self._solver is None:
             raise WindowError("this factorisation was freed (IndefiniteFactor.free)")
-        return self._solver.solve(self._upper, B)
+        return self._solver.solve_factorised(self._upper, B)
 
     @property
     def freed(self) -> bool:
@@ -273,6 +344,16 @@ class _BlockKrylov:
         self.Ts = np.zeros((0, 0))
         rng = np.random.default_rng(seed)
         self.X = rng.standard_normal((n, min(block, n)))
+        # H X = B + sigma S X for the block X = K^-1 B that a solve returned (K = H -
+        # sigma S), so H X costs no sparse product: only S X is computed.  None: H X is
+        # computed (the random start, a factor of unknown shift, or after verify()
+        # found the solves too inexact for the identity)
+        self.B = None
+        self.sigma = getattr(factor, "sigma", None)
+        self.implicit = self.sigma is not None
+        # the largest error of an implicit H x accepted (eV; states_near sets it from its
+        # tolerance): one column of every block is also multiplied by H to check it
+        self.identity_tol = 0.0
         self.max_basis = max_basis
         self.solves = 0
 
@@ -281,21 +362,31 @@ class _BlockKrylov:
         False when nothing new was added."""
         W = self.X
         SW = csr_times_block(self.S, W)
+        if self.implicit and self.B is not None:
+            HW = self.B + self.sigma * SW
+        else:
+            HW = csr_times_block(self.H, W)
         for _ in range(2):  # S-orthogonal to Q (twice is enough)
             if self.Q.shape[1]:
                 coef = self.SQ.T @ W
                 W = W - self.Q @ coef
                 SW = SW - self.SQ @ coef
+                HW = HW - self.HQ @ coef
         G = W.T @ SW
         g, U = np.linalg.eigh(0.5 * (G + G.T))
         keep = g > 1e-12 * max(g.max(initial=0.0), 1e-300)
         if not keep.any():
             return False
         T = U[:, keep] / np.sqrt(g[keep])
-        W, SW = W @ T, SW @ T
+        W, SW, HW = W @ T, SW @ T, HW @ T
+        if self.implicit and self.B is not None:
+            # the identity holds to the solves' accuracy: check it on one column, and
+            # with inexact solves (a perturbed or refined-less factor) go explicit
+            if np.linalg.norm(self.H @ W[:, 0] - HW[:, 0]) > self.identity_tol:
+                self._explicit()
+                HW = csr_times_block(self.H, W)
         KW = self.K.solve(SW)
         self.solves += SW.shape[1]
-        HW = csr_times_block(self.H, W)
         # the projections Q^T H Q and Q^T S K^-1 S Q, grown by the new block's rows and
         # columns (O(n m b) per block instead of O(n m^2))
         self.Hs = _grow(self.Hs, self.Q.T @ HW, W.T @ HW)
@@ -304,8 +395,34 @@ class _BlockKrylov:
         self.HQ = np.hstack([self.HQ, HW])
         self.SQ = np.hstack([self.SQ, SW])
         self.KQ = np.hstack([self.KQ, KW])
-        self.X = KW
+        self.X, self.B = KW, SW  # K KW = SW: H KW = SW + sigma S KW
         return True
+
+    def accepts(self, Y, E, res, tol: float):
+        """(energies, residuals) of the Ritz vectors c = Q Y (converged by the
+        residuals ``res`` of the stored H Q) when ||H c - E S c|| <= tol holds with H
+        and S applied anew, else None.  With implicit H products H Q carries the
+        solves' error (PARDISO without iterative refinement), so the energies returned
+        are the Rayleigh quotients c^T H c / c^T S c of the new products; when the
+        error spoils a residual, H Q is recomputed, the products are explicit from then
+        on, and None tells the caller to select and check again."""
+        if not self.implicit or not Y.shape[1]:
+            return E, res
+        C = self.Q @ Y
+        HC, SC = csr_times_block(self.H, C), csr_times_block(self.S, C)
+        E = np.einsum("ij,ij->j", C, HC) / np.einsum("ij,ij->j", C, SC)
+        res = np.linalg.norm(HC - SC * E, axis=0)
+        if (res <= tol).all():
+            return E, res
+        self._explicit()
+        return None
+
+    def _explicit(self):
+        """H products explicit from now on; H Q and its projection recomputed."""
+        self.implicit = False
+        self.HQ = csr_times_block(self.H, self.Q)
+        self.Hs = _sym(self.Q.T @ self.HQ)
+        self.B = None
 
     def select(self, k: int, below: int | None = None, above: int | None = None):
         """The k states nearest sigma, or the ``below`` nearest below and the ``above``
@@ -332,7 +449,10 @@ class _BlockKrylov:
         S-orthogonal to all of Q (then it holds exactly the residual directions of the
         kept T-Ritz vectors, and the Krylov structure survives the restart)."""
         for _ in range(2):
-            self.X = self.X - self.Q @ (self.SQ.T @ self.X)
+            coef = self.SQ.T @ self.X
+            self.X = self.X - self.Q @ coef
+            if self.B is not None:  # keep H X = B + sigma S X
+                self.B = self.B - self.HQ @ coef + self.sigma * (self.SQ @ coef)
         self.Q, self.HQ, self.SQ, self.KQ = (
             self.Q @ Z,
             self.HQ @ Z,
@@ -365,7 +485,7 @@ def states_near(
     *,
     factor: IndefiniteFactor | None = None,
     block: int = 32,
-    tol: float = 1e-6,
+    tol: float = 1e-4,
     max_solves: int | None = None,
     seed=0,
     progress: bool = False,
@@ -381,7 +501,8 @@ def states_near(
     H, S: real symmetric sparse matrices (S positive definite).  ``factor``: the
     :class:`IndefiniteFactor` of H - sigma S, reused when given.  ``block``: vectors
     per solve.  ``tol``: residual norm ||H c - E S c||_2 (eV) below which a state is
-    converged.  ``max_solves``: limit on right-hand sides (default 40 k + 20 block).
+    converged (default 1e-4; the Ritz values are then accurate to about tol^2 / level
+    spacing).  ``max_solves``: limit on right-hand sides (default 40 k + 20 block).
     ``below``/``above``: instead of the k nearest, the ``below`` nearest states below
     sigma and the ``above`` nearest above it (k is then their sum).  ``space``: the
     ``space`` of an earlier result at the same sigma, continued instead of restarted.
@@ -453,6 +574,7 @@ def states_near(
     else:
         space.max_basis = max(space.max_basis, max_basis)
     start_solves = space.solves
+    space.identity_tol = 1e-2 * tol
     max_solves = max_solves or 40 * k + 20 * block
     bar = None
     if progress:
@@ -460,9 +582,11 @@ def states_near(
 
         bar = tqdm(total=k, desc="states near sigma", unit="state")
     converged = 0
+    recheck = False  # select again without expanding (accepts() recomputed H Q)
     try:
         while True:
-            grew = space.expand()
+            grew = True if recheck else space.expand()
+            recheck = False
             if space.Q.shape[1] >= k:
                 E, Y, Zall = space.select(k, *((below, above) if one_sided else ()))
                 R = space.HQ @ Y - (space.SQ @ Y) * E
@@ -478,6 +602,11 @@ def states_near(
                     bar.update(int(ok.sum()) - converged)
                 converged = int(ok.sum())
                 if converged == k:
+                    checked = space.accepts(Y, E, res, tol)
+                    if checked is None:
+                        recheck = True
+                        continue
+                    E, res = checked
                     break
                 if one_sided and enough is not None:
                     n_lo, n_hi = int(ok_lo.sum()), int(ok_hi.sum())
@@ -485,7 +614,11 @@ def states_near(
                     hi_done = not above or (n_hi and E[hi[n_hi - 1]] - sigma >= enough[1])
                     if lo_done and hi_done:  # the converged states cover the request
                         keep = np.sort(np.concatenate([lo[:n_lo], hi[:n_hi]]))
-                        E, Y, res = E[keep], Y[:, keep], res[keep]
+                        checked = space.accepts(Y[:, keep], E[keep], res[keep], tol)
+                        if checked is None:
+                            recheck = True
+                            continue
+                        (E, res), Y = checked, Y[:, keep]
                         break
             if not grew or space.solves - start_solves >= max_solves:
                 if partial and one_sided and grew:
@@ -497,7 +630,11 @@ def states_near(
                         ok_lo, ok_hi = np.cumprod(res[lo] <= tol), np.cumprod(res[hi] <= tol)
                     n_lo, n_hi = int(ok_lo.sum()), int(ok_hi.sum())
                     keep = np.sort(np.concatenate([lo[:n_lo], hi[:n_hi]]))
-                    E, Y, res = E[keep], Y[:, keep], res[keep]
+                    checked = space.accepts(Y[:, keep], E[keep], res[keep], tol)
+                    if checked is None:
+                        recheck = True
+                        continue
+                    (E, res), Y = checked, Y[:, keep]
                     below, above = n_lo if below else 0, n_hi if above else 0
                     break
                 err = WindowError(
