@@ -106,7 +106,7 @@ from gpaw_tools.overlap import OverlapCalculator, check_screen
 from .core.blocks import BlockMatrices
 from .core.errors import GearsHError
 from .electronic.checks import ArgumentError, check_choice, check_positive
-from .electronic.dense import occupation_numbers
+from .electronic.dense import ElectronicError, check_overlap_cutoff, occupation_numbers
 from .electronic.kpm import KPMMoments
 from .electronic.kpoints import KPT_DICT_KEYS, KPoints, check_kpts
 from .electronic.spectrum import (
@@ -151,7 +151,7 @@ class PropertyUnavailableError(GearsHError, PropertyNotPresent):
 
 
 # parameter changes that leave the atoms-level data (blocks, H(k), S(k), KPM at Gamma) valid
-_KEEPS_MATRICES = {"kpts", "width", "charge", "dense_limit", "kpm"}
+_KEEPS_MATRICES = {"kpts", "width", "charge", "dense_limit", "kpm", "overlap_cutoff"}
 _NO_EFFECT = {"progress", "warn_extrapolation", "reliability_threshold", "overlap_alongside"}
 # results that depend on the atoms only (kept when k-points or smearing change)
 _ATOMS_RESULTS = ("hamiltonian", "overlap", "reliability", "atom_reliability", "committee_spread")
@@ -206,6 +206,11 @@ def _check_parameter(key: str, value):
             check_screen(value)
         except ValueError as err:
             raise CalculatorInputError(f"overlap_screen: {err}") from None
+    elif key == "overlap_cutoff":
+        try:
+            return check_overlap_cutoff(value)
+        except ElectronicError as err:
+            raise CalculatorInputError(str(err)) from None
     elif key == "overlap_alongside" and value is not None:
         check_positive("overlap_alongside (atoms; None: never)", value, integer=True)
     elif key == "reliability_threshold" and value is not None:
@@ -386,6 +391,9 @@ class GearsHCalculator(Calculator):
         # S leaves out elements below half of this and projector terms below a 20th
         # (0: exact; gpaw_tools.overlap): at device scale far fewer non-zeros, faster
         "overlap_screen": 1e-8,
+        # dense spectra: directions of S with eigenvalues below this are left out
+        # (canonical orthogonalisation; 0: the full generalised problem)
+        "overlap_cutoff": 0.0,
     }
 
     def __init__(self, model=None, atoms: Atoms | None = None, **kwargs):
@@ -646,6 +654,7 @@ class GearsHCalculator(Calculator):
                 kp.ibz,
                 kp.weights,
                 self._labels(),
+                overlap_cutoff=self.parameters.overlap_cutoff,
             )
         self._cache["dense"].progress = self.parameters.progress
         return self._cache["dense"]

@@ -44,6 +44,7 @@ def _eval(args: argparse.Namespace) -> None:
         limit=args.limit,
         progress=not args.quiet,
         validation_only=args.validation_only,
+        overlap_cutoff=args.overlap_cutoff,
     )
     print(f"{s['structures']} structures of {s['dataset']}")
     print(
@@ -58,6 +59,11 @@ def _eval(args: argparse.Namespace) -> None:
         f"  of which shift {s['eig_abs_shift_meV']:9.3f} meV   mean |common shift| of a "
         f"structure's eigenvalues; MAE without it {s['eig_mae_window_unshifted_meV']:.3f}"
     )
+    if s.get("overlap_cutoff"):
+        print(
+            f"  overlap cut-off {s['overlap_cutoff']:g}: the DFT H itself with this cut-off "
+            f"is off by {s['eig_mae_window_cutoff_floor_meV']:.3f} meV (within +-5 eV)"
+        )
     if "committee_spread_meV" in s:
         rho = s.get("committee_spread_spearman")
         print(
@@ -185,6 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         "--validation-only",
         action="store_true",
         help="only the structures the model was validated on (held out)",
+    )
+    e.add_argument(
+        "--overlap-cutoff",
+        type=float,
+        default=0.0,
+        help="predicted eigenvalues without the directions of S with eigenvalues below "
+        "this (canonical orthogonalisation, as the calculator's overlap_cutoff; "
+        "default 0: the full basis)",
     )
     e.add_argument("--json", action="store_true", help="also print the summary as JSON")
     e.add_argument("-q", "--quiet", action="store_true")

@@ -146,6 +146,29 @@ def test_oracle_eigenvalues_equal_gpaw_at_every_kpoint(model, chain_dataset, cha
     assert np.abs(S_k.toarray() - s.overlap(kpt=k_off)).max() < 1e-8
 
 
+def test_overlap_cutoff_parameter(model, chain_dataset):
+    """``overlap_cutoff``: eigenvalues by canonical orthogonalisation at every k, with
+    equal band counts; below S's smallest eigenvalue GPAW's eigenvalues; refused when
+    outside [0, 1)."""
+    s = Dataset(chain_dataset)[0]
+    kpts = s.reference_kpts
+    lam = [np.linalg.eigvalsh(s.overlap(k)) for k in kpts]
+    atoms, calc = oracle_calc(model, s, kpts=kpts, overlap_cutoff=0.5 * min(x[0] for x in lam))
+    for q in range(len(kpts)):
+        ref = s.reference_eigenvalues[0, q]
+        assert np.abs(calc.get_eigenvalues(kpt=q)[: len(ref)] - ref).max() < 1e-6
+    n_full = len(calc.get_eigenvalues(kpt=0))
+    cut = float(np.median([x[2] for x in lam]))
+    calc.set(overlap_cutoff=cut)  # drops the spectra, keeps H and S
+    kept = min(int((x >= cut).sum()) for x in lam)
+    assert kept < n_full
+    assert all(len(calc.get_eigenvalues(kpt=q)) == kept for q in range(len(kpts)))
+    assert calc.get_fermi_level() < calc.get_eigenvalues(kpt=0).max()
+    for bad in (-0.1, 1.0, "x"):
+        with pytest.raises(CalculatorInputError, match="overlap_cutoff"):
+            GearsHCalculator(model, overlap_cutoff=bad)
+
+
 def test_gamma_of_supercell_equals_folded_kpoints(model, make_atoms):
     """Model H of a 3x supercell at Gamma has the primitive eigenvalues at k = 0, +-1/3."""
     chain = make_atoms.chain

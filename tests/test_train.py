@@ -301,6 +301,21 @@ def test_oracle_blocks_give_gpaw_eigenvalues(water_dataset, small_model, monkeyp
     assert s["eig_abs_shift_meV"] == pytest.approx(50.0, abs=1e-6)
     assert s["eig_mae_window_unshifted_meV"] < 1e-6
     assert all(r["eig_shift_meV"] == pytest.approx(50.0, abs=1e-6) for r in s["per_structure"])
+    # canonical orthogonalisation: the error of the oracle's H is the cut-off's own,
+    # which the floor reports (the cut-off removes S's two smallest directions here)
+    monkeypatch.setattr(
+        ev,
+        "predict_structure_blocks",
+        lambda model, s, info=None: (s.arrays["onsite_H"][0], s.arrays["pair_H"][0]),
+    )
+    s0 = ds[0]
+    cut = 1.01 * float(np.sort(np.linalg.eigvalsh(s0.overlap()))[1])
+    s = ev.evaluate("oracle", ds, progress=False, limit=1, overlap_cutoff=cut)
+    assert s["overlap_cutoff"] == cut
+    assert s["eig_mae_window_meV"] == pytest.approx(s["eig_mae_window_cutoff_floor_meV"], abs=1e-9)
+    assert s["eig_mae_window_meV"] > 0
+    with pytest.raises(Exception, match="overlap_cutoff"):
+        ev.evaluate("oracle", ds, progress=False, limit=1, overlap_cutoff=-1.0)
 
 
 def test_validation_elements_must_be_in_the_training_set(

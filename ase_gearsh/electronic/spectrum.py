@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 
 from .checks import ArgumentError, check_choice, check_positive
-from .dense import energy_grid, fermi_level, gaussian_dos, group_matrix, solve_dense
+from .dense import (
+    check_overlap_cutoff,
+    energy_grid,
+    fermi_level,
+    gaussian_dos,
+    group_matrix,
+    solve_dense,
+)
 from .kpm import (
     CholeskyFactor,
     KPMMoments,
@@ -170,6 +177,9 @@ class DenseSpectrum:
     ``hamiltonian``/``overlap``: functions of a scaled k-point returning H(k),
     S(k) (sparse or dense, eV); ``kpts`` (nk, 3) scaled and ``weights`` (nk,)
     summing to 1 (e.g. the IBZ of :class:`~ase_gearsh.electronic.kpoints.KPoints`).
+    ``overlap_cutoff`` > 0: canonical orthogonalisation at every k-point
+    (:func:`~ase_gearsh.electronic.dense.solve_dense`); every k-point then keeps the
+    number of bands of the k-point that keeps fewest (the highest states go).
     """
 
     def __init__(
@@ -180,8 +190,10 @@ class DenseSpectrum:
         weights,
         labels: OrbitalLabels,
         progress: bool = False,
+        overlap_cutoff: float = 0.0,
     ):
         self.hamiltonian, self.overlap, self.labels = hamiltonian, overlap, labels
+        self.overlap_cutoff = check_overlap_cutoff(overlap_cutoff)
         self.kpts = np.asarray(kpts, float).reshape(-1, 3)
         self.weights = np.asarray(weights, float)
         self.progress = progress
@@ -194,10 +206,17 @@ class DenseSpectrum:
             from tqdm.auto import tqdm
 
             it = tqdm(it, desc=desc, unit="k-point", leave=False)
-        return [
-            solve_dense(self.hamiltonian(self.kpts[q]), self.overlap(self.kpts[q]), groups)
+        out = [
+            solve_dense(
+                self.hamiltonian(self.kpts[q]),
+                self.overlap(self.kpts[q]),
+                groups,
+                overlap_cutoff=self.overlap_cutoff,
+            )
             for q in it
         ]
+        nb = min(len(e) for e, _ in out)  # canonical orthogonalisation: equal band counts
+        return [(e[:nb], None if m is None else m[:, :nb]) for e, m in out]
 
     def eigenvalues(self) -> np.ndarray:
         """(nk, n_bands) eigenvalues (eV) at every k-point (cached; not a copy)."""

@@ -1,0 +1,125 @@
+"""How a nearly singular overlap amplifies errors of H into eigenvalue errors, and what
+canonical orthogonalisation (``overlap_cutoff``) does about it.
+
+    python benchmarks/overlap_conditioning.py DATASET [--index 0] [--cutoffs 0 1e-3 3e-3 1e-2]
+                                              [--onsite-meV 15] [--pair-meV 1.3]
+                                              [--model CKPT] [--validation-only]
+
+For one structure of a dataset (GPAW's H(k) and S(k) at its k-points), printed per cut-off:
+
+* S: its smallest eigenvalue and how many directions each cut-off removes;
+* the DFT H itself solved with the cut-off: the eigenvalue MAE within E_F +- 5 eV against
+  the full basis (what the cut-off costs: the floor);
+* the DFT H plus random symmetric errors with the given mean absolute size on the on-site
+  and pair blocks (a stand-in for a model's errors): the eigenvalue MAE and its mean
+  (common shift) with and without the cut-off.
+
+With ``--model``: ``gearsh eval`` of that checkpoint on the dataset at each cut-off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import scipy.linalg as la
+
+WINDOW = 5.0  # eV around E_F, as gearsh eval
+
+
+def _sym_onsite(x, counts):
+    out, o = [], 0
+    for n in counts:
+        b = x[o : o + n * n].reshape(n, n)
+        out.append((0.5 * (b + b.T)).ravel())
+        o += n * n
+    return np.concatenate(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dataset")
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--cutoffs", type=float, nargs="+", default=[0.0, 1e-3, 3e-3, 1e-2])
+    p.add_argument("--onsite-meV", type=float, default=15.0, help="MAE of on-site errors")
+    p.add_argument("--pair-meV", type=float, default=1.3, help="MAE of pair-block errors")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="a checkpoint: gearsh eval at each cut-off")
+    p.add_argument("--validation-only", action="store_true")
+    a = p.parse_args(argv)
+    from ase_gearsh.core.blocks import assemble
+    from ase_gearsh.core.data import Dataset
+    from ase_gearsh.electronic.dense import solve_dense
+
+    s = Dataset(a.dataset)[a.index]
+    arr = s.arrays
+    counts = arr["orbital_counts"]
+    onH, prH = np.asarray(arr["onsite_H"][0], float), np.asarray(arr["pair_H"][0], float)
+    kpts, ef = arr["kpts"], s.fermi_level
+    print(
+        f"{s.meta['source']['name']}: {s.atoms.get_chemical_formula()}, {counts.sum()} "
+        f"orbitals, {len(kpts)} k-points, E_F {ef:.3f} eV",
+        flush=True,
+    )
+    Sk = [s.overlap(k) for k in kpts]
+    lam = [la.eigvalsh(S) for S in Sk]
+    print(
+        f"smallest eigenvalue of S(k): {min(x[0] for x in lam):.2e} .. {max(x[0] for x in lam):.2e}"
+    )
+    rng = np.random.default_rng(a.seed)
+    c = np.sqrt(np.pi / 2) * 1e-3  # Gaussian sigma from a mean absolute value in meV
+    on_n = onH + _sym_onsite(rng.standard_normal(onH.shape) * a.onsite_meV * c, counts)
+    pr_n = prH + rng.standard_normal(prH.shape) * a.pair_meV * c
+
+    def levels(on, pr, q, cut, n_keep=None):
+        H = assemble(counts, on, arr["pair_ij"], arr["pair_shift"], pr, kpt=kpts[q])
+        return solve_dense(H, Sk[q], overlap_cutoff=cut, n_keep=n_keep)[0]
+
+    ref = [levels(onH, prH, q, 0.0) for q in range(len(kpts))]
+    print(
+        f"random errors: on-site MAE {a.onsite_meV:g} meV, pair MAE {a.pair_meV:g} meV "
+        f"(seed {a.seed}); eigenvalue errors within E_F +- {WINDOW:g} eV (meV)"
+    )
+    print(f"{'cut-off':>8} {'removed':>9} {'floor':>8} {'noisy MAE':>10} {'mean':>8} {'time':>6}")
+    for cut in a.cutoffs:
+        t = time.perf_counter()
+        floor, noisy, removed = [], [], []
+        for q, e0 in enumerate(ref):
+            keep = int((lam[q] >= cut).sum())
+            removed.append(len(e0) - keep)
+            m = np.abs(e0 - ef) <= WINDOW
+            floor.append(levels(onH, prH, q, cut, keep)[: len(e0)][m[:keep]] - e0[:keep][m[:keep]])
+            noisy.append(levels(on_n, pr_n, q, cut, keep)[m[:keep]] - e0[:keep][m[:keep]])
+        floor, noisy = np.concatenate(floor), np.concatenate(noisy)
+        print(
+            f"{cut:8.0e} {min(removed):4d}-{max(removed):<4d} {1e3 * np.abs(floor).mean():8.2f} "
+            f"{1e3 * np.abs(noisy).mean():10.1f} {1e3 * noisy.mean():8.1f} "
+            f"{time.perf_counter() - t:5.1f}s",
+            flush=True,
+        )
+    if a.model:
+        from ase_gearsh.training.evaluate import evaluate
+
+        print(f"\ngearsh eval {a.model} (validation only: {a.validation_only})")
+        print(
+            f"{'cut-off':>8} {'H MAE':>7} {'eig MAE':>8} {'shift':>7} {'unshifted':>9} {'floor':>6}"
+        )
+        for cut in a.cutoffs:
+            r = evaluate(
+                a.model,
+                a.dataset,
+                progress=False,
+                validation_only=a.validation_only,
+                overlap_cutoff=cut,
+            )
+            print(
+                f"{cut:8.0e} {r['h_mae_meV']:7.2f} {r['eig_mae_window_meV']:8.1f} "
+                f"{r['eig_abs_shift_meV']:7.1f} {r['eig_mae_window_unshifted_meV']:9.1f} "
+                f"{r.get('eig_mae_window_cutoff_floor_meV', 0.0):6.2f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
