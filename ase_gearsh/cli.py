@@ -91,6 +91,7 @@ def _predict(args: argparse.Namespace) -> int | None:
         hole_window=args.hole_window,
         fermi_guess=args.fermi_guess,
         overlap_screen=args.overlap_screen,
+        overlap_cutoff=args.overlap_cutoff,
     )
     if len(args.structure) == 1:
         predict_structure(
@@ -251,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="S leaves out elements below half of this and projector terms below a "
         "20th (default 1e-8; 0: GPAW's S to rounding)",
+    )
+    r.add_argument(
+        "--overlap-cutoff",
+        type=float,
+        help="dense spectra without the directions of S with eigenvalues below this "
+        "(canonical orthogonalisation; default 0: the full basis; e.g. 1e-3 for bases "
+        "with near-linear dependences such as W and Se szp(dzp))",
     )
     r.add_argument("--index", default=-1, help="frame of a multi-frame file (default last)")
     r.add_argument("-q", "--quiet", action="store_true")

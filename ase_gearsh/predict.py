@@ -149,10 +149,12 @@ def predict_structure(
     hole_window: float = 0.2,
     fermi_guess: float | None = None,
     overlap_screen: float | None = None,
+    overlap_cutoff: float | None = None,
 ) -> dict:
     """Run the calculator on one structure file (or Atoms) and write ``output``
     (a new folder; an existing one is replaced only with ``overwrite``).
-    ``overlap_screen``: the calculator's parameter (None: its default, 1e-8).
+    ``overlap_screen``, ``overlap_cutoff``: the calculator's parameters (None: their
+    defaults).
 
     ``holes``: element symbols (e.g. ``["W", "Se"]``) whose projected DOS is
     integrated from E_F to E_F + ``hole_window`` eV: the hole count (both spins) and,
@@ -187,6 +189,7 @@ def predict_structure(
             hole_window,
             fermi_guess,
             overlap_screen,
+            overlap_cutoff,
         )
     for line in lines:
         log(line)
@@ -342,10 +345,13 @@ def _predict_into(
     hole_window=0.2,
     fermi_guess=None,
     overlap_screen=None,
+    overlap_cutoff=None,
 ):
     """Compute everything and write it into the folder ``out``; (summary, log lines)."""
     t0 = time.perf_counter()
     extra = {} if overlap_screen is None else {"overlap_screen": overlap_screen}
+    if overlap_cutoff is not None:
+        extra["overlap_cutoff"] = overlap_cutoff
     calc = GearsHCalculator(model, kpts=kpts, charge=charge, progress=progress, **extra)
     t_load = time.perf_counter()
     atoms.calc = calc
@@ -458,6 +464,7 @@ def _predict_into(
         "n_electrons": calc.get_number_of_electrons(),
         "width_eV": width,
         "overlap_screen": calc.parameters.overlap_screen,
+        "overlap_cutoff": calc.parameters.overlap_cutoff,
         "reliability": None if reliability is None else reliability["figure"],
         "reliability_detail": reliability,
         "committee_spread_meV": None

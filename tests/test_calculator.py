@@ -429,6 +429,16 @@ def test_predict_cli_writes_matrices_spectrum_and_plot(checkpoint, tmp_path):
     bad = tmp_path / "bad"
     assert main(args[:-2] + [str(bad), "-q", "--overlap-screen", "-1"]) == 2
     assert not bad.exists()  # refused before anything was written
+    out1 = tmp_path / "out1"  # canonical orthogonalisation: fewer bands, same H and S
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExtrapolationWarning)
+        assert main(args[:-2] + [str(out1), "-q", "--overlap-cutoff", "0.3"]) == 0
+    assert json.loads((out1 / "summary.json").read_text())["overlap_cutoff"] == 0.3
+    kept = int((np.linalg.eigvalsh(S.toarray()) >= 0.3).sum())
+    assert 0 < kept < H.shape[0]
+    assert len((out1 / "eigenvalues.csv").read_text().splitlines()) == 1 + kept
+    assert main(args[:-2] + [str(bad), "-q", "--overlap-cutoff", "2"]) == 2
+    assert not bad.exists()
     assert summary["fermi_level_eV"] == pytest.approx(a.calc.get_fermi_level())
     assert (out / "dos.png").stat().st_size > 10_000
     rows = (out / "eigenvalues.csv").read_text().splitlines()
