@@ -50,6 +50,10 @@ Conventions
   screened by ``overlap_screen`` (default 1e-8: elements below 5e-9 and projector
   terms below 5e-10 left out; every element measured within 1e-8 of GPAW's; 0:
   GPAW's S to rounding).
+* ``overlap_cutoff`` (default 0): dense spectra by canonical orthogonalisation,
+  without the eigenvectors of S(k) whose eigenvalues lie below it (near-linear
+  dependences of the basis, which amplify the errors of a predicted H into level
+  shifts; docs/inference.md).  Each k-point keeps the same number of bands.
 * Spin-paired (one spin channel).  ``get_dos``/``get_pdos`` are per spin
   channel: the DOS integrates to the number of orbitals (``ase.dft.dos.DOS``
   doubles spin-paired DOS, so it integrates to twice that).
