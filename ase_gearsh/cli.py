@@ -36,6 +36,11 @@ def _train(args: argparse.Namespace) -> None:
     print(f"finished: {run}/model.ckpt (best), {run}/metrics.csv, {run}/loss.png")
 
 
+# gearsh eval points to --overlap-cutoff below this smallest eigenvalue of S (WSe2 in
+# szp(dzp): 4e-4; molecules 0.018 and more, h-BN 0.048)
+NEAR_SINGULAR = 2e-3
+
+
 def _eval(args: argparse.Namespace) -> None:
     s = evaluate(
         args.model,
@@ -59,6 +64,12 @@ def _eval(args: argparse.Namespace) -> None:
         f"  of which shift {s['eig_abs_shift_meV']:9.3f} meV   mean |common shift| of a "
         f"structure's eigenvalues; MAE without it {s['eig_mae_window_unshifted_meV']:.3f}"
     )
+    if s["overlap_min_eigenvalue"] < NEAR_SINGULAR and not s.get("overlap_cutoff"):
+        print(
+            f"  note: S is nearly singular (smallest eigenvalue "
+            f"{s['overlap_min_eigenvalue']:.1e}), which amplifies H errors into level "
+            f"shifts; see --overlap-cutoff (e.g. 1e-3 to 1e-2; docs/inference.md)"
+        )
     if s.get("overlap_cutoff"):
         print(
             f"  overlap cut-off {s['overlap_cutoff']:g}: the DFT H itself with this cut-off "

@@ -246,7 +246,9 @@ print(json.dumps(out))
     assert out["1"][0] != out["1"][-1]
 
 
-def test_eval_cli_reports_errors_and_plots(water_dataset, tmp_path, capsys, trained_run):
+def test_eval_cli_reports_errors_and_plots(
+    water_dataset, tmp_path, capsys, trained_run, monkeypatch
+):
     from ase_gearsh.cli import main
 
     run = trained_run
@@ -258,7 +260,12 @@ def test_eval_cli_reports_errors_and_plots(water_dataset, tmp_path, capsys, trai
     )
     out = capsys.readouterr().out
     assert "H MAE" in out and "eigenvalue MAE" in out and "MAE without it" in out
+    assert "nearly singular" not in out  # water's S is far from singular
     s = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    from ase_gearsh.core.data import Dataset
+
+    lam = min(np.linalg.eigvalsh(x.overlap())[0] for x in Dataset(water_dataset))
+    assert s["overlap_min_eigenvalue"] == pytest.approx(lam, rel=1e-8)
     assert s["structures"] == 4 and s["h_mae_meV"] > 0
     assert s["eig_mae_window_meV"] > 0
     for png in ("errors.png", "parity.png"):
@@ -267,6 +274,14 @@ def test_eval_cli_reports_errors_and_plots(water_dataset, tmp_path, capsys, trai
         main(["eval", str(run / "model.ckpt"), str(water_dataset), "--validation-only", "-q"]) == 0
     )
     assert "1 structures" in capsys.readouterr().out
+    # a nearly singular S (here: a threshold above water's) points to --overlap-cutoff
+    monkeypatch.setattr("ase_gearsh.cli.NEAR_SINGULAR", 10.0)
+    args = ["eval", str(run / "model.ckpt"), str(water_dataset), "--validation-only", "-q"]
+    assert main(args) == 0
+    assert "nearly singular" in capsys.readouterr().out
+    assert main(args + ["--overlap-cutoff", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "nearly singular" not in out and "overlap cut-off 0.01" in out
     assert main(["eval", str(tmp_path / "missing.ckpt"), str(water_dataset)]) == 2
     assert "not found" in capsys.readouterr().err
 

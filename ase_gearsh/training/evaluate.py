@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy.linalg import eigh
+from scipy.linalg import eigh, eigvalsh
 
 from ..core.blocks import assemble
 from ..core.data import Dataset
@@ -117,6 +117,7 @@ def evaluate(
             f"e.g. {spin[0]}); the model predicts spin-paired Hamiltonians (nspins=1)"
         )
     rows, pooled = [], {"ref": [], "pred": [], "onsite": [], "eig_err": [], "eig_ref": []}
+    s_min = np.inf  # smallest eigenvalue of any S(k): near-linear dependence of the basis
     for s in tqdm(structures, desc="evaluate", unit="structure", disable=not progress):
         got = {}
         on, pr = predict_structure_blocks(predictor, s, got)
@@ -127,6 +128,7 @@ def evaluate(
         for kpt, ref in zip(a["kpts"], a["eigenvalues"][0]):
             Hk = assemble(a["orbital_counts"], on, a["pair_ij"], a["pair_shift"], pr, kpt=kpt)
             Sk = s.overlap(kpt)
+            s_min = min(s_min, float(eigvalsh(Sk, subset_by_index=[0, 0])[0]))
             if overlap_cutoff > 0:
                 e = solve_dense(Hk, Sk, overlap_cutoff=overlap_cutoff)[0]
                 Hr = s.hamiltonian(kpt)
@@ -190,6 +192,7 @@ def evaluate(
         summary[key] = float(np.nanmean([r[key] for r in rows]))
     summary["eig_abs_shift_meV"] = float(np.nanmean([abs(r["eig_shift_meV"]) for r in rows]))
     summary["overlap_cutoff"] = overlap_cutoff
+    summary["overlap_min_eigenvalue"] = s_min
     if overlap_cutoff > 0:
         summary["eig_mae_window_cutoff_floor_meV"] = float(
             np.nanmean([r["eig_mae_window_cutoff_floor_meV"] for r in rows])
