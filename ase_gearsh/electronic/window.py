@@ -346,8 +346,8 @@ class _BlockKrylov:
         self.X = rng.standard_normal((n, min(block, n)))
         # H X = B + sigma S X for the block X = K^-1 B that a solve returned (K = H -
         # sigma S), so H X costs no sparse product: only S X is computed.  None: H X is
-        # computed (the random start, a factor of unknown shift, or after verify()
-        # found the solves too inexact for the identity)
+        # computed (the random start, a factor of unknown shift, or after a check
+        # found the solves too inexact for the identity: _explicit)
         self.B = None
         self.sigma = getattr(factor, "sigma", None)
         self.implicit = self.sigma is not None
@@ -382,7 +382,8 @@ class _BlockKrylov:
         if self.implicit and self.B is not None:
             # the identity holds to the solves' accuracy: check it on one column, and
             # with inexact solves (a perturbed or refined-less factor) go explicit
-            if np.linalg.norm(self.H @ W[:, 0] - HW[:, 0]) > self.identity_tol:
+            h0 = csr_times_block(self.H, W[:, :1])[:, 0]  # all cores, like the blocks
+            if np.linalg.norm(h0 - HW[:, 0]) > self.identity_tol:
                 self._explicit()
                 HW = csr_times_block(self.H, W)
         KW = self.K.solve(SW)
