@@ -14,7 +14,10 @@ For one structure of a dataset (GPAW's H(k) and S(k) at its k-points), printed p
   and pair blocks (a stand-in for a model's errors): the eigenvalue MAE and its mean
   (common shift) with and without the cut-off.
 
-With ``--model``: ``gearsh eval`` of that checkpoint on the dataset at each cut-off.
+With ``--model``: ``gearsh eval`` of that checkpoint on the dataset at each cut-off, and
+for the structure ``--index``: the mean error of the model's on-site diagonal elements
+per element, and the eigenvalue MAE with only its on-site blocks (pairs from DFT) or only
+its pair blocks, at each cut-off.
 """
 
 from __future__ import annotations
@@ -99,7 +102,31 @@ def main(argv=None):
             flush=True,
         )
     if a.model:
-        from ase_gearsh.training.evaluate import evaluate
+        from ase_gearsh.model.engine import Model
+        from ase_gearsh.model.inference import predictor_for
+        from ase_gearsh.training.evaluate import evaluate, predict_structure_blocks
+
+        on_m, pr_m = predict_structure_blocks(predictor_for(Model.from_checkpoint(a.model)), s)
+        d_on, o, diag = on_m - onH, 0, {}
+        for sym, n in zip(s.atoms.get_chemical_symbols(), counts):
+            diag.setdefault(sym, []).append(np.diag(d_on[o : o + n * n].reshape(n, n)).mean())
+            o += n * n
+        print(
+            f"\nmodel {a.model} on {s.meta['source']['name']}: mean error of the on-site "
+            "diagonal elements "
+            + ", ".join(f"{k} {1e3 * np.mean(v):+.1f} meV" for k, v in sorted(diag.items()))
+        )
+        print(f"{'cut-off':>8} {'on-site only':>13} {'pairs only':>11} (eigenvalue MAE, meV)")
+        for cut in a.cutoffs:
+            parts = []
+            for o_, p_ in ((on_m, prH), (onH, pr_m)):
+                d = []
+                for q, e0 in enumerate(ref):
+                    keep = int((lam[q] >= cut).sum())
+                    m = np.abs(e0[:keep] - ef) <= WINDOW
+                    d.append(levels(o_, p_, q, cut, keep)[m] - e0[:keep][m])
+                parts.append(1e3 * np.abs(np.concatenate(d)).mean())
+            print(f"{cut:8.0e} {parts[0]:13.1f} {parts[1]:11.1f}", flush=True)
 
         print(f"\ngearsh eval {a.model} (validation only: {a.validation_only})")
         print(
