@@ -125,6 +125,11 @@ def _solve_canonical(Hd, Sd, groups, cutoff, n_keep):
             f"overlap_cutoff {cutoff:g} leaves {keep} of {len(lam)} directions of S "
             f"(its eigenvalues span {lam[0]:.3g} to {lam[-1]:.3g}); expected at least one"
         )
+    if lam[len(lam) - keep] <= 0:  # n_keep asked for a direction S does not span
+        raise ElectronicError(
+            f"{keep} directions of S asked for, but only {int((lam > 0).sum())} of its "
+            f"eigenvalues are positive (smallest {lam[0]:.3g})"
+        )
     X = U[:, len(lam) - keep :] / np.sqrt(lam[len(lam) - keep :])
     Hp = X.conj().T @ Hd @ X
     Hp = 0.5 * (Hp + Hp.conj().T)
