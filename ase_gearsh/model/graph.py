@@ -22,8 +22,10 @@ __all__ = [
     "Graph",
     "build_graph",
     "attach_labels",
+    "attach_residual",
     "attach_window",
     "batch_graphs",
+    "pad_residual",
     "pad_size",
     "pad_edges",
     "FAR",
@@ -68,6 +70,13 @@ class Graph:
     onsite_w: np.ndarray | None = None
     pairs_w: np.ndarray | None = None
     pair_scale: float = 1.0
+    # for the residual loss (attach_residual): the reference's Gamma-point generalised
+    # eigenvectors C (C^T S C = 1) in canonical rows per atom: all of them (res_all,
+    # (N, n, K)) and those within the window (res_win, (N, n, W)); res_count: the
+    # number of window states (columns beyond it, and beyond the orbitals, are zero)
+    res_all: np.ndarray | None = None
+    res_win: np.ndarray | None = None
+    res_count: int = 0
 
     @property
     def n_atoms(self) -> int:
@@ -128,6 +137,50 @@ def window_density(structure, window: float) -> np.ndarray:
         )
     Cw = C[:, inside]
     return (Cw @ Cw.T) / inside.sum()
+
+
+def attach_residual(graph: Graph, structure, layout, window: float) -> None:
+    """The reference's Gamma-point generalised eigenvectors for the residual loss:
+    ``graph.res_all`` (every state), ``graph.res_win`` (those within ``window`` eV
+    of the Fermi level) and ``graph.res_count``, float32, canonical rows per atom.
+
+    For k-sampled data the Gamma point of the stored cell is used (one of its
+    k-points: H(0) = sum_R H(R)).  With them, ``||C^T dH C_w||_F^2`` is the sum over
+    the window states of ``||(H + dH - e_n S) c_n||^2`` in the S^-1 norm, which
+    bounds each reference level's distance to the nearest level of H + dH."""
+    from scipy.linalg import eigh
+
+    e, C = eigh(structure.hamiltonian(), structure.overlap())
+    inside = np.abs(e - structure.fermi_level) <= window
+    if not inside.any():
+        raise LabelError(
+            f"{structure.meta['source']['name']}: no Gamma-point level within {window} eV "
+            f"of the Fermi level {structure.fermi_level:.3f} eV"
+        )
+    sp = graph.species
+    sl = structure.orbital_slices()
+    out = np.zeros((graph.n_atoms, layout.n, C.shape[1]), dtype=np.float32)
+    for k in range(graph.n_atoms):
+        out[k, layout.perm[sp[k]]] = C[sl[k]]
+    graph.res_all = out
+    graph.res_win = np.ascontiguousarray(out[:, :, inside])
+    graph.res_count = int(inside.sum())
+
+
+def pad_residual(graphs) -> None:
+    """Zero-pad the residual-loss columns of ``graphs`` to common widths (one
+    compiled shape for every batch)."""
+    k = max(g.res_all.shape[-1] for g in graphs)
+    w = max(g.res_win.shape[-1] for g in graphs)
+    for g in graphs:
+        g.res_all = _pad_columns(g.res_all, k)
+        g.res_win = _pad_columns(g.res_win, w)
+
+
+def _pad_columns(x, width):
+    if x.shape[-1] == width:
+        return x
+    return np.concatenate([x, np.zeros((*x.shape[:-1], width - x.shape[-1]), x.dtype)], -1)
 
 
 def attach_labels(
@@ -224,7 +277,8 @@ def batch_graphs(
     (the eigenvalue loss) and ``structures`` (G >= len(graphs)) is given, the
     batch also holds ``onsite_s``, ``pairs_s``, ``atom_graph`` (N,: the
     structure of every atom, G for padding), ``atom_local`` (N,: its index within
-    the structure) and ``fermi`` (G,).
+    the structure) and ``fermi`` (G,); with the residual loss's eigenvectors also
+    ``res_all``, ``res_win`` (per atom, like the on-site labels) and ``res_count`` (G,).
     """
     n_at = sum(g.n_atoms for g in graphs)
     n_e = sum(len(g.edge_i) for g in graphs)
@@ -248,9 +302,15 @@ def batch_graphs(
         pairs = np.zeros((P, n, n), np.float32)
     eig = with_labels and structures is not None and graphs[0].onsite_s is not None
     win = eig and graphs[0].onsite_w is not None
+    res = eig and graphs[0].res_all is not None
+    if res:
+        res_all = np.zeros((N, n, graphs[0].res_all.shape[-1]), np.float32)
+        res_win = np.zeros((N, n, graphs[0].res_win.shape[-1]), np.float32)
+        res_count = np.zeros(structures, np.float32)
     if win:
         onsite_w = np.zeros((N, n, n), np.float32)
         pairs_w = np.zeros((P, n, n), np.float32)
+    if win or res:
         pair_scale = np.zeros(P, np.float32)
     if eig:
         onsite_s = np.zeros((N, n, n), np.float32)
@@ -280,7 +340,12 @@ def batch_graphs(
         if win:
             onsite_w[a : a + na] = g.onsite_w
             pairs_w[p : p + npr] = g.pairs_w
+        if win or res:
             pair_scale[p : p + npr] = g.pair_scale
+        if res:
+            res_all[a : a + na] = g.res_all
+            res_win[a : a + na] = g.res_win
+            res_count[k] = g.res_count
         a, e, p = a + na, e + ne, p + npr
     out.update(
         species=species,
@@ -302,5 +367,9 @@ def batch_graphs(
             fermi=fermi,
         )
     if win:
-        out.update(onsite_w=onsite_w, pairs_w=pairs_w, pair_scale=pair_scale)
+        out.update(onsite_w=onsite_w, pairs_w=pairs_w)
+    if win or res:
+        out.update(pair_scale=pair_scale)
+    if res:
+        out.update(res_all=res_all, res_win=res_win, res_count=res_count)
     return out

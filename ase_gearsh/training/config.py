@@ -144,6 +144,12 @@ DEFAULTS = {
             "eigenvalue_weight": 0.0,
             "eigenvalue_window": 5.0,
             "eigenvalue_start": 0.5,
+            # our key: a loss on the residuals of the reference's Gamma-point states
+            # within eigenvalue_window of E_F under the predicted H, in the S^-1 norm
+            # (||(H_pred - e_n S) c_n||, a bound on each level's error that weighs S's
+            # near-null directions as the eigenvalues do); every step, on the step's
+            # bonds, no diagonalisation; weighted like the H terms; 0 switches it off
+            "residual_weight": 0.0,
             # our key: a loss on the first-order mean shift of each structure's levels
             # within eigenvalue_window of E_F, c = <dH, rho_w> with rho_w the window
             # density matrix of the reference (H + aS gives c = a); Gamma-only data;
@@ -323,6 +329,12 @@ def check_config(given: dict | None) -> dict:
         (
             "loss.loss_parameters.eigenvalue_weight",
             cfg["loss"]["loss_parameters"]["eigenvalue_weight"],
+            lambda v: v >= 0,
+            ">= 0",
+        ),
+        (
+            "loss.loss_parameters.residual_weight",
+            cfg["loss"]["loss_parameters"]["residual_weight"],
             lambda v: v >= 0,
             ">= 0",
         ),

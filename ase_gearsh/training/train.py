@@ -51,9 +51,11 @@ from ..model.graph import (
     Graph,
     LabelError,
     attach_labels,
+    attach_residual,
     attach_window,
     batch_graphs,
     build_graph,
+    pad_residual,
     pad_size,
 )
 from ..model.layout import Layout
@@ -341,9 +343,15 @@ def prepare_data(
         _labelled_graphs, registry=registry, layout=layout, cutoff=cutoff, pc=pc, progress=progress
     )
     lp = cfg["loss"]["loss_parameters"]
-    overlap = lp["eigenvalue_weight"] > 0 or lp["shift_weight"] > 0  # S labels needed
+    # S labels needed
+    overlap = lp["eigenvalue_weight"] > 0 or lp["shift_weight"] > 0 or lp["residual_weight"] > 0
     window = float(lp["eigenvalue_window"]) if lp["shift_weight"] > 0 else None
-    tg, out_t, max_t = make(train_s, desc="training labels", overlap=overlap, window=window)
+    resid_w = float(lp["eigenvalue_window"]) if lp["residual_weight"] > 0 else None
+    tg, out_t, max_t = make(
+        train_s, desc="training labels", overlap=overlap, window=window, residual=resid_w
+    )
+    if resid_w is not None:
+        pad_residual(tg)
     vg, out_v, max_v = make(valid_s, desc="validation labels")
     rc_sum = float(np.max(registry.rc[1:, None] + registry.rc[None, 1:]))
     if bond["cutoff"] < rc_sum:
@@ -414,7 +422,17 @@ def _centred(blocks, species):
 
 
 def _labelled_graphs(
-    structures, *, registry, layout, cutoff, pc, desc="", progress=True, overlap=False, window=None
+    structures,
+    *,
+    registry,
+    layout,
+    cutoff,
+    pc,
+    desc="",
+    progress=True,
+    overlap=False,
+    window=None,
+    residual=None,
 ):
     """Graphs with H labels; also the number and largest |H| of stored blocks
     beyond the bond cut-offs."""
@@ -433,6 +451,11 @@ def _labelled_graphs(
                 attach_window(g, s, layout, window)
             except LabelError as err:
                 raise TrainingError(f"loss.loss_parameters.shift_weight > 0: {err}") from None
+        if residual is not None:
+            try:
+                attach_residual(g, s, layout, residual)
+            except LabelError as err:
+                raise TrainingError(f"loss.loss_parameters.residual_weight > 0: {err}") from None
         outside += info["outside"]
         outside_max = max(outside_max, info["outside_max"])
         graphs.append(g)
@@ -554,6 +577,44 @@ def _eigen_sums(pred_on, pred_pair, b, orbital_mask, window: float, n_atoms: int
     return jnp.stack([(err**2).sum(), jnp.abs(err).sum(), inside.sum().astype(err.dtype)])
 
 
+def _residual_sums(pred_on, pred_pair, b, orbital_mask, n_atoms: int):
+    """The residuals of the reference's Gamma-point window states under the
+    predicted H, in the S^-1 norm: for each window state (e_n, c_n) of the label
+    (H, S), ||r_n||^2 = ||(H_pred - e_n S) c_n||^2_{S^-1} = sum_m (c_m^T dH c_n)^2
+    over every reference state m (dH = H_pred - H).  ||r_n|| bounds the distance of
+    e_n to the nearest predicted level, and S's near-null directions weigh in as
+    they do in the eigenvalues.  Returns the sums of ||r_n||^2 and ||r_n|| and the
+    number of window states (a batch built with ``structures`` from graphs with
+    :func:`~ase_gearsh.model.graph.attach_residual`).
+
+    With a subsample of bonds, dH holds the kept bonds scaled by the bonds of the
+    full graph per kept bond: its expectation is the full dH, and the squared norm's
+    expectation adds (1/p - 1) times each bond's own squared contribution, an MSE of
+    the bonds in the same metric."""
+    G = b["fermi"].shape[0]
+    n = pred_on.shape[-1]
+    M = n_atoms * n
+    rows = b["atom_local"][:, None] * n + jnp.arange(n)
+    valid = (
+        jnp.zeros((G + 1, M), bool)
+        .at[b["atom_graph"][:, None], rows]
+        .set(orbital_mask[b["species"]])[:G]
+    )
+    w = (b["pair_weight"] * b["pair_scale"])[:, None, None]
+    dH = _dense(pred_on - b["onsite"], (pred_pair - b["pairs"]) * w, b, valid, n_atoms, 0.0)
+
+    def columns(x):  # per-atom rows (N, n, K) -> per-structure dense (G, M, K)
+        X = jnp.zeros((G + 1, M, x.shape[-1]), x.dtype)
+        return X.at[b["atom_graph"][:, None], rows].add(x)[:G]
+
+    C, Cw = columns(b["res_all"]), columns(b["res_win"])
+    D = jnp.swapaxes(C, -1, -2) @ (dH @ Cw)  # (G, K, W): c_m^T dH c_n
+    norm2 = (D**2).sum(axis=1)  # (G, W): ||r_n||^2 (zero for padding columns)
+    real = norm2 > 0
+    norm = jnp.where(real, jnp.sqrt(jnp.where(real, norm2, 1.0)), 0.0)  # finite gradients
+    return jnp.stack([norm2.sum(), norm.sum(), b["res_count"].sum()])
+
+
 def _shift_sums(pred_on, pred_pair, b, orbital_mask, pairs: bool = True):
     """The first-order mean shift of each structure's levels within the window:
     c = <dH, rho_w> (Frobenius, over its blocks; pairs counted for H_ij and H_ji and
@@ -593,9 +654,12 @@ def loss_from_sums(s, lp: dict):
     )
 
 
-def _batch_sums(model: Model, orbital_mask, params, stats, batch, eigen=None, shift=False):
+def _batch_sums(
+    model: Model, orbital_mask, params, stats, batch, eigen=None, shift=False, residual=None
+):
     """Error sums of a sharded batch (leading axis: devices), summed over shards;
-    ``eigen`` = (window, atoms per structure) adds the eigenvalue sums, ``shift``
+    ``eigen`` = (window, atoms per structure) adds the eigenvalue sums, ``residual``
+    (atoms per structure) the residual sums (:func:`_residual_sums`), ``shift``
     ("all", "onsite" or False) the level-shift sums (:func:`_shift_sums`), in that
     order."""
 
@@ -604,6 +668,8 @@ def _batch_sums(model: Model, orbital_mask, params, stats, batch, eigen=None, sh
         s = [_sums(on, pr, b, orbital_mask)]
         if eigen is not None:
             s.append(_eigen_sums(on, pr, b, orbital_mask, *eigen))
+        if residual is not None:
+            s.append(_residual_sums(on, pr, b, orbital_mask, residual))
         if shift:
             s.append(_shift_sums(on, pr, b, orbital_mask, shift == "all"))
         return jnp.concatenate(s)
@@ -611,8 +677,18 @@ def _batch_sums(model: Model, orbital_mask, params, stats, batch, eigen=None, sh
     return jax.vmap(one)(batch).sum(axis=0)
 
 
-def _loss(model: Model, orbital_mask, lp: dict, params, stats, batch, eigen=None, shift=False):
-    s = _batch_sums(model, orbital_mask, params, stats, batch, eigen, shift)
+def _loss(
+    model: Model,
+    orbital_mask,
+    lp: dict,
+    params,
+    stats,
+    batch,
+    eigen=None,
+    shift=False,
+    residual=None,
+):
+    s = _batch_sums(model, orbital_mask, params, stats, batch, eigen, shift, residual)
     loss = loss_from_sums(s, lp)
 
     def term(sq, count):  # weighted MSE + RMSE, like the H terms
@@ -622,6 +698,9 @@ def _loss(model: Model, orbital_mask, lp: dict, params, stats, batch, eigen=None
     k = 6
     if eigen is not None:  # the eigenvalues in the window
         loss = loss + lp["loss_multiplier"] * lp["eigenvalue_weight"] * term(s[k], s[k + 2])
+        k += 3
+    if residual is not None:  # the window states' residuals (S^-1 norm)
+        loss = loss + lp["loss_multiplier"] * lp["residual_weight"] * term(s[k], s[k + 2])
         k += 3
     if shift:  # the first-order mean shift of each structure's window levels
         loss = loss + lp["loss_multiplier"] * lp["shift_weight"] * term(s[k], s[k + 2])
@@ -643,15 +722,17 @@ def _train_step(
     step,
     eigen=None,
     shift=False,
+    residual=None,
 ):
-    """One optimiser step: (params, opt_state, ema, loss).  ``eigen``, ``shift``:
-    see :func:`_batch_sums` (static).
+    """One optimiser step: (params, opt_state, ema, loss).  ``eigen``, ``shift``,
+    ``residual``: see :func:`_batch_sums` (static).
 
     The updates are multiplied by ``lr_scale`` (the host-side schedule: the same
     as scaling the learning rate, weight decay included).  ``ema`` is the moving
     average of the weights with decay min(ema_decay, (1 + step) / (10 + step))."""
     (loss, _), grads = jax.value_and_grad(
-        partial(_loss, model, orbital_mask, lp, eigen=eigen, shift=shift), has_aux=True
+        partial(_loss, model, orbital_mask, lp, eigen=eigen, shift=shift, residual=residual),
+        has_aux=True,
     )(params, stats, batch)
     updates, opt_state = tx.update(grads, opt_state, params, value=loss)
     updates = jax.tree_util.tree_map(lambda u: u * lr_scale.astype(u.dtype), updates)
@@ -841,21 +922,38 @@ class StepFunctions:
             if self.lp["shift_weight"] > 0
             else False
         )
-        needs_s = self.shift or self.lp["eigenvalue_weight"] > 0
+        resid = self.lp["residual_weight"] > 0
+        needs_s = self.shift or self.lp["eigenvalue_weight"] > 0 or resid
         if needs_s and any(g.onsite_s is None for g in data.train):
             raise TrainingError(
-                "loss.loss_parameters.eigenvalue_weight and shift_weight need the S "
-                "labels of the training structures (prepare_data attaches them)"
+                "loss.loss_parameters.eigenvalue_weight, residual_weight and shift_weight "
+                "need the S labels of the training structures (prepare_data attaches them)"
             )
+        if resid and any(g.res_all is None for g in data.train):
+            raise TrainingError(
+                "loss.loss_parameters.residual_weight needs the reference eigenvectors of "
+                "the training structures (prepare_data attaches them)"
+            )
+        most_atoms = max(g.n_atoms for g in data.train)
+        # the residual loss: every step, on the step's bonds (no diagonalisation)
+        self.residual = most_atoms if resid else None
         self._step = jax.jit(
-            partial(_train_step, model, mask, self.lp, self.tx, self.ema_decay, shift=self.shift),
+            partial(
+                _train_step,
+                model,
+                mask,
+                self.lp,
+                self.tx,
+                self.ema_decay,
+                shift=self.shift,
+                residual=self.residual,
+            ),
             donate_argnums=(0, 1, 2),
         )
         # the eigenvalue loss: from eigenvalue_start of the budget on, all bonds
         self.eigen_start = None
         if self.lp["eigenvalue_weight"] > 0:
             self.eigen_start = float(self.lp["eigenvalue_start"])
-            most_atoms = max(g.n_atoms for g in data.train)
             eigen = (float(self.lp["eigenvalue_window"]), most_atoms)
             self._step_eigen = jax.jit(
                 partial(
@@ -867,6 +965,7 @@ class StepFunctions:
                     self.ema_decay,
                     eigen=eigen,
                     shift=self.shift,
+                    residual=self.residual,
                 ),
                 donate_argnums=(0, 1, 2),
             )
@@ -905,7 +1004,7 @@ class StepFunctions:
                 else _subsample(graphs[i], self.bond_fraction, self.sampling_alpha, rng)
                 for i in order[k * bs : (k + 1) * bs]
             ]
-            batch = self.batch(chosen, eigen or self.shift)
+            batch = self.batch(chosen, eigen or self.shift or self.residual is not None)
             scale = self.schedule(state.step, clock())
             step = self._step_eigen if eigen else self._step
             with precision():
