@@ -16,8 +16,9 @@ For one structure of a dataset (GPAW's H(k) and S(k) at its k-points), printed p
 
 With ``--model``: ``gearsh eval`` of that checkpoint on the dataset at each cut-off, and
 for the structure ``--index``: the mean error of the model's on-site diagonal elements
-per element, and the eigenvalue MAE with only its on-site blocks (pairs from DFT) or only
-its pair blocks, at each cut-off.
+per element, the residual of the reference's Gamma-point window states under the model's
+H (what ``loss_parameters.residual_weight`` trains), and the eigenvalue MAE with only its
+on-site blocks (pairs from DFT) or only its pair blocks, at each cut-off.
 """
 
 from __future__ import annotations
@@ -115,6 +116,20 @@ def main(argv=None):
             f"\nmodel {a.model} on {s.meta['source']['name']}: mean error of the on-site "
             "diagonal elements "
             + ", ".join(f"{k} {1e3 * np.mean(v):+.1f} meV" for k, v in sorted(diag.items()))
+        )
+        # what the residual loss (loss_parameters.residual_weight) measures: the window
+        # states of the reference at the cell's Gamma point, ||(H_model - e_n S) c_n||
+        # in the S^-1 norm (a bound on each level's error)
+        H0, S0 = s.hamiltonian(), s.overlap()
+        e0, C0 = la.eigh(H0, S0)
+        w0 = np.abs(e0 - ef) <= WINDOW
+        Hm = assemble(counts, on_m, arr["pair_ij"], arr["pair_shift"], pr_m)
+        r = np.linalg.norm(C0.T @ (Hm - H0) @ C0[:, w0], axis=0)
+        em = la.eigh(Hm, S0, eigvals_only=True)
+        print(
+            f"Gamma point, {w0.sum()} window states: residual ||(H_model - e_n S) c_n|| "
+            f"(S^-1 norm) rms {np.sqrt((r**2).mean()):.3f} eV, largest {r.max():.3f} eV; "
+            f"eigenvalue MAE {1e3 * np.abs(em[w0] - e0[w0]).mean():.1f} meV"
         )
         print(f"{'cut-off':>8} {'on-site only':>13} {'pairs only':>11} (eigenvalue MAE, meV)")
         for cut in a.cutoffs:
