@@ -543,13 +543,11 @@ def _dense(on, pr, b, valid, n_atoms: int, diagonal: float):
     )
 
 
-def gamma_levels(on, pr, b, orbital_mask, n_atoms: int):
-    """Gamma-point eigenvalues (G, A n) of (H, S) per structure of a batch built
-    with ``structures`` (:func:`~ase_gearsh.model.graph.batch_graphs`): H from the
-    canonical blocks ``on``, ``pr``, S from the batch's S labels.  Unused and
-    padding orbitals sit at 1000 eV, above every real level.  Differentiable."""
+def _dense_rows(b, orbital_mask, n_atoms: int, n: int):
+    """Structures G, dense size M = n_atoms n, each atom's dense rows (N, n) and the
+    mask (G, M) of the rows that are real orbitals, for a batch built with
+    ``structures``."""
     G = b["fermi"].shape[0]
-    n = on.shape[-1]
     M = n_atoms * n
     rows = b["atom_local"][:, None] * n + jnp.arange(n)
     valid = (
@@ -557,6 +555,15 @@ def gamma_levels(on, pr, b, orbital_mask, n_atoms: int):
         .at[b["atom_graph"][:, None], rows]
         .set(orbital_mask[b["species"]])[:G]
     )
+    return G, M, rows, valid
+
+
+def gamma_levels(on, pr, b, orbital_mask, n_atoms: int):
+    """Gamma-point eigenvalues (G, A n) of (H, S) per structure of a batch built
+    with ``structures`` (:func:`~ase_gearsh.model.graph.batch_graphs`): H from the
+    canonical blocks ``on``, ``pr``, S from the batch's S labels.  Unused and
+    padding orbitals sit at 1000 eV, above every real level.  Differentiable."""
+    valid = _dense_rows(b, orbital_mask, n_atoms, on.shape[-1])[3]
     S = _dense(b["onsite_s"], b["pairs_s"], b, valid, n_atoms, 1.0)
     L = jnp.linalg.cholesky(S)
     H = _dense(on, pr, b, valid, n_atoms, _FAR_LEVEL)
@@ -591,15 +598,7 @@ def _residual_sums(pred_on, pred_pair, b, orbital_mask, n_atoms: int):
     full graph per kept bond: its expectation is the full dH, and the squared norm's
     expectation adds (1/p - 1) times each bond's own squared contribution, an MSE of
     the bonds in the same metric."""
-    G = b["fermi"].shape[0]
-    n = pred_on.shape[-1]
-    M = n_atoms * n
-    rows = b["atom_local"][:, None] * n + jnp.arange(n)
-    valid = (
-        jnp.zeros((G + 1, M), bool)
-        .at[b["atom_graph"][:, None], rows]
-        .set(orbital_mask[b["species"]])[:G]
-    )
+    G, M, rows, valid = _dense_rows(b, orbital_mask, n_atoms, pred_on.shape[-1])
     w = (b["pair_weight"] * b["pair_scale"])[:, None, None]
     dH = _dense(pred_on - b["onsite"], (pred_pair - b["pairs"]) * w, b, valid, n_atoms, 0.0)
 
