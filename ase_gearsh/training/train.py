@@ -936,38 +936,20 @@ class StepFunctions:
         most_atoms = max(g.n_atoms for g in data.train)
         # the residual loss: every step, on the step's bonds (no diagonalisation)
         self.residual = most_atoms if resid else None
-        self._step = jax.jit(
-            partial(
-                _train_step,
-                model,
-                mask,
-                self.lp,
-                self.tx,
-                self.ema_decay,
-                shift=self.shift,
-                residual=self.residual,
-            ),
-            donate_argnums=(0, 1, 2),
-        )
+
+        def compiled_step(eigen=None):
+            step = partial(_train_step, model, mask, self.lp, self.tx, self.ema_decay)
+            return jax.jit(
+                partial(step, eigen=eigen, shift=self.shift, residual=self.residual),
+                donate_argnums=(0, 1, 2),
+            )
+
+        self._step = compiled_step()
         # the eigenvalue loss: from eigenvalue_start of the budget on, all bonds
         self.eigen_start = None
         if self.lp["eigenvalue_weight"] > 0:
             self.eigen_start = float(self.lp["eigenvalue_start"])
-            eigen = (float(self.lp["eigenvalue_window"]), most_atoms)
-            self._step_eigen = jax.jit(
-                partial(
-                    _train_step,
-                    model,
-                    mask,
-                    self.lp,
-                    self.tx,
-                    self.ema_decay,
-                    eigen=eigen,
-                    shift=self.shift,
-                    residual=self.residual,
-                ),
-                donate_argnums=(0, 1, 2),
-            )
+            self._step_eigen = compiled_step((float(self.lp["eigenvalue_window"]), most_atoms))
         self._eval_sums = jax.jit(partial(_batch_sums, model, mask))
 
     def replicate(self, tree):
