@@ -64,6 +64,17 @@ def _eval(args: argparse.Namespace) -> None:
         f"  of which shift {s['eig_abs_shift_meV']:9.3f} meV   mean |common shift| of a "
         f"structure's eigenvalues; MAE without it {s['eig_mae_window_unshifted_meV']:.3f}"
     )
+    off = s["eig_level_offset_max"]
+    print(
+        f"  aligned        {s['eig_mae_window_aligned_meV']:9.3f} meV   the window's levels "
+        f"against the reference's with their index moved by the best whole number; "
+        + (
+            "no move needed"
+            if off == 0
+            else f"largest move {off}: the predicted spectrum has {off} levels too many or "
+            f"too few below the window, so E_F by electron counting is off by as many states"
+        )
+    )
     if s["overlap_min_eigenvalue"] < NEAR_SINGULAR and not s.get("overlap_cutoff"):
         print(
             f"  note: S is nearly singular (smallest eigenvalue "

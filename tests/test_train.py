@@ -260,6 +260,7 @@ def test_eval_cli_reports_errors_and_plots(
     )
     out = capsys.readouterr().out
     assert "H MAE" in out and "eigenvalue MAE" in out and "MAE without it" in out
+    assert "aligned" in out
     assert "nearly singular" not in out  # water's S is far from singular
     s = json.loads((tmp_path / "ev" / "summary.json").read_text())
     from ase_gearsh.core.data import Dataset
@@ -268,6 +269,7 @@ def test_eval_cli_reports_errors_and_plots(
     assert s["overlap_min_eigenvalue"] == pytest.approx(lam, rel=1e-8)
     assert s["structures"] == 4 and s["h_mae_meV"] > 0
     assert s["eig_mae_window_meV"] > 0
+    assert 0 <= s["eig_mae_window_aligned_meV"] <= s["eig_mae_window_meV"] + 1e-9
     for png in ("errors.png", "parity.png"):
         assert (tmp_path / "ev" / png).stat().st_size > 10000
     assert (

@@ -72,6 +72,31 @@ def predict_structure_blocks(predictor: Predictor, structure, info: dict | None 
     return bm.onsite, out
 
 
+def aligned_window_errors(e, ref, window) -> tuple[int, np.ndarray]:
+    """(offset o, errors e[n + o] - ref[n] of the window's levels n) for the integer o
+    that minimises their mean |error| (ties: the smallest |o|).
+
+    ``e``: all predicted eigenvalues at one k-point, sorted; ``ref``: the reference's,
+    sorted; ``window``: boolean mask over ``ref``.  A predicted H that puts o spurious
+    levels below the window (o > 0), or loses -o levels there, pairs every window level
+    with the wrong reference level when levels are compared by index; o is the error
+    of the state count below the window (what E_F by electron counting gets wrong), and
+    the errors at o are the accuracy of the levels themselves."""
+    e, ref = np.asarray(e, float), np.asarray(ref, float)
+    idx = np.flatnonzero(window)
+    if not idx.size:
+        return 0, np.zeros(0)
+    offs = np.arange(-idx[0], len(e) - idx[-1])
+    if not offs.size:
+        raise EvaluationError(
+            f"{len(e)} predicted levels cannot hold the {idx[-1] - idx[0] + 1} levels of the window"
+        )
+    offs = offs[np.argsort(np.abs(offs), kind="stable")]  # ties: the smallest |o|
+    cost = [np.abs(e[idx + o] - ref[idx]).mean() for o in offs]
+    o = int(offs[int(np.argmin(cost))])
+    return o, e[idx + o] - ref[idx]
+
+
 def evaluate(
     model_path,
     dataset,
@@ -124,20 +149,24 @@ def evaluate(
         a = s.arrays
         d_on = on - a["onsite_H"][0]
         d_pr = pr - a["pair_H"][0]
-        errs, eref, floor = [], [], []
+        errs, eref, floor, aligned, offsets = [], [], [], [], []
         for kpt, ref in zip(a["kpts"], a["eigenvalues"][0]):
             Hk = assemble(a["orbital_counts"], on, a["pair_ij"], a["pair_shift"], pr, kpt=kpt)
             Sk = s.overlap(kpt)
             s_min = min(s_min, float(eigvalsh(Sk, subset_by_index=[0, 0])[0]))
             if overlap_cutoff > 0:
-                e = solve_dense(Hk, Sk, overlap_cutoff=overlap_cutoff)[0]
+                e_all = solve_dense(Hk, Sk, overlap_cutoff=overlap_cutoff)[0]
                 Hr = s.hamiltonian(kpt)
-                e0 = solve_dense(Hr, Sk, n_keep=len(e))[0]  # the same directions kept
-                n_b = min(len(e), len(ref))
-                e, ref, e0 = e[:n_b], ref[:n_b], e0[:n_b]
+                e0 = solve_dense(Hr, Sk, n_keep=len(e_all))[0]  # the same directions kept
+                n_b = min(len(e_all), len(ref))
+                e, ref, e0 = e_all[:n_b], ref[:n_b], e0[:n_b]
                 floor.append(e0 - ref)
             else:
-                e = eigh(Hk, Sk, eigvals_only=True)[: len(ref)]
+                e_all = eigh(Hk, Sk, eigvals_only=True)
+                e = e_all[: len(ref)]
+            o, d = aligned_window_errors(e_all, ref, np.abs(ref - s.fermi_level) <= WINDOW)
+            offsets.append(o)
+            aligned.append(d)
             errs.append(e - ref)
             eref.append(ref)
         errs, eref = np.concatenate(errs), np.concatenate(eref)
@@ -145,6 +174,8 @@ def evaluate(
         # the uniform part of the eigenvalue errors: an H error proportional to S
         # shifts every eigenvalue by the same amount (H + cS has eigenvalues E + c)
         shift = errs[window].mean() if window.any() else float("nan")
+        aligned = np.concatenate(aligned)
+        worst = max(offsets, key=abs)
         rows.append(
             {
                 "name": s.meta["source"]["name"],
@@ -160,6 +191,10 @@ def evaluate(
                 "eig_mae_window_unshifted_meV": 1e3 * np.abs(errs[window] - shift).mean()
                 if window.any()
                 else float("nan"),
+                "eig_mae_window_aligned_meV": 1e3 * np.abs(aligned).mean()
+                if aligned.size
+                else float("nan"),
+                "eig_level_offset": worst,
             }
         )
         if floor:
@@ -188,9 +223,11 @@ def evaluate(
         "eig_mae_window_meV",
         "eig_mae_all_meV",
         "eig_mae_window_unshifted_meV",
+        "eig_mae_window_aligned_meV",
     ):
         summary[key] = float(np.nanmean([r[key] for r in rows]))
     summary["eig_abs_shift_meV"] = float(np.nanmean([abs(r["eig_shift_meV"]) for r in rows]))
+    summary["eig_level_offset_max"] = int(max(abs(r["eig_level_offset"]) for r in rows))
     summary["overlap_cutoff"] = overlap_cutoff
     summary["overlap_min_eigenvalue"] = s_min
     if overlap_cutoff > 0:
@@ -207,7 +244,8 @@ def evaluate(
             rho = spearmanr(spread, [r["h_mae_meV"] for r in rows]).statistic
             summary["committee_spread_spearman"] = float(rho)
     summary["per_structure"] = [
-        {k: v if k in ("name", "atoms") else float(v) for k, v in r.items()} for r in rows
+        {k: v if k in ("name", "atoms", "eig_level_offset") else float(v) for k, v in r.items()}
+        for r in rows
     ]
     summary["pooled"] = {
         "h_mae_onsite_meV": float(1e3 * herr[p["onsite"]].mean()),
