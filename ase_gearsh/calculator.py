@@ -110,7 +110,12 @@ from gpaw_tools.overlap import OverlapCalculator, check_screen
 from .core.blocks import BlockMatrices
 from .core.errors import GearsHError
 from .electronic.checks import ArgumentError, check_choice, check_positive
-from .electronic.dense import ElectronicError, check_overlap_cutoff, occupation_numbers
+from .electronic.dense import (
+    NEAR_NULL_NORM,
+    ElectronicError,
+    check_overlap_cutoff,
+    occupation_numbers,
+)
 from .electronic.kpm import KPMMoments
 from .electronic.kpoints import KPT_DICT_KEYS, KPoints, check_kpts
 from .electronic.spectrum import (
@@ -754,6 +759,22 @@ class GearsHCalculator(Calculator):
         the integrated total KPM DOS above ``dense_limit`` orbitals."""
         self._sync()
         return float(self._ensure("fermi_level"))
+
+    def get_near_null_levels(self, threshold: float = NEAR_NULL_NORM) -> np.ndarray:
+        """Per IBZ k-point, the number of occupied levels (below the Fermi level) along
+        S's near-null directions: S-normalised eigenvectors with |c|^2 > ``threshold``
+        (default 50; DFT's occupied levels of nearly singular WSe2 szp(dzp) stay below
+        4).  Such levels are spurious, made by small H errors along directions that S
+        barely spans, and each moves the Fermi level by one state; without DFT, a
+        non-zero count says the spectrum should not be trusted as it is (try
+        ``overlap_cutoff``, e.g. 1e-2 to 3e-2; docs/inference.md).  Dense path only."""
+        self._sync()
+        if self._n_orbitals() > self.parameters.dense_limit:
+            raise PropertyUnavailableError(
+                f"near-null levels need the dense spectrum; {self._n_orbitals()} orbitals "
+                f"exceed dense_limit={self.parameters.dense_limit}"
+            )
+        return self._dense().near_null_levels(self.get_fermi_level(), float(threshold))
 
     def get_occupation_numbers(self, kpt: int = 0, spin: int = 0) -> np.ndarray:
         """Fermi-Dirac occupations 0..2 (spin-paired, no k-point weight) at IBZ ``kpt``;

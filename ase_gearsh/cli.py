@@ -75,6 +75,12 @@ def _eval(args: argparse.Namespace) -> None:
             f"too few below the window, so E_F by electron counting is off by as many states"
         )
     )
+    nn = s["near_null_occupied_max"]
+    print(
+        f"  near-null      {nn:9d}       occupied predicted levels along S's near-null "
+        f"directions (|c|^2 > 50; known without DFT, GearsHCalculator.get_near_null_levels), "
+        f"largest per k-point"
+    )
     if s["overlap_min_eigenvalue"] < NEAR_SINGULAR and not s.get("overlap_cutoff"):
         print(
             f"  note: S is nearly singular (smallest eigenvalue "

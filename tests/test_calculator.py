@@ -82,6 +82,8 @@ def test_oracle_eigenvalues_equal_gpaw_gamma(model, water_dataset):
     homo, lumo = eps[3], eps[4]
     assert calc.get_fermi_level() == pytest.approx(0.5 * (homo + lumo), abs=1e-9)
     assert isinstance(calc.results["hamiltonian"], sp.csr_matrix)
+    # GPAW's occupied levels are not along S's near-null directions
+    assert calc.get_near_null_levels().tolist() == [0]
 
 
 def test_overlap_alongside_the_network_is_the_same_s(model, water_dataset):
@@ -138,6 +140,7 @@ def test_oracle_eigenvalues_equal_gpaw_at_every_kpoint(model, chain_dataset, cha
     for q in range(len(kpts)):
         ref = s.reference_eigenvalues[0, q]
         assert np.abs(calc.get_eigenvalues(kpt=q)[: len(ref)] - ref).max() < 1e-6
+    assert calc.get_near_null_levels().tolist() == [0] * len(kpts)  # at every k
     # an off-grid k against GPAW's fixed-density run: H(R) and S(R) from all images
     _, k_off, eps_ref = chain_kpts
     atoms, calc = oracle_calc(model, s, kpts=[k_off])

@@ -91,3 +91,36 @@ def test_eval_aligns_gpaw_levels_past_a_spurious_level(water_dataset, small_mode
     )
     s = ev.evaluate("oracle", ds, progress=False, limit=2)
     assert s["eig_level_offset_max"] == 0 and s["eig_mae_window_aligned_meV"] < 1e-6
+
+
+def test_a_level_brought_down_along_s_near_null_direction_is_counted(water_dataset):
+    """GPAW's occupied levels of water have small |c|^2; H - (E / s) (S v)(S v)^T, with v
+    S's eigenvector of smallest eigenvalue s, brings the level along v (|c|^2 ~ 1 / s)
+    down among the occupied ones, and it is counted, without any reference."""
+    from ase_gearsh.electronic.dense import coefficient_norms, fermi_level
+    from ase_gearsh.electronic.spectrum import DenseSpectrum, OrbitalLabels
+
+    s = Dataset(water_dataset)[0]
+    H, S = s.hamiltonian(), s.overlap()
+    lam, U = np.linalg.eigh(S)
+    v, smin = U[:, 0], lam[0]
+    threshold = 0.5 / smin  # between GPAW's occupied levels and the level along v
+    e, norms = coefficient_norms(H, S)
+    np.testing.assert_allclose(e, eigh(H, S, eigvals_only=True), atol=1e-10)
+    assert norms[:4].max() < 0.5 * threshold  # water: 8 electrons, 4 occupied levels
+    labels = OrbitalLabels.from_counts(s.orbital_counts, s.atoms.get_chemical_symbols())
+
+    def count(Hm):
+        sp = DenseSpectrum(lambda k: Hm, lambda k: S, np.zeros((1, 3)), [1.0], labels)
+        ef = sp.fermi_level(8.0, 0.01)
+        return sp.near_null_levels(ef, threshold), ef, sp
+
+    n, ef, sp = count(H)
+    assert n.tolist() == [0] and ef == pytest.approx(fermi_level(e[None], [1.0], 8.0, 0.01))
+    Hp = H - ((e[-1] - e[0] + 20.0) / smin) * np.outer(S @ v, S @ v)
+    n, ef, sp = count(Hp)
+    assert n.tolist() == [1]
+    low = np.argmin(sp.eigenvalues()[0])
+    assert sp.coefficient_norms()[0, low] > threshold and sp.eigenvalues()[0, low] < e[0]
+    with pytest.raises(ValueError, match="threshold"):
+        sp.near_null_levels(ef, 0.0)

@@ -27,7 +27,9 @@ import numpy as np
 
 from .checks import ArgumentError, check_choice, check_positive
 from .dense import (
+    NEAR_NULL_NORM,
     check_overlap_cutoff,
+    coefficient_norms,
     energy_grid,
     fermi_level,
     gaussian_dos,
@@ -199,6 +201,7 @@ class DenseSpectrum:
         self.progress = progress
         self._eigenvalues: np.ndarray | None = None
         self._mulliken: tuple[np.ndarray, np.ndarray] | None = None
+        self._norms: np.ndarray | None = None
 
     def _solve(self, desc: str, groups=None) -> list:
         it = range(len(self.kpts))
@@ -230,6 +233,29 @@ class DenseSpectrum:
             out = self._solve("eigh", self.labels.atom_matrix())
             self._mulliken = (np.array([e for e, _ in out]), np.array([m for _, m in out]))
         return self._mulliken
+
+    def coefficient_norms(self) -> np.ndarray:
+        """(nk, n_bands) |c|^2 of the S-normalised eigenvectors (cached;
+        :func:`~ase_gearsh.electronic.dense.coefficient_norms`)."""
+        if self._norms is None:
+            out = [
+                coefficient_norms(
+                    self.hamiltonian(k), self.overlap(k), overlap_cutoff=self.overlap_cutoff
+                )[1]
+                for k in self.kpts
+            ]
+            nb = min(len(n) for n in out)  # canonical orthogonalisation: equal band counts
+            self._norms = np.array([n[:nb] for n in out])
+        return self._norms
+
+    def near_null_levels(self, fermi_level: float, threshold: float = NEAR_NULL_NORM) -> np.ndarray:
+        """Per k-point, the number of levels below ``fermi_level`` whose S-normalised
+        eigenvector has |c|^2 > ``threshold``: occupied levels along S's near-null
+        directions, spurious in a predicted H (each one moves E_F by one state)."""
+        if not threshold > 0:
+            raise ArgumentError(f"threshold must be > 0; got {threshold}")
+        eps, norms = self.eigenvalues(), self.coefficient_norms()
+        return ((eps[:, : norms.shape[1]] < fermi_level) & (norms > threshold)).sum(axis=1)
 
     def fermi_level(self, n_electrons: float, width: float) -> float:
         """Fermi-Dirac (``width`` eV) Fermi level holding ``n_electrons`` (spin-paired);

@@ -18,13 +18,18 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy.linalg import eigh, eigvalsh
+from scipy.linalg import eigvalsh
 
 from ..core.blocks import assemble
 from ..core.data import Dataset
 from ..core.errors import GearsHError
 from ..core.io import atomic_write_text, check_output_folder, new_figure, save_figure
-from ..electronic.dense import check_overlap_cutoff, solve_dense
+from ..electronic.dense import (
+    NEAR_NULL_NORM,
+    check_overlap_cutoff,
+    coefficient_norms,
+    solve_dense,
+)
 from ..model.engine import Model
 from ..model.inference import Predictor, predictor_for
 
@@ -149,23 +154,24 @@ def evaluate(
         a = s.arrays
         d_on = on - a["onsite_H"][0]
         d_pr = pr - a["pair_H"][0]
-        errs, eref, floor, aligned, offsets = [], [], [], [], []
+        errs, eref, floor, aligned, offsets, near_null = [], [], [], [], [], []
         for kpt, ref in zip(a["kpts"], a["eigenvalues"][0]):
             Hk = assemble(a["orbital_counts"], on, a["pair_ij"], a["pair_shift"], pr, kpt=kpt)
             Sk = s.overlap(kpt)
             s_min = min(s_min, float(eigvalsh(Sk, subset_by_index=[0, 0])[0]))
             if overlap_cutoff > 0:
-                e_all = solve_dense(Hk, Sk, overlap_cutoff=overlap_cutoff)[0]
+                e_all, norms = coefficient_norms(Hk, Sk, overlap_cutoff)
                 Hr = s.hamiltonian(kpt)
                 e0 = solve_dense(Hr, Sk, n_keep=len(e_all))[0]  # the same directions kept
                 n_b = min(len(e_all), len(ref))
                 e, ref, e0 = e_all[:n_b], ref[:n_b], e0[:n_b]
                 floor.append(e0 - ref)
             else:
-                e_all = eigh(Hk, Sk, eigvals_only=True)
+                e_all, norms = coefficient_norms(Hk, Sk)
                 e = e_all[: len(ref)]
             o, d = aligned_window_errors(e_all, ref, np.abs(ref - s.fermi_level) <= WINDOW)
             offsets.append(o)
+            near_null.append(int(((e_all < s.fermi_level) & (norms > NEAR_NULL_NORM)).sum()))
             aligned.append(d)
             errs.append(e - ref)
             eref.append(ref)
@@ -195,6 +201,7 @@ def evaluate(
                 if aligned.size
                 else float("nan"),
                 "eig_level_offset": worst,
+                "near_null_occupied": max(near_null),
             }
         )
         if floor:
@@ -228,6 +235,7 @@ def evaluate(
         summary[key] = float(np.nanmean([r[key] for r in rows]))
     summary["eig_abs_shift_meV"] = float(np.nanmean([abs(r["eig_shift_meV"]) for r in rows]))
     summary["eig_level_offset_max"] = int(max(abs(r["eig_level_offset"]) for r in rows))
+    summary["near_null_occupied_max"] = int(max(r["near_null_occupied"] for r in rows))
     summary["overlap_cutoff"] = overlap_cutoff
     summary["overlap_min_eigenvalue"] = s_min
     if overlap_cutoff > 0:
@@ -244,7 +252,10 @@ def evaluate(
             rho = spearmanr(spread, [r["h_mae_meV"] for r in rows]).statistic
             summary["committee_spread_spearman"] = float(rho)
     summary["per_structure"] = [
-        {k: v if k in ("name", "atoms", "eig_level_offset") else float(v) for k, v in r.items()}
+        {
+            k: v if k in ("name", "atoms", "eig_level_offset", "near_null_occupied") else float(v)
+            for k, v in r.items()
+        }
         for r in rows
     ]
     summary["pooled"] = {
