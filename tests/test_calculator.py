@@ -84,6 +84,10 @@ def test_oracle_eigenvalues_equal_gpaw_gamma(model, water_dataset):
     assert isinstance(calc.results["hamiltonian"], sp.csr_matrix)
     # GPAW's occupied levels are not along S's near-null directions
     assert calc.get_near_null_levels().tolist() == [0]
+    assert calc.get_near_null_levels(threshold=0.5).tolist() == [4]  # all |c|^2 > 0.5
+    _, big = oracle_calc(model, s, dense_limit=10)  # 23 orbitals: the KPM path
+    with pytest.raises(PropertyUnavailableError, match="dense_limit=10"):
+        big.get_near_null_levels()
 
 
 def test_overlap_alongside_the_network_is_the_same_s(model, water_dataset):
