@@ -16,7 +16,10 @@ before the model is run.  Contents (units recorded in ``summary.json``):
 * ``summary.json``: sizes, Fermi level, timings, model and options, and the
   reliability figure (``reliability``: 1 ~ the edge of the training set's atom
   environments, larger = extrapolating; ``null`` when the model stores no reference
-  or an element has none) with the worst atoms (``reliability_detail``).
+  or an element has none) with the worst atoms (``reliability_detail``), and
+  (dense solver) ``near_null_levels``: the most occupied levels at one k-point along
+  S's near-null directions, spurious levels of a predicted H (a warning when > 0;
+  ``GearsHCalculator.get_near_null_levels``).
 """
 
 from __future__ import annotations
@@ -434,6 +437,8 @@ def _predict_into(
         f" ({'exact states' if exact else 'KPM' if use_kpm else 'dense'})",
     )
     gap = exact_info["gap"] if exact else _gap(calc, use_kpm)
+    # occupied levels along S's near-null directions (dense: from the PDOS's eigenvectors)
+    near_null = None if exact or use_kpm else int(calc.get_near_null_levels().max())
     hole_info = None
     if holes:
         count = (
@@ -465,6 +470,7 @@ def _predict_into(
         "width_eV": width,
         "overlap_screen": calc.parameters.overlap_screen,
         "overlap_cutoff": calc.parameters.overlap_cutoff,
+        "near_null_levels": near_null,
         "reliability": None if reliability is None else reliability["figure"],
         "reliability_detail": reliability,
         "committee_spread_meV": None
@@ -487,6 +493,12 @@ def _predict_into(
         f"{t4 - t3:.2f} s ({summary['method']})",
         reliability_line,
     ]
+    if near_null:
+        lines.append(
+            f"warning: {near_null} occupied level(s) lie along S's near-null directions "
+            f"(|c|^2 > 50; GPAW's stay far below): spurious levels of the predicted H, each "
+            f"moving E_F by one state; try --overlap-cutoff (e.g. 1e-2 to 3e-2)"
+        )
     if summary["committee_spread_meV"] is not None:
         lines.append(
             f"committee of {len(calc.model.members)} models: their H differ from their mean "

@@ -426,6 +426,8 @@ def test_predict_cli_writes_matrices_spectrum_and_plot(checkpoint, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["orbitals"] == H.shape[0] and summary["method"] == "dense"
     assert summary["overlap_screen"] == 1e-8  # the calculator's default
+    # the dense path reports the occupied levels along S's near-null directions
+    assert summary["near_null_levels"] == int(a.calc.get_near_null_levels().max())
     out0 = tmp_path / "out0"  # GPAW's S to rounding, asked for on the command line
     args = ["predict", str(tmp_path / "ethanol.xyz"), "-m", str(ckpt), "-o", str(out0), "-q"]
     with warnings.catch_warnings():
@@ -459,7 +461,7 @@ def test_predict_cli_writes_matrices_spectrum_and_plot(checkpoint, tmp_path):
     args = ["predict", str(tmp_path / "ethanol.xyz"), "-m", str(ckpt), "-o", str(ex), "-q"]
     assert main(args + ["--method", "exact", "--holes", "C,H", "--hole-window", "3"]) == 0
     s2 = json.loads((ex / "summary.json").read_text())
-    assert s2["method"] == "exact"
+    assert s2["method"] == "exact" and s2["near_null_levels"] is None
     assert s2["fermi_level_eV"] == pytest.approx(summary["fermi_level_eV"], abs=1e-6)
     assert s2["gap_eV"] == pytest.approx(summary["gap_eV"], abs=1e-6)
     eps = np.array([float(r.split(",")[-1]) for r in rows[1:]])

@@ -116,8 +116,9 @@ def solve_dense(H, S, groups=None, overlap_cutoff: float = 0.0, n_keep: int | No
     return e, np.asarray(groups @ mulliken_weights(C, Sd))
 
 
-def coefficient_norms(H, S, overlap_cutoff: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """(eigenvalues, |c_n|^2) of H c = e S c with S-normalised eigenvectors c_n.
+def coefficient_norms(H, S, overlap_cutoff: float = 0.0, groups=None):
+    """(eigenvalues, |c_n|^2, Mulliken weights per group or None) of H c = e S c with
+    S-normalised eigenvectors c_n (``groups``: as for :func:`solve_dense`).
 
     |c_n|^2 (the Euclidean norm) is of order 1 for a level built from well-conditioned
     combinations of the basis functions and about 1 / s for one along an eigenvector of
@@ -140,7 +141,8 @@ def coefficient_norms(H, S, overlap_cutoff: float = 0.0) -> tuple[np.ndarray, np
             e, C = sla.eigh(Hd, Sd)
         except np.linalg.LinAlgError as err:
             raise ElectronicError(f"S is not positive definite ({err})") from None
-    return e, (np.abs(C) ** 2).sum(axis=0)
+    weights = None if groups is None else np.asarray(groups @ mulliken_weights(C, Sd))
+    return e, (np.abs(C) ** 2).sum(axis=0), weights
 
 
 def overlap_rank(S, overlap_cutoff: float) -> int:

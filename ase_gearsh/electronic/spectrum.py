@@ -203,12 +203,15 @@ class DenseSpectrum:
         self._mulliken: tuple[np.ndarray, np.ndarray] | None = None
         self._norms: np.ndarray | None = None
 
-    def _solve(self, desc: str, groups=None) -> list:
+    def _kpoints(self, desc: str):
         it = range(len(self.kpts))
         if self.progress and len(it) > 1:
             from tqdm.auto import tqdm
 
             it = tqdm(it, desc=desc, unit="k-point", leave=False)
+        return it
+
+    def _solve(self, desc: str, groups=None) -> list:
         out = [
             solve_dense(
                 self.hamiltonian(self.kpts[q]),
@@ -216,10 +219,28 @@ class DenseSpectrum:
                 groups,
                 overlap_cutoff=self.overlap_cutoff,
             )
-            for q in it
+            for q in self._kpoints(desc)
         ]
         nb = min(len(e) for e, _ in out)  # canonical orthogonalisation: equal band counts
         return [(e[:nb], None if m is None else m[:, :nb]) for e, m in out]
+
+    def _solve_vectors(self) -> None:
+        """Eigenvectors at every k-point: Mulliken weights and |c|^2 in one pass."""
+        out = [
+            coefficient_norms(
+                self.hamiltonian(self.kpts[q]),
+                self.overlap(self.kpts[q]),
+                self.overlap_cutoff,
+                self.labels.atom_matrix(),
+            )
+            for q in self._kpoints("eigh")
+        ]
+        nb = min(len(e) for e, _, _ in out)  # canonical orthogonalisation: equal band counts
+        self._mulliken = (
+            np.array([e[:nb] for e, _, _ in out]),
+            np.array([w[:, :nb] for _, _, w in out]),
+        )
+        self._norms = np.array([n[:nb] for _, n, _ in out])
 
     def eigenvalues(self) -> np.ndarray:
         """(nk, n_bands) eigenvalues (eV) at every k-point (cached; not a copy)."""
@@ -230,22 +251,14 @@ class DenseSpectrum:
     def mulliken(self) -> tuple[np.ndarray, np.ndarray]:
         """(eigenvalues (nk, nb), per-atom Mulliken weights (nk, n_atoms, nb)), cached."""
         if self._mulliken is None:
-            out = self._solve("eigh", self.labels.atom_matrix())
-            self._mulliken = (np.array([e for e, _ in out]), np.array([m for _, m in out]))
+            self._solve_vectors()
         return self._mulliken
 
     def coefficient_norms(self) -> np.ndarray:
         """(nk, n_bands) |c|^2 of the S-normalised eigenvectors (cached;
         :func:`~ase_gearsh.electronic.dense.coefficient_norms`)."""
         if self._norms is None:
-            out = [
-                coefficient_norms(
-                    self.hamiltonian(k), self.overlap(k), overlap_cutoff=self.overlap_cutoff
-                )[1]
-                for k in self.kpts
-            ]
-            nb = min(len(n) for n in out)  # canonical orthogonalisation: equal band counts
-            self._norms = np.array([n[:nb] for n in out])
+            self._solve_vectors()
         return self._norms
 
     def near_null_levels(self, fermi_level: float, threshold: float = NEAR_NULL_NORM) -> np.ndarray:

@@ -160,14 +160,14 @@ def evaluate(
             Sk = s.overlap(kpt)
             s_min = min(s_min, float(eigvalsh(Sk, subset_by_index=[0, 0])[0]))
             if overlap_cutoff > 0:
-                e_all, norms = coefficient_norms(Hk, Sk, overlap_cutoff)
+                e_all, norms, _ = coefficient_norms(Hk, Sk, overlap_cutoff)
                 Hr = s.hamiltonian(kpt)
                 e0 = solve_dense(Hr, Sk, n_keep=len(e_all))[0]  # the same directions kept
                 n_b = min(len(e_all), len(ref))
                 e, ref, e0 = e_all[:n_b], ref[:n_b], e0[:n_b]
                 floor.append(e0 - ref)
             else:
-                e_all, norms = coefficient_norms(Hk, Sk)
+                e_all, norms, _ = coefficient_norms(Hk, Sk)
                 e = e_all[: len(ref)]
             o, d = aligned_window_errors(e_all, ref, np.abs(ref - s.fermi_level) <= WINDOW)
             offsets.append(o)
