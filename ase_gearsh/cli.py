@@ -32,7 +32,13 @@ USER_ERRORS = (GearsHError, CalculatorSetupError, PropertyNotPresent, OSError)
 
 
 def _train(args: argparse.Namespace) -> None:
-    run = train(args.config, resume=args.resume, output=args.output, progress=not args.quiet)
+    run = train(
+        args.config,
+        resume=args.resume,
+        output=args.output,
+        progress=not args.quiet,
+        overrides=args.set,
+    )
     print(f"finished: {run}/model.ckpt (best), {run}/metrics.csv, {run}/loss.png")
 
 
@@ -209,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("config")
     t.add_argument("-o", "--output", help="run folder (default data.directory/experiment)")
     t.add_argument("--resume", action="store_true", help="continue from latest.ckpt")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (dotted path, YAML value), e.g. --set training.seed=1; "
+        "may be repeated (a run resumed with --resume needs the same overrides)",
+    )
     t.add_argument("-q", "--quiet", action="store_true")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="H and eigenvalue errors of a model on a dataset")

@@ -64,6 +64,35 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_overrides_set_dotted_keys_and_are_checked(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  train_data_path: x\ntraining:\n  seed: 0\n")
+    got = load_config(
+        cfg,
+        [
+            "training.seed=3",
+            "data.valid_structures=[a, b]",
+            "optimizer.schedule.name=reduce_on_plateau",
+        ],
+    )
+    assert got["training"]["seed"] == 3
+    assert got["data"]["valid_structures"] == ["a", "b"]
+    assert got["optimizer"]["schedule"]["name"] == "reduce_on_plateau"
+    assert load_config(cfg)["training"]["seed"] == 0  # the file itself is unchanged
+    with pytest.raises(ConfigError, match=r"unknown key 'training.sead'"):
+        load_config(cfg, ["training.sead=1"])
+    with pytest.raises(ConfigError, match=r"must look like 'section.key=value'.*'seed'"):
+        load_config(cfg, ["seed"])
+    with pytest.raises(ConfigError, match=r"'training.seed' is a value \(0\), not a section"):
+        load_config(cfg, ["training.seed.x=1"])
+    with pytest.raises(ConfigError, match=r"'training.seed' must be int, got 'one'"):
+        load_config(cfg, ["training.seed=one"])
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a YAML mapping of sections, got list"):
+        load_config(listed)
+
+
 def _train(cfg, **kw):
     from ase_gearsh.training.train import train
 

@@ -370,8 +370,43 @@ def check_config(given: dict | None) -> dict:
     return cfg
 
 
-def load_config(path: str | Path) -> dict:
-    """Read a YAML config and check it (:func:`check_config`).  A missing file
+def apply_overrides(given: dict, overrides) -> dict:
+    """``given`` with ``KEY=VALUE`` strings applied (``training.seed=1``,
+    ``data.valid_structures=[a, b]``): KEY is a dotted path into the config, VALUE is
+    read as YAML.  Returns a new dict; ``given`` is not changed."""
+    import copy
+
+    import yaml
+
+    out = copy.deepcopy(given or {})
+    for item in overrides or ():
+        key, sep, text = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(
+                f"a config override must look like 'section.key=value' (for example "
+                f"training.seed=1), got {item!r}"
+            )
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {err}") from None
+        node, parts = out, key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(
+                    f"override {item!r}: '{where}' is a value ({child!r}), not a section"
+                )
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path, overrides=None) -> dict:
+    """Read a YAML config, apply ``overrides`` (``KEY=VALUE`` strings,
+    :func:`apply_overrides`) and check it (:func:`check_config`).  A missing file
     raises FileNotFoundError; a file that is not YAML text, ConfigError."""
     import yaml
 
@@ -384,7 +419,11 @@ def load_config(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not a YAML text file ({err})") from None
-    return check_config(given or {})
+    if given is not None and not isinstance(given, dict):
+        raise ConfigError(
+            f"{path}: expected a YAML mapping of sections, got {type(given).__name__}"
+        )
+    return check_config(apply_overrides(given or {}, overrides))
 
 
 def model_settings(cfg: dict, n_species: int, out_max_degree: int, out_features: int) -> dict:

@@ -61,7 +61,7 @@ from ..model.graph import (
 from ..model.layout import Layout
 from ..model.statistics import fit_statistics
 from .baseline import TwoCentre, fit_baseline, fit_onsite_baseline
-from .config import check_config, load_config, model_settings
+from .config import apply_overrides, check_config, load_config, model_settings
 
 __all__ = [
     "train",
@@ -103,12 +103,14 @@ def train(
     output: str | Path | None = None,
     log: Log = print,
     progress: bool = True,
+    overrides=None,
 ) -> Path:
-    """Train a model; returns the run directory.  ``config`` is a path or a dict.
+    """Train a model; returns the run directory.  ``config`` is a path or a dict;
+    ``overrides``: ``KEY=VALUE`` strings applied to it (``training.seed=1``).
 
     With ``resume`` the run continues from ``latest.ckpt`` exactly as if it had
     not been interrupted (same batches, same optimiser state)."""
-    cfg, base = _read_config(config)
+    cfg, base = _read_config(config, overrides)
     run = _run_folder(cfg, base, output, resume)
     with OutputLock(run, what="run folder (data.experiment or -o)"):
         _run_folder(cfg, base, output, resume)  # again, now that no one else writes it
@@ -193,11 +195,11 @@ def _train_run(cfg: dict, base: Path, run: Path, resume: bool, log: Log, progres
     return run
 
 
-def _read_config(config) -> tuple[dict, Path]:
+def _read_config(config, overrides=None) -> tuple[dict, Path]:
     """The checked config and the folder relative paths in it start from."""
     if isinstance(config, (str, Path)):
-        return load_config(config), Path(config).resolve().parent
-    return check_config(config), Path(".")
+        return load_config(config, overrides), Path(config).resolve().parent
+    return check_config(apply_overrides(config, overrides)), Path(".")
 
 
 def _run_folder(cfg: dict, base: Path, output, resume: bool) -> Path:
