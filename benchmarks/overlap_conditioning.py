@@ -51,6 +51,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="a checkpoint: gearsh eval at each cut-off")
     p.add_argument("--validation-only", action="store_true")
+    p.add_argument(
+        "--swap",
+        action="store_true",
+        help="with --model: the model's H with its rows along S's near-null directions "
+        "replaced by the reference's (how much of the level error those rows carry)",
+    )
+    p.add_argument(
+        "--lift", type=float, default=20.0, help="with --swap: eV above E_F for the lift"
+    )
     a = p.parse_args(argv)
     from ase_gearsh.core.blocks import assemble
     from ase_gearsh.core.data import Dataset
@@ -143,6 +152,9 @@ def main(argv=None):
                 parts.append(1e3 * np.abs(np.concatenate(d)).mean())
             print(f"{cut:8.0e} {parts[0]:13.1f} {parts[1]:11.1f}", flush=True)
 
+        if a.swap:
+            _swap_report(s, on_m, pr_m, Sk, kpts, ef, a.cutoffs, a.lift)
+
         print(f"\ngearsh eval {a.model} (validation only: {a.validation_only})")
         print(
             f"{'cut-off':>8} {'H MAE':>7} {'eig MAE':>8} {'shift':>7} {'unshifted':>9} {'floor':>6}"
@@ -161,6 +173,68 @@ def main(argv=None):
                 f"{r.get('eig_mae_window_cutoff_floor_meV', 0.0):6.2f}",
                 flush=True,
             )
+
+
+def _swap_report(s, on_m, pr_m, Sk, kpts, ef, cutoffs, lift=20.0):
+    """Levels of the model's H in S's canonical basis (X = U s^-1/2, every direction
+    kept) with the rows and columns of the directions s < c taken from the reference:
+    the null-null block alone, or those rows entirely (their coupling to the rest too).
+    Aligned eigenvalue MAE within E_F +- 5 eV (meV) and the level offset, all k-points."""
+    from ase_gearsh.core.blocks import assemble
+    from ase_gearsh.training.evaluate import aligned_window_errors
+
+    arr = s.arrays
+    counts = arr["orbital_counts"]
+    onH, prH = np.asarray(arr["onsite_H"][0], float), np.asarray(arr["pair_H"][0], float)
+    canon = []
+    for q, k in enumerate(kpts):
+        lam, U = la.eigh(Sk[q])
+        X = U / np.sqrt(lam)[None, :]
+        Hr = assemble(counts, onH, arr["pair_ij"], arr["pair_shift"], prH, kpt=k)
+        Hm = assemble(counts, on_m, arr["pair_ij"], arr["pair_shift"], pr_m, kpt=k)
+        canon.append((lam, X.conj().T @ Hr @ X, X.conj().T @ Hm @ X))
+    print(
+        f"\nthe model's H with S's near-null rows from the reference ({len(kpts)} k-points; "
+        "aligned eigenvalue MAE within E_F +- 5 eV, meV, and the largest level offset)"
+    )
+    lam, Hr, Hm = canon[0]
+    few = np.argsort(lam)[:8]
+    print(
+        "S's smallest eigenvalues at the first k-point and the diagonal of H in those "
+        "directions (u^H H u / s, eV), reference / model:\n"
+        + "\n".join(f"  s {lam[i]:.2e}: {Hr[i, i].real:9.2f} / {Hm[i, i].real:9.2f}" for i in few)
+    )
+    print(
+        f"lift: the model's null block with its eigenvalues below E_F + {lift:g} eV raised to "
+        "that (no reference used)"
+    )
+    keys = ("model", "block", "rows", "lift")
+    print(f"{'cut-off':>8} {'rows':>9} " + " ".join(f"{k:>12}" for k in keys))
+    for cut in cutoffs:
+        rows, res = [], {k: [] for k in keys}
+        offs = {key: 0 for key in res}
+        for lam, Hr, Hm in canon:
+            e_ref = la.eigvalsh(Hr)
+            win = np.abs(e_ref - ef) <= WINDOW
+            n = lam < cut
+            rows.append(int(n.sum()))
+            block = Hm.copy()
+            block[np.ix_(n, n)] = Hr[np.ix_(n, n)]
+            full = Hm.copy()
+            full[n, :], full[:, n] = Hr[n, :], Hr[:, n]
+            lifted = Hm.copy()
+            if n.any():
+                c, V = la.eigh(Hm[np.ix_(n, n)])
+                c = np.maximum(c, ef + lift)
+                lifted[np.ix_(n, n)] = (V * c[None, :]) @ V.conj().T
+            for key, Hx in (("model", Hm), ("block", block), ("rows", full), ("lift", lifted)):
+                o, d = aligned_window_errors(la.eigvalsh(Hx), e_ref, win)
+                res[key].append(d)
+                offs[key] = max(offs[key], abs(o))
+        cells = [
+            f"{1e3 * np.abs(np.concatenate(res[key])).mean():8.1f} ({offs[key]:2d})" for key in keys
+        ]
+        print(f"{cut:8.0e} {min(rows):4d}-{max(rows):<4d} " + " ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -675,6 +675,11 @@ def _batch_sums(
             s.append(_shift_sums(on, pr, b, orbital_mask, shift == "all"))
         return jnp.concatenate(s)
 
+    if jax.tree_util.tree_leaves(batch)[0].shape[0] == 1:
+        # one shard: no vmap.  Under vmap (even of size 1) the gathers and segment
+        # sums of the network become batched scatters, which made a WSe2 step twice
+        # as slow on the CPU (benchmarks/training_throughput.py)
+        return one(jax.tree_util.tree_map(lambda x: x[0], batch))
     return jax.vmap(one)(batch).sum(axis=0)
 
 

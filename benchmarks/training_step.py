@@ -1,0 +1,105 @@
+"""Time of one compiled training step on one structure of a config's training data.
+
+    python benchmarks/training_step.py CONFIG [--set KEY=VALUE ...] [--steps 6] [--before]
+
+Builds the config's data and model as ``gearsh train`` does, then runs ``--steps``
+optimiser steps on one bond subsample of the first training structure and prints each
+step's time (the first includes the compilation) and the loss.  ``--before`` also runs
+the same steps with the loss evaluated under ``jax.vmap`` over the single shard, as
+every step was before (the batch's leading device axis of size 1), in the same process:
+the two losses agree to rounding and the times compare directly.  Pin it to one core
+with ``taskset`` and ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`` for the training
+runs' setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def run(cfg, steps_n: int, vmapped: bool):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ase_gearsh.model.engine import precision
+    from ase_gearsh.training import train as T
+
+    data = T.prepare_data(cfg, Path("."), lambda *a: None, False)
+    model, params = T.build_model(cfg, data)
+    original = T._batch_sums
+    if vmapped:  # the loss as before: jax.vmap over the leading shard axis, even of size 1
+
+        def _batch_sums(model, orbital_mask, params, stats, batch, *a, **k):
+            def one(b):
+                return original(
+                    model,
+                    orbital_mask,
+                    params,
+                    stats,
+                    jax.tree_util.tree_map(lambda x: x[None], b),
+                    *a,
+                    **k,
+                )
+
+            return jax.vmap(one)(batch).sum(axis=0)
+
+        T._batch_sums = _batch_sums
+    try:
+        steps = T.StepFunctions(cfg, model, data, lambda *a: None)
+        state = T.TrainState(steps.replicate(params), steps.replicate(steps.tx.init(params)))
+        state.ema = jax.tree_util.tree_map(jnp.copy, state.params)
+        rng = np.random.default_rng(0)
+        g = T._subsample(data.train[0], steps.bond_fraction, 0.0, rng)
+        batch = steps.batch([g])
+        times = []
+        for i in range(steps_n):
+            t = time.perf_counter()
+            with precision():
+                state.params, state.opt_state, state.ema, loss = steps._step(
+                    state.params,
+                    state.opt_state,
+                    state.ema,
+                    steps.stats,
+                    batch,
+                    jnp.float32(1.0),
+                    jnp.int32(i),
+                )
+            jax.block_until_ready(loss)
+            times.append(time.perf_counter() - t)
+    finally:
+        T._batch_sums = original
+    return times, float(loss), len(g.pair_i), len(g.edge_i), data.train[0].n_atoms
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--before", action="store_true", help="also time the vmapped loss")
+    a = p.parse_args(argv)
+    import jax
+
+    from ase_gearsh.training.config import load_config
+
+    cfg = load_config(a.config, a.set)
+    print(f"{a.config}: devices {jax.devices()}")
+    modes = [("now (one shard, no vmap)", False)]
+    if a.before:
+        modes.append(("before (vmap over the shard axis)", True))
+    for name, vm in modes:
+        times, loss, P, E, N = run(cfg, a.steps, vm)
+        steady = sorted(times[1:])
+        print(
+            f"{name}: {N} atoms, {E} edges, {P} bonds; first step {times[0]:.1f} s "
+            f"(compilation), then median {steady[len(steady) // 2]:.2f} s per step "
+            f"(min {steady[0]:.2f}); loss after {len(times)} steps {loss:.6f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
