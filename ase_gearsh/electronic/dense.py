@@ -94,12 +94,7 @@ def solve_dense(H, S, groups=None, overlap_cutoff: float = 0.0, n_keep: int | No
     singular S (WSe2 in szp(dzp): lambda_min 4e-4) the small errors of a predicted H
     shift the levels by far more than the H error itself (docs/inference.md).
     """
-    Hd = H.toarray() if hasattr(H, "toarray") else np.asarray(H)
-    Sd = S.toarray() if hasattr(S, "toarray") else np.asarray(S)
-    if Hd.shape != Sd.shape or Hd.ndim != 2 or Hd.shape[0] != Hd.shape[1]:
-        raise ElectronicError(
-            f"H and S must be square and of equal shape, got {Hd.shape} and {Sd.shape}"
-        )
+    Hd, Sd = _dense_pair(H, S)
     overlap_cutoff = check_overlap_cutoff(overlap_cutoff)
     if overlap_cutoff > 0 or n_keep is not None:
         return _solve_canonical(Hd, Sd, groups, overlap_cutoff, n_keep)
@@ -116,6 +111,17 @@ def solve_dense(H, S, groups=None, overlap_cutoff: float = 0.0, n_keep: int | No
     return e, np.asarray(groups @ mulliken_weights(C, Sd))
 
 
+def _dense_pair(H, S):
+    """H and S as dense arrays, checked to be square and of equal shape."""
+    Hd = H.toarray() if hasattr(H, "toarray") else np.asarray(H)
+    Sd = S.toarray() if hasattr(S, "toarray") else np.asarray(S)
+    if Hd.shape != Sd.shape or Hd.ndim != 2 or Hd.shape[0] != Hd.shape[1]:
+        raise ElectronicError(
+            f"H and S must be square and of equal shape, got {Hd.shape} and {Sd.shape}"
+        )
+    return Hd, Sd
+
+
 def coefficient_norms(H, S, overlap_cutoff: float = 0.0, groups=None):
     """(eigenvalues, |c_n|^2, Mulliken weights per group or None) of H c = e S c with
     S-normalised eigenvectors c_n (``groups``: as for :func:`solve_dense`).
@@ -127,12 +133,7 @@ def coefficient_norms(H, S, overlap_cutoff: float = 0.0, groups=None):
     levels as spurious levels (``NEAR_NULL_NORM``; docs/inference.md).  With
     ``overlap_cutoff`` the eigenvectors are those of the canonical orthogonalisation
     (:func:`solve_dense`)."""
-    Hd = H.toarray() if hasattr(H, "toarray") else np.asarray(H)
-    Sd = S.toarray() if hasattr(S, "toarray") else np.asarray(S)
-    if Hd.shape != Sd.shape or Hd.ndim != 2 or Hd.shape[0] != Hd.shape[1]:
-        raise ElectronicError(
-            f"H and S must be square and of equal shape, got {Hd.shape} and {Sd.shape}"
-        )
+    Hd, Sd = _dense_pair(H, S)
     overlap_cutoff = check_overlap_cutoff(overlap_cutoff)
     if overlap_cutoff > 0:
         e, C = _solve_canonical(Hd, Sd, None, overlap_cutoff, None, vectors=True)

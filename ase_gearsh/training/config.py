@@ -379,6 +379,8 @@ def apply_overrides(given: dict, overrides) -> dict:
     import yaml
 
     out = copy.deepcopy(given or {})
+    if overrides and not isinstance(out, dict):
+        raise ConfigError(f"expected a config mapping of sections, got {type(out).__name__}")
     for item in overrides or ():
         key, sep, text = str(item).partition("=")
         key = key.strip()
