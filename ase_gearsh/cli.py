@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="KEY=VALUE",
         help="override a config key (dotted path, YAML value), e.g. --set training.seed=1; "
-        "may be repeated (a run resumed with --resume needs the same overrides)",
+        "may be repeated; pass the same ones with --resume (it checks only the model "
+        "settings, so other keys would silently change)",
     )
     t.add_argument("-q", "--quiet", action="store_true")
     t.set_defaults(func=_train)
