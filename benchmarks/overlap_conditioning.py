@@ -140,6 +140,16 @@ def main(argv=None):
             f"(S^-1 norm) rms {np.sqrt((r**2).mean()):.3f} eV, largest {r.max():.3f} eV; "
             f"eigenvalue MAE {1e3 * np.abs(em[w0] - e0[w0]).mean():.1f} meV"
         )
+        # what the near-null loss (loss_parameters.null_weight) measures: the rows of
+        # the model's H error along S's near-null directions x_p = u_p / sqrt(s_p)
+        sw, U0 = np.linalg.eigh(S0)
+        for cut in (1e-2, 3e-2):
+            X = U0[:, sw < cut] / np.sqrt(sw[sw < cut])
+            r = np.linalg.norm(C0.T @ (Hm - H0) @ X, axis=0)
+            print(
+                f"S's {X.shape[1]} directions below {cut:g}: ||C^T dH x_p|| rms "
+                f"{np.sqrt((r**2).mean()):.3f} eV, largest {r.max():.3f} eV"
+            )
         print(f"{'cut-off':>8} {'on-site only':>13} {'pairs only':>11} (eigenvalue MAE, meV)")
         for cut in a.cutoffs:
             parts = []

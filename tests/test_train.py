@@ -223,6 +223,42 @@ def test_checkpoint_round_trip_and_errors(water_dataset, tmp_path, trained_run):
         Model.from_checkpoint(wrong)
 
 
+def test_init_params_starts_from_a_trained_model(water_dataset, tmp_path, trained_run, make_config):
+    """training.init_params: a new run starts from the checkpoint's weights and
+    statistics (its first validation equals the checkpoint's best at a negligible
+    learning rate); a committee or a model of other settings is refused, by name."""
+    from ase_gearsh.model.committee import build_committee
+
+    best = trained_run / "model.ckpt"
+    ck = load_checkpoint(best)
+    cfg = make_config(
+        water_dataset,
+        tmp_path / "tuned",
+        optimizer={"lr": 1e-12},
+        training={"n_epochs": 1, "init_params": str(best)},
+    )
+    run = _train(cfg)
+    new = load_checkpoint(run / "latest.ckpt")
+    val = new["extra"]["history"][0]["val_mae_all_meV"]
+    assert ck["extra"]["best"] > 1.0  # a trained, not a perfect, model
+    np.testing.assert_allclose(val, ck["extra"]["best"], rtol=1e-4)
+    assert new["stats"].keys() == ck["stats"].keys()
+    for k in ck["stats"]:
+        np.testing.assert_array_equal(new["stats"][k], ck["stats"][k])
+    pair = build_committee([best, best], tmp_path / "pair.ckpt")
+    cfg = make_config(
+        water_dataset, tmp_path / "c", training={"n_epochs": 1, "init_params": str(pair)}
+    )
+    with pytest.raises(CheckpointError, match="committee of 2 models"):
+        _train(cfg)
+    cfg = make_config(
+        water_dataset, tmp_path / "d", training={"n_epochs": 1, "init_params": str(best)}
+    )
+    cfg["model"]["bond_centered"]["cutoff"] += 0.5
+    with pytest.raises(CheckpointError, match="other model settings"):
+        _train(cfg)
+
+
 @pytest.mark.slow  # minutes of training on 2 cores: `make test-all`
 def test_training_on_k_sampled_data_with_lattice_shifts(
     chain_dataset, water_dataset, tmp_path, make_config

@@ -77,6 +77,11 @@ class Graph:
     res_all: np.ndarray | None = None
     res_win: np.ndarray | None = None
     res_count: int = 0
+    # and (attach_residual(..., null_cutoff=c)) S's near-null directions at Gamma,
+    # x_p = u_p / sqrt(s_p) for the eigenpairs (s_p, u_p) of S with s_p < c (so that
+    # x_p^T S x_p = 1), (N, n, P); res_null_count: their number
+    res_null: np.ndarray | None = None
+    res_null_count: int = 0
 
     @property
     def n_atoms(self) -> int:
@@ -139,18 +144,26 @@ def window_density(structure, window: float) -> np.ndarray:
     return (Cw @ Cw.T) / inside.sum()
 
 
-def attach_residual(graph: Graph, structure, layout, window: float) -> None:
+def attach_residual(
+    graph: Graph, structure, layout, window: float, null_cutoff: float | None = None
+) -> None:
     """The reference's Gamma-point generalised eigenvectors for the residual loss:
     ``graph.res_all`` (every state), ``graph.res_win`` (those within ``window`` eV
     of the Fermi level) and ``graph.res_count``, float32, canonical rows per atom.
+    With ``null_cutoff`` also S's near-null directions (``graph.res_null``: the
+    eigenvectors of S with eigenvalue s < null_cutoff, divided by sqrt(s), and
+    ``graph.res_null_count``), for the loss on the rows of H along them.
 
     For k-sampled data the Gamma point of the stored cell is used (one of its
     k-points: H(0) = sum_R H(R)).  With them, ``||C^T dH C_w||_F^2`` is the sum over
     the window states of ``||(H + dH - e_n S) c_n||^2`` in the S^-1 norm, which
-    bounds each reference level's distance to the nearest level of H + dH."""
+    bounds each reference level's distance to the nearest level of H + dH, and
+    ``||C^T dH X||_F^2`` the squared error of the rows and columns of H in S's
+    canonical basis that belong to the near-null directions X (couplings included)."""
     from scipy.linalg import eigh
 
-    e, C = eigh(structure.hamiltonian(), structure.overlap())
+    S = structure.overlap()
+    e, C = eigh(structure.hamiltonian(), S)
     inside = np.abs(e - structure.fermi_level) <= window
     if not inside.any():
         raise LabelError(
@@ -159,12 +172,22 @@ def attach_residual(graph: Graph, structure, layout, window: float) -> None:
         )
     sp = graph.species
     sl = structure.orbital_slices()
-    out = np.zeros((graph.n_atoms, layout.n, C.shape[1]), dtype=np.float32)
-    for k in range(graph.n_atoms):
-        out[k, layout.perm[sp[k]]] = C[sl[k]]
+
+    def per_atom(X):
+        out = np.zeros((graph.n_atoms, layout.n, X.shape[1]), dtype=np.float32)
+        for k in range(graph.n_atoms):
+            out[k, layout.perm[sp[k]]] = X[sl[k]]
+        return out
+
+    out = per_atom(C)
     graph.res_all = out
     graph.res_win = np.ascontiguousarray(out[:, :, inside])
     graph.res_count = int(inside.sum())
+    if null_cutoff is not None:
+        s, U = np.linalg.eigh(S)
+        null = s < null_cutoff
+        graph.res_null = per_atom(U[:, null] / np.sqrt(np.maximum(s[null], 1e-300)))
+        graph.res_null_count = int(null.sum())
 
 
 def pad_residual(graphs) -> None:
@@ -172,9 +195,15 @@ def pad_residual(graphs) -> None:
     compiled shape for every batch)."""
     k = max(g.res_all.shape[-1] for g in graphs)
     w = max(g.res_win.shape[-1] for g in graphs)
+    nulls = [g.res_null for g in graphs if g.res_null is not None]
+    z = max((x.shape[-1] for x in nulls), default=0)
     for g in graphs:
         g.res_all = _pad_columns(g.res_all, k)
         g.res_win = _pad_columns(g.res_win, w)
+        if nulls:
+            if g.res_null is None:
+                g.res_null = np.zeros((*g.res_all.shape[:-1], 0), np.float32)
+            g.res_null = _pad_columns(g.res_null, max(z, 1))
 
 
 def _pad_columns(x, width):
@@ -278,7 +307,8 @@ def batch_graphs(
     batch also holds ``onsite_s``, ``pairs_s``, ``atom_graph`` (N,: the
     structure of every atom, G for padding), ``atom_local`` (N,: its index within
     the structure) and ``fermi`` (G,); with the residual loss's eigenvectors also
-    ``res_all``, ``res_win`` (per atom, like the on-site labels) and ``res_count`` (G,).
+    ``res_all``, ``res_win`` (per atom, like the on-site labels) and ``res_count`` (G,),
+    and with S's near-null directions ``res_null`` and ``res_null_count``.
     """
     n_at = sum(g.n_atoms for g in graphs)
     n_e = sum(len(g.edge_i) for g in graphs)
@@ -307,6 +337,10 @@ def batch_graphs(
         res_all = np.zeros((N, n, graphs[0].res_all.shape[-1]), np.float32)
         res_win = np.zeros((N, n, graphs[0].res_win.shape[-1]), np.float32)
         res_count = np.zeros(structures, np.float32)
+    null = res and graphs[0].res_null is not None
+    if null:
+        res_null = np.zeros((N, n, graphs[0].res_null.shape[-1]), np.float32)
+        res_null_count = np.zeros(structures, np.float32)
     if win:
         onsite_w = np.zeros((N, n, n), np.float32)
         pairs_w = np.zeros((P, n, n), np.float32)
@@ -346,6 +380,9 @@ def batch_graphs(
             res_all[a : a + na] = g.res_all
             res_win[a : a + na] = g.res_win
             res_count[k] = g.res_count
+        if null:
+            res_null[a : a + na] = g.res_null
+            res_null_count[k] = g.res_null_count
         a, e, p = a + na, e + ne, p + npr
     out.update(
         species=species,
@@ -372,4 +409,6 @@ def batch_graphs(
         out.update(pair_scale=pair_scale)
     if res:
         out.update(res_all=res_all, res_win=res_win, res_count=res_count)
+    if null:
+        out.update(res_null=res_null, res_null_count=res_null_count)
     return out

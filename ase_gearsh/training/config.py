@@ -150,6 +150,14 @@ DEFAULTS = {
             # near-null directions as the eigenvalues do); every step, on the step's
             # bonds, no diagonalisation; weighted like the H terms; 0 switches it off
             "residual_weight": 0.0,
+            # our keys: a loss on the rows and columns of H in S's canonical basis that
+            # belong to S's near-null directions at Gamma (eigenvalue < null_cutoff),
+            # couplings included, in the same norm (||C^T dH x_p|| with x_p = u_p /
+            # sqrt(s_p)): those rows decide where the levels of the near-linearly
+            # dependent part of the basis go (WSe2's spurious levels); every step, on
+            # the step's bonds; weighted like the H terms; 0 switches it off
+            "null_weight": 0.0,
+            "null_cutoff": 3.0e-2,
             # our key: a loss on the first-order mean shift of each structure's levels
             # within eigenvalue_window of E_F, c = <dH, rho_w> with rho_w the window
             # density matrix of the reference (H + aS gives c = a); Gamma-only data;
@@ -171,6 +179,12 @@ DEFAULTS = {
         # fit the reliability reference (distance of atom descriptors to the
         # training set) into model.ckpt when training ends
         "reliability": True,
+        # start from the weights of a trained model of the same network (a model.ckpt or
+        # latest.ckpt; elements, basis sets and model settings must match) with a new
+        # optimiser and schedule: fine-tuning, e.g. with another loss.  The model's
+        # statistics come along, so that its weights keep their meaning.  null: the
+        # initial weights of training.seed.  --resume ignores it.
+        "init_params": None,
         "checkpoint_every": 1,
         "valid_every": 1,
     },
@@ -197,6 +211,7 @@ _TYPES = {
     "model.atom_centered.descriptor.radial_basis.cutoff": (int, float),
     "model.bond_centered.cutoff": (int, float),
     "training.max_minutes": (int, float, type(None)),
+    "training.init_params": (str, type(None)),
     "training.num_devices": (int, str),
 }
 _FREE = {
@@ -337,6 +352,18 @@ def check_config(given: dict | None) -> dict:
             cfg["loss"]["loss_parameters"]["residual_weight"],
             lambda v: v >= 0,
             ">= 0",
+        ),
+        (
+            "loss.loss_parameters.null_weight",
+            cfg["loss"]["loss_parameters"]["null_weight"],
+            lambda v: v >= 0,
+            ">= 0",
+        ),
+        (
+            "loss.loss_parameters.null_cutoff",
+            cfg["loss"]["loss_parameters"]["null_cutoff"],
+            lambda v: 0 < v < 1,
+            "in (0, 1) (S's eigenvalues below it count as near-null)",
         ),
         (
             "loss.loss_parameters.shift_weight",

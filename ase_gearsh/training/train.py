@@ -120,9 +120,14 @@ def train(
 def _train_run(cfg: dict, base: Path, run: Path, resume: bool, log: Log, progress: bool) -> Path:
     """The training run in ``run`` (locked by the caller)."""
     data = prepare_data(cfg, base, log, progress)
+    start = None
+    if cfg["training"]["init_params"] and not resume:
+        data, start = _initial_weights(cfg, data, base, log)
     checkpoints = Checkpointer(run, cfg, data)
     resumed = checkpoints.load_latest() if resume else None  # checked before compiling
     model, params = build_model(cfg, data)
+    if start is not None:
+        params = _restore_tree(params, start[1], "parameter", start[0])
     steps = StepFunctions(cfg, model, data, log)
     state = TrainState(steps.replicate(params), steps.replicate(steps.tx.init(params)))
     if steps.ema_decay:
@@ -193,6 +198,31 @@ def _train_run(cfg: dict, base: Path, run: Path, resume: bool, log: Log, progres
         ref = attach_reliability(checkpoints.best_path, data.train, progress=progress)
         log(f"reliability reference of model.ckpt: {reference_summary(ref)}")
     return run
+
+
+def _initial_weights(cfg: dict, data, base: Path, log: Log):
+    """``training.init_params``: (data with the checkpoint's statistics, (path, its
+    parameters)), after checking that it holds one model of the same elements, basis
+    sets and model settings (else :class:`CheckpointError`)."""
+    path = Path(cfg["training"]["init_params"])
+    if not path.is_absolute() and (base / path).exists():
+        path = base / path
+    ck = load_checkpoint(path)
+    if ck.get("members"):
+        raise CheckpointError(
+            f"training.init_params: {path} is a committee of {len(ck['members']) + 1} "
+            f"models; give one member's checkpoint (a run's model.ckpt)"
+        )
+    now = {"registry": data.registry.to_dict(), "settings": _settings(cfg, data)}
+    for key, what in (("registry", "elements and basis sets"), ("settings", "model settings")):
+        stored, want = ck.get(key), _json(now[key])
+        if stored != want:
+            raise CheckpointError(
+                f"training.init_params: {path} was trained with other {what} than the "
+                f"config and data give ({_difference(key, stored, want)})"
+            )
+    log(f"initial weights and statistics from {path}")
+    return replace(data, stats=ck["stats"]), (path, ck["params"])
 
 
 def _read_config(config, overrides=None) -> tuple[dict, Path]:
@@ -346,11 +376,18 @@ def prepare_data(
     )
     lp = cfg["loss"]["loss_parameters"]
     # S labels needed
-    overlap = lp["eigenvalue_weight"] > 0 or lp["shift_weight"] > 0 or lp["residual_weight"] > 0
+    resid = lp["residual_weight"] > 0 or lp["null_weight"] > 0
+    overlap = lp["eigenvalue_weight"] > 0 or lp["shift_weight"] > 0 or resid
     window = float(lp["eigenvalue_window"]) if lp["shift_weight"] > 0 else None
-    resid_w = float(lp["eigenvalue_window"]) if lp["residual_weight"] > 0 else None
+    resid_w = float(lp["eigenvalue_window"]) if resid else None
+    null_c = float(lp["null_cutoff"]) if lp["null_weight"] > 0 else None
     tg, out_t, max_t = make(
-        train_s, desc="training labels", overlap=overlap, window=window, residual=resid_w
+        train_s,
+        desc="training labels",
+        overlap=overlap,
+        window=window,
+        residual=resid_w,
+        null_cutoff=null_c,
     )
     if resid_w is not None:
         pad_residual(tg)
@@ -435,6 +472,7 @@ def _labelled_graphs(
     overlap=False,
     window=None,
     residual=None,
+    null_cutoff=None,
 ):
     """Graphs with H labels; also the number and largest |H| of stored blocks
     beyond the bond cut-offs."""
@@ -455,9 +493,11 @@ def _labelled_graphs(
                 raise TrainingError(f"loss.loss_parameters.shift_weight > 0: {err}") from None
         if residual is not None:
             try:
-                attach_residual(g, s, layout, residual)
+                attach_residual(g, s, layout, residual, null_cutoff)
             except LabelError as err:
-                raise TrainingError(f"loss.loss_parameters.residual_weight > 0: {err}") from None
+                raise TrainingError(
+                    f"loss.loss_parameters.residual_weight or null_weight > 0: {err}"
+                ) from None
         outside += info["outside"]
         outside_max = max(outside_max, info["outside_max"])
         graphs.append(g)
@@ -586,20 +626,24 @@ def _eigen_sums(pred_on, pred_pair, b, orbital_mask, window: float, n_atoms: int
     return jnp.stack([(err**2).sum(), jnp.abs(err).sum(), inside.sum().astype(err.dtype)])
 
 
-def _residual_sums(pred_on, pred_pair, b, orbital_mask, n_atoms: int):
+def _residual_sums(pred_on, pred_pair, b, orbital_mask, residual):
     """The residuals of the reference's Gamma-point window states under the
     predicted H, in the S^-1 norm: for each window state (e_n, c_n) of the label
     (H, S), ||r_n||^2 = ||(H_pred - e_n S) c_n||^2_{S^-1} = sum_m (c_m^T dH c_n)^2
     over every reference state m (dH = H_pred - H).  ||r_n|| bounds the distance of
     e_n to the nearest predicted level, and S's near-null directions weigh in as
-    they do in the eigenvalues.  Returns the sums of ||r_n||^2 and ||r_n|| and the
-    number of window states (a batch built with ``structures`` from graphs with
+    they do in the eigenvalues.  ``residual`` = (atoms per structure, sets): for
+    each of the sets "win" (the window states) and "null" (S's near-null
+    directions x_p: the same sum with x_p for c_n, the rows of dH in S's canonical
+    basis that belong to them) the sums of ||r||^2 and ||r|| and the number of
+    columns (a batch built with ``structures`` from graphs with
     :func:`~ase_gearsh.model.graph.attach_residual`).
 
     With a subsample of bonds, dH holds the kept bonds scaled by the bonds of the
     full graph per kept bond: its expectation is the full dH, and the squared norm's
     expectation adds (1/p - 1) times each bond's own squared contribution, an MSE of
     the bonds in the same metric."""
+    n_atoms, sets = residual
     G, M, rows, valid = _dense_rows(b, orbital_mask, n_atoms, pred_on.shape[-1])
     w = (b["pair_weight"] * b["pair_scale"])[:, None, None]
     dH = _dense(pred_on - b["onsite"], (pred_pair - b["pairs"]) * w, b, valid, n_atoms, 0.0)
@@ -608,12 +652,18 @@ def _residual_sums(pred_on, pred_pair, b, orbital_mask, n_atoms: int):
         X = jnp.zeros((G + 1, M, x.shape[-1]), x.dtype)
         return X.at[b["atom_graph"][:, None], rows].add(x)[:G]
 
-    C, Cw = columns(b["res_all"]), columns(b["res_win"])
-    D = jnp.swapaxes(C, -1, -2) @ (dH @ Cw)  # (G, K, W): c_m^T dH c_n
-    norm2 = (D**2).sum(axis=1)  # (G, W): ||r_n||^2 (zero for padding columns)
-    real = norm2 > 0
-    norm = jnp.where(real, jnp.sqrt(jnp.where(real, norm2, 1.0)), 0.0)  # finite gradients
-    return jnp.stack([norm2.sum(), norm.sum(), b["res_count"].sum()])
+    C = columns(b["res_all"])
+    out = []
+    for key, count in (("win", "res_count"), ("null", "res_null_count")):
+        if key not in sets:
+            continue
+        Cw = columns(b["res_win" if key == "win" else "res_null"])
+        D = jnp.swapaxes(C, -1, -2) @ (dH @ Cw)  # (G, K, W): c_m^T dH c_n
+        norm2 = (D**2).sum(axis=1)  # (G, W): ||r_n||^2 (zero for padding columns)
+        real = norm2 > 0
+        norm = jnp.where(real, jnp.sqrt(jnp.where(real, norm2, 1.0)), 0.0)  # finite gradients
+        out.append(jnp.stack([norm2.sum(), norm.sum(), b[count].sum()]))
+    return jnp.concatenate(out)
 
 
 def _shift_sums(pred_on, pred_pair, b, orbital_mask, pairs: bool = True):
@@ -660,7 +710,7 @@ def _batch_sums(
 ):
     """Error sums of a sharded batch (leading axis: devices), summed over shards;
     ``eigen`` = (window, atoms per structure) adds the eigenvalue sums, ``residual``
-    (atoms per structure) the residual sums (:func:`_residual_sums`), ``shift``
+    (atoms per structure, sets) the residual sums (:func:`_residual_sums`), ``shift``
     ("all", "onsite" or False) the level-shift sums (:func:`_shift_sums`), in that
     order."""
 
@@ -706,8 +756,10 @@ def _loss(
         loss = loss + lp["loss_multiplier"] * lp["eigenvalue_weight"] * term(s[k], s[k + 2])
         k += 3
     if residual is not None:  # the window states' residuals (S^-1 norm)
-        loss = loss + lp["loss_multiplier"] * lp["residual_weight"] * term(s[k], s[k + 2])
-        k += 3
+        for key, weight in (("win", "residual_weight"), ("null", "null_weight")):
+            if key in residual[1]:  # and the near-null directions' rows
+                loss = loss + lp["loss_multiplier"] * lp[weight] * term(s[k], s[k + 2])
+                k += 3
     if shift:  # the first-order mean shift of each structure's window levels
         loss = loss + lp["loss_multiplier"] * lp["shift_weight"] * term(s[k], s[k + 2])
     return loss, s
@@ -928,21 +980,32 @@ class StepFunctions:
             if self.lp["shift_weight"] > 0
             else False
         )
-        resid = self.lp["residual_weight"] > 0
+        sets = tuple(
+            key
+            for key, weight in (("win", "residual_weight"), ("null", "null_weight"))
+            if self.lp[weight] > 0
+        )
+        resid = bool(sets)
         needs_s = self.shift or self.lp["eigenvalue_weight"] > 0 or resid
         if needs_s and any(g.onsite_s is None for g in data.train):
             raise TrainingError(
-                "loss.loss_parameters.eigenvalue_weight, residual_weight and shift_weight "
-                "need the S labels of the training structures (prepare_data attaches them)"
+                "loss.loss_parameters.eigenvalue_weight, residual_weight, null_weight and "
+                "shift_weight need the S labels of the training structures (prepare_data "
+                "attaches them)"
             )
         if resid and any(g.res_all is None for g in data.train):
             raise TrainingError(
                 "loss.loss_parameters.residual_weight needs the reference eigenvectors of "
                 "the training structures (prepare_data attaches them)"
             )
+        if "null" in sets and any(g.res_null is None for g in data.train):
+            raise TrainingError(
+                "loss.loss_parameters.null_weight needs S's near-null directions of the "
+                "training structures (prepare_data attaches them)"
+            )
         most_atoms = max(g.n_atoms for g in data.train)
         # the residual loss: every step, on the step's bonds (no diagonalisation)
-        self.residual = most_atoms if resid else None
+        self.residual = (most_atoms, sets) if resid else None
 
         def compiled_step(eigen=None):
             step = partial(_train_step, model, mask, self.lp, self.tx, self.ema_decay)
