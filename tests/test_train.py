@@ -87,6 +87,12 @@ def test_overrides_set_dotted_keys_and_are_checked(tmp_path):
         load_config(cfg, ["training.seed.x=1"])
     with pytest.raises(ConfigError, match=r"'training.seed' must be int, got 'one'"):
         load_config(cfg, ["training.seed=one"])
+    # numbers in exponent notation are floats (PyYAML alone reads '1e-5' as a string)
+    sci = tmp_path / "sci.yaml"
+    sci.write_text("data:\n  train_data_path: x\noptimizer:\n  lr: 5e-3\n")
+    got = load_config(sci, ["loss.loss_parameters.null_weight=1e-5", "data.n_train=5"])
+    assert got["optimizer"]["lr"] == 5e-3 and got["data"]["n_train"] == 5
+    assert got["loss"]["loss_parameters"]["null_weight"] == 1e-5
     listed = tmp_path / "list.yaml"
     listed.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="expected a YAML mapping of sections, got list"):

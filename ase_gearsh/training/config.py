@@ -397,6 +397,31 @@ def check_config(given: dict | None) -> dict:
     return cfg
 
 
+def _yaml(text: str):
+    """YAML with numbers like ``1e-5`` read as floats (YAML 1.2; PyYAML's YAML 1.1
+    rules read them as strings, which a config check would then refuse)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(
+            r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+            |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+            |\.[0-9_]+(?:[eE][-+][0-9]+)?
+            |[-+]?\.(?:inf|Inf|INF)
+            |\.(?:nan|NaN|NAN))$""",
+            re.X,
+        ),
+        list("-+0123456789."),
+    )
+    return yaml.load(text, Loader=Loader)
+
+
 def apply_overrides(given: dict, overrides) -> dict:
     """``given`` with ``KEY=VALUE`` strings applied (``training.seed=1``,
     ``data.valid_structures=[a, b]``): KEY is a dotted path into the config, VALUE is
@@ -417,7 +442,7 @@ def apply_overrides(given: dict, overrides) -> dict:
                 f"training.seed=1), got {item!r}"
             )
         try:
-            value = yaml.safe_load(text)
+            value = _yaml(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: the value is not valid YAML: {err}") from None
         node, parts = out, key.split(".")
@@ -443,7 +468,7 @@ def load_config(path: str | Path, overrides=None) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} not found")
     try:
-        given = yaml.safe_load(path.read_text())
+        given = _yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except UnicodeDecodeError as err:
