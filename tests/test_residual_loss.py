@@ -158,7 +158,6 @@ def test_training_with_the_residual_loss(water_dataset, tmp_path, make_config):
     ck = load_checkpoint(run / "latest.ckpt")
     hist = ck["extra"]["history"]
     assert len(hist) == 2 and all(np.isfinite(h["train_loss"]) for h in hist)
-    assert ck["config"]["loss"]["loss_parameters"]["null_weight"] == 1.0
     assert ck["config"]["loss"]["loss_parameters"]["residual_weight"] == 1.0
 
 
