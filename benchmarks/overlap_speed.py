@@ -3,7 +3,7 @@ implementations, back to back in one process.
 
     python benchmarks/overlap_speed.py [--atoms 1000 4000] [--repeat 1] [--no-reference]
                                        [--numpy] [--threads N] [--screen 1e-8 ...]
-                                       [--ranges 1 ...] [--eigen-check DATASET]
+                                       [--eigen-check DATASET]
 
 For each size the device structure of ``device_structure.py`` (amorphous HfO2:Ni under
 2H-WSe2) is built and S at Gamma is timed with
@@ -15,10 +15,7 @@ For each size the device structure of ``device_structure.py`` (amorphous HfO2:Ni
 * ``reference`` (unless ``--no-reference``): ``benchmarks/_overlap_reference.py``, the
   implementation before the sparse layouts;
 * ``numba screen=e`` (``--screen e ...``): the compiled engine leaving out what changes
-  no element by more than e (``OverlapCalculator(screen=e)``), against the exact S;
-* ``numba ranges=r`` (``--ranges r ...``): the compiled engine with r ranges of
-  row clusters per thread for the assembly (``OverlapCalculator.ranges``; default 8,
-  taken by whichever thread is free; 1: one range per thread fixed in advance).
+  no element by more than e (``OverlapCalculator(screen=e)``), against the exact S.
 
 ``--eigen-check DATASET``: for the first structure of an extracted dataset (GPAW's H and
 S, e.g. the WSe2 benchmark's), the largest change of the Gamma-point eigenvalues of
@@ -126,14 +123,6 @@ def main(argv=None):
     p.add_argument("--numpy", action="store_true", help="also time the numpy engine")
     p.add_argument("--threads", type=int, default=None, help="threads (default: cores)")
     p.add_argument("--screen", type=float, nargs="*", default=[], help="screened runs")
-    p.add_argument(
-        "--ranges",
-        type=int,
-        nargs="*",
-        default=[],
-        help="also the numba engine with these ranges of clusters per thread (1: one "
-        "fixed range per thread, as before dynamic ranges)",
-    )
     p.add_argument("--eigen-check", default=None, help="dataset for the eigenvalue check")
     args = p.parse_args(argv)
     if args.eigen_check:
@@ -147,11 +136,6 @@ def main(argv=None):
     calcs = {}
     if new._compiled():
         calcs["numba"] = new.OverlapCalculator(species, engine="numba", threads=args.threads)
-        for r in args.ranges:
-            calcs[f"numba ranges={r}"] = new.OverlapCalculator(
-                species, engine="numba", threads=args.threads
-            )
-            calcs[f"numba ranges={r}"].ranges = r
         for e in args.screen:
             calcs[f"numba screen={e:g}"] = new.OverlapCalculator(
                 species, engine="numba", threads=args.threads, screen=e

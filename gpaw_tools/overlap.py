@@ -33,7 +33,6 @@ in another.  Matches GPAW's S to ~1e-15 (tests).
 from __future__ import annotations
 
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -1128,9 +1127,6 @@ class OverlapCalculator:
             threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         self.threads = max(1, int(threads))
         self.cluster = 8  # atoms per group of rows assembled together (compiled engine)
-        # ranges of clusters per thread, taken by whichever thread is free (1: one fixed
-        # range per thread from the work estimate; benchmarks/overlap_speed.py --ranges)
-        self.ranges = 8
         self.timings: dict = {}
         self._expansions: dict = {}
 
@@ -1476,49 +1472,35 @@ class OverlapCalculator:
                 f.result()
 
     def _threads(self, fn, bounds, *args, scratch=None):
-        """fn(bounds[i], bounds[i + 1], *args, *scratch(t)) for each range i, in
-        ``self.threads`` threads (t: the thread; more ranges than threads are taken in
-        order by whichever thread is free, so an underestimated range does not hold
-        the others up); returns the results in range order.  The seconds each thread
-        took are added to ``self.thread_times[fn name]``."""
+        """fn(bounds[t], bounds[t + 1], *args, *scratch(t)) for each t, in threads; the
+        seconds each took are added to ``self.thread_times[fn name]``."""
         n = len(bounds) - 1
-        workers = max(1, min(n, self.threads))
         extra = scratch or (lambda t: ())
         name = getattr(fn, "__name__", "kernel")
-        times = self.thread_times.setdefault(name, [0.0] * workers)
-        out = [None] * n
-        todo = iter(range(n))
-        lock = threading.Lock()
+        times = self.thread_times.setdefault(name, [0.0] * n)
 
         def run(t):
             t0 = time.perf_counter()
-            mine = extra(t)
-            while True:
-                with lock:
-                    i = next(todo, None)
-                if i is None:
-                    break
-                out[i] = fn(bounds[i], bounds[i + 1], *args, *mine)
+            out = fn(bounds[t], bounds[t + 1], *args, *extra(t))
             times[t] += time.perf_counter() - t0
+            return out
 
-        if workers == 1:
-            run(0)
-        else:
-            with ThreadPoolExecutor(workers) as ex:
-                list(ex.map(run, range(workers)))
-        return out
+        if n == 1:
+            return [run(0)]
+        with ThreadPoolExecutor(n) as ex:
+            return list(ex.map(run, range(n)))
 
-    def _split(self, weights, ptr=None, members=None, per_thread: int = 1) -> np.ndarray:
-        """Bounds of ``per_thread`` x ``self.threads`` contiguous ranges of about equal
-        total weight; with ``ptr``, weights are per element of groups ``ptr[i]:ptr[i +
-        1]`` (elements ``members`` of the weights) and the bounds are group indices."""
+    def _split(self, weights, ptr=None, members=None) -> np.ndarray:
+        """Bounds of ``self.threads`` contiguous ranges of about equal total weight; with
+        ``ptr``, weights are per element of groups ``ptr[i]:ptr[i + 1]`` (elements
+        ``members`` of the weights) and the bounds are group indices."""
         weights = np.asarray(weights, float)
         if members is not None:
             weights = weights[members]
         if ptr is not None:
             weights = np.add.reduceat(weights, ptr[:-1]) if len(weights) else weights
             weights[np.diff(ptr) == 0] = 0.0
-        n = max(1, min(self.threads * (per_thread if self.threads > 1 else 1), len(weights)))
+        n = max(1, min(self.threads, len(weights)))
         cum = np.cumsum(weights)
         if not len(cum) or cum[-1] <= 0:
             return np.linspace(0, len(weights), n + 1).astype(np.int64)
@@ -1629,9 +1611,7 @@ class OverlapCalculator:
         e_row = np.repeat(np.arange(nat), np.diff(optr))
         upper = np.bincount(e_row, rank[oe_col] >= rank[e_row], minlength=nat)
         frac = (upper + 1) / (np.diff(optr) + 1)
-        # in more ranges than threads: the work estimate is rough (it ignores the
-        # projector products), and a free thread takes the next range
-        cbounds = self._split(work * frac + 1, cl_ptr, cl_atoms, per_thread=self.ranges)
+        cbounds = self._split(work * frac + 1, cl_ptr, cl_atoms)
         orb_rad = np.repeat(np.arange(len(gw), dtype=i64), gw)
         rad_atom = np.repeat(np.arange(nat, dtype=i64), nrad)
         abounds = self._split(gw * L, rad0)
