@@ -71,7 +71,8 @@ def main(argv=None):
     s = evaluate(Path(run) / "model.ckpt", args.dataset, validation_only=True, progress=False)
     print(
         f"config {args.config}: {len(hist)} epochs, {steps} optimiser steps in "
-        f"{wall / 60:.1f} min of wall time ({os.cpu_count()} cores)"
+        f"{wall / 60:.1f} min of wall time ({len(os.sched_getaffinity(0))} of "
+        f"{os.cpu_count()} cores usable)"
     )
     report("held-out", s)
     (Path(run) / "accuracy.json").write_text(json.dumps(s, indent=1))
