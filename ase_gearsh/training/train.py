@@ -214,13 +214,7 @@ def _initial_weights(cfg: dict, data, base: Path, log: Log):
             f"models; give one member's checkpoint (a run's model.ckpt)"
         )
     now = {"registry": data.registry.to_dict(), "settings": _settings(cfg, data)}
-    for key, what in (("registry", "elements and basis sets"), ("settings", "model settings")):
-        stored, want = ck.get(key), _json(now[key])
-        if stored != want:
-            raise CheckpointError(
-                f"training.init_params: {path} was trained with other {what} than the "
-                f"config and data give ({_difference(key, stored, want)})"
-            )
+    _check_same_model(ck, now, f"training.init_params: {path}")
     log(f"initial weights and statistics from {path}")
     return replace(data, stats=ck["stats"]), (path, ck["params"])
 
@@ -1159,6 +1153,18 @@ def _difference(key: str, stored: dict, now: dict) -> str:
     )
 
 
+def _check_same_model(ck: dict, now: dict, where: str, advice: str = "") -> None:
+    """A :class:`CheckpointError` unless the checkpoint ``ck`` was written for the
+    registry and model settings in ``now``; ``where`` starts the message."""
+    for key, what in (("registry", "elements and basis sets"), ("settings", "model settings")):
+        stored, want = ck.get(key), _json(now[key])
+        if stored != want:
+            raise CheckpointError(
+                f"{where} was trained with other {what} than the config and data give "
+                f"({_difference(key, stored, want)}){advice}"
+            )
+
+
 class Checkpointer:
     """Step 4: ``model.ckpt`` (the best model so far), ``latest.ckpt`` (with the
     optimiser state, every ``training.checkpoint_every`` epochs, at the last
@@ -1187,15 +1193,12 @@ class Checkpointer:
         """``latest.ckpt``, checked to have been written for the same model
         settings and registry as this run's (else :class:`CheckpointError`)."""
         ck = load_checkpoint(self.latest)
-        for key, what in (("registry", "elements and basis sets"), ("settings", "model settings")):
-            stored, now = ck.get(key), _json(self.common[key])
-            if stored != now:
-                raise CheckpointError(
-                    f"--resume: {self.latest} was trained with other "
-                    f"{what} than the config and data give "
-                    f"({_difference(key, stored, now)}); restore them or "
-                    f"start a new run (another data.experiment or -o)"
-                )
+        _check_same_model(
+            ck,
+            self.common,
+            f"--resume: {self.latest}",
+            "; restore them or start a new run (another data.experiment or -o)",
+        )
         return ck
 
     def restore(
