@@ -143,7 +143,8 @@ def test_residual_sums_are_rotation_invariant_and_have_gradients(water_dataset, 
     assert np.isfinite(float(g(0.0)))  # finite at the minimum (padding columns are zero)
 
 
-def test_training_with_the_residual_loss(water_dataset, tmp_path, make_config):
+def test_training_with_the_residual_and_null_losses(water_dataset, tmp_path, make_config):
+    """Both terms in one run (window states and S's near-null directions)."""
     from ase_gearsh.model.checkpoint import load_checkpoint
     from ase_gearsh.training.train import train
 
@@ -151,7 +152,7 @@ def test_training_with_the_residual_loss(water_dataset, tmp_path, make_config):
         water_dataset,
         tmp_path,
         data={"n_train": 3, "n_valid": 1, "batch_size": 2, "bond_fraction": 0.5},
-        loss={"loss_parameters": {"residual_weight": 1.0}},
+        loss={"loss_parameters": {"residual_weight": 1.0, "null_weight": 1.0, "null_cutoff": 0.5}},
         training={"n_epochs": 2},
     )
     run = train(cfg, progress=False, log=lambda *a: None)
@@ -159,6 +160,7 @@ def test_training_with_the_residual_loss(water_dataset, tmp_path, make_config):
     hist = ck["extra"]["history"]
     assert len(hist) == 2 and all(np.isfinite(h["train_loss"]) for h in hist)
     assert ck["config"]["loss"]["loss_parameters"]["residual_weight"] == 1.0
+    assert ck["config"]["loss"]["loss_parameters"]["null_weight"] == 1.0
 
 
 def test_subsampled_bonds_are_scaled_to_the_full_graph(water_dataset, small_model):
@@ -250,22 +252,3 @@ def test_null_sums_are_rotation_invariant(water_dataset, small_model):
     after = np.asarray(_residual_sums(rot(on), rot(pr), moved, mask, sets))
     assert before[0] > 1e-4
     np.testing.assert_allclose(after, before, rtol=2e-3)
-
-
-def test_training_with_the_null_loss(water_dataset, tmp_path, make_config):
-    """The near-null loss alone (the window states are not weighted)."""
-    from ase_gearsh.model.checkpoint import load_checkpoint
-    from ase_gearsh.training.train import train
-
-    cfg = make_config(
-        water_dataset,
-        tmp_path,
-        data={"n_train": 3, "n_valid": 1, "batch_size": 2, "bond_fraction": 0.5},
-        loss={"loss_parameters": {"null_weight": 1.0, "null_cutoff": NULL}},
-        training={"n_epochs": 2},
-    )
-    run = train(cfg, progress=False, log=lambda *a: None)
-    ck = load_checkpoint(run / "latest.ckpt")
-    hist = ck["extra"]["history"]
-    assert len(hist) == 2 and all(np.isfinite(h["train_loss"]) for h in hist)
-    assert ck["config"]["loss"]["loss_parameters"]["null_weight"] == 1.0
