@@ -39,6 +39,18 @@ def _batch(model, structures, slots, n_atoms, null_cutoff=None):
     return {k: jnp.asarray(v) for k, v in b.items()}, graphs
 
 
+def _first_onsite_error(b, layout, seed):
+    """A random symmetric error (0.05 eV scale) on the first atom's on-site block: the
+    block in GPAW's order and the batch's canonical on-site errors."""
+    sp0 = int(np.asarray(b["species"])[0])  # the first atom's model species
+    n0 = len(layout.perm[sp0])
+    d = np.random.default_rng(seed).normal(size=(n0, n0)) * 0.05
+    d = d + d.T
+    d_on = np.zeros(b["onsite"].shape, np.float32)
+    d_on[0] = layout.to_canonical(d, sp0, sp0)
+    return d, d_on
+
+
 def _window_count(s):
     e = eigh(s.hamiltonian(), s.overlap(), eigvals_only=True)
     return int((np.abs(e - s.fermi_level) <= WINDOW).sum())
@@ -92,14 +104,7 @@ def test_residuals_match_a_dense_computation_and_bound_the_level_errors(water_da
     s = Dataset(water_dataset)[1]
     b, _ = _batch(small_model, [s], slots=1, n_atoms=3)
     mask = jnp.asarray(small_model.layout.orbital_mask)
-    layout = small_model.layout
-    rng = np.random.default_rng(7)
-    sp0 = int(np.asarray(b["species"])[0])  # the first atom's model species
-    n0 = len(layout.perm[sp0])
-    d = rng.normal(size=(n0, n0)) * 0.05
-    d = d + d.T
-    d_on = np.zeros(b["onsite"].shape, np.float32)
-    d_on[0] = layout.to_canonical(d, sp0, sp0)
+    d, d_on = _first_onsite_error(b, small_model.layout, seed=7)
     got = np.asarray(_residual_sums(b["onsite"] + d_on, b["pairs"], b, mask, (3, ("win",))))
     H, S = s.hamiltonian(), s.overlap()
     e, C = eigh(H, S)
@@ -213,13 +218,7 @@ def test_null_directions_give_c_for_h_plus_c_s_and_match_a_dense_computation(
 
     s = structures[0]
     b, _ = _batch(small_model, [s], slots=1, n_atoms=3, null_cutoff=NULL)
-    layout = small_model.layout
-    sp0 = int(np.asarray(b["species"])[0])
-    n0 = len(layout.perm[sp0])
-    d = np.random.default_rng(5).normal(size=(n0, n0)) * 0.05
-    d = d + d.T
-    d_on = np.zeros(b["onsite"].shape, np.float32)
-    d_on[0] = layout.to_canonical(d, sp0, sp0)
+    d, d_on = _first_onsite_error(b, small_model.layout, seed=5)
     got = np.asarray(_residual_sums(b["onsite"] + d_on, b["pairs"], b, mask, (3, ("null",))))
     H, S = s.hamiltonian(), s.overlap()
     _, C = eigh(H, S)
