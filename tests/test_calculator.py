@@ -242,6 +242,19 @@ def test_dos_normalisation_and_pdos_sums(model, water_dataset):
     e3, per_atom = calc.get_pdos(width=0.1, npts=4001, by="atom")
     assert per_atom.shape == (3, 4001)
     assert np.abs(per_atom.sum(0) - dos).max() < 1e-10
+    # elements taken together: one row, the sum of theirs
+    _, both = calc.get_pdos(width=0.1, npts=4001, by=["O", "H"])
+    assert list(both) == ["O+H"] and np.abs(both["O+H"] - dos).max() < 1e-10
+    _, oxygen = calc.get_pdos(width=0.1, npts=4001, by=("O",))
+    assert list(oxygen) == ["O"] and np.abs(oxygen["O"] - pdos["O"]).max() < 1e-12
+    for by, msg in (
+        (["Se"], r"by: \['Se'\] not in this structure; its elements are \['O', 'H'\]"),
+        ([], "non-empty list of element symbols"),
+        (["O", "O"], "lists an element twice"),
+        ([1], "non-empty list of element symbols"),
+    ):
+        with pytest.raises(CalculatorInputError, match=msg):
+            calc.get_pdos(by=by)
     # ASE's DOS tool works on the calculator (it counts both spins of a spin-paired run)
     from ase.dft.dos import DOS
 
@@ -268,6 +281,11 @@ def test_kpm_dos_matches_dense(model, make_atoms):
     _, pk = atoms.calc.get_pdos(width=0.3, method="kpm", npts=3001, emin=lo, emax=hi)
     assert set(pk) == {"C", "H"}
     assert np.abs(sum(pk.values()) - kpm).max() < 1e-8 * max(1.0, kpm.max())
+    # one group of elements: two moments per Chebyshev step, the same numbers as the
+    # species row from one moment per step (the same random vectors)
+    _, carbon = atoms.calc.get_pdos(width=0.3, method="kpm", npts=3001, emin=lo, emax=hi, by=["C"])
+    assert np.abs(carbon["C"] - pk["C"]).max() < 1e-8 * max(1.0, kpm.max())
+    assert atoms.calc.kpm_moments(0.3, by=["C"]).names == ["total", "C"]
     # the KPM Fermi level (a calculator with KPM above 10 orbitals) lies between HOMO
     # and LUMO, up to the KPM resolution
     mom = atoms.calc.kpm_moments(0.3)
@@ -306,6 +324,8 @@ def test_exact_window_states_match_dense(model, make_atoms):
     np.testing.assert_allclose(w["C"] + w["H"], 1.0, atol=1e-8)
     _, wa = atoms.calc.get_window_states(ef - 3.0, ef + 2.0, by="atom")
     assert wa.shape == (len(atoms), len(e))
+    _, wch = atoms.calc.get_window_states(ef - 3.0, ef + 2.0, by=["C", "H"])
+    np.testing.assert_allclose(wch["C+H"], 1.0, atol=1e-8)
     # a window ending in the gap (the hole window below the band edge): own shift there
     assert fs.lumo - fs.homo > 0.01
     e_edge, _ = atoms.calc.get_window_states(fs.homo - 1.0, fs.homo + 1e-4)

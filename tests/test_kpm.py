@@ -214,10 +214,63 @@ def test_total_moments_two_per_step(n_moments, complex_h):
     assert np.abs(runs[True, True] - ref).max() < 1e-9 * len(E)
     assert np.abs(runs[True, False] - runs[False, False]).max() < 1e-9 * len(E)
     assert np.abs(runs[True, False] - ref).max() > 1e-3  # stochastic, not exact
-    # with groups the steps stay one per moment (the doubled group estimator is noisier)
+    # several groups: one moment per step by default (more vectors than steps saved)
     f = CountingFactor(S)
     chebyshev_moments(H, S, n_moments, 8, groups=atom_groups(80), bounds=bounds, factor=f)
     assert f.steps == n_moments
+
+
+@pytest.mark.parametrize("n_moments, complex_h", [(64, False), (33, True)])
+def test_group_moments_two_per_step(n_moments, complex_h):
+    """With extra start vectors w_g = L^-1 P_g L r the group moments also come two per
+    step, the same numbers as one per step: exact against dense Mulliken weights
+    (overlapping groups included), stochastic equal to rounding; one group does it by
+    default (the hole count's W+Se), several only when asked."""
+    H, S, groups, E, W = reference(80, seed=2, complex_h=complex_h)
+    bounds = spectral_bounds(H, S)
+    a, b = 0.5 * (bounds[1] - bounds[0]) / 0.99, 0.5 * sum(bounds)
+    ref = moments_from_eigen(E, W, b, a, n_moments)
+    runs = {}
+    for doubling in (True, False):
+        for exact in (True, False):
+            f = CountingFactor(S)
+            runs[doubling, exact] = chebyshev_moments(
+                H,
+                S,
+                n_moments,
+                8,
+                groups=groups,
+                bounds=bounds,
+                exact=exact,
+                block=7,
+                factor=f,
+                doubling=doubling,
+                seed=5,
+            ).moments
+            blocks = -(-(240 if exact else 8) // 7)
+            solves = blocks * (n_moments // 2 + 1) if doubling else blocks * n_moments
+            assert f.steps == solves, (doubling, exact)  # + one L^-1 per block for w_g
+    n = len(E)
+    assert np.abs(runs[True, True] - ref).max() < 1e-9 * n
+    assert np.abs(runs[True, False] - runs[False, False]).max() < 1e-9 * n
+    assert np.abs(runs[True, False][1:] - ref[1:]).max() > 1e-3  # stochastic, not exact
+    # one group: two per step by default, the same numbers as that group's row above
+    f = CountingFactor(S)
+    one = chebyshev_moments(
+        H,
+        S,
+        n_moments,
+        8,
+        groups={"odd": groups["odd"]},
+        bounds=bounds,
+        block=7,
+        factor=f,
+        seed=5,
+    )
+    assert f.steps == 2 * (n_moments // 2 + 1) and one.names == ["total", "odd"]
+    assert np.abs(one.moments - runs[False, False][[0, 2]]).max() < 1e-9 * n
+    with pytest.raises(KPMError, match="doubling must be True, False or None"):
+        chebyshev_moments(H, S, 8, 2, groups=groups, bounds=bounds, doubling="yes")
 
 
 @pytest.mark.parametrize("complex_s", [False, True])

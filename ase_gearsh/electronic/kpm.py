@@ -17,14 +17,21 @@ one sparse product with H and one pair of triangular solves per vector.  The
 total moments are r^H T_m(B~) r (the lowest-variance form for a Hermitian
 matrix); the group moments are (L r)^H P_g L^-H T_m(B~) r, unbiased estimates
 of the Mulliken traces Tr[P_g T_m(A~)] that sum over a partition to the total.
-Each step gives one moment; the total moments alone need only half the steps, two per
-step (T_2n = 2 T_n^2 - 1, T_2n+1 = 2 T_n T_n+1 - T_1: mu_2n = 2 v_n^H v_n - mu_0,
-the same numbers as r^H T_2n r).  The same identities for the group moments need
-the Hermitian part of the Mulliken weight between T_n and T_n (one more product
-with S per step); measured on WSe2 supercells, that put the stochastic error of a
-species' window count at 33 % against 10 % for one moment per step, at 1.65x the
-cost per step, so groups use one moment per step.  The DOS is
-reconstructed with the Jackson kernel (Weisse et al., Rev. Mod. Phys. 78, 275
+Without doubling each step gives one moment. Two moments per step come from
+T_a+b = 2 T_a T_b - T_|a-b| with T_n(B~) Hermitian: the total, mu_2n = 2 v_n^H v_n - mu_0
+and mu_2n+1 = 2 v_n^H v_n+1 - mu_1 (v_n = T_n(B~) r, the same numbers as r^H T_2n r); a
+group g, with the extra start vector w_g = L^-1 P_g L r (so that (L r)^H P_g L^-H =
+w_g^H), mu_2n = 2 (T_n w_g)^H v_n - mu_0 and mu_2n+1 = 2 (T_n+1 w_g)^H v_n - mu_1
+(mu_0, mu_1 of that group): the same numbers as the one-moment-per-step estimator, at
+the cost of propagating one more block of vectors per group. The triangular solves of
+a large factor are memory-bound, so more vectors per step cost less than in proportion:
+on the 3999-atom device (``benchmarks/kpm_device.py``, 16 random vectors, 2 cores) one
+W+Se group took 760 ms per moment two per step against 1013 ms one per step, but the
+five species 1933 against 1021 ms.  So by default the total and one group double, and
+several groups do not.  (The Hermitian part of the Mulliken weight between T_n and T_n,
+without the extra vectors, is a different estimator: measured on WSe2 supercells, it
+put the stochastic error of a species' window count at 33 % against 10 %.)  The DOS
+is reconstructed with the Jackson kernel (Weisse et al., Rev. Mod. Phys. 78, 275
 (2006)), whose energy resolution is about pi * a / M for M moments.
 """
 
@@ -229,7 +236,7 @@ def chebyshev_moments(
     block: int = 16,
     progress: bool = False,
     factor: CholeskyFactor | None = None,
-    doubling: bool = True,
+    doubling: bool | None = None,
 ) -> KPMMoments:
     """Stochastic (or exact) Chebyshev moments of the total and group-projected DOS.
 
@@ -240,9 +247,12 @@ def chebyshev_moments(
     exact=True uses all n unit vectors instead (deterministic, O(n) vectors).
     block: number of vectors propagated together.  progress: tqdm bar over blocks
     if tqdm is importable.  factor: the :class:`CholeskyFactor` of S, if already made.
-    doubling: without groups, two moments per Chebyshev step from T_2n = 2 T_n^2 - 1
-    and T_2n+1 = 2 T_n T_n+1 - T_1 (M // 2 steps instead of M - 1, the same
-    estimates); with groups, or False, one moment per step.
+    doubling: two moments per Chebyshev step from T_2n = 2 T_n^2 - 1 and
+    T_2n+1 = 2 T_n T_n+1 - T_1 (M // 2 steps instead of M - 1, the same estimates);
+    each group then propagates one more block of start vectors w_g = L^-1 P_g L r
+    (module docstring).  None (default): for the total alone and for one group (the
+    cheaper way when solves are memory-bound, and no dearer otherwise); True: for any
+    number of groups; False: one moment per step.
     """
     _check_moments(n_moments)
     if not exact and (int(n_random) != n_random or n_random < 1):
@@ -264,7 +274,9 @@ def chebyshev_moments(
     n_vec = n if exact else int(n_random)
     starts = range(0, n_vec, int(block))
     M = int(n_moments)
-    doubling = bool(doubling) and len(names) == 1
+    if doubling is not None and not isinstance(doubling, (bool, np.bool_)):
+        raise KPMError(f"doubling must be True, False or None (automatic); got {doubling!r}")
+    doubling = len(names) <= 2 if doubling is None else bool(doubling)
     n_steps = M // 2 if doubling else (M if len(names) > 1 else M - 1)  # B~ per block
     bar = None
     if progress:  # over Chebyshev steps of all blocks: its rate and ETA are the cost
@@ -292,7 +304,7 @@ def chebyshev_moments(
             else:
                 r = rng.integers(0, 2, size=(n, k)).astype(np.float64) * 2.0 - 1.0
             if doubling:
-                mu += _doubling_block(r, apply, M, bar)
+                mu += _doubling_block(r, apply, M, bar, chol, S, Gg)
             else:
                 mu += _plain_block(r, apply, S, Gg, M, bar)
             if bar is not None:  # the block is done: its steps in full
@@ -344,17 +356,32 @@ def _plain_block(r, apply, S, Gg, M, bar):
     return mu
 
 
-def _doubling_block(r, apply, M, bar):
-    """Total moments of one block, two per step (M // 2 steps): mu_2n = 2 v_n^H v_n -
+def _doubling_block(r, apply, M, bar, chol=None, S=None, Gg=None):
+    """Moments of one block, two per step (M // 2 steps): the total, mu_2n = 2 v_n^H v_n -
     mu_0 and mu_2n+1 = 2 v_n^H v_n+1 - mu_1 with v_n = T_n(B~) r, the same numbers as
-    r^H T_m(B~) r.  Returned as raw sums (X_n in column 2n, Y_n in column 2n + 1)."""
-    out = np.zeros((1, M))
-    prev, cur = None, r
-    for m in range(M // 2 + 1):  # cur = v_m = T_m(B~) r
+    r^H T_m(B~) r; each group g (rows of ``Gg``), from w_g = L^-1 P_g L r propagated
+    alongside, mu_2n = 2 (T_n w_g)^H v_n - mu_0 and mu_2n+1 = 2 (T_n+1 w_g)^H v_n - mu_1,
+    the same numbers as :func:`_plain_block`.  Returned as raw sums (X_n in column 2n,
+    Y_n in column 2n + 1)."""
+    k = r.shape[1]
+    n_groups = 0 if Gg is None else Gg.shape[0]
+    out = np.zeros((n_groups + 1, M))
+    start = r
+    if n_groups:  # w_g = L^-1 P_g L r, with L r = S L^-H r
+        Lr = _times(S, chol.lt_solve(r))
+        weights = Gg.toarray()  # (groups, n) diagonal weights of P_g
+        w = chol.l_solve(np.concatenate([Lr * g[:, None] for g in weights], axis=1))
+        start = np.concatenate([r, w], axis=1)  # one solve for all groups
+
+    def sums(x, v):  # per row: [v^H v, (w_g^H v for each group)], x = [v, w_1, ...]
+        return np.einsum("inb,ib->n", x.reshape(x.shape[0], n_groups + 1, k).conj(), v).real
+
+    prev, cur = None, start
+    for m in range(M // 2 + 1):  # cur = T_m(B~) start
         if 2 * m < M:
-            out[0, 2 * m] = np.einsum("ib,ib->", cur.conj(), cur).real
+            out[:, 2 * m] = sums(cur, cur[:, :k])
         if m:
-            out[0, 2 * m - 1] = np.einsum("ib,ib->", prev.conj(), cur).real
+            out[:, 2 * m - 1] = sums(cur, prev[:, :k])
         if m < M // 2:
             nxt = apply(cur)[0]
             prev, cur = cur, (nxt if m == 0 else 2.0 * nxt - prev)

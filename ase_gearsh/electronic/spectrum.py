@@ -58,6 +58,7 @@ __all__ = [
     "PROJECTIONS",
     "check_dos_args",
     "check_kpm_options",
+    "check_projection",
 ]
 
 METHODS = ("auto", "dense", "kpm")
@@ -125,6 +126,28 @@ def check_dos_args(width, npts, emin, emax, method: str = "auto") -> None:
     check_choice("method", method, METHODS)
 
 
+def check_projection(by, symbols: Sequence[str]):
+    """A PDOS projection: ``'species'``, ``'atom'``, or elements of the structure with
+    chemical ``symbols`` taken together (a list or tuple such as ``['W', 'Se']``: one
+    row keyed ``'W+Se'``, e.g. the paper's hole count), returned as a tuple."""
+    if isinstance(by, str):
+        check_choice("by", by, PROJECTIONS)
+        return by
+    if not isinstance(by, (list, tuple)) or not by or not all(isinstance(x, str) for x in by):
+        raise ArgumentError(
+            f"by must be 'species', 'atom' or a non-empty list of element symbols "
+            f"(e.g. ['W', 'Se']), got {by!r}"
+        )
+    if len(set(by)) != len(by):
+        raise ArgumentError(f"by lists an element twice: {list(by)}")
+    missing = [x for x in by if x not in symbols]
+    if missing:
+        raise ArgumentError(
+            f"by: {missing} not in this structure; its elements are {list(dict.fromkeys(symbols))}"
+        )
+    return tuple(by)
+
+
 @dataclass(frozen=True, eq=False)
 class OrbitalLabels:
     """Which atom every orbital belongs to (``atom_of``, (n_orbitals,)) and the
@@ -148,28 +171,42 @@ class OrbitalLabels:
         """Sparse (n_atoms, n_orbitals) 0/1 matrix: orbital -> atom."""
         return group_matrix(self.atom_of, len(self.symbols))
 
-    def groups(self, by: str = "species") -> dict[str, np.ndarray]:
-        """Orbital indices per species (``by='species'``, keyed by symbol) or per atom
-        (``'atom'``, keyed ``'atom0'``, ``'atom1'``...)."""
-        check_choice("by", by, PROJECTIONS)
+    def projection(self, by):
+        """``by`` checked against this structure (:func:`check_projection`)."""
+        return check_projection(by, self.symbols)
+
+    def groups(self, by="species") -> dict[str, np.ndarray]:
+        """Orbital indices per species (``by='species'``, keyed by symbol), per atom
+        (``'atom'``, keyed ``'atom0'``, ``'atom1'``...) or of a list of elements together
+        (keyed ``'W+Se'``)."""
+        by = self.projection(by)
         if by == "atom":
             return {f"atom{i}": np.flatnonzero(self.atom_of == i) for i in range(len(self.symbols))}
         symbols = np.array(self.symbols, dtype=object)[self.atom_of]
+        if isinstance(by, tuple):
+            return {"+".join(by): np.flatnonzero(np.isin(symbols, by))}
         return {s: np.flatnonzero(symbols == s) for s in dict.fromkeys(symbols)}
 
-    def from_atoms(self, per_atom: np.ndarray, by: str = "species"):
+    def from_atoms(self, per_atom: np.ndarray, by="species"):
         """Per-atom rows (n_atoms, ...) as returned by ``pdos``: the array itself
-        (``by='atom'``) or a dict symbol -> sum over that species' atoms."""
+        (``by='atom'``), a dict symbol -> sum over that species' atoms, or for a list of
+        elements a dict ``'W+Se'`` -> sum over their atoms."""
+        by = self.projection(by)
         if by == "atom":
             return per_atom
         symbols = np.array(self.symbols, dtype=object)
+        if isinstance(by, tuple):
+            return {"+".join(by): per_atom[np.isin(symbols, by)].sum(0)}
         return {s: per_atom[symbols == s].sum(0) for s in self.species}
 
-    def from_groups(self, density: dict[str, np.ndarray], by: str = "species"):
+    def from_groups(self, density: dict[str, np.ndarray], by="species"):
         """:meth:`groups`-keyed rows as returned by ``pdos``: (n_atoms, ...) array
-        (``by='atom'``) or a dict symbol -> row."""
+        (``by='atom'``) or a dict symbol (or ``'W+Se'``) -> row."""
+        by = self.projection(by)
         if by == "atom":
             return np.array([density[f"atom{a}"] for a in range(len(self.symbols))])
+        if isinstance(by, tuple):
+            return {"+".join(by): density["+".join(by)]}
         return {s: density[s] for s in self.species}
 
 
@@ -297,8 +334,9 @@ class DenseSpectrum:
         by: str = "species",
     ):
         """(energies, PDOS): Mulliken-projected :meth:`dos`, a dict symbol -> (npts,)
-        (``by='species'``) or an (n_atoms, npts) array (``by='atom'``)."""
-        check_choice("by", by, PROJECTIONS)
+        (``by='species'``), an (n_atoms, npts) array (``by='atom'``) or a dict
+        ``'W+Se'`` -> (npts,) (``by=['W', 'Se']``)."""
+        by = self.labels.projection(by)
         eps, weights = self.mulliken()
         e = energy_grid(emin, emax, npts, eps.min(), eps.max(), 5 * width)
         per_atom = gaussian_dos(eps, self.weights, e, width, spectral=weights)
@@ -377,7 +415,7 @@ class KPMSpectrum:
         total alone, two moments per Chebyshev step (half the time of a projection),
         or the total row of a projection already computed at this resolution."""
         if by is not None:
-            check_choice("by", by, PROJECTIONS)
+            by = self.labels.projection(by)
         m = self.n_moments(width)
         key = (m, by)
         if by is None and key not in self._moments:
@@ -436,7 +474,9 @@ class KPMSpectrum:
         emax: float | None = None,
         by: str = "species",
     ):
-        """(energies, PDOS) as :meth:`DenseSpectrum.pdos`, from the projected moments."""
-        check_choice("by", by, PROJECTIONS)
+        """(energies, PDOS) as :meth:`DenseSpectrum.pdos`, from the projected moments
+        (a list of elements is one group: two moments per Chebyshev step, see
+        :func:`~ase_gearsh.electronic.kpm.chebyshev_moments`)."""
+        by = self.labels.projection(by)
         e, density = self._density(width, npts, emin, emax, by)
         return e, self.labels.from_groups(density, by)
