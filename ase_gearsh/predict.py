@@ -39,6 +39,7 @@ from ase.io import read
 from .calculator import GearsHCalculator
 from .core.errors import GearsHError
 from .core.io import atomic_write_bytes, check_output_folder, new_figure, output_folder, save_figure
+from .electronic.kpm import kpm_window_count
 from .electronic.spectrum import check_dos_args
 from .model.reliability import missing_species, reference_of
 
@@ -441,15 +442,21 @@ def _predict_into(
     near_null = None if exact or use_kpm else int(calc.get_near_null_levels().max())
     hole_info = None
     if holes:
-        count = (
-            exact_hole_count(exact_info, ef, holes, hole_window)
-            if exact
-            else hole_count(e, pdos, ef, holes, hole_window)
-        )
+        stderr = None  # the stochastic error of KPM's count (exact and dense have none)
+        if exact:
+            count = exact_hole_count(exact_info, ef, holes, hole_window)
+        elif use_kpm:  # the species moments behind the PDOS, integrated exactly
+            count, stderr = kpm_window_count(
+                calc.kpm_moments(width, "species"), ef, ef + hole_window, holes
+            )
+            count, stderr = 2.0 * count, None if stderr is None else 2.0 * stderr
+        else:
+            count = hole_count(e, pdos, ef, holes, hole_window)
         hole_info = {
             "species": holes,
             "window_eV": hole_window,
             "holes": count,
+            "holes_stderr": stderr,
             "per_cm2": _areal_density(atoms, count),
         }
     summary = {
@@ -506,9 +513,12 @@ def _predict_into(
         )
     if hole_info is not None:
         per = hole_info["per_cm2"]
+        err = hole_info["holes_stderr"]
         lines.append(
-            f"holes: {hole_info['holes']:.4g} states of {'+'.join(holes)} in "
-            f"[E_F, E_F + {hole_window:g} eV]" + (f" = {per:.3g} cm^-2" if per else "")
+            f"holes: {hole_info['holes']:.4g}"
+            + ("" if err is None else f" +- {err:.2g} (KPM's stochastic standard error)")
+            + f" states of {'+'.join(holes)} in [E_F, E_F + {hole_window:g} eV]"
+            + (f" = {per:.3g} cm^-2" if per else "")
         )
     return summary, lines
 
@@ -616,6 +626,7 @@ def predict_many(
             row["structure"] = p.stem
             h = s.get("holes") or {}
             row["holes"] = h.get("holes")
+            row["holes_stderr"] = h.get("holes_stderr")
             row["holes_per_cm2"] = h.get("per_cm2")
             rows.append(row)
     _write_summary_table(out / "summary.csv", rows)
@@ -626,7 +637,7 @@ def _write_summary_table(path: Path, rows: list[dict]) -> None:
     import csv
 
     buf = io.StringIO()
-    cols = SUMMARY_COLUMNS + ["holes", "holes_per_cm2"]
+    cols = SUMMARY_COLUMNS + ["holes", "holes_stderr", "holes_per_cm2"]
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
     for r in rows:

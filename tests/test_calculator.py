@@ -473,6 +473,19 @@ def test_predict_cli_writes_matrices_spectrum_and_plot(checkpoint, tmp_path):
     rows = (out / "eigenvalues.csv").read_text().splitlines()
     assert len(rows) == 1 + H.shape[0]
     assert main(["predict", str(tmp_path / "nope.xyz"), "-m", str(ckpt), "-o", str(out)]) == 2
+    # KPM: the hole count integrated exactly from the species moments, with the stochastic
+    # standard error of its random vectors; the written PDOS integrates to the same count
+    km = tmp_path / "kpm"
+    kargs = ["predict", str(tmp_path / "ethanol.xyz"), "-m", str(ckpt), "-o", str(km), "-q"]
+    assert main(kargs + ["--method", "kpm", "--holes", "C,H", "--hole-window", "3"]) == 0
+    s3 = json.loads((km / "summary.json").read_text())
+    assert s3["method"] == "kpm" and 0 < s3["holes"]["holes_stderr"] < 0.5 * s3["holes"]["holes"]
+    table = np.loadtxt(km / "dos.csv", delimiter=",", skiprows=1)
+    head = (km / "dos.csv").read_text().splitlines()[0].split(",")
+    ef3 = s3["fermi_level_eV"]
+    fine = np.linspace(ef3, ef3 + 3, 20001)
+    pd = sum(np.interp(fine, table[:, 0], table[:, head.index(x)]) for x in ("C", "H"))
+    assert s3["holes"]["holes"] == pytest.approx(2 * np.trapezoid(pd, fine), rel=2e-3)
     if importlib.util.find_spec("pypardiso") is None:
         return
     # exact states near E_F: the same Fermi level and states as the dense run, and the
@@ -493,6 +506,7 @@ def test_predict_cli_writes_matrices_spectrum_and_plot(checkpoint, tmp_path):
     hole = (states[:, 0] >= ef) & (states[:, 0] <= ef + 3)
     expected = 2 * states[hole][:, [cols.index("C"), cols.index("H")]].sum()
     assert hole.sum() > 0 and s2["holes"]["holes"] == pytest.approx(expected, abs=1e-4)
+    assert s2["holes"]["holes_stderr"] is None  # exact: no stochastic error
     assert (ex / "dos.png").stat().st_size > 10_000
     assert main(args[:-2] + [str(tmp_path / "x2"), "--method", "exact", "--kpts", "2,2,2"]) == 2
 

@@ -19,6 +19,7 @@ from ase_gearsh.electronic.kpm import (
     kpm_dos,
     kpm_fermi_level,
     kpm_n_moments,
+    kpm_window_count,
     moments_from_eigen,
     spectral_bounds,
 )
@@ -145,6 +146,43 @@ def test_density_integrates_to_counts(real_system):
     # the Jackson kernel is positive: exact moments give a non-negative total DOS
     dos = kpm_density(real_system["exact"], energy_grid(real_system["exact"]))["total"]
     assert dos.min() > -1e-9 * dos.max()
+
+
+def test_window_count_and_its_standard_error(real_system):
+    """kpm_window_count integrates the KPM density exactly (against the grid), and its
+    standard error from the vectors' own estimates covers the stochastic error: the
+    exact moments' count lies within 4 errors for windows of every group, and the error
+    shrinks like 1 / sqrt(vectors)."""
+    ex, st = real_system["exact"], real_system["stoch"]
+    assert ex.per_vector is None and st.per_vector.shape == (4, R_STOCH, M_EXACT)
+    np.testing.assert_allclose(st.per_vector.mean(axis=1), st.moments, atol=1e-12)
+    lo, hi = ex.center - ex.half_width, ex.center + ex.half_width
+    E = real_system["E"]
+    covered = 0
+    for e0, e1 in ((lo, hi), (E[20] - 0.3, E[60] + 0.1), (E[100], E[140])):
+        for name in st.names:
+            exact, none = kpm_window_count(ex, e0, e1, name)
+            assert none is None
+            count, err = kpm_window_count(st, e0, e1, name)
+            grid = np.linspace(max(e0, lo), min(e1, hi), 20001)
+            by_grid = trapezoid(kpm_density(st, grid)[name], grid)
+            assert count == pytest.approx(by_grid, abs=1e-4 * max(1.0, by_grid))
+            assert 0 < err and abs(count - exact) < 4 * err, (name, e0, e1, count, exact, err)
+            covered += abs(count - exact) < err
+    assert covered >= 4  # about 68 % of the 12 estimates lie within one error (measured: 9)
+    # the whole spectrum: mu_0 alone, exact for every vector (Rademacher): no error
+    assert kpm_window_count(st, lo - 1, hi + 1)[1] == pytest.approx(0.0, abs=1e-9)
+    H, S, bounds = real_system["H"], real_system["S"], real_system["bounds"]
+    e0, e1 = E[20] - 0.3, E[60] + 0.1
+    errs = [
+        kpm_window_count(chebyshev_moments(H, S, 64, r, bounds=bounds, seed=2), e0, e1)[1]
+        for r in (8, 128)
+    ]
+    assert 2.0 < errs[0] / errs[1] < 8.0  # sqrt(16) = 4
+    with pytest.raises(KPMError, match="no row 'W' in these moments"):
+        kpm_window_count(st, e0, e1, "W")
+    with pytest.raises(KPMError, match="need emin < emax"):
+        kpm_window_count(st, e1, e0)
 
 
 def test_kpm_dos_matches_broadened_dense(real_system):

@@ -61,6 +61,7 @@ __all__ = [
     "kpm_resolution",
     "KPMResolutionWarning",
     "kpm_fermi_level",
+    "kpm_window_count",
     "moments_from_eigen",
 ]
 
@@ -192,7 +193,9 @@ class KPMMoments:
 
     moments: (n_groups + 1, M), row 0 the total (mu_0 = n_orbitals), then the
     groups in the order of ``names[1:]``.  center, half_width in eV; n_random is
-    the number of random vectors (0 for the exact trace).
+    the number of random vectors (0 for the exact trace).  per_vector: (n_groups + 1,
+    n_random, M), each random vector's own estimate (``moments`` is their mean), from
+    which :func:`kpm_window_count` gives a standard error; None for the exact trace.
     """
 
     moments: np.ndarray
@@ -201,6 +204,7 @@ class KPMMoments:
     half_width: float
     n_random: int
     n_orbitals: int
+    per_vector: np.ndarray | None = None
 
 
 def _group_matrix(groups: dict[str, np.ndarray] | None, n: int) -> tuple[list[str], sp.csr_array]:
@@ -293,7 +297,8 @@ def chebyshev_moments(
         except ImportError:
             pass
     rng = np.random.default_rng(seed)
-    mu = np.zeros((len(names), M))
+    mu = np.zeros((len(names), M))  # exact: the sum over unit vectors
+    blocks = []  # stochastic: per-vector estimates, (groups + 1, k, M) per block
     Gg = G[1:]  # the groups, without the total row
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
         for i_block, start in enumerate(starts):
@@ -304,24 +309,32 @@ def chebyshev_moments(
             else:
                 r = rng.integers(0, 2, size=(n, k)).astype(np.float64) * 2.0 - 1.0
             if doubling:
-                mu += _doubling_block(r, apply, M, bar, chol, S, Gg)
+                out = _doubling_block(r, apply, M, bar, chol, S, Gg)
             else:
-                mu += _plain_block(r, apply, S, Gg, M, bar)
+                out = _plain_block(r, apply, S, Gg, M, bar)
+            if exact:
+                mu += out.sum(axis=1)
+            else:
+                blocks.append(out)
             if bar is not None:  # the block is done: its steps in full
                 bar.update((i_block + 1) * n_steps - bar.n)
     if bar is not None:
         bar.close()
-    mu /= 1 if exact else n_vec
-    if doubling:  # mu_2n = 2 X_n - mu_0, mu_2n+1 = 2 Y_n - mu_1 (X_0 = mu_0, Y_0 = mu_1)
-        mu[:, 2::2] = 2.0 * mu[:, 2::2] - mu[:, :1]
-        mu[:, 3::2] = 2.0 * mu[:, 3::2] - mu[:, 1:2]
-    mu[1:, 0] = Gg.sum(axis=1)  # mu_0 = Tr P_g is known: the PDOS integrates exactly
+    per_vector = None if exact else np.concatenate(blocks, axis=1)
+    for x in (mu,) if exact else (per_vector,):
+        if doubling:  # mu_2n = 2 X_n - mu_0, mu_2n+1 = 2 Y_n - mu_1 (X_0 = mu_0, Y_0 = mu_1)
+            x[..., 2::2] = 2.0 * x[..., 2::2] - x[..., :1]
+            x[..., 3::2] = 2.0 * x[..., 3::2] - x[..., 1:2]
+        x[1:, ..., 0] = np.reshape(Gg.sum(axis=1), (-1,) + (1,) * (x.ndim - 2))
+    # mu_0 = Tr P_g is known (above): the PDOS integrates exactly
+    if not exact:
+        mu = per_vector.mean(axis=1)
     if not np.all(np.isfinite(mu)) or np.abs(mu[0]).max() > 100.0 * n:
         raise KPMError(
             f"Chebyshev moments diverge (max |mu| = {np.abs(mu[0]).max():.3g} for "
             f"n = {n}): the bounds ({emin}, {emax}) do not enclose the spectrum"
         )
-    return KPMMoments(mu, names, b, a, 0 if exact else n_vec, n)
+    return KPMMoments(mu, names, b, a, 0 if exact else n_vec, n, per_vector)
 
 
 def _bar_tick(bar, m):
@@ -339,18 +352,18 @@ def _times(A, X):
 def _plain_block(r, apply, S, Gg, M, bar):
     """Moments of one block of vectors, one per step: total r^H v_m (B~ is Hermitian:
     the lowest-variance form); groups (L r)^H P_g L^-H v_m, an unbiased estimate of
-    Tr[P_g T_m(S^-1 H)] (Mulliken), with L r = S L^-H r."""
-    mu = np.zeros((Gg.shape[0] + 1, M))
+    Tr[P_g T_m(S^-1 H)] (Mulliken), with L r = S L^-H r.  Per vector: (groups + 1, k, M)."""
+    mu = np.zeros((Gg.shape[0] + 1, r.shape[1], M))  # per vector
     prev, cur, Lr = None, r, None
     for m in range(M):  # cur = v_m = T_m(B~) r
-        mu[0, m] = np.einsum("ib,ib->", r, cur.real)
+        mu[0, :, m] = np.einsum("ib,ib->b", r, cur.real)
         if m == M - 1 and Gg.shape[0] == 0:
             break
         nxt, u = apply(cur)  # u = L^-H v_m comes with the step
         if Gg.shape[0]:
             if Lr is None:
                 Lr = (S @ u).conj()
-            mu[1:, m] = Gg @ np.einsum("ib,ib->i", Lr, u).real
+            mu[1:, :, m] = Gg @ (Lr * u).real
         prev, cur = cur, (nxt if prev is None else 2.0 * nxt - prev)
         _bar_tick(bar, m)
     return mu
@@ -361,11 +374,11 @@ def _doubling_block(r, apply, M, bar, chol=None, S=None, Gg=None):
     mu_0 and mu_2n+1 = 2 v_n^H v_n+1 - mu_1 with v_n = T_n(B~) r, the same numbers as
     r^H T_m(B~) r; each group g (rows of ``Gg``), from w_g = L^-1 P_g L r propagated
     alongside, mu_2n = 2 (T_n w_g)^H v_n - mu_0 and mu_2n+1 = 2 (T_n+1 w_g)^H v_n - mu_1,
-    the same numbers as :func:`_plain_block`.  Returned as raw sums (X_n in column 2n,
-    Y_n in column 2n + 1)."""
+    the same numbers as :func:`_plain_block`.  Returned per vector as raw sums, (groups +
+    1, k, M) with X_n in column 2n and Y_n in column 2n + 1."""
     k = r.shape[1]
     n_groups = 0 if Gg is None else Gg.shape[0]
-    out = np.zeros((n_groups + 1, M))
+    out = np.zeros((n_groups + 1, k, M))  # per vector
     start = r
     if n_groups:  # w_g = L^-1 P_g L r, with L r = S L^-H r
         Lr = _times(S, chol.lt_solve(r))
@@ -373,15 +386,15 @@ def _doubling_block(r, apply, M, bar, chol=None, S=None, Gg=None):
         w = chol.l_solve(np.concatenate([Lr * g[:, None] for g in weights], axis=1))
         start = np.concatenate([r, w], axis=1)  # one solve for all groups
 
-    def sums(x, v):  # per row: [v^H v, (w_g^H v for each group)], x = [v, w_1, ...]
-        return np.einsum("inb,ib->n", x.reshape(x.shape[0], n_groups + 1, k).conj(), v).real
+    def sums(x, v):  # per row and vector: [v^H v, (w_g^H v for each group)], x = [v, w_1, ...]
+        return np.einsum("inb,ib->nb", x.reshape(x.shape[0], n_groups + 1, k).conj(), v).real
 
     prev, cur = None, start
     for m in range(M // 2 + 1):  # cur = T_m(B~) start
         if 2 * m < M:
-            out[:, 2 * m] = sums(cur, cur[:, :k])
+            out[:, :, 2 * m] = sums(cur, cur[:, :k])
         if m:
-            out[:, 2 * m - 1] = sums(cur, prev[:, :k])
+            out[:, :, 2 * m - 1] = sums(cur, prev[:, :k])
         if m < M // 2:
             nxt = apply(cur)[0]
             prev, cur = cur, (nxt if m == 0 else 2.0 * nxt - prev)
@@ -422,6 +435,40 @@ def kpm_density(moments: KPMMoments, energies) -> dict[str, np.ndarray]:
         T = np.cos(np.outer(np.arccos(xc), m))  # T_m(x) = cos(m arccos x)
         out[:, chunk] = (coef @ T.T) / (np.pi * moments.half_width * np.sqrt(1.0 - xc**2))
     return {name: row.reshape(E.shape) for name, row in zip(moments.names, out)}
+
+
+def kpm_window_count(
+    moments: KPMMoments, emin: float, emax: float, name="total"
+) -> tuple[float, float | None]:
+    """(count, standard error): the states per spin channel of row ``name`` (``'total'`` or
+    a group; a list of groups: their sum) with energies in [emin, emax] eV, the
+    Jackson-damped density of :func:`kpm_density` integrated exactly (x = cos t:
+    each T_m integrates to sin(m t) / m). The standard error is the spread of the
+    random vectors' own counts over sqrt(n_random), the stochastic part of the error
+    (the kernel's broadening is not in it); None for the exact trace or a single
+    vector."""
+    rows = [name] if isinstance(name, str) else list(name)
+    missing = [x for x in rows if x not in moments.names]
+    if missing or not rows:
+        raise KPMError(f"no row {missing or name!r} in these moments; they have {moments.names}")
+    emin, emax = float(emin), float(emax)
+    if not emin < emax:
+        raise KPMError(f"need emin < emax; got [{emin}, {emax}] eV")
+    x = np.clip((np.array([emin, emax]) - moments.center) / moments.half_width, -1.0, 1.0)
+    t_lo, t_hi = np.arccos(x)  # t_lo >= t_hi
+    M = moments.moments.shape[1]
+    m = np.arange(1, M)
+    c = np.empty(M)
+    c[0] = t_lo - t_hi
+    c[1:] = 2.0 * (np.sin(m * t_lo) - np.sin(m * t_hi)) / m
+    c *= jackson_kernel(M) / np.pi
+    i = [moments.names.index(x) for x in rows]
+    count = float(moments.moments[i].sum(axis=0) @ c)
+    pv = moments.per_vector
+    if pv is None or pv.shape[1] < 2:
+        return count, None
+    each = pv[i].sum(axis=0) @ c  # one count per random vector
+    return count, float(each.std(ddof=1) / np.sqrt(len(each)))
 
 
 class KPMResolutionWarning(UserWarning):
