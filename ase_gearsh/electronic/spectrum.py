@@ -428,6 +428,7 @@ class KPMSpectrum:
                     done.half_width,
                     done.n_random,
                     done.n_orbitals,
+                    None if done.per_vector is None else done.per_vector[:1].copy(),
                 )
         if key not in self._moments:
             opts = self.options
