@@ -10,6 +10,7 @@ import scipy.linalg as la
 import scipy.sparse as sp
 from scipy.integrate import cumulative_trapezoid, trapezoid
 
+import ase_gearsh.electronic.kpm as kpm_module
 from ase_gearsh.electronic.kpm import (
     CholeskyFactor,
     KPMError,
@@ -148,7 +149,7 @@ def test_density_integrates_to_counts(real_system):
     assert dos.min() > -1e-9 * dos.max()
 
 
-def test_window_count_and_its_standard_error(real_system):
+def test_window_count_and_its_standard_error(real_system, monkeypatch):
     """kpm_window_count integrates the KPM density exactly (against the grid), and its
     standard error from the vectors' own estimates covers the stochastic error: the
     exact moments' count lies within 4 errors for windows of every group, and the error
@@ -179,7 +180,14 @@ def test_window_count_and_its_standard_error(real_system):
         for r in (8, 128)
     ]
     assert 2.0 < errs[0] / errs[1] < 8.0  # sqrt(16) = 4
-    with pytest.raises(KPMError, match="no row 'W' in these moments"):
+    # too many per-vector numbers to keep (e.g. per atom at device scale): the same
+    # moments, summed as they come, and no error bar
+    kept = chebyshev_moments(H, S, 64, 8, groups=real_system["groups"], bounds=bounds, seed=2)
+    monkeypatch.setattr(kpm_module, "PER_VECTOR_MAX", 0)
+    summed = chebyshev_moments(H, S, 64, 8, groups=real_system["groups"], bounds=bounds, seed=2)
+    assert summed.per_vector is None and kpm_window_count(summed, e0, e1)[1] is None
+    np.testing.assert_allclose(summed.moments, kept.moments, rtol=0, atol=1e-10)
+    with pytest.raises(KPMError, match=r"no row\(s\) 'W' in these moments"):
         kpm_window_count(st, e0, e1, "W")
     with pytest.raises(KPMError, match="need emin < emax"):
         kpm_window_count(st, e1, e0)

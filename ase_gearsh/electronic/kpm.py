@@ -69,6 +69,7 @@ EDGE = 0.01  # the bounds map to x = -+(1 - EDGE), away from the 1/sqrt(1 - x^2)
 HERMITIAN_RTOL = 1e-8
 DENSE_MAX = 200
 BOUNDS_RTOL = 1e-3  # ARPACK's tolerance for the extreme eigenvalues (relative)
+PER_VECTOR_MAX = 2**24  # elements (128 MiB) of per-vector moments kept for error bars
 
 
 class KPMError(GearsHError, ValueError):
@@ -195,7 +196,8 @@ class KPMMoments:
     groups in the order of ``names[1:]``.  center, half_width in eV; n_random is
     the number of random vectors (0 for the exact trace).  per_vector: (n_groups + 1,
     n_random, M), each random vector's own estimate (``moments`` is their mean), from
-    which :func:`kpm_window_count` gives a standard error; None for the exact trace.
+    which :func:`kpm_window_count` gives a standard error; None for the exact trace, and
+    when they would exceed 2**24 numbers (e.g. the per-atom PDOS of a large structure).
     """
 
     moments: np.ndarray
@@ -299,6 +301,8 @@ def chebyshev_moments(
     rng = np.random.default_rng(seed)
     mu = np.zeros((len(names), M))  # exact: the sum over unit vectors
     blocks = []  # stochastic: per-vector estimates, (groups + 1, k, M) per block
+    # kept when small (not for the per-atom PDOS of a large structure): else summed
+    keep = not exact and len(names) * n_vec * M <= PER_VECTOR_MAX
     Gg = G[1:]  # the groups, without the total row
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
         for i_block, start in enumerate(starts):
@@ -312,22 +316,24 @@ def chebyshev_moments(
                 out = _doubling_block(r, apply, M, bar, chol, S, Gg)
             else:
                 out = _plain_block(r, apply, S, Gg, M, bar)
-            if exact:
-                mu += out.sum(axis=1)
-            else:
+            if keep:
                 blocks.append(out)
+            else:
+                mu += out.sum(axis=1)
             if bar is not None:  # the block is done: its steps in full
                 bar.update((i_block + 1) * n_steps - bar.n)
     if bar is not None:
         bar.close()
-    per_vector = None if exact else np.concatenate(blocks, axis=1)
-    for x in (mu,) if exact else (per_vector,):
+    if not (exact or keep):
+        mu /= n_vec
+    per_vector = np.concatenate(blocks, axis=1) if keep else None
+    for x in (per_vector,) if keep else (mu,):
         if doubling:  # mu_2n = 2 X_n - mu_0, mu_2n+1 = 2 Y_n - mu_1 (X_0 = mu_0, Y_0 = mu_1)
             x[..., 2::2] = 2.0 * x[..., 2::2] - x[..., :1]
             x[..., 3::2] = 2.0 * x[..., 3::2] - x[..., 1:2]
         x[1:, ..., 0] = np.reshape(Gg.sum(axis=1), (-1,) + (1,) * (x.ndim - 2))
     # mu_0 = Tr P_g is known (above): the PDOS integrates exactly
-    if not exact:
+    if keep:
         mu = per_vector.mean(axis=1)
     if not np.all(np.isfinite(mu)) or np.abs(mu[0]).max() > 100.0 * n:
         raise KPMError(
@@ -450,7 +456,8 @@ def kpm_window_count(
     rows = [name] if isinstance(name, str) else list(name)
     missing = [x for x in rows if x not in moments.names]
     if missing or not rows:
-        raise KPMError(f"no row {missing or name!r} in these moments; they have {moments.names}")
+        what = ", ".join(map(repr, missing)) or "given"
+        raise KPMError(f"no row(s) {what} in these moments; they have {moments.names}")
     emin, emax = float(emin), float(emax)
     if not emin < emax:
         raise KPMError(f"need emin < emax; got [{emin}, {emax}] eV")
