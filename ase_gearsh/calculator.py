@@ -955,5 +955,6 @@ class GearsHCalculator(Calculator):
         the species at device scale).  The species or atoms sum to the total DOS.
         """
         check_dos_args(width, npts, emin, emax, method)
-        by = check_projection(by, self._sync().get_chemical_symbols())
+        target = self._target(None) or self._sync()  # checked before any prediction
+        by = check_projection(by, target.get_chemical_symbols())
         return self._spectrum(method).pdos(width, npts, emin, emax, by)

@@ -3,6 +3,7 @@
     python benchmarks/kpm_device.py [--atoms 3999] [--resolution 0.1] [--moments M]
                                     [--random 16] [--window 0.2] [--screen 1e-8]
                                     [--groups species|holes] [--doubling auto|on|off]
+                                    [--span 125] [--total-too]
 
 Structure: ``benchmarks/device_structure.py`` (amorphous HfO2:Ni under 2H-WSe2), exact S
 from ``gpaw_tools.overlap`` (PBE, szp(dzp); ``--screen e``: every element within e of

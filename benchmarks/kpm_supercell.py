@@ -19,7 +19,8 @@ the L1 error of the DOS; and the W+Se states in the ``--window`` eV below the va
 band maximum (the paper's hole window for a Fermi level pinned that far inside the
 valence band): exact (sharp), exact with the same Jackson kernel (the broadening
 part of the error) and KPM (adds the stochastic part), with KPM's relative error
-against the kernel-broadened exact count.
+against the kernel-broadened exact count, and the count integrated from the moments with
+its stochastic standard error (``kpm_window_count``) and how many errors it is off.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def main(argv=None):
         kpm_density,
         kpm_fermi_level,
         kpm_n_moments,
+        kpm_window_count,
         moments_from_eigen,
         spectral_bounds,
     )
@@ -196,17 +198,28 @@ def main(argv=None):
         ef = kpm_fermi_level(mom, s.n_electrons * n_cells)
         l1 = np.trapezoid(np.abs(dk["total"] - dex["total"]), grid) / mom.n_orbitals
         c = count(dk, species if projected else ["total"])  # the cell is all W and Se
+        # the same count integrated exactly from the moments, with its standard error
+        cw, err = kpm_window_count(mom, lo, hi, species if projected else "total")
         print(
             f"{R:4d} {dt:8.1f} {ef:8.3f} {100 * l1:6.2f}% {c:12.2f} {ref_count:15.2f} "
             f"{100 * (c - ref_count) / ref_count:+6.1f}%"
             + ("" if projected else "  (total alone, two moments per step)"),
             flush=True,
         )
+        print(
+            f"      from the moments: {2 * cw:.2f} +- {2 * err:.2f} (standard error), "
+            f"{(c - ref_count) / (2 * err):+.1f} errors from the exact count with the kernel",
+            flush=True,
+        )
         if not projected:
             continue
         print(  # a single species: the Mulliken group estimator, not the total's
-            "      per species (KPM / exact with the kernel): "
-            + ", ".join(f"{x} {count(dk, [x]):.2f} / {count(dex, [x]):.2f}" for x in species),
+            "      per species (KPM +- standard error / exact with the kernel): "
+            + ", ".join(
+                f"{x} {2 * kpm_window_count(mom, lo, hi, x)[0]:.2f} +- "
+                f"{2 * kpm_window_count(mom, lo, hi, x)[1]:.2f} / {count(dex, [x]):.2f}"
+                for x in species
+            ),
             flush=True,
         )
     print(

@@ -243,14 +243,18 @@ def test_dos_normalisation_and_pdos_sums(model, water_dataset):
     assert per_atom.shape == (3, 4001)
     assert np.abs(per_atom.sum(0) - dos).max() < 1e-10
     # elements taken together: one row, the sum of theirs
-    _, both = calc.get_pdos(width=0.1, npts=4001, by=["O", "H"])
+    _, both = calc.get_pdos(width=0.1, npts=4001, by=["H", "O"])  # the structure's order
     assert list(both) == ["O+H"] and np.abs(both["O+H"] - dos).max() < 1e-10
+    _, same = calc.get_pdos(width=0.1, npts=4001, by=np.array(["O", "H"]))
+    assert list(same) == ["O+H"]
     _, oxygen = calc.get_pdos(width=0.1, npts=4001, by=("O",))
     assert list(oxygen) == ["O"] and np.abs(oxygen["O"] - pdos["O"]).max() < 1e-12
     for by, msg in (
         (["Se"], r"by: \['Se'\] not in this structure; its elements are \['O', 'H'\]"),
         ([], "non-empty list of element symbols"),
-        (["O", "O"], "lists an element twice"),
+        (["O", "O"], r"lists an element twice: \['O', 'O'\]; its elements are"),
+        ("O", r"for that element alone: by=\['O'\]"),
+        ("orbital", "by must be 'species' or 'atom'"),
         ([1], "non-empty list of element symbols"),
     ):
         with pytest.raises(CalculatorInputError, match=msg):

@@ -191,6 +191,8 @@ def test_window_count_and_its_standard_error(real_system, monkeypatch):
         kpm_window_count(st, e0, e1, "W")
     with pytest.raises(KPMError, match="need emin < emax"):
         kpm_window_count(st, e1, e0)
+    with pytest.raises(KPMError, match="non-empty list of rows"):
+        kpm_window_count(st, e0, e1, [])
 
 
 def test_kpm_dos_matches_broadened_dense(real_system):
@@ -266,13 +268,15 @@ def test_total_moments_two_per_step(n_moments, complex_h):
     assert f.steps == n_moments
 
 
-@pytest.mark.parametrize("n_moments, complex_h", [(64, False), (33, True)])
-def test_group_moments_two_per_step(n_moments, complex_h):
+@pytest.mark.parametrize(
+    "n_moments, complex_h, complex_s", [(64, False, False), (33, True, False), (40, True, True)]
+)
+def test_group_moments_two_per_step(n_moments, complex_h, complex_s):
     """With extra start vectors w_g = L^-1 P_g L r the group moments also come two per
     step, the same numbers as one per step: exact against dense Mulliken weights
     (overlapping groups included), stochastic equal to rounding; one group does it by
     default (the hole count's W+Se), several only when asked."""
-    H, S, groups, E, W = reference(80, seed=2, complex_h=complex_h)
+    H, S, groups, E, W = reference(80, seed=2, complex_h=complex_h, complex_s=complex_s)
     bounds = spectral_bounds(H, S)
     a, b = 0.5 * (bounds[1] - bounds[0]) / 0.99, 0.5 * sum(bounds)
     ref = moments_from_eigen(E, W, b, a, n_moments)
@@ -317,6 +321,10 @@ def test_group_moments_two_per_step(n_moments, complex_h):
     assert np.abs(one.moments - runs[False, False][[0, 2]]).max() < 1e-9 * n
     with pytest.raises(KPMError, match="doubling must be True, False or None"):
         chebyshev_moments(H, S, 8, 2, groups=groups, bounds=bounds, doubling="yes")
+    with pytest.raises(KPMError, match="doubling with 3 groups propagates 4 x 8 vectors"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(kpm_module, "DOUBLING_MAX", 4 * 8 * 240 - 1)
+            chebyshev_moments(H, S, 8, 8, groups=groups, bounds=bounds, doubling=True)
 
 
 @pytest.mark.parametrize("complex_s", [False, True])

@@ -70,6 +70,7 @@ HERMITIAN_RTOL = 1e-8
 DENSE_MAX = 200
 BOUNDS_RTOL = 1e-3  # ARPACK's tolerance for the extreme eigenvalues (relative)
 PER_VECTOR_MAX = 2**24  # elements (128 MiB) of per-vector moments kept for error bars
+DOUBLING_MAX = 2**27  # vector elements (1 GiB) of one doubled block, start vectors included
 
 
 class KPMError(GearsHError, ValueError):
@@ -257,8 +258,9 @@ def chebyshev_moments(
     T_2n+1 = 2 T_n T_n+1 - T_1 (M // 2 steps instead of M - 1, the same estimates);
     each group then propagates one more block of start vectors w_g = L^-1 P_g L r
     (module docstring).  None (default): for the total alone and for one group (the
-    cheaper way when solves are memory-bound, and no dearer otherwise); True: for any
-    number of groups; False: one moment per step.
+    cheaper way when solves are memory-bound, and no dearer otherwise); True: for every
+    group (refused when a block of all those vectors would exceed 1 GiB); False: one
+    moment per step.
     """
     _check_moments(n_moments)
     if not exact and (int(n_random) != n_random or n_random < 1):
@@ -283,6 +285,14 @@ def chebyshev_moments(
     if doubling is not None and not isinstance(doubling, (bool, np.bool_)):
         raise KPMError(f"doubling must be True, False or None (automatic); got {doubling!r}")
     doubling = len(names) <= 2 if doubling is None else bool(doubling)
+    k_max = min(int(block), n if exact else int(n_random))
+    if doubling and len(names) * k_max * n > DOUBLING_MAX:
+        raise KPMError(
+            f"doubling with {len(names) - 1} groups propagates {len(names)} x {k_max} "
+            f"vectors of {n} orbitals ({len(names) * k_max * n * 8 / 2**30:.1f} GiB per "
+            f"array, four arrays): too many; use doubling=None (one moment per step for "
+            f"several groups) or fewer groups"
+        )
     n_steps = M // 2 if doubling else (M if len(names) > 1 else M - 1)  # B~ per block
     bar = None
     if progress:  # over Chebyshev steps of all blocks: its rate and ETA are the cost
@@ -313,13 +323,13 @@ def chebyshev_moments(
             else:
                 r = rng.integers(0, 2, size=(n, k)).astype(np.float64) * 2.0 - 1.0
             if doubling:
-                out = _doubling_block(r, apply, M, bar, chol, S, Gg)
+                out = _doubling_block(r, apply, M, bar, chol, S, Gg, keep)
             else:
-                out = _plain_block(r, apply, S, Gg, M, bar)
+                out = _plain_block(r, apply, S, Gg, M, bar, keep)
             if keep:
                 blocks.append(out)
             else:
-                mu += out.sum(axis=1)
+                mu += out[:, 0]
             if bar is not None:  # the block is done: its steps in full
                 bar.update((i_block + 1) * n_steps - bar.n)
     if bar is not None:
@@ -355,27 +365,32 @@ def _times(A, X):
     return A @ X
 
 
-def _plain_block(r, apply, S, Gg, M, bar):
+def _plain_block(r, apply, S, Gg, M, bar, per_vector=True):
     """Moments of one block of vectors, one per step: total r^H v_m (B~ is Hermitian:
     the lowest-variance form); groups (L r)^H P_g L^-H v_m, an unbiased estimate of
-    Tr[P_g T_m(S^-1 H)] (Mulliken), with L r = S L^-H r.  Per vector: (groups + 1, k, M)."""
-    mu = np.zeros((Gg.shape[0] + 1, r.shape[1], M))  # per vector
+    Tr[P_g T_m(S^-1 H)] (Mulliken), with L r = S L^-H r.  (groups + 1, k, M) per vector,
+    or (groups + 1, 1, M) summed over the block's vectors."""
+    mu = np.zeros((Gg.shape[0] + 1, r.shape[1] if per_vector else 1, M))
     prev, cur, Lr = None, r, None
     for m in range(M):  # cur = v_m = T_m(B~) r
-        mu[0, :, m] = np.einsum("ib,ib->b", r, cur.real)
+        total = np.einsum("ib,ib->b", r, cur.real)
+        mu[0, :, m] = total if per_vector else total.sum()
         if m == M - 1 and Gg.shape[0] == 0:
             break
         nxt, u = apply(cur)  # u = L^-H v_m comes with the step
         if Gg.shape[0]:
             if Lr is None:
                 Lr = (S @ u).conj()
-            mu[1:, :, m] = Gg @ (Lr * u).real
+            if per_vector:
+                mu[1:, :, m] = Gg @ (Lr * u).real
+            else:
+                mu[1:, 0, m] = Gg @ np.einsum("ib,ib->i", Lr, u).real
         prev, cur = cur, (nxt if prev is None else 2.0 * nxt - prev)
         _bar_tick(bar, m)
     return mu
 
 
-def _doubling_block(r, apply, M, bar, chol=None, S=None, Gg=None):
+def _doubling_block(r, apply, M, bar, chol=None, S=None, Gg=None, per_vector=True):
     """Moments of one block, two per step (M // 2 steps): the total, mu_2n = 2 v_n^H v_n -
     mu_0 and mu_2n+1 = 2 v_n^H v_n+1 - mu_1 with v_n = T_n(B~) r, the same numbers as
     r^H T_m(B~) r; each group g (rows of ``Gg``), from w_g = L^-1 P_g L r propagated
@@ -384,16 +399,20 @@ def _doubling_block(r, apply, M, bar, chol=None, S=None, Gg=None):
     1, k, M) with X_n in column 2n and Y_n in column 2n + 1."""
     k = r.shape[1]
     n_groups = 0 if Gg is None else Gg.shape[0]
-    out = np.zeros((n_groups + 1, k, M))  # per vector
+    out = np.zeros((n_groups + 1, k if per_vector else 1, M))
     start = r
     if n_groups:  # w_g = L^-1 P_g L r, with L r = S L^-H r
         Lr = _times(S, chol.lt_solve(r))
-        weights = Gg.toarray()  # (groups, n) diagonal weights of P_g
-        w = chol.l_solve(np.concatenate([Lr * g[:, None] for g in weights], axis=1))
-        start = np.concatenate([r, w], axis=1)  # one solve for all groups
+        PLr = np.zeros((r.shape[0], n_groups * k), dtype=Lr.dtype)
+        for g in range(n_groups):  # P_g L r from the sparse rows of the group weights
+            idx = Gg.indices[Gg.indptr[g] : Gg.indptr[g + 1]]
+            val = Gg.data[Gg.indptr[g] : Gg.indptr[g + 1]]
+            PLr[idx, g * k : (g + 1) * k] = Lr[idx] * val[:, None]
+        start = np.concatenate([r, chol.l_solve(PLr)], axis=1)  # one solve for all groups
 
     def sums(x, v):  # per row and vector: [v^H v, (w_g^H v for each group)], x = [v, w_1, ...]
-        return np.einsum("inb,ib->nb", x.reshape(x.shape[0], n_groups + 1, k).conj(), v).real
+        out = np.einsum("inb,ib->nb", x.reshape(x.shape[0], n_groups + 1, k).conj(), v).real
+        return out if per_vector else out.sum(axis=1, keepdims=True)
 
     prev, cur = None, start
     for m in range(M // 2 + 1):  # cur = T_m(B~) start
@@ -455,8 +474,10 @@ def kpm_window_count(
     vector."""
     rows = [name] if isinstance(name, str) else list(name)
     missing = [x for x in rows if x not in moments.names]
-    if missing or not rows:
-        what = ", ".join(map(repr, missing)) or "given"
+    if not rows:
+        raise KPMError(f"name must be a row or a non-empty list of rows of {moments.names}")
+    if missing:
+        what = ", ".join(map(repr, missing))
         raise KPMError(f"no row(s) {what} in these moments; they have {moments.names}")
     emin, emax = float(emin), float(emax)
     if not emin < emax:

@@ -127,25 +127,33 @@ def check_dos_args(width, npts, emin, emax, method: str = "auto") -> None:
 
 
 def check_projection(by, symbols: Sequence[str]):
-    """A PDOS projection: ``'species'``, ``'atom'``, or elements of the structure with
-    chemical ``symbols`` taken together (a list or tuple such as ``['W', 'Se']``: one
-    row keyed ``'W+Se'``, e.g. the paper's hole count), returned as a tuple."""
+    """A PDOS projection: ``'species'`` or ``'atom'`` (returned as is), or elements of the
+    structure with chemical ``symbols`` taken together (a list, tuple or array such as
+    ``['W', 'Se']``: one row keyed ``'W+Se'``, e.g. the paper's hole count), returned as
+    a tuple in the structure's order of first appearance (so that ``['Se', 'W']`` is the
+    same row and the same cached moments)."""
     if isinstance(by, str):
+        if by not in PROJECTIONS and by in symbols:
+            raise ArgumentError(
+                f"by must be 'species', 'atom' or a list of element symbols; got {by!r} "
+                f"(for that element alone: by=[{by!r}])"
+            )
         check_choice("by", by, PROJECTIONS)
         return by
+    if isinstance(by, np.ndarray) and by.ndim == 1:
+        by = by.tolist()
     if not isinstance(by, (list, tuple)) or not by or not all(isinstance(x, str) for x in by):
         raise ArgumentError(
             f"by must be 'species', 'atom' or a non-empty list of element symbols "
             f"(e.g. ['W', 'Se']), got {by!r}"
         )
+    species = list(dict.fromkeys(symbols))
     if len(set(by)) != len(by):
-        raise ArgumentError(f"by lists an element twice: {list(by)}")
-    missing = [x for x in by if x not in symbols]
+        raise ArgumentError(f"by lists an element twice: {list(by)}; its elements are {species}")
+    missing = [x for x in by if x not in species]
     if missing:
-        raise ArgumentError(
-            f"by: {missing} not in this structure; its elements are {list(dict.fromkeys(symbols))}"
-        )
-    return tuple(by)
+        raise ArgumentError(f"by: {missing} not in this structure; its elements are {species}")
+    return tuple(x for x in species if x in by)
 
 
 @dataclass(frozen=True, eq=False)
@@ -412,7 +420,8 @@ class KPMSpectrum:
     def moments(self, width: float = 0.1, by: str | None = "species") -> KPMMoments:
         """Chebyshev moments for a resolution of about ``width`` eV, projected on species
         or atoms (cached; the total row is the same for either).  ``by=None``: the
-        total alone, two moments per Chebyshev step (half the time of a projection),
+        total alone, two moments per Chebyshev step (half the steps of a projection on
+        several groups; a list of elements is one group and doubles too),
         or the total row of a projection already computed at this resolution."""
         if by is not None:
             by = self.labels.projection(by)
