@@ -231,6 +231,30 @@ class CountingFactor(CholeskyFactor):
         return super().l_solve(y)
 
 
+def doubled_and_plain(H, S, n_moments, bounds, groups=None, seed=0):
+    """Moments and step counts (L^-1 solves) for doubling on/off and exact/stochastic
+    (8 vectors), in blocks of 7 (several blocks, the last one short)."""
+    runs, steps = {}, {}
+    for doubling in (True, False):
+        for exact in (True, False):
+            f = CountingFactor(S)
+            runs[doubling, exact] = chebyshev_moments(
+                H,
+                S,
+                n_moments,
+                8,
+                groups=groups,
+                bounds=bounds,
+                exact=exact,
+                block=7,
+                factor=f,
+                doubling=doubling,
+                seed=seed,
+            ).moments
+            steps[doubling, exact] = f.steps
+    return runs, steps
+
+
 @pytest.mark.parametrize(
     "n_moments, complex_h", [(64, False), (33, False), (48, True), (2, False), (3, True)]
 )
@@ -240,23 +264,10 @@ def test_total_moments_two_per_step(n_moments, complex_h):
     stochastic equal to rounding."""
     H, S, _, E, _ = reference(80, seed=2, complex_h=complex_h)
     bounds = spectral_bounds(H, S)
-    runs = {}
-    for doubling in (True, False):
-        for exact in (True, False):
-            f = CountingFactor(S)
-            runs[doubling, exact] = chebyshev_moments(
-                H,
-                S,
-                n_moments,
-                8,
-                bounds=bounds,
-                exact=exact,
-                block=7,  # several blocks, the last one short
-                factor=f,
-                doubling=doubling,
-            ).moments
-            per_block = n_moments // 2 if doubling else n_moments - 1
-            assert f.steps == -(-(240 if exact else 8) // 7) * per_block, (doubling, exact)
+    runs, steps = doubled_and_plain(H, S, n_moments, bounds)
+    for (doubling, exact), n_steps in steps.items():
+        per_block = n_moments // 2 if doubling else n_moments - 1
+        assert n_steps == -(-(240 if exact else 8) // 7) * per_block, (doubling, exact)
     a = 0.5 * (bounds[1] - bounds[0]) / 0.99
     ref = moments_from_eigen(E, np.ones_like(E), 0.5 * sum(bounds), a, n_moments)
     assert np.abs(runs[True, True] - ref).max() < 1e-9 * len(E)
@@ -280,26 +291,11 @@ def test_group_moments_two_per_step(n_moments, complex_h, complex_s):
     bounds = spectral_bounds(H, S)
     a, b = 0.5 * (bounds[1] - bounds[0]) / 0.99, 0.5 * sum(bounds)
     ref = moments_from_eigen(E, W, b, a, n_moments)
-    runs = {}
-    for doubling in (True, False):
-        for exact in (True, False):
-            f = CountingFactor(S)
-            runs[doubling, exact] = chebyshev_moments(
-                H,
-                S,
-                n_moments,
-                8,
-                groups=groups,
-                bounds=bounds,
-                exact=exact,
-                block=7,
-                factor=f,
-                doubling=doubling,
-                seed=5,
-            ).moments
-            blocks = -(-(240 if exact else 8) // 7)
-            solves = blocks * (n_moments // 2 + 1) if doubling else blocks * n_moments
-            assert f.steps == solves, (doubling, exact)  # + one L^-1 per block for w_g
+    runs, steps = doubled_and_plain(H, S, n_moments, bounds, groups, seed=5)
+    for (doubling, exact), n_steps in steps.items():
+        blocks = -(-(240 if exact else 8) // 7)
+        solves = blocks * (n_moments // 2 + 1) if doubling else blocks * n_moments
+        assert n_steps == solves, (doubling, exact)  # + one L^-1 per block for w_g
     n = len(E)
     assert np.abs(runs[True, True] - ref).max() < 1e-9 * n
     assert np.abs(runs[True, False] - runs[False, False]).max() < 1e-9 * n
