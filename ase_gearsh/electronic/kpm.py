@@ -395,8 +395,8 @@ def _doubling_block(r, apply, M, bar, chol=None, S=None, Gg=None, per_vector=Tru
     mu_0 and mu_2n+1 = 2 v_n^H v_n+1 - mu_1 with v_n = T_n(B~) r, the same numbers as
     r^H T_m(B~) r; each group g (rows of ``Gg``), from w_g = L^-1 P_g L r propagated
     alongside, mu_2n = 2 (T_n w_g)^H v_n - mu_0 and mu_2n+1 = 2 (T_n+1 w_g)^H v_n - mu_1,
-    the same numbers as :func:`_plain_block`.  Returned per vector as raw sums, (groups +
-    1, k, M) with X_n in column 2n and Y_n in column 2n + 1."""
+    the same numbers as :func:`_plain_block`.  Returned as raw sums, (groups + 1, k, M)
+    per vector or (groups + 1, 1, M) over the block, X_n in column 2n and Y_n in 2n + 1."""
     k = r.shape[1]
     n_groups = 0 if Gg is None else Gg.shape[0]
     out = np.zeros((n_groups + 1, k if per_vector else 1, M))
@@ -411,8 +411,8 @@ def _doubling_block(r, apply, M, bar, chol=None, S=None, Gg=None, per_vector=Tru
         start = np.concatenate([r, chol.l_solve(PLr)], axis=1)  # one solve for all groups
 
     def sums(x, v):  # per row and vector: [v^H v, (w_g^H v for each group)], x = [v, w_1, ...]
-        out = np.einsum("inb,ib->nb", x.reshape(x.shape[0], n_groups + 1, k).conj(), v).real
-        return out if per_vector else out.sum(axis=1, keepdims=True)
+        each = np.einsum("inb,ib->nb", x.reshape(x.shape[0], n_groups + 1, k).conj(), v).real
+        return each if per_vector else each.sum(axis=1, keepdims=True)
 
     prev, cur = None, start
     for m in range(M // 2 + 1):  # cur = T_m(B~) start
