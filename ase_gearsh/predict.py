@@ -39,8 +39,8 @@ from ase.io import read
 from .calculator import GearsHCalculator
 from .core.errors import GearsHError
 from .core.io import atomic_write_bytes, check_output_folder, new_figure, output_folder, save_figure
-from .electronic.kpm import kpm_window_count
-from .electronic.spectrum import check_dos_args
+from .electronic.kpm import kpm_fermi_window_count
+from .electronic.spectrum import KPMOptions, check_dos_args
 from .model.reliability import missing_species, reference_of
 
 __all__ = ["predict_structure", "predict_many", "hole_count", "exact_hole_count", "PredictError"]
@@ -445,9 +445,15 @@ def _predict_into(
         stderr = None  # the stochastic error of KPM's count (exact and dense have none)
         if exact:
             count = exact_hole_count(exact_info, ef, holes, hole_window)
-        elif use_kpm:  # the species moments behind the PDOS, integrated exactly
-            count, stderr = kpm_window_count(
-                calc.kpm_moments(width, "species"), ef, ef + hole_window, holes
+        elif use_kpm:  # the species moments behind the PDOS, integrated exactly; the
+            # error a jackknife over the random vectors with E_F's own error in it
+            fermi_width = KPMOptions.from_parameter(calc.parameters.kpm).fermi_width
+            count, stderr, _ = kpm_fermi_window_count(
+                calc.kpm_moments(width, "species"),
+                calc.get_number_of_electrons(),
+                hole_window,
+                holes,
+                calc.kpm_moments(fermi_width, None),
             )
             count, stderr = 2.0 * count, None if stderr is None else 2.0 * stderr
         else:
@@ -516,7 +522,11 @@ def _predict_into(
         err = hole_info["holes_stderr"]
         lines.append(
             f"holes: {hole_info['holes']:.4g}"
-            + ("" if err is None else f" +- {err:.2g} (KPM's stochastic standard error)")
+            + (
+                ""
+                if err is None
+                else f" +- {err:.2g} (KPM's stochastic standard error, E_F's included)"
+            )
             + f" states of {'+'.join(holes)} in [E_F, E_F + {hole_window:g} eV]"
             + (f" = {per:.3g} cm^-2" if per else "")
         )

@@ -19,6 +19,7 @@ from ase_gearsh.electronic.kpm import (
     kpm_density,
     kpm_dos,
     kpm_fermi_level,
+    kpm_fermi_window_count,
     kpm_n_moments,
     kpm_window_count,
     moments_from_eigen,
@@ -193,6 +194,29 @@ def test_window_count_and_its_standard_error(real_system, monkeypatch):
         kpm_window_count(st, e1, e0)
     with pytest.raises(KPMError, match="non-empty list of rows"):
         kpm_window_count(st, e0, e1, [])
+
+
+def test_fermi_window_count_jackknife(real_system):
+    """The count above the KPM Fermi level with a jackknife error that recomputes E_F
+    without each vector: the exact moments' count lies within 4 errors; a separate
+    total-alone run on the same vectors gives the same E_F, count and error."""
+    ex, st = real_system["exact"], real_system["stoch"]
+    H, S, bounds = real_system["H"], real_system["S"], real_system["bounds"]
+    n_el = float(H.shape[0])  # half of the orbitals occupied: E_F inside the bands
+    count, err, ef = kpm_fermi_window_count(st, n_el, 0.5, ["even"])
+    assert ef == pytest.approx(kpm_fermi_level(st, n_el), abs=1e-9)
+    assert count == pytest.approx(kpm_window_count(st, ef, ef + 0.5, "even")[0], abs=1e-12)
+    exact_count, none, ef_exact = kpm_fermi_window_count(ex, n_el, 0.5, ["even"])
+    assert none is None and abs(ef - ef_exact) < 0.5
+    assert 0 < err and abs(count - exact_count) < 4 * err, (count, exact_count, err)
+    total = chebyshev_moments(H, S, M_EXACT, R_STOCH, bounds=bounds, seed=3)  # doubled
+    again = kpm_fermi_window_count(st, n_el, 0.5, ["even"], fermi_moments=total)
+    np.testing.assert_allclose(again, (count, err, ef), rtol=1e-6)
+    fewer = chebyshev_moments(H, S, M_EXACT, 4, bounds=bounds, seed=3)
+    with pytest.raises(KPMError, match="same random vectors"):
+        kpm_fermi_window_count(st, n_el, 0.5, "even", fermi_moments=fewer)
+    with pytest.raises(KPMError, match="window must be a number of eV > 0"):
+        kpm_fermi_window_count(st, n_el, 0.0, "even")
 
 
 def test_kpm_dos_matches_broadened_dense(real_system):

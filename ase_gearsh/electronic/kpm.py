@@ -37,7 +37,7 @@ is reconstructed with the Jackson kernel (Weisse et al., Rev. Mod. Phys. 78, 275
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.linalg
@@ -61,6 +61,7 @@ __all__ = [
     "kpm_resolution",
     "KPMResolutionWarning",
     "kpm_fermi_level",
+    "kpm_fermi_window_count",
     "kpm_window_count",
     "moments_from_eigen",
 ]
@@ -497,6 +498,48 @@ def kpm_window_count(
         return count, None
     each = pv[i].sum(axis=0) @ c  # one count per random vector
     return count, float(each.std(ddof=1) / np.sqrt(len(each)))
+
+
+def kpm_fermi_window_count(
+    moments: KPMMoments,
+    n_electrons: float,
+    window: float,
+    name="total",
+    fermi_moments: KPMMoments | None = None,
+) -> tuple[float, float | None, float]:
+    """(count, standard error, E_F): the states per spin channel of row(s) ``name`` in
+    [E_F, E_F + window] eV (:func:`kpm_window_count`), with E_F from
+    :func:`kpm_fermi_level` of ``fermi_moments`` (default: the total row of ``moments``;
+    both must come from the same random vectors, as the calculator's do).
+
+    The standard error is a jackknife over the random vectors: each vector is left out
+    in turn, E_F and the count are computed again from the others, and the error is
+    sqrt((n - 1) / n * sum (count_i - mean)^2).  So E_F's own stochastic error is in it,
+    which the count at a fixed E_F leaves out.  None without per-vector moments."""
+    fm = moments if fermi_moments is None else fermi_moments
+    if not (isinstance(window, (int, float, np.integer, np.floating)) and window > 0):
+        raise KPMError(f"window must be a number of eV > 0; got {window!r}")
+    if fm.n_random != moments.n_random or fm.n_orbitals != moments.n_orbitals:
+        raise KPMError(
+            f"fermi_moments must come from the same random vectors as moments; got "
+            f"{fm.n_random} and {moments.n_random} vectors, {fm.n_orbitals} and "
+            f"{moments.n_orbitals} orbitals"
+        )
+    fm = replace(fm, moments=fm.moments[:1], names=fm.names[:1], per_vector=None)
+    ef = kpm_fermi_level(fm, n_electrons)
+    count, _ = kpm_window_count(moments, ef, ef + window, name)
+    pv = moments.per_vector
+    fpv = (fermi_moments or moments).per_vector
+    n = moments.n_random
+    if pv is None or fpv is None or n < 2:
+        return count, None, ef
+    loo = np.empty(n)
+    for v in range(n):  # leave vector v out
+        others = np.arange(n) != v
+        e_v = kpm_fermi_level(replace(fm, moments=fpv[:1, others].mean(axis=1)), n_electrons)
+        m_v = replace(moments, moments=pv[:, others].mean(axis=1), per_vector=None)
+        loo[v] = kpm_window_count(m_v, e_v, e_v + window, name)[0]
+    return count, float(np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum())), ef
 
 
 class KPMResolutionWarning(UserWarning):
