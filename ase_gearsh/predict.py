@@ -39,7 +39,7 @@ from ase.io import read
 from .calculator import GearsHCalculator
 from .core.errors import GearsHError
 from .core.io import atomic_write_bytes, check_output_folder, new_figure, output_folder, save_figure
-from .electronic.kpm import kpm_fermi_window_count
+from .electronic.kpm import kpm_fermi_window_count, kpm_window_count
 from .electronic.spectrum import KPMOptions, check_dos_args
 from .model.reliability import missing_species, reference_of
 
@@ -445,16 +445,19 @@ def _predict_into(
         stderr = None  # the stochastic error of KPM's count (exact and dense have none)
         if exact:
             count = exact_hole_count(exact_info, ef, holes, hole_window)
-        elif use_kpm:  # the species moments behind the PDOS, integrated exactly; the
-            # error a jackknife over the random vectors with E_F's own error in it
-            fermi_width = KPMOptions.from_parameter(calc.parameters.kpm).fermi_width
-            count, stderr, _ = kpm_fermi_window_count(
-                calc.kpm_moments(width, "species"),
-                calc.get_number_of_electrons(),
-                hole_window,
-                holes,
-                calc.kpm_moments(fermi_width, None),
-            )
+        elif use_kpm:  # the species moments behind the PDOS, integrated exactly
+            species_moments = calc.kpm_moments(width, "species")
+            if calc.uses_kpm():  # E_F from KPM too: a jackknife error with E_F's in it
+                fermi_width = KPMOptions.from_parameter(calc.parameters.kpm).fermi_width
+                count, stderr, _ = kpm_fermi_window_count(
+                    species_moments,
+                    calc.get_number_of_electrons(),
+                    hole_window,
+                    holes,
+                    calc.kpm_moments(fermi_width, None),
+                )
+            else:  # E_F from dense eigenvalues (up to dense_limit orbitals): exact
+                count, stderr = kpm_window_count(species_moments, ef, ef + hole_window, holes)
             count, stderr = 2.0 * count, None if stderr is None else 2.0 * stderr
         else:
             count = hole_count(e, pdos, ef, holes, hole_window)

@@ -1,5 +1,6 @@
 """GearsHCalculator: physics against GPAW (oracle blocks), symmetry, DOS, errors."""
 
+import functools
 import importlib.util
 import json
 import warnings
@@ -424,7 +425,7 @@ def test_errors_are_clear(model, tmp_path):
         model.basis_data = data
 
 
-def test_predict_cli_writes_matrices_spectrum_and_plot(checkpoint, tmp_path):
+def test_predict_cli_writes_matrices_spectrum_and_plot(checkpoint, tmp_path, monkeypatch):
     from ase.io import read, write
 
     from ase_gearsh.cli import main
@@ -481,6 +482,7 @@ def test_predict_cli_writes_matrices_spectrum_and_plot(checkpoint, tmp_path):
     # standard error of its random vectors; the written PDOS integrates to the same count
     km = tmp_path / "kpm"
     kargs = ["predict", str(tmp_path / "ethanol.xyz"), "-m", str(ckpt), "-o", str(km), "-q"]
+    kargs += ["--emin", "-30", "--emax", "10", "--npts", "8001"]  # a fine grid to integrate
     assert main(kargs + ["--method", "kpm", "--holes", "C,H", "--hole-window", "3"]) == 0
     s3 = json.loads((km / "summary.json").read_text())
     assert s3["method"] == "kpm" and 0 < s3["holes"]["holes_stderr"] < 0.5 * s3["holes"]["holes"]
@@ -490,6 +492,22 @@ def test_predict_cli_writes_matrices_spectrum_and_plot(checkpoint, tmp_path):
     fine = np.linspace(ef3, ef3 + 3, 20001)
     pd = sum(np.interp(fine, table[:, 0], table[:, head.index(x)]) for x in ("C", "H"))
     assert s3["holes"]["holes"] == pytest.approx(2 * np.trapezoid(pd, fine), rel=2e-3)
+    # above dense_limit E_F comes from KPM too: the error is a jackknife that includes
+    # E_F's own; the count is still the written PDOS integrated from the written E_F
+    import ase_gearsh.predict as predict_module
+
+    small_limit = functools.partial(GearsHCalculator, dense_limit=10)
+    monkeypatch.setattr(predict_module, "GearsHCalculator", small_limit)
+    kj = tmp_path / "kpm_fermi"
+    kargs[kargs.index(str(km))] = str(kj)
+    assert main(kargs + ["--holes", "C,H", "--hole-window", "3"]) == 0
+    s4 = json.loads((kj / "summary.json").read_text())
+    assert s4["method"] == "kpm" and s4["holes"]["holes_stderr"] > 0
+    table = np.loadtxt(kj / "dos.csv", delimiter=",", skiprows=1)
+    fine = np.linspace(s4["fermi_level_eV"], s4["fermi_level_eV"] + 3, 20001)
+    pd = sum(np.interp(fine, table[:, 0], table[:, head.index(x)]) for x in ("C", "H"))
+    assert s4["holes"]["holes"] == pytest.approx(2 * np.trapezoid(pd, fine), rel=2e-3)
+    monkeypatch.undo()
     if importlib.util.find_spec("pypardiso") is None:
         return
     # exact states near E_F: the same Fermi level and states as the dense run, and the
