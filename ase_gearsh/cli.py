@@ -126,6 +126,7 @@ def _predict(args: argparse.Namespace) -> int | None:
         fermi_guess=args.fermi_guess,
         overlap_screen=args.overlap_screen,
         overlap_cutoff=args.overlap_cutoff,
+        pdos=args.pdos,
     )
     if len(args.structure) == 1:
         predict_structure(
@@ -270,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         "count (e.g. W,Se)",
     )
     r.add_argument("--hole-window", type=float, default=0.2, help="hole window above E_F, eV (0.2)")
+    r.add_argument(
+        "--pdos",
+        default="species",
+        help="projected DOS in dos.csv: 'species' (each species) or 'holes' (the --holes "
+        "elements as one row; with KPM two moments per step, faster at device scale)",
+    )
     r.add_argument(
         "--fermi-guess",
         type=float,

@@ -492,6 +492,22 @@ def test_predict_cli_writes_matrices_spectrum_and_plot(checkpoint, tmp_path, mon
     fine = np.linspace(ef3, ef3 + 3, 20001)
     pd = sum(np.interp(fine, table[:, 0], table[:, head.index(x)]) for x in ("C", "H"))
     assert s3["holes"]["holes"] == pytest.approx(2 * np.trapezoid(pd, fine), rel=2e-3)
+    # --pdos holes: C+H as one row (KPM: one group, two moments per step), the same
+    # random vectors: the same count and error as the sum of the species rows
+    kh = tmp_path / "kpm_holes"
+    hargs = [x if x != str(km) else str(kh) for x in kargs]
+    hole_args = ["--method", "kpm", "--holes", "C,H", "--hole-window", "3"]
+    assert main(hargs + hole_args + ["--pdos", "holes"]) == 0
+    s5 = json.loads((kh / "summary.json").read_text())
+    assert s3["pdos_rows"] == ["C", "O", "H"] and s5["pdos_rows"] == ["C+H"]
+    assert (kh / "dos.csv").read_text().splitlines()[0] == "energy_eV,total,C+H"
+    assert s5["holes"]["holes"] == pytest.approx(s3["holes"]["holes"], rel=1e-9)
+    assert s5["holes"]["holes_stderr"] == pytest.approx(s3["holes"]["holes_stderr"], rel=1e-6)
+    bad_pdos = tmp_path / "bad_pdos"  # refused before anything is written
+    bargs = [x if x != str(km) else str(bad_pdos) for x in kargs]
+    assert main(bargs + ["--method", "kpm", "--pdos", "holes"]) == 2  # without --holes
+    assert main(bargs + hole_args + ["--pdos", "atoms"]) == 2
+    assert not bad_pdos.exists()
     # above dense_limit E_F comes from KPM too: the error is a jackknife that includes
     # E_F's own; the count is still the written PDOS integrated from the written E_F
     import ase_gearsh.predict as predict_module
