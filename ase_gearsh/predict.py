@@ -458,25 +458,25 @@ def _predict_into(
     hole_info = None
     if holes:
         stderr = None  # the stochastic error of KPM's count (exact and dense have none)
+        rows = holes if by == "species" else list(pdos)  # PDOS rows: the elements or 'W+Se'
         if exact:
             count = exact_hole_count(exact_info, ef, holes, hole_window)
         elif use_kpm:  # the moments behind the PDOS, integrated exactly
-            species_moments = calc.kpm_moments(width, by)
-            rows = holes if by == "species" else list(pdos)  # list(pdos): ['W+Se']
+            moments = calc.kpm_moments(width, by)
             if calc.uses_kpm():  # E_F from KPM too: a jackknife error with E_F's in it
                 fermi_width = KPMOptions.from_parameter(calc.parameters.kpm).fermi_width
                 count, stderr, _ = kpm_fermi_window_count(
-                    species_moments,
+                    moments,
                     calc.get_number_of_electrons(),
                     hole_window,
                     rows,
                     calc.kpm_moments(fermi_width, None),
                 )
             else:  # E_F from dense eigenvalues (up to dense_limit orbitals): exact
-                count, stderr = kpm_window_count(species_moments, ef, ef + hole_window, rows)
+                count, stderr = kpm_window_count(moments, ef, ef + hole_window, rows)
             count, stderr = 2.0 * count, None if stderr is None else 2.0 * stderr
         else:
-            count = hole_count(e, pdos, ef, holes if by == "species" else list(pdos), hole_window)
+            count = hole_count(e, pdos, ef, rows, hole_window)
         hole_info = {
             "species": holes,
             "window_eV": hole_window,
@@ -542,11 +542,7 @@ def _predict_into(
         err = hole_info["holes_stderr"]
         lines.append(
             f"holes: {hole_info['holes']:.4g}"
-            + (
-                ""
-                if err is None
-                else f" +- {err:.2g} (KPM's stochastic standard error, E_F's included)"
-            )
+            + ("" if err is None else f" +- {err:.2g} (KPM's stochastic standard error)")
             + f" states of {'+'.join(holes)} in [E_F, E_F + {hole_window:g} eV]"
             + (f" = {per:.3g} cm^-2" if per else "")
         )

@@ -216,9 +216,9 @@ def main(argv=None):
         print(  # a single species: the Mulliken group estimator, not the total's
             "      per species (KPM +- standard error / exact with the kernel): "
             + ", ".join(
-                f"{x} {2 * kpm_window_count(mom, lo, hi, x)[0]:.2f} +- "
-                f"{2 * kpm_window_count(mom, lo, hi, x)[1]:.2f} / {count(dex, [x]):.2f}"
+                f"{x} {2 * c:.2f} +- {2 * e:.2f} / {count(dex, [x]):.2f}"
                 for x in species
+                for c, e in [kpm_window_count(mom, lo, hi, x)]
             ),
             flush=True,
         )
