@@ -56,6 +56,38 @@ def _ranges(starts, counts) -> np.ndarray:
     return np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(shift, counts)
 
 
+def _fill_blocks(data, source, src, first, step, nr, nc, transpose, unique):
+    """Write (or add, when blocks share an atom pair) K blocks of shape (nr, nc), read
+    row-major from ``source[src[k]:]``, into CSR ``data``: element (a, b) of block k at
+    ``first[k] + a * step[k] + b`` (``transpose``: at ``first[k] + b * step[k] + a``)."""
+    for k in range(len(src)):
+        s0, d0, st = src[k], first[k], step[k]
+        for a in range(nr):
+            for b in range(nc):
+                d = d0 + b * st + a if transpose else d0 + a * st + b
+                if unique:
+                    data[d] = source[s0 + a * nc + b]
+                else:
+                    data[d] += source[s0 + a * nc + b]
+
+
+_FILL = []
+
+
+def _fill_kernel():
+    """:func:`_fill_blocks` compiled with numba (cached on disk), or None when numba is
+    not installed (the core does not require it): the numpy path then writes the same
+    values."""
+    if not _FILL:
+        try:
+            import numba
+        except ImportError:
+            _FILL.append(None)
+        else:
+            _FILL.append(numba.njit(cache=True, nogil=True)(_fill_blocks))
+    return _FILL[0]
+
+
 def canonical_orientation(i, j, S) -> np.ndarray:
     """True where the directed pair (i, j, R) is the stored orientation of its
     unordered pair: i < j, or i == j with R > 0 lexicographically."""
@@ -177,7 +209,12 @@ class BlockMatrices:
             local_row = np.arange(len(atom_of_row)) - off[atom_of_row]
             indptr = np.append(base[atom_of_row] + local_row * rowlen[atom_of_row], base[-1])
             collist = _ranges(off[uJ], nJ)  # each atom's column list, atom after atom
-            indices = collist[_ranges(before[first_u][atom_of_row], rowlen[atom_of_row])]
+            int_type = np.int32 if base[-1] < 2**31 else np.int64
+            indices = np.empty(int(base[-1]), int_type)
+            cfirst = before[first_u]
+            for a in range(N):  # every row of atom a has a's column list
+                rows = indices[base[a] : base[a + 1]].reshape(counts[a], rowlen[a])
+                rows[:] = collist[cfirst[a] : cfirst[a] + rowlen[a]]
             # source offsets: on-site blocks in ``onsite``, pairs (and transposes) in ``pairs``
             on_sizes = counts**2
             pair_sizes = counts[pi] * counts[pj]
@@ -199,8 +236,7 @@ class BlockMatrices:
                         colstart[inv[sel]],
                     )
                 )
-            int_type = np.int32 if base[-1] < 2**31 else np.int64
-            self._csr = (indptr, indices.astype(int_type), groups, len(uniq) == len(I))
+            self._csr = (indptr, indices, groups, len(uniq) == len(I))
         return self._csr
 
     def matrix(self, kpt=None, sparse: bool = True):
@@ -223,7 +259,11 @@ class BlockMatrices:
         sources = (self.onsite, v, tv)
         nnz = int(indptr[-1])
         data = np.zeros(nnz, dtype)
+        kernel = _fill_kernel()
         for (kind, nr, nc), src, row0, rowlen, col0 in groups:
+            if kernel is not None:
+                kernel(data, sources[kind], src, row0 + col0, rowlen, nr, nc, kind == 2, unique)
+                continue
             a = np.arange(nr)[None, :, None]  # the source block's rows and columns
             b = np.arange(nc)[None, None, :]
             first = (row0 + col0)[:, None, None]

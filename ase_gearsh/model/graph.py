@@ -88,6 +88,26 @@ class Graph:
         return len(self.species)
 
 
+def directed_pairs(atoms, rmax: float):
+    """Directed pairs (i, j, S) with |r_j - r_i + S @ cell| < rmax, self pairs (i, i, 0)
+    excluded, sorted by (i, j, S): ``(i, j, S, D)`` as ASE's ``neighbor_list("ijSD")``
+    returns them, in a fixed order.  vesin computes them when it is installed (the
+    model extra; about 80x faster than ASE at 4000 atoms), else ASE."""
+    try:
+        from vesin import NeighborList
+    except ImportError:
+        NeighborList = None
+    if NeighborList is not None and len(atoms):
+        i, j, S, D = NeighborList(cutoff=float(rmax), full_list=True).compute(
+            atoms.positions, atoms.cell.array, atoms.pbc, "ijSD"
+        )
+    else:
+        i, j, S, D = neighbor_list("ijSD", atoms, float(rmax), self_interaction=False)
+    i, j, S = i.astype(np.int64), j.astype(np.int64), S.astype(np.int64)
+    order = np.lexsort((S[:, 2], S[:, 1], S[:, 0], j, i))
+    return i[order], j[order], S[order], np.asarray(D, float)[order]
+
+
 def build_graph(atoms, species, cutoff: float, pair_cutoff: np.ndarray, name="") -> Graph:
     """The one neighbour-list pass of the project (training, evaluation, prediction).
 
@@ -101,7 +121,7 @@ def build_graph(atoms, species, cutoff: float, pair_cutoff: np.ndarray, name="")
     if len(atoms) == 0:
         raise LabelError(f"{name or 'structure'}: no atoms")
     rmax = max(float(cutoff), float(np.max(pair_cutoff)))
-    i, j, S, D = neighbor_list("ijSD", atoms, rmax, self_interaction=False)
+    i, j, S, D = directed_pairs(atoms, rmax)
     d = np.linalg.norm(D, axis=1)
     e = d < cutoff
     keep = canonical_orientation(i, j, S) & (d < pair_cutoff[species[i], species[j]])
