@@ -24,10 +24,19 @@ def _dense_reference(counts, pi, pj, shift, onsite, pairs, k):
     return M
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("small_cell", [True, False])
-def test_matrix_equals_dense_sum(small_cell):
+def test_matrix_equals_dense_sum(small_cell, compiled, monkeypatch):
     """Images sharing an atom pair (small cell, i == j with R != 0) are summed; a
-    large cell has one block per atom pair.  CSR is canonical at Gamma and at k."""
+    large cell has one block per atom pair.  CSR is canonical at Gamma and at k, with
+    the compiled block writer (numba) and with the numpy one."""
+    from ase_gearsh.core import blocks
+
+    if compiled:
+        pytest.importorskip("numba")
+        assert blocks._fill_kernel() is not None
+    else:
+        monkeypatch.setattr(blocks, "_FILL", [None])
     rng = np.random.default_rng(1)
     N, P = (4, 14) if small_cell else (25, 120)
     counts = rng.integers(1, 6, N)
