@@ -3,7 +3,7 @@ implementations, back to back in one process.
 
     python benchmarks/overlap_speed.py [--atoms 1000 4000] [--repeat 1] [--no-reference]
                                        [--numpy] [--threads N] [--screen 1e-8 ...]
-                                       [--eigen-check DATASET]
+                                       [--eigen-check DATASET] [--new-structure]
 
 For each size the device structure of ``device_structure.py`` (amorphous HfO2:Ni under
 2H-WSe2) is built and S at Gamma is timed with
@@ -16,6 +16,12 @@ For each size the device structure of ``device_structure.py`` (amorphous HfO2:Ni
   implementation before the sparse layouts;
 * ``numba screen=e`` (``--screen e ...``): the compiled engine leaving out what changes
   no element by more than e (``OverlapCalculator(screen=e)``), against the exact S.
+
+``--new-structure``: S of a new structure per call (the device structure with seeds
+seed+1, seed+2, ...), as in a batch of predictions, with the compiled engine's scratch
+arrays kept from call to call (``keep_buffers=True``, the default) and freed after each
+call (False), interleaved, after one warm-up structure each; screen 1e-8 (or the first
+``--screen``).
 
 ``--eigen-check DATASET``: for the first structure of an extracted dataset (GPAW's H and
 S, e.g. the WSe2 benchmark's), the largest change of the Gamma-point eigenvalues of
@@ -124,6 +130,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="threads (default: cores)")
     p.add_argument("--screen", type=float, nargs="*", default=[], help="screened runs")
     p.add_argument("--eigen-check", default=None, help="dataset for the eigenvalue check")
+    p.add_argument(
+        "--new-structure",
+        action="store_true",
+        help="also time a new structure per call, scratch arrays kept against freed",
+    )
     args = p.parse_args(argv)
     if args.eigen_check:
         eigen_check(args.eigen_check, args.screen or [1e-8])
@@ -183,8 +194,41 @@ def main(argv=None):
                 print(f"{len(atoms):5d} atoms  {name}: {first[2] / t:.2f}x the speed of {first[0]}")
             del S
         first = None
+        if args.new_structure and new._compiled():
+            new_structures(new, species, n, args)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"max RSS of the process {rss:.2f} GiB")
+
+
+def new_structures(new, species, n, args) -> None:
+    """S of a new structure per call, keep_buffers True against False (interleaved)."""
+    screen = args.screen[0] if args.screen else 1e-8
+    calcs = {
+        keep: new.OverlapCalculator(
+            species, engine="numba", threads=args.threads, screen=screen, keep_buffers=keep
+        )
+        for keep in (False, True)
+    }
+    for c in calcs.values():
+        warm_up(c)
+        c.overlap(build_device(n, seed=args.seed))  # the kept buffers' first fill
+    times = {keep: [] for keep in calcs}
+    for r in range(args.repeat):
+        atoms = build_device(n, seed=args.seed + 1 + r)
+        for keep, c in calcs.items():
+            with RssPeak() as rss:
+                t = time.perf_counter()
+                S = c.overlap(atoms)
+                times[keep].append(time.perf_counter() - t)
+            del S
+            print(
+                f"{len(atoms):5d} atoms, new structure (seed {args.seed + 1 + r}), screen "
+                f"{screen:g}, keep_buffers={keep}: {times[keep][-1]:.2f} s, RSS growth "
+                f"{rss.growth / 2**30:.2f} GiB",
+                flush=True,
+            )
+    for keep, ts in times.items():
+        print(f"  keep_buffers={keep}: best {min(ts):.2f} s of {len(ts)} new structure(s)")
 
 
 def eigen_check(path, screens) -> None:

@@ -33,6 +33,7 @@ in another.  Matches GPAW's S to ~1e-15 (tests).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -1104,6 +1105,14 @@ class OverlapCalculator:
     projector tails, and e = 1e-8 stores about a third as many non-zeros, faster
     (``benchmarks/overlap_speed.py --screen``).
     The numpy engine only drops the elements <= e / 2.
+
+    ``keep_buffers`` (compiled engine): keep the large scratch arrays of a call (the
+    two-centre and projector blocks and their products, about 1.4 GB at 4000 atoms) for
+    the next one, so that a new structure of a similar size writes into memory that is
+    already mapped instead of fresh pages (``benchmarks/overlap_speed.py
+    --new-structure``); :meth:`release_buffers` frees them.  False frees them after each
+    call.  Calls on one calculator are serialised (a lock), so it may be shared by
+    threads.
     """
 
     def __init__(
@@ -1113,6 +1122,7 @@ class OverlapCalculator:
         engine: str = "auto",
         threads: int | None = None,
         screen: float = 0.0,
+        keep_buffers: bool = True,
     ):
         self.species = {
             k: (v if isinstance(v, SpeciesBasis) else SpeciesBasis.from_dict(v))
@@ -1129,6 +1139,30 @@ class OverlapCalculator:
         self.cluster = 8  # atoms per group of rows assembled together (compiled engine)
         self.timings: dict = {}
         self._expansions: dict = {}
+        self.keep_buffers = bool(keep_buffers)
+        self._buffers: dict = {}
+        self._lock = threading.RLock()
+
+    def release_buffers(self) -> None:
+        """Free the scratch arrays kept from the last call (``keep_buffers``)."""
+        with self._lock:
+            self._buffers.clear()
+
+    def _buffer(self, name: str, n: int, dtype=float, zero: bool = False) -> np.ndarray:
+        """A 1D scratch array of ``n`` elements (zeroed when ``zero``): a view of the
+        one kept under ``name`` when it is large enough, else a new one (kept when
+        ``keep_buffers``).  Never part of a result."""
+        dtype = np.dtype(dtype)
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.size < n:
+            self._buffers.pop(name, None)  # free the old one first
+            if not self.keep_buffers:
+                return np.zeros(n, dtype) if zero else np.empty(n, dtype)
+            buf = self._buffers[name] = np.empty(n, dtype)
+        out = buf[:n]
+        if zero:
+            out.fill(0)
+        return out
 
     # -- per-structure setup -------------------------------------------------
     def _check(self, atoms: Atoms) -> list[str]:
@@ -1335,6 +1369,10 @@ class OverlapCalculator:
         ``parts=True`` returns ``(S, O, P, dO)`` for Gamma (diagnostics).  The stage
         times of the last call are in ``self.timings`` (seconds).
         """
+        with self._lock:
+            return self._overlap(atoms, kpts, parts, screen)
+
+    def _overlap(self, atoms, kpts, parts, screen):
         t0 = time.perf_counter()
         screen = self.screen if screen is None else check_screen(screen)
         self.timings = {}
@@ -1537,22 +1575,22 @@ class OverlapCalculator:
         oi, oj, oS, oD, onsite = oi[order], oj[order], oS[order], oD[order], onsite[order]
         osize = nao[oi] * nao[oj]
         ooff = np.concatenate([[0], np.cumsum(osize)]).astype(i64)
-        oblocks = np.zeros(int(ooff[-1]))
+        oblocks = self._buffer("oblocks", int(ooff[-1]), zero=True)
         self._evaluate("O", codes, oi, oj, oD, rcut, oblocks, ooff, False)
         t = self._lap("two-centre integrals", t)
         pc, pb, pS, pD = ppairs
         psize = nao[pb] * npr[pc]
         poff = np.concatenate([[0], np.cumsum(psize)]).astype(i64)
-        pblocks = np.zeros(int(poff[-1]))
+        pblocks = self._buffer("pblocks", int(poff[-1]), zero=True)
         self._evaluate("P", codes, pc, pb, pD, rcut, pblocks, poff, True)
         t = self._lap("projector integrals", t)
 
         om_off = np.concatenate([[0], np.cumsum(nrad[oi] * nrad[oj])]).astype(i64)
-        omax = np.empty(int(om_off[-1]))
+        omax = self._buffer("omax", int(om_off[-1]))
         oargs = (oi, oj, ooff, om_off, nao, nrad, rad0, gw, groff, oblocks, omax)
         self._threads(_k_omask, self._split(osize), *oargs)
         pm_off = np.concatenate([[0], np.cumsum(nrad[pb])]).astype(i64)
-        pnorm = np.empty(int(pm_off[-1]))
+        pnorm = self._buffer("pnorm", int(pm_off[-1]))
         pargs = (pc, pb, poff, pm_off, npr, nrad, rad0, gw, groff, pblocks, pnorm)
         self._threads(_k_pmask, self._split(psize), *pargs)
         omask, pmask, cthr, drop = _screening(screen, omax, pnorm, pc, pb, nrad, codes, spc)
@@ -1666,7 +1704,7 @@ class OverlapCalculator:
             dtype = float if gamma else complex
             oph = np.ones(len(oi)) if gamma else np.exp(2j * np.pi * (oS @ k))
             pph = np.ones(len(pc)) if gamma else np.exp(2j * np.pi * (pS @ k))
-            qflat = np.empty(int(qoff[-1]), dtype)
+            qflat = self._buffer("qflat", int(qoff[-1]), dtype)
             qargs = (npr, codes, do_flat, do_off, segptr, seg_q, seg_row, seg_w, seg_col, mc)
             self._threads(
                 _k_q, self._split(npr * npr * mc + 1), *qargs, qoff, poff, pblocks, pph, qflat

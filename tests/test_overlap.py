@@ -272,3 +272,46 @@ def test_screening_bound_and_savings_on_the_device_species(device_species, scree
         OverlapCalculator(device_species, screen=-1e-8)
     with pytest.raises(ValueError, match="screen"):
         fast.overlap(atoms, screen=float("nan"))
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
+def test_kept_buffers_give_the_same_S_for_structures_of_any_size(device_species):
+    """keep_buffers: a calculator reused for larger, smaller and larger structures, at
+    Gamma and a k-point (complex products), screened and exact, gives exactly the S of
+    a calculator that keeps nothing; the scratch arrays are kept between calls and
+    never part of a result; release_buffers frees them."""
+    kept = OverlapCalculator(device_species, engine="numba", keep_buffers=True)
+    fresh = OverlapCalculator(device_species, engine="numba", keep_buffers=False)
+    kpts = [[0.0, 0.0, 0.0], [0.3, -0.2, 0.0]]
+    for seed, n, screen in ((5, 40, 1e-8), (6, 12, 0.0), (7, 30, 1e-6), (8, 40, 0.0)):
+        atoms = _device_piece(seed=seed, n=n)
+        for k, A, B in zip(
+            kpts,
+            kept.overlap(atoms, kpts=kpts, screen=screen),
+            fresh.overlap(atoms, kpts=kpts, screen=screen),
+        ):
+            assert A.nnz == B.nnz
+            assert np.array_equal(A.indices, B.indices) and np.array_equal(A.data, B.data)
+            for name, buf in kept._buffers.items():
+                assert not np.shares_memory(buf, A.data), name
+        S = kept.overlap(atoms, screen=screen)  # Gamma alone after the k-points
+        assert np.array_equal(S.data, fresh.overlap(atoms, screen=screen).data)
+    assert {"oblocks", "pblocks", "qflat"} <= set(kept._buffers)
+    assert not fresh._buffers
+    kept.release_buffers()
+    assert not kept._buffers
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
+def test_one_calculator_shared_by_threads(device_species):
+    """Calls from several threads on one calculator (the prediction's worker thread and
+    the caller) are serialised: each gets its own structure's S."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    calc = OverlapCalculator(device_species, engine="numba", screen=1e-8)
+    pieces = [_device_piece(seed=s, n=n) for s, n in ((9, 20), (10, 34), (11, 26), (12, 16))]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(calc.overlap, pieces))
+    for atoms, S in zip(pieces, got):
+        ref = OverlapCalculator(device_species, engine="numba", screen=1e-8, keep_buffers=False)
+        assert np.array_equal(S.toarray(), ref.overlap(atoms).toarray())
