@@ -290,6 +290,7 @@ def test_kept_buffers_give_the_same_S_for_structures_of_any_size(device_species)
             kept.overlap(atoms, kpts=kpts, screen=screen),
             fresh.overlap(atoms, kpts=kpts, screen=screen),
         ):
+            assert A.dtype == (np.complex128 if any(k) else np.float64)
             assert A.nnz == B.nnz
             assert np.array_equal(A.indices, B.indices) and np.array_equal(A.data, B.data)
             for name, buf in kept._buffers.items():
