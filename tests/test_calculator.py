@@ -12,6 +12,7 @@ from ase import Atoms
 from ase.build import molecule
 from ase.calculators.calculator import CalculatorSetupError, PropertyNotPresent
 
+import ase_gearsh.calculator as calculator_module
 from ase_gearsh import GearsHCalculator
 from ase_gearsh.calculator import CalculatorInputError, PropertyUnavailableError
 from ase_gearsh.core.basis import RegistryError
@@ -277,7 +278,12 @@ def test_kpm_dos_matches_dense(model, make_atoms):
     eps = atoms.calc.get_eigenvalues()
     lo, hi = eps.min() - 5, eps.max() + 5
     e, dense = atoms.calc.get_dos(width=0.3, method="dense", npts=3001, emin=lo, emax=hi)
+    overlaps = calculator_module._OVERLAPS[model][1]
+    kept = bool(overlaps._buffers)  # S's scratch arrays (compiled engine) kept so far
     _, kpm = atoms.calc.get_dos(width=0.3, method="kpm", npts=3001, emin=lo, emax=hi)
+    assert not overlaps._buffers  # released before the Cholesky factorisation of S
+    if overlaps._use_compiled():
+        assert kept
     n = atoms.calc.get_number_of_bands()
     assert np.trapezoid(kpm, e) == pytest.approx(n, rel=0.01)
     de = e[1] - e[0]
