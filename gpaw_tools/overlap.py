@@ -46,6 +46,7 @@ from ase.units import Bohr, Hartree
 
 from ase_gearsh.core.basis import BasisDataError, SpeciesBasis
 from ase_gearsh.core.blocks import _ranges, block_indices, canonical_orientation
+from ase_gearsh.core.neighbours import vesin_neighbor_list
 
 __all__ = [
     "SpeciesBasis",
@@ -133,17 +134,15 @@ def _neighbour_pairs(atoms: Atoms, cutoff: np.ndarray):
 
     Returns ``(i, j, S, D, d)``: indices, integer cell shifts, vectors
     ``D = r_j - r_i + S @ cell`` and distances (Angstrom).  Uses vesin when it is
-    installed (much faster), else ASE's neighbour list.
+    installed (much faster) and safe for the structure
+    (:func:`~ase_gearsh.core.neighbours.vesin_neighbor_list`), else ASE's neighbour list.
     """
     cutoff = np.asarray(cutoff, float)
     rmax = 2.0 * float(cutoff.max(initial=0.0))
     if len(atoms) == 0 or rmax <= 0.0:
         z = np.zeros(0, np.int64)
         return z, z, np.zeros((0, 3), np.int64), np.zeros((0, 3)), np.zeros(0)
-    try:
-        from vesin import NeighborList
-    except ImportError:  # optional dependency (extra 'gpaw')
-        NeighborList = None
+    NeighborList = vesin_neighbor_list(atoms, rmax)  # None: not installed, or unsafe
     if NeighborList is not None:
         i, j, S, D, d = NeighborList(cutoff=rmax, full_list=False).compute(
             atoms.positions, atoms.cell.array, atoms.pbc, "ijSDd"

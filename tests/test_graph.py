@@ -65,3 +65,30 @@ def test_graphs_from_both_lists_are_equal(monkeypatch):
     for f in ("edge_i", "edge_j", "edge_vec", "pair_i", "pair_j", "pair_shift", "pair_vec"):
         np.testing.assert_array_equal(getattr(g1, f), getattr(g2, f), err_msg=f)
     assert len(g1.edge_i) > 0 and len(g1.pair_i) > 0
+
+
+def far_apart():
+    """A water molecule with one H 3e6 A away: vesin 0.6 stops the process with a
+    floating point exception on such spans (measured), so ASE's list is used."""
+    atoms = molecule("H2O")
+    atoms.positions[1] = [3e6, 0.0, 0.0]
+    return atoms
+
+
+def test_structures_vesin_cannot_take_go_to_ase():
+    from ase_gearsh.core.neighbours import VESIN_MAX_BINS, vesin_neighbor_list
+
+    normal = mx2("WSe2", a=3.32, size=(8, 8, 1), vacuum=5.0)
+    assert vesin_neighbor_list(normal, 8.0) is not None
+    assert vesin_neighbor_list(far_apart(), 6.5) is None  # 3e6 / 6.5 bins
+    line = Atoms("H2", positions=[[0, 0, 0], [VESIN_MAX_BINS * 5.0, 0, 0]])
+    assert vesin_neighbor_list(line, 5.0) is None
+    line.positions[1, 0] = 0.5 * VESIN_MAX_BINS * 5.0
+    assert vesin_neighbor_list(line, 5.0) is not None
+    bad = molecule("H2O")
+    bad.positions[0, 0] = np.nan
+    assert vesin_neighbor_list(bad, 5.0) is None
+    # the far-apart structure's list: ASE's (the O-H pair only), in the fixed order
+    i, j, S, D = directed_pairs(far_apart(), 6.5)
+    assert sorted(zip(i.tolist(), j.tolist())) == [(0, 2), (2, 0)]
+    np.testing.assert_array_equal(S, 0)

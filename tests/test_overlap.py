@@ -316,3 +316,17 @@ def test_one_calculator_shared_by_threads(device_species):
     for atoms, S in zip(pieces, got):
         ref = OverlapCalculator(device_species, engine="numba", screen=1e-8, keep_buffers=False)
         assert np.array_equal(S.toarray(), ref.overlap(atoms).toarray())
+
+
+def test_far_apart_atoms_do_not_stop_the_process(chon):
+    """An atom 3e6 A from the rest (vesin 0.6 stops the process on such spans; ASE's
+    list is used): its S is its on-site block, the rest is the molecule's."""
+    far = Atoms("H2O", positions=[[3e6, 0.0, 0.0], [0.76, 0.0, 0.6], [0.0, 0.0, 0.0]])
+    near = far[1:]
+    S = OverlapCalculator(chon).overlap(far).toarray()
+    S_near = OverlapCalculator(chon).overlap(near).toarray()
+    S_h = OverlapCalculator(chon).overlap(far[:1]).toarray()
+    n = S_h.shape[0]
+    np.testing.assert_allclose(S[:n, :n], S_h, atol=1e-14)
+    np.testing.assert_allclose(S[n:, n:], S_near, atol=1e-14)
+    assert not S[:n, n:].any() and not S[n:, :n].any()
