@@ -1142,6 +1142,17 @@ class OverlapCalculator:
         self._buffers: dict = {}
         self._lock = threading.RLock()
 
+    def __getstate__(self):  # pickle / deepcopy: no lock, no kept arrays, no GPAW splines
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        state["_buffers"] = {}
+        state["_expansions"] = {}  # a cache (GPAW's splines do not pickle): made again
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     def release_buffers(self) -> None:
         """Free the scratch arrays kept from the last call (``keep_buffers``)."""
         with self._lock:

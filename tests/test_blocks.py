@@ -93,3 +93,20 @@ def test_supercell_gamma_holds_the_folded_kpoints(chain_dataset):
     assert np.abs(Ss.matrix(sparse=False) - exact).max() < 1e-10
     with pytest.raises(ValueError, match=r"repeat must be three integers >= 1; got \(1, 0, 2\)"):
         H.supercell((1, 0, 2))
+
+
+def test_half_precision_blocks_take_the_numpy_path():
+    """Sources the compiled writer does not take (float16) give the same matrix."""
+    counts = np.array([2, 3])
+    onsite = np.arange(13, dtype=np.float16)
+    pairs = np.arange(6, dtype=np.float16)
+    M = BlockMatrices(counts, np.array([0]), np.array([1]), np.array([[0, 0, 1]]), onsite, pairs)
+    ref = BlockMatrices(
+        counts,
+        np.array([0]),
+        np.array([1]),
+        np.array([[0, 0, 1]]),
+        onsite.astype(float),
+        pairs.astype(float),
+    )
+    np.testing.assert_array_equal(M.matrix().toarray(), ref.matrix().toarray())

@@ -88,6 +88,12 @@ def test_structures_vesin_cannot_take_go_to_ase():
     bad = molecule("H2O")
     bad.positions[0, 0] = np.nan
     assert vesin_neighbor_list(bad, 5.0) is None
+    # an atom 3e9 cells out of a periodic cell: vesin loses its pair (int32 cell index)
+    h2 = Atoms("H2", positions=[[0, 0, 0], [0.7, 0, 0]], cell=[5, 5, 5], pbc=True)
+    assert vesin_neighbor_list(h2, 3.0) is not None
+    h2.positions[1, 0] += 3e9 * 5.0
+    assert vesin_neighbor_list(h2, 3.0) is None
+    assert len(directed_pairs(h2, 3.0)[0]) == 2
     # the far-apart structure's list: ASE's (the O-H pair only), in the fixed order
     i, j, S, D = directed_pairs(far_apart(), 6.5)
     assert sorted(zip(i.tolist(), j.tolist())) == [(0, 2), (2, 0)]

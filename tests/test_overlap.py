@@ -299,6 +299,15 @@ def test_kept_buffers_give_the_same_S_for_structures_of_any_size(device_species)
         assert np.array_equal(S.data, fresh.overlap(atoms, screen=screen).data)
     assert {"oblocks", "pblocks", "qflat"} <= set(kept._buffers)
     assert not fresh._buffers
+    # pickled or copied without its lock and kept arrays; the copy computes the same S
+    import copy
+    import pickle
+
+    for clone in (pickle.loads(pickle.dumps(kept)), copy.deepcopy(kept)):
+        assert not clone._buffers
+        C = clone.overlap(atoms, screen=screen)  # its expansions made again: rounding
+        assert np.array_equal(C.indices, S.indices)
+        np.testing.assert_allclose(C.data, S.data, rtol=0, atol=1e-13)
     kept.release_buffers()
     assert not kept._buffers
 

@@ -72,6 +72,8 @@ def _fill_blocks(data, source, src, first, step, nr, nc, transpose, unique):
 
 
 _FILL = []
+# source dtypes the compiled writer takes (others, e.g. float16, use the numpy path)
+_KERNEL_SOURCES = {np.dtype(t) for t in (np.float32, np.float64, np.complex64, np.complex128)}
 
 
 def _fill_kernel():
@@ -261,7 +263,7 @@ class BlockMatrices:
         data = np.zeros(nnz, dtype)
         kernel = _fill_kernel()
         for (kind, nr, nc), src, row0, rowlen, col0 in groups:
-            if kernel is not None:
+            if kernel is not None and sources[kind].dtype in _KERNEL_SOURCES:
                 kernel(data, sources[kind], src, row0 + col0, rowlen, nr, nc, kind == 2, unique)
                 continue
             a = np.arange(nr)[None, :, None]  # the source block's rows and columns

@@ -3,18 +3,22 @@
 vesin builds the lists about 80x faster than ASE at 4000 atoms, but version 0.6 stops
 the whole process with a floating point exception when a structure spans too many
 cut-offs (measured: two atoms 6e5 A apart with a 5 A cut-off, or a water molecule
-scaled 3000x; 4e5 A apart is fine).  Such structures go to ASE's list instead.
+scaled 3000x; 4e5 A apart is fine), and silently loses the pairs of an atom about
+2**31 cells outside a periodic cell.  Such structures go to ASE's list instead.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["VESIN_MAX_BINS", "vesin_neighbor_list"]
+__all__ = ["VESIN_MAX_BINS", "VESIN_MAX_CELL_OFFSET", "vesin_neighbor_list"]
 
 #: largest number of cut-off sized bins (product over the three directions) given to
 #: vesin; the smallest failing case measured had about 1.2e5
 VESIN_MAX_BINS = 2**15
+#: largest |fractional coordinate| along a periodic direction given to vesin (its cell
+#: index is int32: an atom about 2**31 cells out loses its pairs, measured)
+VESIN_MAX_CELL_OFFSET = 1e6
 
 
 def _bins(atoms, rmax: float) -> float:
@@ -40,4 +44,12 @@ def vesin_neighbor_list(atoms, rmax: float):
         return None
     if not np.isfinite(atoms.cell.array).all() or _bins(atoms, float(rmax)) > VESIN_MAX_BINS:
         return None
+    pbc = np.asarray(atoms.pbc, bool)
+    if pbc.any():  # vesin's cell index of an atom is int32: far outside, pairs go missing
+        try:
+            frac = atoms.cell.scaled_positions(atoms.positions)
+        except np.linalg.LinAlgError:
+            return None
+        if np.abs(frac[:, pbc]).max() > VESIN_MAX_CELL_OFFSET:
+            return None
     return NeighborList
