@@ -35,7 +35,9 @@ def _bins(atoms, rmax: float) -> float:
 
 def vesin_neighbor_list(atoms, rmax: float):
     """vesin's ``NeighborList`` class when it is installed and the structure is safe for
-    it (finite positions, at most :data:`VESIN_MAX_BINS` bins), else None (use ASE)."""
+    it (finite positions and cell, at most :data:`VESIN_MAX_BINS` bins, no atom more
+    than :data:`VESIN_MAX_CELL_OFFSET` cells out along a periodic direction), else None
+    (use ASE)."""
     try:
         from vesin import NeighborList
     except ImportError:  # optional dependency (extras 'model' and 'gpaw')
