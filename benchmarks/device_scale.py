@@ -1,7 +1,7 @@
 """Device-scale prediction: ~4000-atom HfO2(Ni)/WSe2 with the paper's hyperparameters.
 
     python benchmarks/device_scale.py [--atoms 4000] [--overlap-alongside on off]
-                                      [--overlap-screen 0 1e-8]
+                                      [--overlap-screen 0 1e-8] [--repeat N]
 
 A randomly initialised model with the paper's configuration (listings 2-4, 8 A
 cut-offs, mp_steps 0) and the szp(dzp) basis sets of Hf, O, Ni, W and Se times
@@ -172,6 +172,7 @@ def time_prediction(model, atoms, compiles, label, alongside=None, screen=None):
             + ", ".join(parts)
             + f"; peak memory {rss_gib() / REFERENCE_PEAK_GIB:.2f}x"
         )
+    calc.total_seconds = t3 - t0
     return calc
 
 
@@ -221,6 +222,13 @@ def main(argv=None):
         "(benchmarks/molecules_fast.yaml uses 24 2)",
     )
     p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="time the second structure this many times per configuration (interleaved), "
+        "then print each configuration's totals and median: this machine's noise",
+    )
+    p.add_argument(
         "--overlap-screen",
         type=float,
         nargs="+",
@@ -261,7 +269,16 @@ def main(argv=None):
     modes = [along[m] for m in args.overlap_alongside]
     sc = args.overlap_screen
     runs = [(0, args.bond_threads[0], None, modes[0], sc[0])]
-    runs += [(1, n, None, m, e) for n in args.bond_threads for m in modes for e in sc]
+    if args.repeat < 1:
+        p.error(f"--repeat must be at least 1, got {args.repeat}")
+    runs += [
+        (1, n, None, m, e)
+        for _ in range(args.repeat)
+        for n in args.bond_threads
+        for m in modes
+        for e in sc
+    ]
+    totals: dict = {}
     if args.pair_chunks != [None]:  # a compiling structure, then the timed one, per value
         runs = [(seed, None, c, modes[0], sc[0]) for c in args.pair_chunks for seed in (0, 1)]
     for seed, threads, chunk, alongside, screen in runs:
@@ -283,7 +300,22 @@ def main(argv=None):
             alongside,
             screen,
         )
+        if seed == 1:
+            really = alongside is not None and len(atoms) >= alongside
+            key = (predictor.threads, predictor.pair_chunk, really, screen)
+            totals.setdefault(key, []).append(calc.total_seconds)
         del calc, atoms
+    if args.repeat > 1:
+        print("\ntotals of the second structure, interleaved runs:")
+        for (threads, chunk, really, screen), ts in totals.items():
+            mode = "S alongside" if really else "S after the network"
+            print(
+                f"  {mode}, screen {screen if screen is not None else 'default'}, bond chunks "
+                f"{threads} at a time of {chunk}: median {np.median(ts):.2f} s, "
+                f"min {min(ts):.2f}, max {max(ts):.2f} ({len(ts)} runs: "
+                + ", ".join(f"{t:.2f}" for t in ts)
+                + ")"
+            )
 
 
 if __name__ == "__main__":
