@@ -36,7 +36,7 @@ def test_matrix_equals_dense_sum(small_cell, compiled, monkeypatch):
         pytest.importorskip("numba")
         assert blocks._fill_kernel() is not None
     else:
-        monkeypatch.setattr(blocks, "_FILL", [None])
+        monkeypatch.setattr(blocks, "_fill_kernel", lambda: None)
     rng = np.random.default_rng(1)
     N, P = (4, 14) if small_cell else (25, 120)
     counts = rng.integers(1, 6, N)

@@ -70,3 +70,32 @@ def test_unknown_element_and_mismatched_basis_are_named(layout):
         layout.registry.check_basis({"C": {"l": [0, 0, 1, 1, 2], "name": "dzp", "rc": 3}})
     with pytest.raises(RegistryError, match="l <= 3"):
         Registry.from_basis({"X": {"l": [4], "rc": 1.0}})
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gpaw_blocks_are_the_blocks_in_gpaw_order(layout, compiled, dtype, monkeypatch):
+    """Canonical blocks of mixed species pairs -> flat GPAW-order blocks, one after the
+    other: each equals ``from_canonical`` of its block, with the compiled gather
+    (numba) and the numpy one."""
+    from ase_gearsh.model import layout as layout_module
+
+    if compiled:
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setattr(layout_module, "compiled", lambda fn: None)
+    rng = np.random.default_rng(3)
+    P = 40
+    sa, sb = rng.integers(1, 4, P), rng.integers(1, 4, P)
+    blocks = rng.normal(size=(P, layout.n, layout.n)).astype(dtype)
+    flat = layout.gpaw_blocks(sa, sb, blocks)
+    assert flat.dtype == np.float64
+    counts = layout.registry.n_orbitals
+    o = 0
+    for p in range(P):
+        ref = layout.from_canonical(blocks[p], sa[p], sb[p])
+        assert ref.shape == (counts[sa[p]], counts[sb[p]])
+        np.testing.assert_array_equal(flat[o : o + ref.size], ref.ravel())
+        o += ref.size
+    assert o == flat.size
+    assert layout.gpaw_blocks(sa[:0], sb[:0], blocks[:0]).shape == (0,)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from .compiled import compiled
+
 __all__ = ["orbital_offsets", "block_indices", "canonical_orientation", "BlockMatrices", "assemble"]
 
 
@@ -71,7 +73,6 @@ def _fill_blocks(data, source, src, first, step, nr, nc, transpose, unique):
                     data[d] += source[s0 + a * nc + b]
 
 
-_FILL = []
 # source dtypes the compiled writer takes (others, e.g. float16, use the numpy path)
 _KERNEL_SOURCES = {np.dtype(t) for t in (np.float32, np.float64, np.complex64, np.complex128)}
 
@@ -80,14 +81,7 @@ def _fill_kernel():
     """:func:`_fill_blocks` compiled with numba (cached on disk), or None when numba is
     not installed (the core does not require it): the numpy path then writes the same
     values."""
-    if not _FILL:
-        try:
-            import numba
-        except ImportError:
-            _FILL.append(None)
-        else:
-            _FILL.append(numba.njit(cache=True, nogil=True)(_fill_blocks))
-    return _FILL[0]
+    return compiled(_fill_blocks)
 
 
 def canonical_orientation(i, j, S) -> np.ndarray:

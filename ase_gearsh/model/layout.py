@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from ..core.basis import Registry
+from ..core.compiled import compiled
 
 __all__ = ["Layout", "clebsch_gordan"]
 
@@ -172,24 +173,58 @@ class Layout:
         """Canonical (..., n, n) -> GPAW-order (..., n1, n2)."""
         return block[..., self.perm[s1][:, None], self.perm[s2][None, :]]
 
+    @cached_property
+    def perm_table(self) -> np.ndarray:
+        """(n_species+1, n) int64: ``perm`` of every species, padded with -1."""
+        table = np.full((self.registry.n_species + 1, self.n), -1, dtype=np.int64)
+        for s, p in enumerate(self.perm):
+            table[s, : len(p)] = p
+        return table
+
     def gpaw_blocks(self, species_a, species_b, blocks) -> np.ndarray:
         """Canonical blocks (P, n, n) of atom pairs with species ``species_a``,
         ``species_b`` (P,) -> their GPAW-order blocks, flat row-major and
-        concatenated in input order (as ``onsite_H``/``pair_H`` of a dataset).
-        Vectorised per species pair."""
+        concatenated in input order (as ``onsite_H``/``pair_H`` of a dataset),
+        float64.  One compiled pass over the blocks (numba), or vectorised per
+        species pair without numba; the values are the same."""
         species_a = np.asarray(species_a)
         species_b = np.asarray(species_b)
-        counts = self.registry.n_orbitals
+        counts = np.asarray(self.registry.n_orbitals, dtype=np.int64)
         sizes = counts[species_a] * counts[species_b]
         start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         out = np.empty(int(start[-1]), dtype=np.float64)
         if not len(species_a):
             return out
+        blocks = np.asarray(blocks)
+        kernel = compiled(_gather_blocks)
+        if kernel is not None and blocks.dtype in (np.float32, np.float64):
+            kernel(
+                np.ascontiguousarray(blocks),
+                species_a.astype(np.int64),
+                species_b.astype(np.int64),
+                self.perm_table,
+                counts,
+                start,
+                out,
+            )
+            return out
         key = species_a.astype(np.int64) * (self.registry.n_species + 1) + species_b
         for k in np.unique(key):
             sel = np.flatnonzero(key == k)
             p1, p2 = self.perm[int(species_a[sel[0]])], self.perm[int(species_b[sel[0]])]
-            vals = np.asarray(blocks[sel])[:, p1[:, None], p2[None, :]]
+            vals = blocks[sel][:, p1[:, None], p2[None, :]]
             pos = start[sel][:, None] + np.arange(len(p1) * len(p2))[None, :]
             out[pos.ravel()] = vals.reshape(len(sel), -1).ravel()
         return out
+
+
+def _gather_blocks(blocks, species_a, species_b, perm, counts, start, out):
+    """``out[start[p]:]`` = block p in GPAW order, row-major: element (r, c) is
+    ``blocks[p, perm[a, r], perm[b, c]]`` (numba kernel of :meth:`Layout.gpaw_blocks`)."""
+    for p in range(len(species_a)):
+        a, b = species_a[p], species_b[p]
+        na, nb, o = counts[a], counts[b], start[p]
+        for r in range(na):
+            pr = perm[a, r]
+            for c in range(nb):
+                out[o + r * nb + c] = blocks[p, pr, perm[b, c]]

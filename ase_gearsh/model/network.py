@@ -134,6 +134,48 @@ def _basis(vec, *, max_degree, num, cutoff, radial_fn, cutoff_fn):
     )
 
 
+class ProjectedBasis(nn.Module):
+    """``e3x.nn.Dense(features, use_bias=False)`` applied to :func:`_basis` of ``vec``,
+    without forming the basis: the basis is R_n(r) Y_lm(r^) and the Dense has one
+    matrix W_l per degree, so the result is Y_lm(r^) (R(r) W_l)_f.  Same parameters
+    (names and shapes) as the Dense on the basis, the same values up to rounding, and
+    (E, (L+1)^2, num) never stored: 3x faster for the neighbour density at device
+    scale (``benchmarks/device_scale.py``).  Output (E, 1, (L+1)^2, features)."""
+
+    features: int
+    max_degree: int
+    num: int
+    cutoff: float
+    radial_fn: str
+    cutoff_fn: str
+
+    @nn.compact
+    def __call__(self, vec):
+        norm = e3x.ops.norm(vec, axis=-1, keepdims=True)  # as e3x.nn.basis (safe gradient)
+        u = vec / jnp.where(norm > 0, norm, 1)
+        norm = norm[..., 0]
+        radial = _RADIAL[self.radial_fn](norm, self.num, limit=self.cutoff)
+        radial = radial * _CUTOFF[self.cutoff_fn](norm, cutoff=self.cutoff)[..., None]
+        ylm = e3x.so3.spherical_harmonics(
+            u,
+            max_degree=self.max_degree,
+            r_is_normalized=True,
+            normalization="orthonormal",
+            cartesian_order=False,
+        )
+        parity = "+-"
+        out = []
+        for l in range(self.max_degree + 1):  # e3x.nn.Dense's per-degree layers
+            w = nn.Dense(
+                self.features,
+                use_bias=False,
+                kernel_init=e3x.nn.modules.default_kernel_init,
+                name=f"{l}{parity[l % 2]}",
+            )(radial)
+            out.append(ylm[..., l * l : (l + 1) ** 2, None] * w[..., None, :])
+        return jnp.concatenate(out, axis=-2)[..., None, :, :]
+
+
 def _tensor_dense(features, *, max_degree, fused, name):
     """A TensorDense layer: the fused one of :mod:`.fused` (e3x's parameters and
     outputs, a faster layout) or e3x's with the full tensor product."""
@@ -249,18 +291,18 @@ class AtomDescriptor(nn.Module):
         emb = e3x.nn.Embed(s.n_species + 1, s.num_elemental_embedding, name="embed")
         e_centre = emb(species).reshape(N, -1)  # e3x returns (N, 1, 1, features)
         if rho is None:
-            basis = _basis(
-                edge_vec,
+            # species-aware radial functions: depend on centre AND neighbour species
+            pair_emb = jnp.concatenate([e_centre[edge_i], e_centre[edge_j]], axis=-1)
+            gate = nn.Dense(F, name="species_radial")(pair_emb)
+            two_body = ProjectedBasis(
+                F,
                 max_degree=s.radial_max_degree,
                 num=s.num_radial,
                 cutoff=s.cutoff,
                 radial_fn=s.radial_fn,
                 cutoff_fn=s.cutoff_fn,
-            )
-            # species-aware radial functions: depend on centre AND neighbour species
-            pair_emb = jnp.concatenate([e_centre[edge_i], e_centre[edge_j]], axis=-1)
-            gate = nn.Dense(F, name="species_radial")(pair_emb)
-            two_body = e3x.nn.Dense(F, use_bias=False, name="radial_projection")(basis)
+                name="radial_projection",
+            )(edge_vec)
             two_body = two_body * gate[:, None, None, :]
             rho = e3x.ops.indexed_sum(two_body, dst_idx=edge_i, num_segments=N)
         if density_only:
@@ -382,7 +424,6 @@ class GearsHNet(nn.Module):
         pooled = NonlinearBlock(s.activation, name="bond_nonlinear")(d[pair_i] + d[pair_j])
         emb = e3x.nn.Embed(s.n_species + 1, s.num_elemental_embedding, name="bond_embed")
         gate_layer = nn.Dense(Fd, name="bond_species")
-        proj = e3x.nn.Dense(Fd, use_bias=False, name="bond_projection")
         if s.bond_tensor == "fused_tensor":
             tensor = FusedTensor(
                 max_degree=s.bond_max_degree, cartesian_order=False, name="bond_tensor"
@@ -398,23 +439,25 @@ class GearsHNet(nn.Module):
             name="pair_readout",
         )
 
-        basis_options = dict(
+        proj = ProjectedBasis(
+            Fd,
             max_degree=s.bond_basis_max_degree,
             num=s.bond_basis_num,
             cutoff=s.bond_cutoff,
             radial_fn=s.bond_radial_fn,
             cutoff_fn=s.bond_cutoff_fn,
+            name="bond_projection",
         )
 
-        def expansion(b, za, zb):
+        def expansion(vec, za, zb):
             """Species-ordered, oriented bond expansion g(z_a, z_b) * W b, with b the
-            radial x spherical-harmonic basis of the bond vector."""
+            radial x spherical-harmonic basis of the bond vector ``vec``."""
             g = gate_layer(
                 jnp.concatenate(
                     [emb(za).reshape(za.shape[0], -1), emb(zb).reshape(zb.shape[0], -1)], axis=-1
                 )
             )
-            y = proj(b) * g[:, None, None, :]
+            y = proj(vec) * g[:, None, None, :]
             return _with_pseudotensors(y, s.bond_max_degree)
 
         zi, zj = species[pair_i], species[pair_j]
@@ -422,7 +465,7 @@ class GearsHNet(nn.Module):
             # canonical orientation: from the lower species index to the higher
             canon = zi <= zj
             vec = jnp.where(canon[:, None], pair_vec, -pair_vec)
-            y = expansion(_basis(vec, **basis_options), jnp.minimum(zi, zj), jnp.maximum(zi, zj))
+            y = expansion(vec, jnp.minimum(zi, zj), jnp.maximum(zi, zj))
             deg = np.repeat(
                 np.arange(s.bond_max_degree + 1), 2 * np.arange(s.bond_max_degree + 1) + 1
             )
@@ -442,14 +485,9 @@ class GearsHNet(nn.Module):
             # no bias: a bias on the scalars would not be odd in r
             odd_out = e3x.nn.Dense(s.out_features, use_bias=False, name="pair_odd_readout")(t)
             return onsite, even, odd_out
-        bexp = _basis(pair_vec, **basis_options)
-        L = np.repeat(
-            np.arange(s.bond_basis_max_degree + 1), 2 * np.arange(s.bond_basis_max_degree + 1) + 1
-        )
-        flip = jnp.asarray((-1.0) ** L, dtype=bexp.dtype)[:, None]  # Y(-r) = (-1)^L Y(r)
         both = [
-            tensor(pooled, expansion(bexp, zi, zj)),
-            tensor(pooled, expansion(bexp * flip, zj, zi)),
+            tensor(pooled, expansion(pair_vec, zi, zj)),
+            tensor(pooled, expansion(-pair_vec, zj, zi)),  # Y(-r) = (-1)^L Y(r)
         ]
         P = pair_i.shape[0]
         bond = readout(shared(jnp.concatenate(both, axis=0)))
