@@ -559,7 +559,9 @@ class GearsHCalculator(Calculator):
         if "blocks" not in self._cache:
             alongside = self._overlap_alongside()
             try:
-                pb = self.predictor(self.atoms, progress=self.parameters.progress)
+                # H's CSR layout in a thread while the network runs: every property
+                # but the blocks themselves assembles H
+                pb = self.predictor(self.atoms, progress=self.parameters.progress, layout=True)
             finally:
                 if alongside is not None:
                     self._collect_overlap(alongside)

@@ -24,17 +24,21 @@ def _dense_reference(counts, pi, pj, shift, onsite, pairs, k):
     return M
 
 
-@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("compiled", [True, "threads", False])
 @pytest.mark.parametrize("small_cell", [True, False])
 def test_matrix_equals_dense_sum(small_cell, compiled, monkeypatch):
     """Images sharing an atom pair (small cell, i == j with R != 0) are summed; a
     large cell has one block per atom pair.  CSR is canonical at Gamma and at k, with
-    the compiled block writer (numba) and with the numpy one."""
+    the compiled block writer (numba; "threads": split over 3 threads, as large
+    matrices are) and with the numpy one."""
     from ase_gearsh.core import blocks
 
     if compiled:
         pytest.importorskip("numba")
         assert blocks._fill_kernel() is not None
+        if compiled == "threads":
+            monkeypatch.setattr(blocks, "PARALLEL_FILL_MIN", 0)
+            monkeypatch.setattr(blocks, "usable_cores", lambda: 3)
     else:
         monkeypatch.setattr(blocks, "_fill_kernel", lambda: None)
     rng = np.random.default_rng(1)

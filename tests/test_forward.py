@@ -84,3 +84,21 @@ def test_shipped_checkpoint_reproduces_stored_hamiltonian():
     assert H.shape == ref["H"].shape
     assert np.abs(ref["H"]).max() > 10
     assert np.abs(H - ref["H"]).max() < 2e-4
+
+
+def test_layout_computed_while_the_network_runs(small_model, chain_dataset, water_dataset):
+    """``Predictor(..., layout=True)`` (the calculator's call) builds H's CSR layout in a
+    thread during the network: the same matrices at Gamma and at k; a layout of other
+    blocks is refused."""
+    from ase_gearsh.core.blocks import csr_layout
+
+    atoms = Dataset(chain_dataset)[0].atoms
+    plain = Predictor(small_model)(atoms)
+    early = Predictor(small_model)(atoms, layout=True)
+    for k in (None, [0, 0, 0.3]):
+        a, b = plain.matrix(k), early.matrix(k)
+        assert a.nnz == b.nnz > 0
+        assert (a != b).nnz == 0
+    other = Predictor(small_model)(Dataset(water_dataset)[0].atoms)
+    with pytest.raises(ValueError, match="does not fit"):
+        plain.adopt_layout(csr_layout(other.orbital_counts, other.pair_i, other.pair_j))

@@ -16,6 +16,8 @@ Conventions (shared by datasets, the model and the calculator):
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +25,14 @@ import scipy.sparse as sp
 
 from .compiled import compiled
 
-__all__ = ["orbital_offsets", "block_indices", "canonical_orientation", "BlockMatrices", "assemble"]
+__all__ = [
+    "orbital_offsets",
+    "block_indices",
+    "canonical_orientation",
+    "csr_layout",
+    "BlockMatrices",
+    "assemble",
+]
 
 
 def orbital_offsets(orbital_counts) -> np.ndarray:
@@ -48,6 +57,65 @@ def block_indices(counts_i, counts_j, start_i, start_j):
     rows = np.asarray(start_i, np.int64)[block] + local // nj
     cols = np.asarray(start_j, np.int64)[block] + local % nj
     return rows, cols, block
+
+
+def csr_layout(orbital_counts, pair_i, pair_j):
+    """The CSR layout of M(k) of on-site blocks and unordered pair blocks (the same at
+    every k; :meth:`BlockMatrices.matrix`): (indptr, indices, groups, unique).
+    ``groups`` lists, per kind of block (0 on-site, 1 pair, 2 pair transposed) and block
+    shape, the blocks' first source value, first CSR entry of their first row, row
+    length and column offset; ``unique`` is false when several blocks share an atom
+    pair (images in a small cell): they are summed.  Depends only on the atoms' orbital
+    counts and the pairs, so it can be computed before the values exist."""
+    counts = np.asarray(orbital_counts, np.int64)
+    pi = np.asarray(pair_i, np.int64).reshape(-1)
+    pj = np.asarray(pair_j, np.int64).reshape(-1)
+    N = len(counts)
+    off = orbital_offsets(counts)
+    # directed blocks: on-site (a, a), pairs (i, j), transposes (j, i)
+    I = np.concatenate([np.arange(N), pi, pj])
+    J = np.concatenate([np.arange(N), pj, pi])
+    uniq, inv = np.unique(I * N + J, return_inverse=True)  # sorted by row, column
+    uI, uJ = uniq // N, uniq % N
+    nJ = counts[uJ]
+    rowlen = np.bincount(uI, weights=nJ, minlength=N).astype(np.int64)
+    first_u = np.searchsorted(uI, np.arange(N))  # each atom's first block
+    before = np.cumsum(nJ) - nJ
+    colstart = before - before[first_u][uI]  # column offset of a block in its row
+    base = np.concatenate([[0], np.cumsum(counts * rowlen)])  # first entry per atom
+    # within atom a, orbital row r starts at base[a] + r * rowlen[a]
+    atom_of_row = np.repeat(np.arange(N), counts)
+    local_row = np.arange(len(atom_of_row)) - off[atom_of_row]
+    indptr = np.append(base[atom_of_row] + local_row * rowlen[atom_of_row], base[-1])
+    collist = _ranges(off[uJ], nJ)  # each atom's column list, atom after atom
+    int_type = np.int32 if base[-1] < 2**31 else np.int64
+    indices = np.empty(int(base[-1]), int_type)
+    cfirst = before[first_u]
+    for a in range(N):  # every row of atom a has a's column list
+        rows = indices[base[a] : base[a + 1]].reshape(counts[a], rowlen[a])
+        rows[:] = collist[cfirst[a] : cfirst[a] + rowlen[a]]
+    # source offsets: on-site blocks in ``onsite``, pairs (and transposes) in ``pairs``
+    on_sizes = counts**2
+    pair_sizes = counts[pi] * counts[pj]
+    src = np.concatenate(
+        [np.cumsum(on_sizes) - on_sizes, np.tile(np.cumsum(pair_sizes) - pair_sizes, 2)]
+    )
+    kind = np.repeat([0, 1, 2], [N, len(pi), len(pi)])
+    rows_n = np.concatenate([counts, counts[pi], counts[pi]])  # source block shape
+    cols_n = np.concatenate([counts, counts[pj], counts[pj]])
+    groups = []
+    for key in np.unique(np.stack([kind, rows_n, cols_n], axis=1), axis=0):
+        sel = np.flatnonzero((kind == key[0]) & (rows_n == key[1]) & (cols_n == key[2]))
+        groups.append(
+            (
+                tuple(int(x) for x in key),
+                src[sel],
+                base[I[sel]],
+                rowlen[I[sel]],
+                colstart[inv[sel]],
+            )
+        )
+    return indptr, indices, groups, len(uniq) == len(I)
 
 
 def _ranges(starts, counts) -> np.ndarray:
@@ -82,6 +150,36 @@ def _fill_kernel():
     not installed (the core does not require it): the numpy path then writes the same
     values."""
     return compiled(_fill_blocks)
+
+
+# values written by the compiled writer in threads from this many (below: one thread)
+PARALLEL_FILL_MIN = 1 << 22
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _run_fill(kernel, data, tasks, unique: bool) -> None:
+    """Run the compiled writer's ``tasks`` (source, src, first, step, nr, nc, transpose)
+    into ``data``.  Large matrices whose blocks do not share entries (``unique``) are
+    split over the usable cores (the kernel releases the GIL); blocks that are summed
+    stay in one thread (no two threads add to the same entry)."""
+    threads = usable_cores()
+    if not unique or threads < 2 or len(data) < PARALLEL_FILL_MIN:
+        for t in tasks:
+            kernel(data, *t, unique)
+        return
+    parts = []
+    for source, src, first, step, nr, nc, transpose in tasks:
+        for cut in np.array_split(np.arange(len(src)), threads):
+            if len(cut):
+                a, b = cut[0], cut[-1] + 1
+                parts.append((source, src[a:b], first[a:b], step[a:b], nr, nc, transpose))
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(lambda t: kernel(data, *t, unique), parts):
+            pass
 
 
 def canonical_orientation(i, j, S) -> np.ndarray:
@@ -178,62 +276,21 @@ class BlockMatrices:
         )
 
     def _layout(self):
-        """The CSR layout of M(k), the same at every k: (indptr, indices, groups,
-        unique).  ``groups`` lists, per kind of block (0 on-site, 1 pair, 2 pair
-        transposed) and block shape, the blocks' first source value, first CSR
-        entry of their first row, row length and column offset; ``unique`` is false
-        when several blocks share an atom pair (images in a small cell): they are
-        summed."""
+        """The CSR layout of M(k) (:func:`csr_layout`), computed once."""
         if not hasattr(self, "_csr"):
-            counts = self.orbital_counts
-            N = len(counts)
-            off = orbital_offsets(counts)
-            pi, pj = self.pair_i, self.pair_j
-            # directed blocks: on-site (a, a), pairs (i, j), transposes (j, i)
-            I = np.concatenate([np.arange(N), pi, pj])
-            J = np.concatenate([np.arange(N), pj, pi])
-            uniq, inv = np.unique(I * N + J, return_inverse=True)  # sorted by row, column
-            uI, uJ = uniq // N, uniq % N
-            nJ = counts[uJ]
-            rowlen = np.bincount(uI, weights=nJ, minlength=N).astype(np.int64)
-            first_u = np.searchsorted(uI, np.arange(N))  # each atom's first block
-            before = np.cumsum(nJ) - nJ
-            colstart = before - before[first_u][uI]  # column offset of a block in its row
-            base = np.concatenate([[0], np.cumsum(counts * rowlen)])  # first entry per atom
-            # within atom a, orbital row r starts at base[a] + r * rowlen[a]
-            atom_of_row = np.repeat(np.arange(N), counts)
-            local_row = np.arange(len(atom_of_row)) - off[atom_of_row]
-            indptr = np.append(base[atom_of_row] + local_row * rowlen[atom_of_row], base[-1])
-            collist = _ranges(off[uJ], nJ)  # each atom's column list, atom after atom
-            int_type = np.int32 if base[-1] < 2**31 else np.int64
-            indices = np.empty(int(base[-1]), int_type)
-            cfirst = before[first_u]
-            for a in range(N):  # every row of atom a has a's column list
-                rows = indices[base[a] : base[a + 1]].reshape(counts[a], rowlen[a])
-                rows[:] = collist[cfirst[a] : cfirst[a] + rowlen[a]]
-            # source offsets: on-site blocks in ``onsite``, pairs (and transposes) in ``pairs``
-            on_sizes = counts**2
-            pair_sizes = counts[pi] * counts[pj]
-            src = np.concatenate(
-                [np.cumsum(on_sizes) - on_sizes, np.tile(np.cumsum(pair_sizes) - pair_sizes, 2)]
-            )
-            kind = np.repeat([0, 1, 2], [N, len(pi), len(pi)])
-            rows_n = np.concatenate([counts, counts[pi], counts[pi]])  # source block shape
-            cols_n = np.concatenate([counts, counts[pj], counts[pj]])
-            groups = []
-            for key in np.unique(np.stack([kind, rows_n, cols_n], axis=1), axis=0):
-                sel = np.flatnonzero((kind == key[0]) & (rows_n == key[1]) & (cols_n == key[2]))
-                groups.append(
-                    (
-                        tuple(int(x) for x in key),
-                        src[sel],
-                        base[I[sel]],
-                        rowlen[I[sel]],
-                        colstart[inv[sel]],
-                    )
-                )
-            self._csr = (indptr, indices, groups, len(uniq) == len(I))
+            self._csr = csr_layout(self.orbital_counts, self.pair_i, self.pair_j)
         return self._csr
+
+    def adopt_layout(self, layout) -> None:
+        """Use ``layout``, :func:`csr_layout` of these blocks computed elsewhere (e.g. in
+        a thread while the network ran), instead of computing it again."""
+        indptr = layout[0]
+        if len(indptr) != self.n_orbitals + 1:
+            raise ValueError(
+                f"a CSR layout of {len(indptr) - 1} rows does not fit blocks of "
+                f"{self.n_orbitals} orbitals"
+            )
+        self._csr = layout
 
     def matrix(self, kpt=None, sparse: bool = True):
         """M(k) at scaled ``kpt`` (None: Gamma): real at Gamma, complex Hermitian
@@ -256,9 +313,10 @@ class BlockMatrices:
         nnz = int(indptr[-1])
         data = np.zeros(nnz, dtype)
         kernel = _fill_kernel()
+        tasks = []  # the compiled writer's calls
         for (kind, nr, nc), src, row0, rowlen, col0 in groups:
             if kernel is not None and sources[kind].dtype in _KERNEL_SOURCES:
-                kernel(data, sources[kind], src, row0 + col0, rowlen, nr, nc, kind == 2, unique)
+                tasks.append((sources[kind], src, row0 + col0, rowlen, nr, nc, kind == 2))
                 continue
             a = np.arange(nr)[None, :, None]  # the source block's rows and columns
             b = np.arange(nc)[None, None, :]
@@ -271,6 +329,7 @@ class BlockMatrices:
                 data[dest] = values
             else:
                 np.add.at(data, dest, values)
+        _run_fill(kernel, data, tasks, unique)
         mat = sp.csr_matrix((data, indices, indptr.astype(indices.dtype)), shape=(n, n))
         mat.has_sorted_indices = True
         return mat if sparse else mat.toarray()

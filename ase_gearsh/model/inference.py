@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core.blocks import BlockMatrices
+from ..core.blocks import BlockMatrices, csr_layout
 from .engine import Model, precision
 from .graph import FAR, Graph, pad_edges
 
@@ -111,21 +111,32 @@ class Predictor:
         self._bond_blocks = jax.jit(model.bond_blocks)
         self._invariants = jax.jit(atom_invariants)
 
-    def __call__(self, atoms, progress: bool = False) -> BlockMatrices:
+    def __call__(self, atoms, progress: bool = False, layout: bool = False) -> BlockMatrices:
         """Predicted H of ``atoms`` (eV, GPAW order).  The result also carries
         ``atom_invariants`` (N, K) float32: :func:`atom_invariants` of the atom
         descriptors of this prediction (a committee's first member), and
         ``committee_spread``: for a committee, the mean absolute deviation (eV) of the
         members' H elements from their mean, over all stored elements (None for a
-        single model)."""
+        single model).  ``layout``: also compute the CSR layout of H
+        (:func:`~ase_gearsh.core.blocks.csr_layout`, which needs only the bonds) in a
+        thread while the network runs, for a caller that will assemble H."""
         t0 = time.perf_counter()
         g = self.model.graph(atoms)
         t1 = time.perf_counter()
-        with precision():
-            onsite, pairs, invariants, info = self._predict(g, progress)
+        pending = None
+        if layout:
+            counts = self.model.registry.n_orbitals[g.species]
+            pending = _LAYOUT.submit(csr_layout, counts, g.pair_i, g.pair_j)
+        try:
+            with precision():
+                onsite, pairs, invariants, info = self._predict(g, progress)
+        finally:
+            csr = None if pending is None else pending.result()
         t2 = time.perf_counter()
         spread = info.pop("committee_spread")
         result = self.to_gpaw(g, onsite, pairs)
+        if csr is not None:
+            result.adopt_layout(csr)
         t3 = time.perf_counter()
         result.timings = {
             "neighbour_list": t1 - t0,
@@ -295,6 +306,10 @@ class Predictor:
             pair_distance=g.pair_distance,
             neighbours=np.bincount(g.edge_i, minlength=g.n_atoms),
         )
+
+
+# one thread for the CSR layout of H, computed while the network runs
+_LAYOUT = ThreadPoolExecutor(1, thread_name_prefix="gearsh-layout")
 
 
 def _member_mean(outs: list, real: np.ndarray, i, j) -> tuple[np.ndarray, float]:
