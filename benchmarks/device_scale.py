@@ -236,7 +236,17 @@ def main(argv=None):
         help="the calculator's overlap_screen (default: its default, 1e-8; 0: exact S); "
         "several values time the second structure once per value, back to back",
     )
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="ase_gearsh.core.memory.keep_freed_memory() first: glibc keeps freed memory for "
+        "the next structure (resident memory stays at its peak)",
+    )
     args = p.parse_args(argv)
+    if args.keep_freed_memory:
+        from ase_gearsh.core.memory import keep_freed_memory
+
+        print(f"keep_freed_memory(): {keep_freed_memory()}")
     import jax
     from compilations import compilation_counter
 
