@@ -5,9 +5,9 @@ it to the system when it is freed, so each new structure's arrays (H, S and thei
 scratch, gigabytes at device scale) are new pages that the kernel must fault in and
 zero again.  :func:`keep_freed_memory` makes this process serve all allocations from
 the heap and keep freed memory for reuse.  Measured with ``benchmarks/device_scale.py
---keep-freed-memory`` (3999 atoms, 2 cores): the second structure's H and S in about
-13.4 s instead of 14.8-16.5 s; the cost is that the resident memory stays at its peak
-until the process ends (6.3 against 4.8 GiB there).  Process-wide, so it is never set
+--keep-freed-memory`` (3999 atoms, 2 cores, medians of 3 per process): H and S of a new
+structure in 12.3-14.0 s instead of 13.4-16.5 s; the cost is that the resident memory
+stays at its peak until the process ends (6.1-6.7 against 4.9 GiB there).  Process-wide, so it is never set
 by importing the package: call it (or pass ``gearsh predict --keep-freed-memory``) in a
 process that predicts structure after structure.
 """
