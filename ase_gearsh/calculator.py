@@ -559,8 +559,8 @@ class GearsHCalculator(Calculator):
         if "blocks" not in self._cache:
             alongside = self._overlap_alongside()
             try:
-                # H's CSR layout in a thread while the network runs: every property
-                # but the blocks themselves assembles H
+                # H's CSR layout in a thread while the network runs: most properties
+                # assemble H (not the blocks, reliability or committee spread alone)
                 pb = self.predictor(self.atoms, progress=self.parameters.progress, layout=True)
             finally:
                 if alongside is not None:

@@ -113,8 +113,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int | None:
-    if args.keep_freed_memory and not keep_freed_memory():
-        print("--keep-freed-memory: not glibc, ignored", file=sys.stderr)
+    if args.keep_freed_memory and not keep_freed_memory(children=True):
+        print("--keep-freed-memory: glibc's mallopt not available here, ignored", file=sys.stderr)
     options = dict(
         kpts=parse_kpts(args.kpts),
         width=args.width,

@@ -39,6 +39,14 @@ def test_matrix_equals_dense_sum(small_cell, compiled, monkeypatch):
         if compiled == "threads":
             monkeypatch.setattr(blocks, "PARALLEL_FILL_MIN", 0)
             monkeypatch.setattr(blocks, "usable_cores", lambda: 3)
+            pools = []
+
+            class Spy(blocks.ThreadPoolExecutor):
+                def __init__(self, *a, **kw):
+                    pools.append(a)
+                    super().__init__(*a, **kw)
+
+            monkeypatch.setattr(blocks, "ThreadPoolExecutor", Spy)
     else:
         monkeypatch.setattr(blocks, "_fill_kernel", lambda: None)
     rng = np.random.default_rng(1)
@@ -67,6 +75,8 @@ def test_matrix_equals_dense_sum(small_cell, compiled, monkeypatch):
         np.testing.assert_allclose(M.toarray(), ref, atol=1e-13)
         assert abs(M - M.conj().T).max() < 1e-14
         assert np.count_nonzero(ref) > 0.3 * ref.size  # not trivially sparse
+    if compiled == "threads":  # shared entries (small cell) stay in one thread
+        assert pools == ([] if small_cell else [(3,), (3,)])
 
 
 def test_supercell_gamma_holds_the_folded_kpoints(chain_dataset):

@@ -95,6 +95,11 @@ def test_layout_computed_while_the_network_runs(small_model, chain_dataset, wate
     atoms = Dataset(chain_dataset)[0].atoms
     plain = Predictor(small_model)(atoms)
     early = Predictor(small_model)(atoms, layout=True)
+    assert hasattr(early, "_csr")  # adopted, before any matrix is asked for
+    ref = csr_layout(early.orbital_counts, early.pair_i, early.pair_j)
+    for x, y in zip(early._csr[:2], ref[:2]):  # indptr, indices
+        np.testing.assert_array_equal(x, y)
+    assert not hasattr(plain, "_csr")
     for k in (None, [0, 0, 0.3]):
         a, b = plain.matrix(k), early.matrix(k)
         assert a.nnz == b.nnz > 0

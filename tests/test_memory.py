@@ -15,7 +15,7 @@ def resident():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 if sys.argv[1] == "keep":
-    if not keep_freed_memory():
+    if not keep_freed_memory(children=True):
         print("unsupported")
         sys.exit(0)
     assert all(os.environ[k] == v for k, v in KEEP_FREED_ENV.items())  # for workers
@@ -27,8 +27,14 @@ print(before - resident())
 
 
 def _freed(mode: str):
+    """MiB the fresh process gives back after freeing 256 MiB (None: not glibc)."""
+    import os
+
+    from ase_gearsh.core.memory import KEEP_FREED_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in KEEP_FREED_ENV}  # glibc defaults
     out = subprocess.run(
-        [sys.executable, "-c", CODE, mode], capture_output=True, text=True, check=True
+        [sys.executable, "-c", CODE, mode], capture_output=True, text=True, check=True, env=env
     ).stdout.split()[-1]
     return None if out == "unsupported" else int(out) / 2**20
 

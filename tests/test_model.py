@@ -242,3 +242,60 @@ def test_rotation_and_permutation_equivariance_of_both_evaluations(model_variant
     err_on, err_pr = _rotate_check(model_variant, atoms, inversion=True)
     assert err_on < TOL and err_pr < TOL, (err_on, err_pr)
     assert _permutation_error(model_variant, atoms, np.array([1, 2, 0])) < 1e-5
+
+
+def test_projected_basis_is_the_dense_layer_on_the_basis():
+    """``ProjectedBasis`` (the neighbour density's and the bond expansion's radial
+    projection) equals ``e3x.nn.Dense(use_bias=False)`` on the radial x angular basis:
+    the same parameters and initial values (checkpoints load unchanged), the same
+    values and gradients, a zero and a beyond-cut-off vector included, and it rotates
+    with Wigner D (r -> r R: y -> y D)."""
+    import e3x
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from ase_gearsh.model.network import ProjectedBasis, _basis
+
+    opts = dict(max_degree=3, num=8, cutoff=6.0, radial_fn="basic_fourier")
+    opts["cutoff_fn"] = "smooth_cutoff"
+
+    class Reference(nn.Module):
+        @nn.compact
+        def __call__(self, v):
+            return e3x.nn.Dense(5, use_bias=False, name="p")(_basis(v, **opts))
+
+    class New(nn.Module):
+        @nn.compact
+        def __call__(self, v):
+            return ProjectedBasis(5, **opts, name="p")(v)
+
+    rng = np.random.default_rng(4)
+    v = rng.normal(size=(40, 3)) * 2.5
+    v[0] = 0.0  # zero vector (padding)
+    v[1] = [100.0, 0.0, 0.0]  # beyond the cut-off
+    v = jnp.asarray(v, jnp.float32)
+    key = jax.random.PRNGKey(7)
+    p_ref, p_new = Reference().init(key, v), New().init(key, v)
+    same = jax.tree_util.tree_map(
+        lambda a, b: a.shape == b.shape and bool((a == b).all()), p_ref, p_new
+    )
+    assert all(jax.tree_util.tree_leaves(same)) and len(jax.tree_util.tree_leaves(same)) == 4
+    y_ref, y_new = Reference().apply(p_ref, v), New().apply(p_ref, v)
+    assert y_new.shape == y_ref.shape == (40, 1, 16, 5)
+    assert float(jnp.abs(y_ref).max()) > 0.1
+    np.testing.assert_allclose(y_new, y_ref, atol=1e-6)
+    assert float(jnp.abs(y_new[1]).max()) == 0.0  # outside the cut-off
+
+    def loss(module):
+        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+
+    g_ref = jax.grad(loss(Reference()), argnums=(0, 1))(p_ref, v)
+    g_new = jax.grad(loss(New()), argnums=(0, 1))(p_ref, v)
+    for a, b in zip(jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g_new)):
+        assert np.isfinite(np.asarray(b)).all()
+        np.testing.assert_allclose(b, a, atol=2e-5)
+    R = e3x.so3.random_rotation(jax.random.PRNGKey(3))
+    D = e3x.so3.wigner_d(R, max_degree=3, cartesian_order=False)
+    y_rot = New().apply(p_ref, v @ R)
+    np.testing.assert_allclose(y_rot, jnp.einsum("npmf,mk->npkf", y_new, D), atol=2e-5)

@@ -7,9 +7,12 @@ zero again.  :func:`keep_freed_memory` makes this process serve all allocations 
 the heap and keep freed memory for reuse.  Measured with ``benchmarks/device_scale.py
 --keep-freed-memory`` (3999 atoms, 2 cores, medians of 3 per process): H and S of a new
 structure in 12.3-14.0 s instead of 13.4-16.5 s; the cost is that the resident memory
-stays at its peak until the process ends (6.1-6.7 against 4.9 GiB there).  Process-wide, so it is never set
-by importing the package: call it (or pass ``gearsh predict --keep-freed-memory``) in a
-process that predicts structure after structure.
+stays at its peak until the process ends (6.1-6.7 against 4.9 GiB there).
+Process-wide, so it is never set by importing the package: call it (or pass
+``gearsh predict --keep-freed-memory``) in a process that predicts structure after
+structure.  Of the processes above, one set a trim threshold of 64 GiB through the
+environment (13.64 and 13.41 s), the others called this function, whose threshold is
+mallopt's limit of 2 GiB.
 """
 
 from __future__ import annotations
@@ -23,17 +26,20 @@ __all__ = ["keep_freed_memory", "KEEP_FREED_ENV"]
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_TRIM = 1 << 40  # never give the heap's top back to the system
+_DEFAULT_MMAP_MAX = 65536
+# mallopt takes a C int: free memory at the heap's top beyond 2 GiB is still given back
+_TRIM = 2**31 - 1
 
 # the same settings for processes started later (glibc reads them at start-up)
 KEEP_FREED_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(_TRIM)}
 
 
-def keep_freed_memory(children: bool = True) -> bool:
-    """Tell glibc's malloc to serve allocations from the heap (no ``mmap``) and keep
-    freed memory for the next ones.  ``children``: also put the equivalent environment
-    variables in ``os.environ`` for processes started after this call (batch workers).
-    Returns False, changing nothing, where the C library is not glibc (macOS, musl)."""
+def keep_freed_memory(children: bool = False) -> bool:
+    """Tell glibc's malloc to serve allocations from the heap (no ``mmap``) and keep up
+    to 2 GiB of freed memory at the heap's top for the next ones.  ``children``: also
+    put the equivalent environment variables in ``os.environ``, for the processes this
+    one starts afterwards (``gearsh predict``'s batch workers).  Returns False, with
+    nothing changed, where the C library is not glibc (macOS, musl) or refuses."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")
@@ -44,9 +50,11 @@ def keep_freed_memory(children: bool = True) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    # mallopt takes an int: the trim threshold is capped at the largest one
-    ok = mallopt(_M_MMAP_MAX, 0) == 1
-    ok = mallopt(_M_TRIM_THRESHOLD, min(_TRIM, 2**31 - 1)) == 1 and ok
-    if ok and children:
+    if mallopt(_M_MMAP_MAX, 0) != 1:
+        return False
+    if mallopt(_M_TRIM_THRESHOLD, _TRIM) != 1:
+        mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)  # back to glibc's default
+        return False
+    if children:
         os.environ.update(KEEP_FREED_ENV)
-    return ok
+    return True

@@ -130,8 +130,11 @@ class Predictor:
         try:
             with precision():
                 onsite, pairs, invariants, info = self._predict(g, progress)
-        finally:
-            csr = None if pending is None else pending.result()
+        except BaseException:  # the network's error (or an interrupt) first, at once
+            if pending is not None:
+                pending.cancel()
+            raise
+        csr = None if pending is None else pending.result()
         t2 = time.perf_counter()
         spread = info.pop("committee_spread")
         result = self.to_gpaw(g, onsite, pairs)
