@@ -32,7 +32,6 @@ in another.  Matches GPAW's S to ~1e-15 (tests).
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +46,7 @@ from ase.units import Bohr, Hartree
 from ase_gearsh.core.basis import BasisDataError, SpeciesBasis
 from ase_gearsh.core.blocks import _ranges, block_indices, canonical_orientation
 from ase_gearsh.core.neighbours import vesin_neighbor_list
+from ase_gearsh.core.processes import usable_cores
 
 __all__ = [
     "SpeciesBasis",
@@ -1133,7 +1133,7 @@ class OverlapCalculator:
         self.engine = engine
         self.screen = check_screen(screen)
         if threads is None:
-            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+            threads = usable_cores()
         self.threads = max(1, int(threads))
         self.cluster = 8  # atoms per group of rows assembled together (compiled engine)
         self.timings: dict = {}

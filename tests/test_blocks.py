@@ -38,7 +38,7 @@ def test_matrix_equals_dense_sum(small_cell, compiled, monkeypatch):
         assert blocks._fill_kernel() is not None
         if compiled == "threads":
             monkeypatch.setattr(blocks, "PARALLEL_FILL_MIN", 0)
-            monkeypatch.setattr(blocks, "usable_cores", lambda: 3)
+            monkeypatch.setattr(blocks.processes, "usable_cores", lambda: 3)
             pools = []
 
             class Spy(blocks.ThreadPoolExecutor):

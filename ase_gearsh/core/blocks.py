@@ -16,13 +16,13 @@ Conventions (shared by datasets, the model and the calculator):
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
 
+from . import processes
 from .compiled import compiled
 
 __all__ = [
@@ -156,17 +156,12 @@ def _fill_kernel():
 PARALLEL_FILL_MIN = 1 << 22
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _run_fill(kernel, data, tasks, unique: bool) -> None:
     """Run the compiled writer's ``tasks`` (source, src, first, step, nr, nc, transpose)
     into ``data``.  Large matrices whose blocks do not share entries (``unique``) are
     split over the usable cores (the kernel releases the GIL); blocks that are summed
     stay in one thread (no two threads add to the same entry)."""
-    threads = usable_cores()
+    threads = processes.usable_cores()
     if not unique or threads < 2 or len(data) < PARALLEL_FILL_MIN:
         for t in tasks:
             kernel(data, *t, unique)

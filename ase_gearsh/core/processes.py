@@ -26,6 +26,7 @@ WORKER_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_
 
 __all__ = [
     "WORKER_THREADS",
+    "usable_cores",
     "worker_init",
     "interrupt_on_sigterm",
     "run_pool",
@@ -36,6 +37,13 @@ __all__ = [
 
 # set by the SIGTERM handler of worker processes (worker_init)
 _INTERRUPTED = threading.Event()
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the system reports it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def interrupted() -> bool:
