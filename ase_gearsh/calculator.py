@@ -88,7 +88,6 @@ import math
 import warnings
 import weakref
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -109,6 +108,7 @@ from gpaw_tools.overlap import OverlapCalculator, check_screen
 
 from .core.blocks import BlockMatrices
 from .core.errors import GearsHError
+from .core.processes import worker_thread
 from .electronic.checks import ArgumentError, check_choice, check_positive
 from .electronic.dense import (
     NEAR_NULL_NORM,
@@ -307,10 +307,6 @@ def _release_overlap_buffers(model: Model) -> None:
     entry = _OVERLAPS.get(model)
     if entry is not None:
         entry[1].release_buffers()
-
-
-# one worker thread for exact S computed alongside the network (GearsHCalculator)
-_WORKER = ThreadPoolExecutor(1, thread_name_prefix="gearsh-overlap")
 
 
 def _overlap(model: Model, atoms: Atoms, k: np.ndarray, screen: float = 0.0):
@@ -585,7 +581,8 @@ class GearsHCalculator(Calculator):
             return None
         if self.parameters.kpts is not None or not getattr(self.model, "basis_data", None):
             return None
-        return _WORKER.submit(
+        # one worker thread for exact S computed alongside the network
+        return worker_thread("gearsh-overlap").submit(
             _overlap, self.model, self.atoms.copy(), np.zeros(3), self.parameters.overlap_screen
         )
 

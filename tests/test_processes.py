@@ -229,3 +229,23 @@ def test_written_files_and_folders_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def _submit_in_child():
+    from ase_gearsh.core.processes import worker_thread
+
+    return worker_thread("gearsh-test").submit(lambda: 2).result(timeout=10)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_worker_thread_runs_in_a_forked_child():
+    """The calculator's worker threads (S alongside the network, H's layout) also work
+    in a child forked after the parent used them; an executor inherited from the parent
+    would wait for a thread that does not exist there."""
+    import multiprocessing
+
+    from ase_gearsh.core.processes import worker_thread
+
+    assert worker_thread("gearsh-test").submit(lambda: 1).result() == 1  # thread started
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_submit_in_child).get(timeout=30) == 2

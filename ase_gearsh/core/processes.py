@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 # BLAS/OpenMP threads of each worker process (unless the user set the variables)
 WORKER_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -27,6 +28,7 @@ WORKER_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_
 __all__ = [
     "WORKER_THREADS",
     "usable_cores",
+    "worker_thread",
     "worker_init",
     "interrupt_on_sigterm",
     "run_pool",
@@ -44,6 +46,24 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+_POOLS: dict[str, ThreadPoolExecutor] = {}
+
+
+def worker_thread(name: str) -> ThreadPoolExecutor:
+    """The process's single-thread executor called ``name`` (e.g. the calculator's S
+    worker), created on first use.  A child made by ``fork`` starts without them: the
+    parent's threads do not exist there, and an executor copied from the parent would
+    queue work that no thread takes."""
+    pool = _POOLS.get(name)
+    if pool is None:
+        pool = _POOLS[name] = ThreadPoolExecutor(1, thread_name_prefix=name)
+    return pool
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def interrupted() -> bool:

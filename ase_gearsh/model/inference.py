@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core.blocks import BlockMatrices, csr_layout
+from ..core.processes import worker_thread
 from .engine import Model, precision
 from .graph import FAR, Graph, pad_edges
 
@@ -126,7 +127,7 @@ class Predictor:
         pending = None
         if layout:
             counts = self.model.registry.n_orbitals[g.species]
-            pending = _LAYOUT.submit(csr_layout, counts, g.pair_i, g.pair_j)
+            pending = worker_thread("gearsh-layout").submit(csr_layout, counts, g.pair_i, g.pair_j)
         try:
             with precision():
                 onsite, pairs, invariants, info = self._predict(g, progress)
@@ -309,10 +310,6 @@ class Predictor:
             pair_distance=g.pair_distance,
             neighbours=np.bincount(g.edge_i, minlength=g.n_atoms),
         )
-
-
-# one thread for the CSR layout of H, computed while the network runs
-_LAYOUT = ThreadPoolExecutor(1, thread_name_prefix="gearsh-layout")
 
 
 def _member_mean(outs: list, real: np.ndarray, i, j) -> tuple[np.ndarray, float]:
