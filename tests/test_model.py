@@ -167,6 +167,56 @@ def test_message_passing_really_changes_outputs(small_model):
     assert err_on < TOL and err_pr < TOL
 
 
+def test_density_message_passing_sees_two_cut_offs_and_stays_equivariant(small_model):
+    """mp_type "density": a second neighbour density gated by the neighbours' invariants.
+    Atom 0 then sees atom 2 beyond its cut-off through atom 1; rotations and inversion
+    still act on the blocks as Wigner matrices; only new parameters are added."""
+    from ase_gearsh.model.engine import Model
+
+    settings = dict(small_model.settings, mp_steps=1, mp_type="density")
+    mp = Model(
+        settings,
+        small_model.registry,
+        {k: np.asarray(v) for k, v in small_model.stats.items()},
+        None,
+    )
+    mp.params = mp.init_params(3)
+    plain = {k for k in mp.init_params(3)["params"]["atom_descriptor"]}
+    base_names = set(small_model.params["params"]["atom_descriptor"])
+    assert base_names < plain
+    assert {n for n in plain - base_names} == {
+        "mp_gate_0",
+        *(f"mp1_nonlinear_{b}" for b in range(small_model.settings["num_tensordenses"] + 1)),
+        *(f"mp1_tensordense_{k}" for k in range(small_model.settings["num_tensordenses"])),
+    }
+    cut = small_model.cutoff
+    base = Atoms(
+        "OCO", positions=[[0, 0, 0], [0, 0, 0.6 * cut], [0, 0, 1.2 * cut]], cell=[40, 40, 40]
+    )
+    moved = base.copy()
+    moved.positions[2, 2] += 0.3  # still beyond the cut-off of atom 0
+    for model, should_change in ((small_model, False), (mp, True)):
+        on0 = _predict(model, base)[1][0]
+        on1 = _predict(model, moved)[1][0]
+        changed = np.abs(on1 - on0).max()
+        assert (changed > 1e-4) if should_change else (changed < 1e-6), changed
+    for inversion in (False, True):
+        err_on, err_pr = _rotate_check(mp, molecule("H2O", cell=[9, 9, 9]), inversion)
+        assert err_on < TOL and err_pr < TOL, (inversion, err_on, err_pr)
+
+
+def test_unknown_message_passing_type_is_refused():
+    from ase_gearsh.training.config import ConfigError, check_config
+
+    with pytest.raises(ConfigError, match="mp_type.*'attention' or 'density'.*'graph'"):
+        check_config(
+            {
+                "data": {"train_data_path": "data"},
+                "model": {"atom_centered": {"descriptor": {"mp_type": "graph"}}},
+            }
+        )
+
+
 @pytest.mark.slow  # about a minute or two on 2 cores: `make test-all`
 def test_parameter_count_of_paper_configuration():
     """The paper's WSe2-like configuration (listings 2-4): about 83k parameters."""

@@ -89,6 +89,10 @@ class ModelSettings:
     num_tensordense_features: int = 12
     use_fused_tensor: bool = True
     mp_steps: int = 0
+    # "attention": e3x SelfAttention per body order (the paper's option); "density":
+    # a second neighbour density gated by the neighbours' invariant features
+    # (see AtomDescriptor), far cheaper
+    mp_type: str = "attention"
     mp_degree: int = 4
     mp_num_heads: int = 4
     mp_qkv_features: int = 32
@@ -272,9 +276,20 @@ class AtomDescriptor(nn.Module):
     (radial basis R_n scaled by the cut-off, orthonormal real spherical
     harmonics, species gate g, linear projection W), shape (N, 1, (L+1)^2, F).
     Each TensorDense raises the body order by one: x_{k+1} = TD(x_k).  Every
-    order goes through optional self-attention message passing and a
-    :class:`NonlinearBlock`; the orders are concatenated along features:
-    output (N, 2, (L_bond+1)^2, F * (num_tensordenses + 1)).
+    order goes through optional self-attention message passing (``mp_type``
+    "attention") and a :class:`NonlinearBlock`; the orders are concatenated along
+    features: output d (N, 2, (L_bond+1)^2, F * (num_tensordenses + 1)).
+
+    ``mp_type`` "density", ``mp_steps`` = T: T rounds of
+
+        rho'_i = rho_i + sum_{j in N(i)} g'(h_i, h_j) * W [R_n Y_lm](r_ij),
+        d <- d + D'(rho'_i)
+
+    with h the even scalars of d (invariant), the same projected basis W [R Y] as
+    rho, and D' the TensorDense / NonlinearBlock chain above with its own
+    parameters.  An atom then sees its neighbours' environments (twice the cut-off)
+    through invariant gates only: one dense map and one sum per edge, no tensor
+    product on edges.
     """
 
     s: ModelSettings
@@ -294,7 +309,7 @@ class AtomDescriptor(nn.Module):
             # species-aware radial functions: depend on centre AND neighbour species
             pair_emb = jnp.concatenate([e_centre[edge_i], e_centre[edge_j]], axis=-1)
             gate = nn.Dense(F, name="species_radial")(pair_emb)
-            two_body = ProjectedBasis(
+            projected = ProjectedBasis(
                 F,
                 max_degree=s.radial_max_degree,
                 num=s.num_radial,
@@ -303,23 +318,31 @@ class AtomDescriptor(nn.Module):
                 cutoff_fn=s.cutoff_fn,
                 name="radial_projection",
             )(edge_vec)
-            two_body = two_body * gate[:, None, None, :]
+            two_body = projected * gate[:, None, None, :]
             rho = e3x.ops.indexed_sum(two_body, dst_idx=edge_i, num_segments=N)
+        elif s.mp_steps:
+            raise ValueError("message passing needs the edges, not a summed density")
         if density_only:
             return rho
         # the centre's own species enters the scalar channel
         rho = rho.at[:, 0, 0, :].add(nn.Dense(F, name="centre_species")(e_centre))
         rho = _with_pseudotensors(rho, s.max_tensordense_degree)
-        orders = [rho]
-        x = rho
-        for k in range(s.num_tensordenses):
-            x = _tensor_dense(
-                F,
-                max_degree=s.max_tensordense_degree,
-                fused=s.use_fused_tensor,
-                name=f"tensordense_{k}",
-            )(x)
-            orders.append(x)
+        if s.mp_steps and s.mp_type == "density":
+            d = self._orders_out(rho, prefix="")
+            for step in range(s.mp_steps):
+                h = d[:, 0, 0, :]  # even scalars: invariant
+                g = nn.Dense(F, name=f"mp_gate_{step}")(
+                    jnp.concatenate([h[edge_i], h[edge_j]], axis=-1)
+                )
+                msg = e3x.ops.indexed_sum(
+                    projected * g[:, None, None, :], dst_idx=edge_i, num_segments=N
+                )
+                x = rho + _with_pseudotensors(msg, s.max_tensordense_degree)
+                d = d + self._orders_out(x, prefix=f"mp{step + 1}_")
+            return d
+        if s.mp_steps and s.mp_type != "attention":
+            raise ValueError(f"mp_type={s.mp_type!r}: 'attention' or 'density'")
+        orders = self._orders(rho, prefix="")
         if s.mp_steps:
             mp_basis = _basis(
                 edge_vec,
@@ -343,6 +366,31 @@ class AtomDescriptor(nn.Module):
                 )(x, mp_basis, dst_idx=edge_i, src_idx=edge_j, num_segments=N)
                 x = EquivariantLayerNorm(name=f"mp_norm_{b}_{step}")(x + m)
             x = NonlinearBlock(s.activation, name=f"nonlinear_{b}")(x)
+            out.append(_with_pseudotensors(x, s.bond_max_degree))
+        return jnp.concatenate(out, axis=-1)
+
+    def _orders(self, rho, prefix):
+        """[rho, TD(rho), TD(TD(rho)), ...]: body orders 2 .. 2 + num_tensordenses."""
+        s = self.s
+        orders = [rho]
+        x = rho
+        for k in range(s.num_tensordenses):
+            x = _tensor_dense(
+                s.num_tensordense_features,
+                max_degree=s.max_tensordense_degree,
+                fused=s.use_fused_tensor,
+                name=f"{prefix}tensordense_{k}",
+            )(x)
+            orders.append(x)
+        return orders
+
+    def _orders_out(self, rho, prefix):
+        """The descriptor of a density without attention: every body order through its
+        NonlinearBlock, concatenated."""
+        s = self.s
+        out = []
+        for b, x in enumerate(self._orders(rho, prefix)):
+            x = NonlinearBlock(s.activation, name=f"{prefix}nonlinear_{b}")(x)
             out.append(_with_pseudotensors(x, s.bond_max_degree))
         return jnp.concatenate(out, axis=-1)
 

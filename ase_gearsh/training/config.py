@@ -59,6 +59,9 @@ DEFAULTS = {
                 "max_tensordense_degree": 4,
                 "num_tensordense_features": 12,
                 "mp_steps": 0,
+                # "attention" (e3x SelfAttention, as in the paper) or "density" (a second
+                # neighbour density gated by the neighbours' invariants; far cheaper)
+                "mp_type": "attention",
                 "mp_degree": 4,
                 "mp_options": {"num_heads": 4, "qkv_features": 32},
                 "mp_basis_options": {
@@ -319,6 +322,11 @@ def check_config(given: dict | None) -> dict:
     desc = cfg["model"]["atom_centered"]["descriptor"]
     if desc["mp_steps"] < 0 or desc["num_tensordenses"] < 0:
         raise ConfigError("'mp_steps' and 'num_tensordenses' must be >= 0")
+    if desc["mp_type"] not in ("attention", "density"):
+        raise ConfigError(
+            "'model.atom_centered.descriptor.mp_type' must be 'attention' or 'density', "
+            f"got {desc['mp_type']!r}"
+        )
     for k in ("model.atom_centered.descriptor.radial_basis.cutoff", "model.bond_centered.cutoff"):
         node = cfg
         for part in k.split("."):
@@ -501,6 +509,7 @@ def model_settings(cfg: dict, n_species: int, out_max_degree: int, out_features:
         num_tensordense_features=desc["num_tensordense_features"],
         use_fused_tensor=desc["use_fused_tensor"],
         mp_steps=desc["mp_steps"],
+        mp_type=desc["mp_type"],
         mp_degree=desc["mp_degree"],
         mp_num_heads=desc["mp_options"].get("num_heads", 4),
         mp_qkv_features=desc["mp_options"].get("qkv_features", 32),
