@@ -136,21 +136,23 @@ def test_pair_blocks_vanish_smoothly_at_the_cutoff(small_model):
     assert sizes[1] > sizes[2] > sizes[3]
 
 
-@pytest.mark.slow  # 1.5-2 min on 2 cores (two message-passing compilations): `make test-all`
-def test_message_passing_really_changes_outputs(small_model):
-    """With mp_steps=1 an atom sees its neighbours' neighbours; without, it does not."""
+def _with_message_passing(small_model, **settings):
+    """The small model's network with message-passing settings, fresh parameters."""
     from ase_gearsh.model.engine import Model
 
-    settings = dict(
-        small_model.settings, mp_steps=1, mp_degree=2, mp_qkv_features=8, mp_num_heads=2
-    )
     mp = Model(
-        settings,
+        dict(small_model.settings, mp_steps=1, **settings),
         small_model.registry,
         {k: np.asarray(v) for k, v in small_model.stats.items()},
         None,
     )
     mp.params = mp.init_params(3)
+    return mp
+
+
+def _assert_reach_beyond_cut_off(small_model, mp):
+    """Atom 0's on-site block ignores a move of atom 2 beyond its cut-off, unless the
+    model passes messages (atom 1 sees both)."""
     cut = small_model.cutoff
     base = Atoms(
         "OCO", positions=[[0, 0, 0], [0, 0, 0.6 * cut], [0, 0, 1.2 * cut]], cell=[40, 40, 40]
@@ -162,6 +164,13 @@ def test_message_passing_really_changes_outputs(small_model):
         on1 = _predict(model, moved)[1][0]
         changed = np.abs(on1 - on0).max()
         assert (changed > 1e-4) if should_change else (changed < 1e-6), changed
+
+
+@pytest.mark.slow  # 1.5-2 min on 2 cores (two message-passing compilations): `make test-all`
+def test_message_passing_really_changes_outputs(small_model):
+    """With mp_steps=1 an atom sees its neighbours' neighbours; without, it does not."""
+    mp = _with_message_passing(small_model, mp_degree=2, mp_qkv_features=8, mp_num_heads=2)
+    _assert_reach_beyond_cut_off(small_model, mp)
     # and message passing keeps the model equivariant
     err_on, err_pr = _rotate_check(mp, molecule("H2O", cell=[9, 9, 9]), inversion=True)
     assert err_on < TOL and err_pr < TOL
@@ -171,17 +180,8 @@ def test_density_message_passing_sees_two_cut_offs_and_stays_equivariant(small_m
     """mp_type "density": a second neighbour density gated by the neighbours' invariants.
     Atom 0 then sees atom 2 beyond its cut-off through atom 1; rotations and inversion
     still act on the blocks as Wigner matrices; only new parameters are added."""
-    from ase_gearsh.model.engine import Model
-
-    settings = dict(small_model.settings, mp_steps=1, mp_type="density")
-    mp = Model(
-        settings,
-        small_model.registry,
-        {k: np.asarray(v) for k, v in small_model.stats.items()},
-        None,
-    )
-    mp.params = mp.init_params(3)
-    plain = {k for k in mp.init_params(3)["params"]["atom_descriptor"]}
+    mp = _with_message_passing(small_model, mp_type="density")
+    plain = set(mp.params["params"]["atom_descriptor"])
     base_names = set(small_model.params["params"]["atom_descriptor"])
     assert base_names < plain
     assert {n for n in plain - base_names} == {
@@ -189,17 +189,7 @@ def test_density_message_passing_sees_two_cut_offs_and_stays_equivariant(small_m
         *(f"mp1_nonlinear_{b}" for b in range(small_model.settings["num_tensordenses"] + 1)),
         *(f"mp1_tensordense_{k}" for k in range(small_model.settings["num_tensordenses"])),
     }
-    cut = small_model.cutoff
-    base = Atoms(
-        "OCO", positions=[[0, 0, 0], [0, 0, 0.6 * cut], [0, 0, 1.2 * cut]], cell=[40, 40, 40]
-    )
-    moved = base.copy()
-    moved.positions[2, 2] += 0.3  # still beyond the cut-off of atom 0
-    for model, should_change in ((small_model, False), (mp, True)):
-        on0 = _predict(model, base)[1][0]
-        on1 = _predict(model, moved)[1][0]
-        changed = np.abs(on1 - on0).max()
-        assert (changed > 1e-4) if should_change else (changed < 1e-6), changed
+    _assert_reach_beyond_cut_off(small_model, mp)
     for inversion in (False, True):
         err_on, err_pr = _rotate_check(mp, molecule("H2O", cell=[9, 9, 9]), inversion)
         assert err_on < TOL and err_pr < TOL, (inversion, err_on, err_pr)
