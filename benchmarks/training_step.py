@@ -1,10 +1,12 @@
 """Time of one compiled training step on one structure of a config's training data.
 
     python benchmarks/training_step.py CONFIG [--set KEY=VALUE ...] [--steps 6] [--before]
+                                      [--batch N]
 
 Builds the config's data and model as ``gearsh train`` does, then runs ``--steps``
-optimiser steps on one bond subsample of the first training structure and prints each
-step's time (the first includes the compilation) and the loss.  ``--before`` also runs
+optimiser steps on one bond subsample of the first training structure (``--batch N``:
+of the first N, in one batch) and prints each step's time (the first includes the
+compilation) and the loss.  ``--before`` also runs
 the same steps with the loss evaluated under ``jax.vmap`` over the single shard, as
 every step was before (the batch's leading device axis of size 1), in the same process:
 the two losses agree to rounding and the times compare directly.  Pin it to one core
@@ -19,7 +21,7 @@ import time
 from pathlib import Path
 
 
-def run(cfg, steps_n: int, vmapped: bool):
+def run(cfg, steps_n: int, vmapped: bool, n_batch: int = 1):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -52,8 +54,8 @@ def run(cfg, steps_n: int, vmapped: bool):
         state = T.TrainState(steps.replicate(params), steps.replicate(steps.tx.init(params)))
         state.ema = jax.tree_util.tree_map(jnp.copy, state.params)
         rng = np.random.default_rng(0)
-        g = T._subsample(data.train[0], steps.bond_fraction, 0.0, rng)
-        batch = steps.batch([g])
+        gs = [T._subsample(x, steps.bond_fraction, 0.0, rng) for x in data.train[:n_batch]]
+        batch = steps.batch(gs)
         times = []
         for i in range(steps_n):
             t = time.perf_counter()
@@ -71,7 +73,13 @@ def run(cfg, steps_n: int, vmapped: bool):
             times.append(time.perf_counter() - t)
     finally:
         T._batch_sums = original
-    return times, float(loss), len(g.pair_i), len(g.edge_i), data.train[0].n_atoms
+    return (
+        times,
+        float(loss),
+        sum(len(g.pair_i) for g in gs),
+        sum(len(g.edge_i) for g in gs),
+        sum(x.n_atoms for x in data.train[:n_batch]),
+    )
 
 
 def main(argv=None):
@@ -80,23 +88,28 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--before", action="store_true", help="also time the vmapped loss")
+    p.add_argument("--batch", type=int, default=1, help="structures per step (default: 1)")
     a = p.parse_args(argv)
     import jax
 
     from ase_gearsh.training.config import load_config
 
     cfg = load_config(a.config, a.set)
+    if a.batch < 1:
+        p.error(f"--batch must be at least 1, got {a.batch}")
+    cfg["data"]["batch_size"] = a.batch
     print(f"{a.config}: devices {jax.devices()}")
     modes = [("now (one shard, no vmap)", False)]
     if a.before:
         modes.append(("before (vmap over the shard axis)", True))
     for name, vm in modes:
-        times, loss, P, E, N = run(cfg, a.steps, vm)
+        times, loss, P, E, N = run(cfg, a.steps, vm, a.batch)
         steady = sorted(times[1:])
         print(
-            f"{name}: {N} atoms, {E} edges, {P} bonds; first step {times[0]:.1f} s "
-            f"(compilation), then median {steady[len(steady) // 2]:.2f} s per step "
-            f"(min {steady[0]:.2f}); loss after {len(times)} steps {loss:.6f}",
+            f"{name}: {a.batch} structure(s), {N} atoms, {E} edges, {P} bonds; "
+            f"first step {times[0]:.1f} s "
+            f"(compilation), then median {1e3 * steady[len(steady) // 2]:.1f} ms per step "
+            f"(min {1e3 * steady[0]:.1f} ms); loss after {len(times)} steps {loss:.6f}",
             flush=True,
         )
 
