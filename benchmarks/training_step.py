@@ -1,7 +1,7 @@
 """Time of one compiled training step on one structure of a config's training data.
 
     python benchmarks/training_step.py CONFIG [--set KEY=VALUE ...] [--steps 6] [--before]
-                                      [--batch N]
+                                      [--batch N] [--tree]
 
 Builds the config's data and model as ``gearsh train`` does, then runs ``--steps``
 optimiser steps on one bond subsample of the first training structure (``--batch N``:
@@ -9,7 +9,10 @@ of the first N, in one batch) and prints each step's time (the first includes th
 compilation) and the loss.  ``--before`` also runs
 the same steps with the loss evaluated under ``jax.vmap`` over the single shard, as
 every step was before (the batch's leading device axis of size 1), in the same process:
-the two losses agree to rounding and the times compare directly.  Pin it to one core
+the two losses agree to rounding and the times compare directly.  ``--tree`` also runs
+the steps with the parameters, their moving average and the optimiser's moments kept as
+the parameter tree (a few hundred arrays), as before they became one flat vector each
+(``StepFunctions.init_state``).  Pin it to one core
 with ``taskset`` and ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`` for the training
 runs' setting.
 """
@@ -21,7 +24,7 @@ import time
 from pathlib import Path
 
 
-def run(cfg, steps_n: int, vmapped: bool, n_batch: int = 1):
+def run(cfg, steps_n: int, vmapped: bool, n_batch: int = 1, tree: bool = False):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -51,8 +54,9 @@ def run(cfg, steps_n: int, vmapped: bool, n_batch: int = 1):
         T._batch_sums = _batch_sums
     try:
         steps = T.StepFunctions(cfg, model, data, lambda *a: None)
-        state = T.TrainState(steps.replicate(params), steps.replicate(steps.tx.init(params)))
-        state.ema = jax.tree_util.tree_map(jnp.copy, state.params)
+        if tree:
+            steps.elementwise = False
+        state = steps.init_state(params)
         rng = np.random.default_rng(0)
         gs = [T._subsample(x, steps.bond_fraction, 0.0, rng) for x in data.train[:n_batch]]
         batch = steps.batch(gs)
@@ -89,6 +93,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--before", action="store_true", help="also time the vmapped loss")
     p.add_argument("--batch", type=int, default=1, help="structures per step (default: 1)")
+    p.add_argument("--tree", action="store_true", help="also time the parameter-tree step")
     a = p.parse_args(argv)
     import jax
 
@@ -99,11 +104,13 @@ def main(argv=None):
         p.error(f"--batch must be at least 1, got {a.batch}")
     cfg["data"]["batch_size"] = a.batch
     print(f"{a.config}: devices {jax.devices()}")
-    modes = [("now (one shard, no vmap)", False)]
+    modes = [("now (one shard, no vmap, flat parameters)", False, False)]
+    if a.tree:
+        modes.append(("parameter tree (one shard, no vmap)", False, True))
     if a.before:
-        modes.append(("before (vmap over the shard axis)", True))
-    for name, vm in modes:
-        times, loss, P, E, N = run(cfg, a.steps, vm, a.batch)
+        modes.append(("before (vmap over the shard axis)", True, False))
+    for name, vm, tree in modes:
+        times, loss, P, E, N = run(cfg, a.steps, vm, a.batch, tree)
         steady = sorted(times[1:])
         print(
             f"{name}: {a.batch} structure(s), {N} atoms, {E} edges, {P} bonds; "

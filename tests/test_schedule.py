@@ -9,9 +9,10 @@ import pytest
 
 from ase_gearsh.training.config import ConfigError, check_config
 from ase_gearsh.training.train import (
+    ELEMENTWISE_OPTIMIZERS,
+    FlatParameters,
     Schedule,
     StepFunctions,
-    TrainState,
     build_model,
     prepare_data,
 )
@@ -89,8 +90,7 @@ def test_moving_average_follows_its_recursion_and_scale_scales_the_step(
     data = prepare_data(cfg, progress=False)
     model, params = build_model(cfg, data)
     steps = StepFunctions(cfg, model, data, log=lambda *a: None)
-    state = TrainState(params, steps.tx.init(params))
-    state.ema = jax.tree_util.tree_map(jnp.copy, params)
+    state = steps.init_state(params)
     batch = steps.batch(data.train[:1])
     flat = lambda tree: np.concatenate(  # noqa: E731
         [np.ravel(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
@@ -126,3 +126,95 @@ def test_moving_average_follows_its_recursion_and_scale_scales_the_step(
         jnp.int32(4),
     )
     np.testing.assert_array_equal(flat(state.params), before)
+
+
+def test_flat_parameters_give_the_tree_optimiser_s_updates_and_checkpoint_form():
+    """One flat vector through an element-wise optimiser (clipping, Adan with weight
+    decay) takes the same steps as the parameter tree, and its state converts to the
+    tree state's form (what checkpoints store) and back exactly."""
+    import optax
+
+    rng = np.random.default_rng(0)
+    params = {
+        "dense": {"kernel": rng.normal(size=(3, 4)), "bias": rng.normal(size=4)},
+        "scale": rng.normal(size=(2, 1, 3)),
+    }
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    fp = FlatParameters.of(params)
+    assert fp.size == 12 + 4 + 6
+    flat = fp.ravel(params)
+    assert flat.shape == (22,)
+    for a, b in zip(jax.tree_util.tree_leaves(fp.unravel(flat)), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adan(0.01, weight_decay=0.001))
+    tree_state, flat_state = tx.init(params), tx.init(flat)
+    p_tree, p_flat = params, flat
+    for _ in range(5):
+        g = jax.tree_util.tree_map(
+            lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params
+        )
+        u, tree_state = tx.update(g, tree_state, p_tree)
+        p_tree = optax.apply_updates(p_tree, u)
+        u, flat_state = tx.update(fp.ravel(g), flat_state, p_flat)
+        p_flat = optax.apply_updates(p_flat, u)
+    moved = np.abs(np.asarray(p_flat) - np.asarray(flat)).max()
+    assert moved > 1e-3
+    np.testing.assert_allclose(p_flat, fp.ravel(p_tree), rtol=1e-5, atol=1e-6)
+    # the checkpoint form: the tree optimiser's state, structure and values
+    as_tree = fp.trees(jax.device_get(flat_state))
+    assert jax.tree_util.tree_structure(as_tree) == jax.tree_util.tree_structure(tree_state)
+    for a, b in zip(jax.tree_util.tree_leaves(as_tree), jax.tree_util.tree_leaves(tree_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    back = fp.flats(as_tree)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(flat_state)
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(flat_state)):
+        np.testing.assert_array_equal(a, b)
+    # arrays of two dtypes keep the tree
+    assert FlatParameters.of({"a": np.zeros(2, np.float32), "b": np.zeros(2)}) is None
+
+
+def test_only_element_wise_optimisers_are_flattened():
+    import optax
+
+    for name in ELEMENTWISE_OPTIMIZERS:
+        assert callable(getattr(optax, name)), name
+    # per-array norms (trust ratios) or factored moments: the tree stays
+    for name in ("lamb", "lars", "adafactor", "novograd"):
+        assert name not in ELEMENTWISE_OPTIMIZERS
+
+
+@pytest.mark.slow  # 1-2 min on 2 cores (compiles two training steps): `make test-all`
+def test_flat_training_step_follows_the_tree_step(water_dataset, tmp_path, make_config):
+    cfg = check_config(
+        make_config(
+            water_dataset,
+            tmp_path,
+            data={"n_train": 2, "n_valid": 1},
+            training={"ema_decay": 0.9, "n_epochs": 1},
+        )
+    )
+    data = prepare_data(cfg, progress=False)
+    model, params = build_model(cfg, data)
+    runs = []
+    for flat in (True, False):
+        steps = StepFunctions(cfg, model, data, log=lambda *a: None)
+        steps.elementwise = flat
+        state = steps.init_state(params)
+        assert (steps.flat is not None) == flat
+        batch = steps.batch(data.train[:1])
+        for t in range(3):
+            state.params, state.opt_state, state.ema, loss = steps._step(
+                state.params,
+                state.opt_state,
+                state.ema,
+                steps.stats,
+                batch,
+                jnp.float32(1.0),
+                jnp.int32(t),
+            )
+        runs.append((steps.trees(state.params), steps.trees(state.ema), float(loss)))
+        assert steps.validate(state.weights, data.valid)[3] > 0
+    (p1, e1, l1), (p0, e0, l0) = runs
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves((p1, e1)), jax.tree_util.tree_leaves((p0, e0))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -74,6 +74,8 @@ __all__ = [
     "build_model",
     "StepFunctions",
     "TrainState",
+    "FlatParameters",
+    "ELEMENTWISE_OPTIMIZERS",
     "Checkpointer",
     "MetricsWriter",
 ]
@@ -129,11 +131,9 @@ def _train_run(cfg: dict, base: Path, run: Path, resume: bool, log: Log, progres
     if start is not None:
         params = _restore_tree(params, start[1], "parameter", start[0])
     steps = StepFunctions(cfg, model, data, log)
-    state = TrainState(steps.replicate(params), steps.replicate(steps.tx.init(params)))
-    if steps.ema_decay:
-        state.ema = jax.tree_util.tree_map(jnp.copy, state.params)
+    state = steps.init_state(params)
     if resumed is not None:
-        state = checkpoints.restore(resumed, state, steps.replicate)
+        state = checkpoints.restore(resumed, state, steps)
         log(f"resuming after epoch {state.next_epoch - 1}")
     (run / "config.json").write_text(json.dumps(cfg, indent=1))
     metrics = MetricsWriter(run)
@@ -176,7 +176,9 @@ def _train_run(cfg: dict, base: Path, run: Path, resume: bool, log: Log, progres
         val = steps.validate(state.weights, data.valid) if data.valid and due else None
         lr_now = lr * _lr_scale(state.opt_state) * state.lr_scale
         state.history.append(metrics_row(epoch, time.time() - t0, lr_now, train_loss, val))
-        checkpoints.end_epoch(epoch, state, _score(val, train_loss, data.valid), stopping)
+        checkpoints.end_epoch(
+            epoch, state, _score(val, train_loss, data.valid), stopping, steps.trees
+        )
         metrics.end_epoch(epoch, state.history)
         post = {"loss": f"{train_loss:.3g}", "val_mae": f"{val[3]:.3g} meV" if val else "-"}
         if budget:
@@ -765,6 +767,8 @@ def _train_step(
     lp: dict,
     tx,
     ema_decay: float,
+    unravel: Callable,
+    ravel: Callable,
     params,
     opt_state,
     ema,
@@ -777,15 +781,18 @@ def _train_step(
     residual=None,
 ):
     """One optimiser step: (params, opt_state, ema, loss).  ``eigen``, ``shift``,
-    ``residual``: see :func:`_batch_sums` (static).
+    ``residual``: see :func:`_batch_sums` (static).  ``params`` and ``ema`` are what
+    ``unravel`` turns into the network's parameters and ``ravel`` back (one flat
+    vector: :class:`FlatParameters`; or the parameter tree itself).
 
     The updates are multiplied by ``lr_scale`` (the host-side schedule: the same
     as scaling the learning rate, weight decay included).  ``ema`` is the moving
     average of the weights with decay min(ema_decay, (1 + step) / (10 + step))."""
-    (loss, _), grads = jax.value_and_grad(
-        partial(_loss, model, orbital_mask, lp, eigen=eigen, shift=shift, residual=residual),
-        has_aux=True,
-    )(params, stats, batch)
+    loss_of = partial(_loss, model, orbital_mask, lp, eigen=eigen, shift=shift, residual=residual)
+    # the gradient of the tree, then raveled (one concatenation): the gradient of the
+    # unravelling slices themselves would add one padded full-length vector per array
+    (loss, _), grads = jax.value_and_grad(loss_of, has_aux=True)(unravel(params), stats, batch)
+    grads = ravel(grads)
     updates, opt_state = tx.update(grads, opt_state, params, value=loss)
     updates = jax.tree_util.tree_map(lambda u: u * lr_scale.astype(u.dtype), updates)
     params = optax.apply_updates(params, updates)
@@ -936,6 +943,97 @@ def _device_count(num_devices) -> int:
     return n_dev
 
 
+# optax optimisers whose update of an element depends only on that element's history
+# and on global scalars: they run unchanged on one flat vector of all parameters
+# (LAMB, LARS, Adafactor, NovoGrad and others use per-array norms or shapes and
+# keep the parameter tree)
+ELEMENTWISE_OPTIMIZERS = frozenset(
+    {
+        "adabelief",
+        "adagrad",
+        "adam",
+        "adamax",
+        "adamaxw",
+        "adamw",
+        "adan",
+        "amsgrad",
+        "lion",
+        "nadam",
+        "nadamw",
+        "radam",
+        "rmsprop",
+        "sgd",
+        "yogi",
+    }
+)
+
+
+@dataclass(frozen=True)
+class FlatParameters:
+    """The parameter tree as one flat vector: a training step then updates the
+    parameters, their moving average and an element-wise optimiser's moments with a
+    few array operations, where a tree of a few hundred arrays costs a few hundred
+    small kernels each.  :meth:`unravel` (traced inside the step) gives the network
+    its tree; slices of the vector fuse into their consumers."""
+
+    treedef: Any
+    shapes: tuple
+    dtype: Any
+
+    @classmethod
+    def of(cls, params) -> FlatParameters | None:
+        """The layout of ``params``; None when its arrays differ in dtype."""
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        dtypes = {np.dtype(x.dtype) for x in leaves}
+        if len(dtypes) != 1:
+            return None
+        return cls(treedef, tuple(tuple(np.shape(x)) for x in leaves), dtypes.pop())
+
+    @property
+    def size(self) -> int:
+        return int(sum(math.prod(s) for s in self.shapes))
+
+    def _pieces(self, flat):
+        out, k = [], 0
+        for shape in self.shapes:
+            n = math.prod(shape)
+            out.append(flat[k : k + n].reshape(shape))
+            k += n
+        return jax.tree_util.tree_unflatten(self.treedef, out)
+
+    def ravel(self, params):
+        """The vector of a parameter tree (under jit, or jax arrays on the host)."""
+        return jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(params)])
+
+    def unravel(self, flat):
+        """The parameter tree of a vector."""
+        return self._pieces(flat)
+
+    def trees(self, x):
+        """``x`` (host arrays) with every vector of :attr:`size` elements as a tree."""
+        n = self.size
+        return jax.tree_util.tree_map(
+            lambda a: self._pieces(np.asarray(a)) if np.shape(a) == (n,) else a, x
+        )
+
+    def flats(self, x):
+        """The inverse of :meth:`trees`: every sub-tree shaped like the parameters as
+        a vector (host arrays)."""
+
+        def is_params(t):
+            return jax.tree_util.tree_structure(t) == self.treedef
+
+        return jax.tree_util.tree_map(
+            lambda t: (
+                np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(t)])
+                if is_params(t)
+                else t
+            ),
+            x,
+            is_leaf=is_params,
+        )
+
+
 class StepFunctions:
     """Step 3: the optimiser, the jitted training step and evaluation sums, and
     batches sharded over a one-axis :class:`jax.sharding.Mesh` of
@@ -1001,8 +1099,19 @@ class StepFunctions:
         # the residual loss: every step, on the step's bonds (no diagonalisation)
         self.residual = (most_atoms, sets) if resid else None
 
+        self.flat: FlatParameters | None = None  # set by init_state
+        self.elementwise = cfg["optimizer"]["name"] in ELEMENTWISE_OPTIMIZERS
+
+        def unravel(p):  # traced after init_state
+            return p if self.flat is None else self.flat.unravel(p)
+
+        def ravel(tree):
+            return tree if self.flat is None else self.flat.ravel(tree)
+
         def compiled_step(eigen=None):
-            step = partial(_train_step, model, mask, self.lp, self.tx, self.ema_decay)
+            step = partial(
+                _train_step, model, mask, self.lp, self.tx, self.ema_decay, unravel, ravel
+            )
             return jax.jit(
                 partial(step, eigen=eigen, shift=self.shift, residual=self.residual),
                 donate_argnums=(0, 1, 2),
@@ -1015,6 +1124,7 @@ class StepFunctions:
             self.eigen_start = float(self.lp["eigenvalue_start"])
             self._step_eigen = compiled_step((float(self.lp["eigenvalue_window"]), most_atoms))
         self._eval_sums = jax.jit(partial(_batch_sums, model, mask))
+        self._unravel_jit = jax.jit(unravel)
 
     def replicate(self, tree):
         """``tree`` on every device of the mesh."""
@@ -1073,8 +1183,35 @@ class StepFunctions:
             )
         return float(np.mean(losses))
 
+    def init_state(self, params) -> TrainState:
+        """The training state that starts from the parameter tree ``params``,
+        replicated over the devices: with an element-wise optimiser
+        (:data:`ELEMENTWISE_OPTIMIZERS`) the parameters, their moving average and the
+        optimiser's moments are each one flat vector (:class:`FlatParameters`), so
+        that an update is a few array operations instead of a few per parameter
+        array; :meth:`trees` and :meth:`flats` convert for checkpoints."""
+        self.flat = FlatParameters.of(params) if self.elementwise else None
+        p = params if self.flat is None else self.flat.ravel(params)
+        state = TrainState(self.replicate(p), self.replicate(self.tx.init(p)))
+        if self.ema_decay:
+            state.ema = jax.tree_util.tree_map(jnp.copy, state.params)
+        return state
+
+    def trees(self, x):
+        """``x`` (parameters, or a state holding vectors of them) with every flat
+        parameter vector as the parameter tree, on the host (the checkpoints' form)."""
+        x = jax.device_get(x)
+        return x if self.flat is None else self.flat.trees(x)
+
+    def flats(self, x):
+        """The inverse of :meth:`trees`."""
+        return x if self.flat is None else self.flat.flats(x)
+
     def validate(self, params, graphs: list[Graph]) -> tuple[float, float, float, float]:
-        """Validation loss and H MAE (meV): on-site, pairs, all elements."""
+        """Validation loss and H MAE (meV): on-site, pairs, all elements (``params``:
+        the tree, or a flat vector of :meth:`init_state`)."""
+        if self.flat is not None and hasattr(params, "shape"):  # a flat vector
+            params = self._unravel_jit(params)
         tot = np.zeros(6)
         vb = self.valid_batch_size
         for k in range(0, len(graphs), vb):
@@ -1201,11 +1338,16 @@ class Checkpointer:
         )
         return ck
 
-    def restore(
-        self, ck: dict, state: TrainState, place: Callable = lambda tree: tree
-    ) -> TrainState:
-        """``state`` continued from the checkpoint ``ck`` (:meth:`load_latest`);
-        ``place`` puts the restored trees on the devices."""
+    def restore(self, ck: dict, state: TrainState, steps: StepFunctions) -> TrainState:
+        """``state`` (:meth:`StepFunctions.init_state`) continued from the checkpoint
+        ``ck`` (:meth:`load_latest`), in the form of ``state`` on its devices."""
+
+        def place(tree):
+            return steps.replicate(steps.flats(tree))
+
+        def template(x):
+            return steps.trees(x)
+
         opt_state = (ck.get("state") or {}).get("opt_state")
         if opt_state is None:
             raise CheckpointError(
@@ -1216,11 +1358,14 @@ class Checkpointer:
         restored = TrainState(
             params=place(
                 _restore_tree(
-                    state.params, ck["params"] if raw is None else raw, "parameter", self.latest
+                    template(state.params),
+                    ck["params"] if raw is None else raw,
+                    "parameter",
+                    self.latest,
                 )
             ),
             opt_state=place(
-                _restore_tree(state.opt_state, opt_state, "optimiser state", self.latest)
+                _restore_tree(template(state.opt_state), opt_state, "optimiser state", self.latest)
             ),
             next_epoch=int(extra["epoch"]) + 1,
             history=extra["history"],
@@ -1230,15 +1375,21 @@ class Checkpointer:
         )
         if state.ema is not None:
             restored.ema = place(
-                _restore_tree(state.ema, ck["params"], "averaged parameter", self.latest)
+                _restore_tree(template(state.ema), ck["params"], "averaged parameter", self.latest)
             )
         return restored
 
     def end_epoch(
-        self, epoch: int, state: TrainState, score: float | None, stopping: bool = False
+        self,
+        epoch: int,
+        state: TrainState,
+        score: float | None,
+        stopping: bool = False,
+        trees: Callable = jax.device_get,
     ) -> None:
         """Save ``model.ckpt`` when ``score`` improved on the best; ``latest.ckpt``
-        when due; update ``state.best``."""
+        when due; update ``state.best``.  ``trees`` gives the state's arrays on the
+        host in the checkpoints' form (:meth:`StepFunctions.trees`)."""
         improved = score is not None and score < state.best
         extra = {
             "epoch": epoch,
@@ -1255,13 +1406,13 @@ class Checkpointer:
         if not (improved or latest):
             return
         # params: the weights to predict with (the moving average when there is one)
-        common = dict(self.common, params=jax.device_get(state.weights), extra=extra)
+        common = dict(self.common, params=trees(state.weights), extra=extra)
         if improved:
             save_checkpoint(self.best_path, **common)
         if latest:
-            resume = {"opt_state": jax.device_get(state.opt_state)}
+            resume = {"opt_state": trees(state.opt_state)}
             if state.ema is not None:
-                resume["params"] = jax.device_get(state.params)
+                resume["params"] = trees(state.params)
             save_checkpoint(self.latest, **common, state=resume)
 
 
