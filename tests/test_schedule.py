@@ -75,10 +75,9 @@ def test_out_of_range_values_are_refused_before_work(patch, message):
         check_config(dict(patch, data={"train_data_path": "x"}))
 
 
-@pytest.mark.slow  # 1-2 min on 2 cores (compiles a training step): `make test-all`
-def test_moving_average_follows_its_recursion_and_scale_scales_the_step(
-    water_dataset, tmp_path, make_config
-):
+def _water_model(water_dataset, tmp_path, make_config):
+    """(config, data, model, initial parameters) of the small test model on two water
+    molecules, moving average 0.9."""
     cfg = check_config(
         make_config(
             water_dataset,
@@ -88,7 +87,28 @@ def test_moving_average_follows_its_recursion_and_scale_scales_the_step(
         )
     )
     data = prepare_data(cfg, progress=False)
-    model, params = build_model(cfg, data)
+    return (cfg, data, *build_model(cfg, data))
+
+
+def _advance(steps, state, batch, t: int, scale: float = 1.0):
+    """One training step ``t`` of ``state`` in place; returns the loss."""
+    state.params, state.opt_state, state.ema, loss = steps._step(
+        state.params,
+        state.opt_state,
+        state.ema,
+        steps.stats,
+        batch,
+        jnp.float32(scale),
+        jnp.int32(t),
+    )
+    return loss
+
+
+@pytest.mark.slow  # 1-2 min on 2 cores (compiles a training step): `make test-all`
+def test_moving_average_follows_its_recursion_and_scale_scales_the_step(
+    water_dataset, tmp_path, make_config
+):
+    cfg, data, model, params = _water_model(water_dataset, tmp_path, make_config)
     steps = StepFunctions(cfg, model, data, log=lambda *a: None)
     state = steps.init_state(params)
     batch = steps.batch(data.train[:1])
@@ -98,15 +118,7 @@ def test_moving_average_follows_its_recursion_and_scale_scales_the_step(
     seen = [flat(state.params)]
     expected = flat(state.ema)
     for t in range(4):
-        state.params, state.opt_state, state.ema, loss = steps._step(
-            state.params,
-            state.opt_state,
-            state.ema,
-            steps.stats,
-            batch,
-            jnp.float32(1.0),
-            jnp.int32(t),
-        )
+        loss = _advance(steps, state, batch, t)
         seen.append(flat(state.params))
         d = min(0.9, (1 + t) / (10 + t))
         expected = d * expected + (1 - d) * seen[-1]
@@ -116,15 +128,7 @@ def test_moving_average_follows_its_recursion_and_scale_scales_the_step(
     assert np.abs(flat(state.ema) - seen[-1]).max() > 1e-6  # the average lags behind
     # a zero learning-rate factor leaves the weights where they are
     before = flat(state.params)
-    state.params, state.opt_state, state.ema, _ = steps._step(
-        state.params,
-        state.opt_state,
-        state.ema,
-        steps.stats,
-        batch,
-        jnp.float32(0.0),
-        jnp.int32(4),
-    )
+    _advance(steps, state, batch, 4, scale=0.0)
     np.testing.assert_array_equal(flat(state.params), before)
 
 
@@ -185,16 +189,7 @@ def test_only_element_wise_optimisers_are_flattened():
 
 @pytest.mark.slow  # 1-2 min on 2 cores (compiles two training steps): `make test-all`
 def test_flat_training_step_follows_the_tree_step(water_dataset, tmp_path, make_config):
-    cfg = check_config(
-        make_config(
-            water_dataset,
-            tmp_path,
-            data={"n_train": 2, "n_valid": 1},
-            training={"ema_decay": 0.9, "n_epochs": 1},
-        )
-    )
-    data = prepare_data(cfg, progress=False)
-    model, params = build_model(cfg, data)
+    cfg, data, model, params = _water_model(water_dataset, tmp_path, make_config)
     runs = []
     for flat in (True, False):
         steps = StepFunctions(cfg, model, data, log=lambda *a: None)
@@ -203,15 +198,7 @@ def test_flat_training_step_follows_the_tree_step(water_dataset, tmp_path, make_
         assert (steps.flat is not None) == flat
         batch = steps.batch(data.train[:1])
         for t in range(3):
-            state.params, state.opt_state, state.ema, loss = steps._step(
-                state.params,
-                state.opt_state,
-                state.ema,
-                steps.stats,
-                batch,
-                jnp.float32(1.0),
-                jnp.int32(t),
-            )
+            loss = _advance(steps, state, batch, t)
         runs.append((steps.trees(state.params), steps.trees(state.ema), float(loss)))
         assert steps.validate(state.weights, data.valid)[3] > 0
     (p1, e1, l1), (p0, e0, l0) = runs
