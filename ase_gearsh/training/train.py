@@ -978,16 +978,14 @@ class FlatParameters:
 
     treedef: Any
     shapes: tuple
-    dtype: Any
 
     @classmethod
     def of(cls, params) -> FlatParameters | None:
         """The layout of ``params``; None when its arrays differ in dtype."""
         leaves, treedef = jax.tree_util.tree_flatten(params)
-        dtypes = {np.dtype(x.dtype) for x in leaves}
-        if len(dtypes) != 1:
+        if len({np.dtype(x.dtype) for x in leaves}) != 1:
             return None
-        return cls(treedef, tuple(tuple(np.shape(x)) for x in leaves), dtypes.pop())
+        return cls(treedef, tuple(tuple(np.shape(x)) for x in leaves))
 
     @property
     def size(self) -> int:
