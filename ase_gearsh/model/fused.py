@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from e3x.nn import initializers
 
+from .dense import Dense
+
 __all__ = ["FusedTensor", "TensorDense"]
 
 
@@ -155,7 +157,7 @@ class TensorDense(nn.Module):
     @nn.compact
     def __call__(self, inputs):
         F = inputs.shape[-1] if self.features is None else self.features
-        y = e3x.nn.Dense(2 * F, use_bias=self.use_bias, name="dense")(inputs)
+        y = Dense(2 * F, use_bias=self.use_bias, name="dense")(inputs)
         x1, x2 = jnp.split(y, 2, axis=-1)
         return FusedTensor(
             max_degree=self.max_degree, cartesian_order=self.cartesian_order, name="fused_tensor"

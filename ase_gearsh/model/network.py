@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .dense import Dense
 from .fused import FusedTensor, TensorDense
 
 __all__ = [
@@ -235,9 +236,9 @@ class NonlinearBlock(nn.Module):
         F = x.shape[-1]
         act = _ACTIVATIONS[self.activation]
         y = EquivariantLayerNorm()(x)
-        y = act(e3x.nn.Dense(F)(y))
+        y = act(Dense(F)(y))
         y = EquivariantLayerNorm()(y)
-        y = e3x.nn.Dense(F)(y)
+        y = Dense(F)(y)
         return x + y
 
 
@@ -252,13 +253,13 @@ class ResidualDense(nn.Module):
         act = _ACTIVATIONS[self.activation]
         h = x
         for k, w in enumerate(self.widths):
-            h = e3x.nn.Dense(w)(h)
+            h = Dense(w)(h)
             if k < len(self.widths) - 1:
                 h = act(h)
         skip = (
             x
             if x.shape[-1] == self.widths[-1]
-            else e3x.nn.Dense(self.widths[-1], use_bias=False, name="skip")(x)
+            else Dense(self.widths[-1], use_bias=False, name="skip")(x)
         )
         return act(h + skip)
 
@@ -527,11 +528,11 @@ class GearsHNet(nn.Module):
                 max_degree=s.out_max_degree, cartesian_order=False, name="pair_odd_tensor"
             )
             t = odd_tensor(
-                e3x.nn.Dense(F_odd, name="pair_odd_in")(u),
-                e3x.nn.Dense(F_odd, use_bias=False, name="pair_odd_bond")(y_odd),
+                Dense(F_odd, name="pair_odd_in")(u),
+                Dense(F_odd, use_bias=False, name="pair_odd_bond")(y_odd),
             )
             # no bias: a bias on the scalars would not be odd in r
-            odd_out = e3x.nn.Dense(s.out_features, use_bias=False, name="pair_odd_readout")(t)
+            odd_out = Dense(s.out_features, use_bias=False, name="pair_odd_readout")(t)
             return onsite, even, odd_out
         both = [
             tensor(pooled, expansion(pair_vec, zi, zj)),
