@@ -85,18 +85,15 @@ def run(cfg, steps_n: int, vmapped: bool, n_batch: int = 1, tree: bool = False, 
         gs = [T._subsample(x, steps.bond_fraction, 0.0, rng) for x in data.train[:n_batch]]
         batch = steps.batch(gs)
         times, first, setup = [], {}, dict(compiles)  # setup: the initialiser's and helpers'
+
+        def args(i):
+            s = state
+            return (s.params, s.opt_state, s.ema, steps.stats, batch, jnp.float32(1), jnp.int32(i))
+
         for i in range(steps_n):
             t = time.perf_counter()
             with precision():
-                state.params, state.opt_state, state.ema, loss = steps._step(
-                    state.params,
-                    state.opt_state,
-                    state.ema,
-                    steps.stats,
-                    batch,
-                    jnp.float32(1.0),
-                    jnp.int32(i),
-                )
+                state.params, state.opt_state, state.ema, loss = steps._step(*args(i))
             jax.block_until_ready(loss)
             times.append(time.perf_counter() - t)
             if i == 0:
@@ -104,17 +101,7 @@ def run(cfg, steps_n: int, vmapped: bool, n_batch: int = 1, tree: bool = False, 
                 first["setup"] = setup
         if hlo:
             with precision():
-                first["hlo"] = kernels(
-                    steps._step.lower(
-                        state.params,
-                        state.opt_state,
-                        state.ema,
-                        steps.stats,
-                        batch,
-                        jnp.float32(1.0),
-                        jnp.int32(0),
-                    ).compile()
-                )
+                first["hlo"] = kernels(steps._step.lower(*args(0)).compile())
     finally:
         T._batch_sums = original
     return (
