@@ -803,6 +803,13 @@ def _train_step(
     return params, opt_state, ema, loss
 
 
+def epoch_rng(data_seed: int, training_seed: int, epoch: int) -> np.random.Generator:
+    """The random generator of one epoch's structure order and bond subsample: fixed by
+    ``data.seed``, ``training.seed`` and the epoch, so a resumed run repeats it and
+    models trained with other training seeds (committee members) see other orders."""
+    return np.random.default_rng([data_seed, training_seed, epoch])
+
+
 def _subsample(g, fraction, alpha, rng):
     """The graph with a random subset of its bonds (``data.bond_fraction``)."""
     P = len(g.pair_i)
@@ -1052,7 +1059,9 @@ class StepFunctions:
             )
         self.valid_batch_size = max(d["valid_batch_size"], self.n_dev)
         self.steps_per_epoch = max(1, len(data.train) // self.batch_size)
-        self.seed = d["seed"]
+        # the epochs' order and bond subsample: the data seed and the training seed, so
+        # that models trained with other training seeds (a committee) see other orders
+        self.seed = (d["seed"], cfg["training"]["seed"])
         self.pad = (d["atoms_pad_multiple"], d["nl_pad_multiple"], d["bond_pad_multiple"])
         self.bond_fraction, self.sampling_alpha = d["bond_fraction"], d["sampling_alpha"]
         self.tx = _optimizer(cfg, self.steps_per_epoch, log)
@@ -1138,12 +1147,12 @@ class StepFunctions:
 
     def train_epoch(self, state: TrainState, graphs: list[Graph], epoch: int, clock) -> float:
         """One pass over ``graphs`` in an order (and bond subsample) fixed by
-        ``data.seed`` and the epoch; updates ``state`` (parameters, optimiser
+        ``data.seed``, ``training.seed`` and the epoch; updates ``state`` (parameters, optimiser
         state, moving average, step count) and returns the mean training loss.
         ``clock()`` gives the training seconds used so far (for the schedule).
         Losses stay on the device until the end of the epoch, so the host builds
         the next batch while the device computes."""
-        rng = np.random.default_rng([self.seed, epoch])
+        rng = epoch_rng(*self.seed, epoch)
         order = rng.permutation(len(graphs))
         bs, losses = self.batch_size, []
         for k in range(self.steps_per_epoch):
