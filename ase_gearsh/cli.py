@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-freed-memory",
         action="store_true",
         help="glibc keeps freed memory for the next structure instead of returning it: "
-        "faster at device scale, resident memory stays at its peak (README)",
+        "faster at device scale, resident memory stays at its peak (docs/inference.md)",
     )
     r.add_argument(
         "--holes",

@@ -30,7 +30,7 @@ from device_structure import build_device  # noqa: E402
 
 ELEMENTS = ["O", "Ni", "Se", "Hf", "W"]
 
-# the release before the device-scale work (README, "Inference at device scale": the
+# the release before the device-scale work (docs/benchmarks.md, "Inference at device scale": the
 # same structure and model, 2 cores, second structure, S after the network); each stage
 # of a 3999-atom run is printed with its speed-up over these
 REFERENCE_ATOMS = 3999
@@ -168,7 +168,7 @@ def time_prediction(model, atoms, compiles, label, alongside=None, screen=None):
         ]
         print(
             f"  speed-up over the reference release ({REFERENCE['total']:.0f} s, "
-            f"{REFERENCE_PEAK_GIB} GiB; README): "
+            f"{REFERENCE_PEAK_GIB} GiB; docs/benchmarks.md): "
             + ", ".join(parts)
             + f"; peak memory {rss_gib() / REFERENCE_PEAK_GIB:.2f}x"
         )
