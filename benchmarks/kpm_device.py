@@ -70,8 +70,9 @@ def main(argv=None):
         "--span",
         type=float,
         help="eV: extrapolate to the moments a spectrum this wide needs (a DFT H of this "
-        "basis spans about 125 eV: the WSe2 cell's at Gamma, -79 to +35 eV with 5 %% "
-        "margins); default: the stand-in H's bounds, which are not physical",
+        "basis: the WSe2 cell's at Gamma spans -79 to +35 eV, 116.3 eV with the default "
+        "1 %% margins, 125.4 eV with the earlier 5 %%); default: the stand-in H's bounds, "
+        "which are not physical",
     )
     p.add_argument(
         "--groups",

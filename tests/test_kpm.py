@@ -397,6 +397,28 @@ def test_spectral_bounds(n_atoms, seed, complex_h):  # ARPACK (n > 200) and dens
     assert spectral_bounds(H, S, margin=0.0) == pytest.approx((E[0], E[-1]), abs=tol)
 
 
+def test_default_bounds_enclose_the_spectrum_far_from_zero():
+    """The default 1 % margins, and at least twice Lanczos's error bound (2e-3 max |E|)
+    when the spectrum lies far from 0 eV: moments on the default bounds stay exact."""
+    from ase_gearsh.electronic.kpm import BOUNDS_MARGIN, BOUNDS_RTOL
+
+    H, S, _, E, _ = reference(150, 1, False)  # 450 orbitals: Lanczos
+    width = E[-1] - E[0]
+    lo, hi = spectral_bounds(H, S)
+    assert BOUNDS_MARGIN == 0.01
+    assert lo < E[0] - 0.009 * width and hi > E[-1] + 0.009 * width
+    assert hi - lo < 1.03 * width  # 1 % each side (plus Lanczos's tolerance), not 5 %
+    shift = 40.0 * width  # the same levels 40 widths above 0 eV: E + shift, H + shift S
+    Hs = sp.csr_array(H + shift * S)
+    lo, hi = spectral_bounds(Hs, S)
+    pad = 2.0 * BOUNDS_RTOL * (E[-1] + shift)
+    assert pad > 0.01 * width  # the error bound, not the margin, sets the widening here
+    assert lo <= E[0] + shift - 0.99 * pad and hi >= E[-1] + shift + 0.99 * pad
+    mom = chebyshev_moments(Hs, S, 64, exact=True, block=450)  # default bounds
+    ref = moments_from_eigen(E + shift, np.ones_like(E), mom.center, mom.half_width, 64)
+    assert np.abs(mom.moments[0] - ref[0]).max() < 1e-7 * len(E)
+
+
 def test_fermi_level_from_moments(real_system):
     E, n = real_system["E"], len(real_system["E"])
     mom = real_system["exact"]
