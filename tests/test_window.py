@@ -329,6 +329,38 @@ def test_parallel_sparse_product_equals_scipy():
     )
 
 
+def test_block_product_of_atom_rows_equals_the_row_by_row_product():
+    """Rows in runs with the same columns (atom-pair blocks of 1-13 orbitals): the run
+    kernel gives the row-by-row kernel's numbers exactly; rows one by one, complex and
+    small blocks fall back."""
+    from ase_gearsh.electronic import sparse_products
+
+    rng = np.random.default_rng(6)
+    sizes = rng.integers(1, 14, size=300)  # orbitals per atom
+    mask = rng.random((300, 300)) < 0.08
+    mask |= mask.T | np.eye(300, dtype=bool)
+    blocks = [
+        [rng.normal(size=(a, b)) if mask[i, j] else None for j, b in enumerate(sizes)]
+        for i, a in enumerate(sizes)
+    ]
+    A = sp.csr_matrix(sp.bmat(blocks))
+    A.sort_indices()
+    bp = sparse_products.BlockProduct(A)
+    assert bp.runs is not None and len(bp.runs) - 1 <= 300 * 2  # runs of rows, not rows
+    assert np.diff(bp.runs).max() <= bp.MAX_RUN
+    X = rng.normal(size=(A.shape[1], 32))
+    assert A.nnz * 32 >= sparse_products.MIN_WORK
+    np.testing.assert_array_equal(bp @ X, sparse_products.csr_times_block(A, X))
+    np.testing.assert_allclose(bp @ X, A @ X, rtol=0, atol=1e-11)
+    np.testing.assert_allclose(bp @ X[:, :2], A @ X[:, :2], atol=1e-11)  # small: scipy
+    Z = X + 1j * rng.normal(size=X.shape)
+    np.testing.assert_allclose(bp @ Z, A @ Z, atol=1e-11)  # complex block
+    R = sp.random(3000, 2000, density=0.02, random_state=4, format="csr")  # rows differ
+    assert sparse_products.BlockProduct(R).runs is None
+    Y = rng.normal(size=(2000, 40))
+    np.testing.assert_allclose(sparse_products.BlockProduct(R) @ Y, R @ Y, atol=1e-12)
+
+
 def test_one_sided_requests_match_dense(pair):
     """The nearest states below and above sigma (extremes of the shift-invert operator)."""
     H, S, E = pair

@@ -5,6 +5,12 @@ times a block of 32 vectors) it is as costly as a solve with a sparse factor.
 :func:`csr_times_block` runs the same product row-parallel in numba threads (same
 numbers: each output row is summed in the CSR order), and falls back to scipy when
 numba is missing or the block is small.
+
+Each non-zero reads one row of the block (32 vectors: 256 bytes from anywhere in it).
+The rows of one atom in an LCAO H usually share their column list (whole atom-pair
+blocks), so :class:`BlockProduct` finds runs of consecutive rows with the same columns
+once per matrix and reads each block row once per run; the sums are the same, in the
+same order.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["csr_times_block"]
+__all__ = ["BlockProduct", "csr_times_block"]
 
 MIN_WORK = 2_000_000  # non-zeros x columns below which scipy is used (no thread start-up)
 
@@ -34,6 +40,94 @@ if numba is not None:
                 j = indices[p]
                 for c in range(m):
                     out[i, c] += a * X[j, c]
+
+    @numba.njit(cache=True, nogil=True)
+    def _row_runs(indptr, indices, most):  # pragma: no cover - compiled
+        """Starts of runs of consecutive rows with equal column lists (at most ``most``
+        rows each), and the run ends: (n_runs + 1,)."""
+        n = len(indptr) - 1
+        starts = np.empty(n + 1, np.int64)
+        k = 0
+        r0 = 0
+        for r in range(n + 1):
+            if r == 0:
+                starts[k] = 0
+                k += 1
+                continue
+            if r == n:
+                break
+            same = r - r0 < most and indptr[r + 1] - indptr[r] == indptr[r0 + 1] - indptr[r0]
+            if same:
+                a, b = indptr[r0], indptr[r]
+                for p in range(indptr[r + 1] - indptr[r]):
+                    if indices[a + p] != indices[b + p]:
+                        same = False
+                        break
+            if not same:
+                starts[k] = r
+                k += 1
+                r0 = r
+        starts[k] = n
+        return starts[: k + 1].copy()
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _grouped_kernel(runs, indptr, indices, data, X, out):  # pragma: no cover - compiled
+        m = out.shape[1]
+        for g in numba.prange(len(runs) - 1):
+            r0, r1 = runs[g], runs[g + 1]
+            for r in range(r0, r1):
+                for c in range(m):
+                    out[r, c] = 0.0
+            base = indptr[r0]
+            for p in range(indptr[r0 + 1] - base):
+                j = indices[base + p]
+                for r in range(r0, r1):
+                    a = data[indptr[r] + p]
+                    for c in range(m):
+                        out[r, c] += a * X[j, c]
+
+
+class BlockProduct:
+    """``A @ X`` for one real CSR matrix A and many blocks X (a Chebyshev recursion):
+    runs of rows with the same columns are found once, here, and each run reads a row
+    of X once per column (the same numbers as :func:`csr_times_block`).  Falls back to
+    :func:`csr_times_block` without numba or for a complex or non-float64 matrix."""
+
+    MAX_RUN = 32  # rows per run (load balance across threads)
+
+    def __init__(self, A):
+        self.A = A
+        self.runs = None
+        if numba is not None and getattr(A, "dtype", None) == np.float64:
+            A = A if sp.isspmatrix_csr(A) or isinstance(A, sp.csr_array) else sp.csr_matrix(A)
+            if not A.has_sorted_indices:
+                A = A.sorted_indices()
+            self.A = A
+            runs = _row_runs(A.indptr, A.indices, self.MAX_RUN)
+            # rows one by one (a screened S): the plain kernel, without the run loop
+            self.runs = runs if len(runs) - 1 <= 0.5 * A.shape[0] else None
+
+    @property
+    def shape(self):
+        return self.A.shape
+
+    @property
+    def dtype(self):
+        return self.A.dtype
+
+    def __matmul__(self, X):
+        X = np.asarray(X)
+        A = self.A
+        if (
+            self.runs is None
+            or X.ndim != 2
+            or X.dtype != np.float64
+            or A.nnz * X.shape[1] < MIN_WORK
+        ):
+            return csr_times_block(A, X) if np.isrealobj(X) else A @ X
+        out = np.empty((A.shape[0], X.shape[1]))
+        _grouped_kernel(self.runs, A.indptr, A.indices, A.data, np.ascontiguousarray(X), out)
+        return out
 
 
 def csr_times_block(A, X: np.ndarray) -> np.ndarray:
