@@ -47,15 +47,10 @@ if numba is not None:
         rows each), and the run ends: (n_runs + 1,)."""
         n = len(indptr) - 1
         starts = np.empty(n + 1, np.int64)
-        k = 0
+        starts[0] = 0
+        k = 1
         r0 = 0
-        for r in range(n + 1):
-            if r == 0:
-                starts[k] = 0
-                k += 1
-                continue
-            if r == n:
-                break
+        for r in range(1, n):
             same = r - r0 < most and indptr[r + 1] - indptr[r] == indptr[r0 + 1] - indptr[r0]
             if same:
                 a, b = indptr[r0], indptr[r]
@@ -100,8 +95,6 @@ class BlockProduct:
         self.runs = None
         if numba is not None and getattr(A, "dtype", None) == np.float64:
             A = A if sp.isspmatrix_csr(A) or isinstance(A, sp.csr_array) else sp.csr_matrix(A)
-            if not A.has_sorted_indices:
-                A = A.sorted_indices()
             self.A = A
             runs = _row_runs(A.indptr, A.indices, self.MAX_RUN)
             # rows one by one (a screened S): the plain kernel, without the run loop
