@@ -100,14 +100,6 @@ class BlockProduct:
             # rows one by one (a screened S): the plain kernel, without the run loop
             self.runs = runs if len(runs) - 1 <= 0.5 * A.shape[0] else None
 
-    @property
-    def shape(self):
-        return self.A.shape
-
-    @property
-    def dtype(self):
-        return self.A.dtype
-
     def __matmul__(self, X):
         X = np.asarray(X)
         A = self.A
