@@ -3,7 +3,8 @@
     python benchmarks/kpm_device.py [--atoms 3999] [--resolution 0.1] [--moments M]
                                     [--random 16] [--window 0.2] [--screen 1e-8]
                                     [--groups species|holes] [--doubling auto|on|off]
-                                    [--span 125] [--total-too]
+                                    [--span 116.3] [--hamiltonian huckel|model]
+                                    [--total-too]
 
 Structure: ``benchmarks/device_structure.py`` (amorphous HfO2:Ni under 2H-WSe2), exact S
 from ``gpaw_tools.overlap`` (PBE, szp(dzp); ``--screen e``: every element within e of
@@ -13,6 +14,9 @@ the extended-Hueckel (Wolfsberg-Helmholz) form H_ij = K S_ij (e_i + e_j) / 2, K 
 with on-site energies e per species and radial function (:data:`ONSITE`, rounded
 valence ionisation energies of extended-Hueckel tables; semicore s/p deeper;
 polarisation functions at 0 eV).  Only a timing stand-in: its DOS is not the device's.
+``--hamiltonian model``: the H of a randomly initialised model of the paper's
+hyperparameters instead (``device_scale.py``; the calculator's whole atom-pair blocks,
+whose rows of one atom share their columns).
 
 Prints each stage with its time and the peak RSS: structure and matrices, the sparse
 Cholesky factorisation of S (CHOLMOD), the spectral bounds (Lanczos), the Chebyshev
@@ -34,6 +38,7 @@ import numpy as np
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_scale import paper_model  # noqa: E402
 from device_structure import build_device  # noqa: E402
 
 ONSITE = {  # eV, one value per radial function in GPAW basis order (SpeciesBasis.l)
@@ -91,6 +96,14 @@ def main(argv=None):
         "several: each timed in turn",
     )
     p.add_argument(
+        "--hamiltonian",
+        choices=("huckel", "model"),
+        default="huckel",
+        help="the stand-in H: extended Hueckel on S's pattern (default), or the H of a "
+        "randomly initialised model of the paper's hyperparameters (device_scale.py): "
+        "the calculator's own block pattern, for timing only (its spectrum is not physical)",
+    )
+    p.add_argument(
         "--total-too",
         action="store_true",
         help="also time the total moments alone (DOS and E_F: two moments per step)",
@@ -112,7 +125,12 @@ def main(argv=None):
     sym = atoms.get_chemical_symbols()
     species = species_from_gpaw(sorted(set(sym)), "PBE", "szp(dzp)")
     S = OverlapCalculator(species, screen=a.screen).overlap(atoms)
-    H = huckel(S, sym, species)
+    if a.hamiltonian == "model":  # the calculator's H: whole atom-pair blocks
+        from ase_gearsh import GearsHCalculator
+
+        H = GearsHCalculator(paper_model(), warn_extrapolation=False).get_hamiltonian(atoms=atoms)
+    else:
+        H = huckel(S, sym, species)
     counts = np.array([species[s].n_orbitals for s in sym])
     orb_symbol = np.repeat(np.array(sym), counts)
     n = S.shape[0]
