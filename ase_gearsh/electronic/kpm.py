@@ -287,7 +287,7 @@ def chebyshev_moments(
 
     def apply(v):  # (B~ v, L^-H v), B~ = (L^-1 H L^-H - b) / a
         w = chol.lt_solve(v)
-        return (chol.l_solve(Hp @ w if np.isrealobj(w) else H @ w) - b * v) / a, w
+        return (chol.l_solve(Hp @ w) - b * v) / a, w
 
     n_vec = n if exact else int(n_random)
     starts = range(0, n_vec, int(block))

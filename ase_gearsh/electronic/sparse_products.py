@@ -86,7 +86,8 @@ class BlockProduct:
     """``A @ X`` for one real CSR matrix A and many blocks X (a Chebyshev recursion):
     runs of rows with the same columns are found once, here, and each run reads a row
     of X once per column (the same numbers as :func:`csr_times_block`).  Falls back to
-    :func:`csr_times_block` without numba or for a complex or non-float64 matrix."""
+    :func:`csr_times_block` without numba or for a complex or non-float64 matrix, and to
+    ``A @ X`` for a complex block."""
 
     MAX_RUN = 32  # rows per run (load balance across threads)
 
