@@ -17,8 +17,9 @@ Two engines give the same S (to rounding, ~1e-15):
 * ``numba`` (default when numba is installed): compiled kernels in threads.  S is
   laid out by radial function (the 2l + 1 rows of one radial function share one
   sorted column list: the radial functions it overlaps directly or through a
-  projector) and written once, in sorted CSR order, group of nearby atoms by group:
-  their rows are summed in a dense buffer (two-centre blocks; for each projector atom
+  projector) and written once, in sorted CSR order, group of nearby atoms by group.
+  A first pass finds each group's columns (and so the row lengths) and keeps them; the
+  second sums the group's rows in a dense buffer (two-centre blocks; for each projector atom
   c one matrix product conj(P_c)^T dO_c P_c), only for the columns of atoms in later
   groups; the other half is the conjugate transpose, copied afterwards.
 * ``numpy``: no compiled code, an atom-level layout and numpy scatters (several
@@ -465,16 +466,74 @@ def _k_q(
         np.dot(y, d.T.astype(qflat.dtype), qt)
 
 
-def _k_collect(
-    a,
+def _k_columns(
+    k0,
+    n,
+    cl_atoms,
+    optr,
+    oe_col,
+    bptr,
+    bq,
+    pc,
+    pm_off,
+    pmask,
+    segptr,
+    seg_b,
+    nrad,
+    apos,
+    cand,
+    cq,
+    cqk,
+):
+    """Columns of the rows of the n atoms ``cl_atoms[k0:k0 + n]`` (a cluster): ``cand[:nc]``
+    the atoms they reach (sorted, with ``apos[b]`` their position), and ``cq[:nq]``,
+    ``cqk[:nq]`` the projector pairs (c, a) that reach the cluster's atoms (the pair, the
+    atom's place in the cluster).  Returns (nc, nq)."""
+    nc = 0  # columns: the atoms any row of the cluster reaches
+    nq = 0  # projector pairs (c, a) with a in the cluster that reach a
+    for k in range(n):
+        a = cl_atoms[k0 + k]
+        for e in range(optr[a], optr[a + 1]):
+            b = oe_col[e]
+            if apos[b] < 0:
+                apos[b] = nc
+                cand[nc] = b
+                nc += 1
+        for e in range(bptr[a], bptr[a + 1]):
+            q = bq[e]
+            reach = False
+            for ja in range(nrad[a]):
+                if pmask[pm_off[q] + ja]:
+                    reach = True
+            if not reach:
+                continue
+            cq[nq] = q
+            cqk[nq] = k
+            nq += 1
+            c = pc[q]
+            for s in range(segptr[c], segptr[c + 1]):
+                b = seg_b[s]
+                if apos[b] < 0:
+                    apos[b] = nc
+                    cand[nc] = b
+                    nc += 1
+    srt = np.sort(cand[:nc])
+    for ci in range(nc):
+        cand[ci] = srt[ci]
+        apos[srt[ci]] = ci
+    return nc, nq
+
+
+def _k_masks(
+    k0,
+    n,
+    cl_atoms,
     optr,
     oe_p,
     oe_t,
     oe_col,
     om_off,
     omask,
-    bptr,
-    bq,
     pc,
     pm_off,
     pmask,
@@ -486,76 +545,61 @@ def _k_collect(
     cthr,
     nrad,
     apos,
-    cand,
     cmask,
+    cq,
+    cqk,
+    nq,
 ):
-    """Columns of the rows of atom a: ``cand[:nc]`` the atoms they reach (sorted, with
-    ``apos[b]`` their position) and ``cmask[ja, ci, jb]`` the radial functions of each;
-    returns nc.  Two-centre partners and, for every projector atom c that reaches a
-    radial function ja of a, every radial function c reaches (marked in ``cmask`` only
-    where the screening bound passes: :func:`_screening`)."""
-    nc = 0
-    for e in range(optr[a], optr[a + 1]):
-        b = oe_col[e]
-        if apos[b] < 0:
-            apos[b] = nc
-            cand[nc] = b
-            nc += 1
-    nra = nrad[a]
-    for e in range(bptr[a], bptr[a + 1]):
-        q = bq[e]
-        reach = False
-        for ja in range(nra):
-            if pmask[pm_off[q] + ja]:
-                reach = True
-        if not reach:
-            continue
+    """``cmask[k, ja, ci, jb]`` (zero on entry) = 1 for the radial functions jb of column
+    atom ci (:func:`_k_columns`) in the rows of radial function ja of the cluster's k-th
+    atom: two-centre partners and, for every projector atom c that reaches ja, every
+    radial function c reaches, marked only where the screening bound passes
+    (:func:`_screening`)."""
+    # the structural columns of every row first (two-centre sub-blocks, then the
+    # radial functions reached through projectors), so that only atoms with one get
+    # a buffer column
+    for k in range(n):
+        a = cl_atoms[k0 + k]
+        nra = nrad[a]
+        for e in range(optr[a], optr[a + 1]):
+            p = oe_p[e]
+            ci = apos[oe_col[e]]
+            nrb = nrad[oe_col[e]]
+            for ja in range(nra):
+                for jb in range(nrb):
+                    if oe_t[e]:
+                        hit = omask[om_off[p] + jb * nra + ja]
+                    else:
+                        hit = omask[om_off[p] + ja * nrb + jb]
+                    if hit:
+                        cmask[k, ja, ci, jb] = 1
+    for u in range(nq):
+        q = cq[u]
+        k = cqk[u]
+        a = cl_atoms[k0 + k]
         c = pc[q]
-        for s in range(segptr[c], segptr[c + 1]):
-            b = seg_b[s]
-            if apos[b] < 0:
-                apos[b] = nc
-                cand[nc] = b
-                nc += 1
-    srt = np.sort(cand[:nc])
-    for k in range(nc):
-        cand[k] = srt[k]
-        apos[srt[k]] = k
-    for e in range(optr[a], optr[a + 1]):
-        p = oe_p[e]
-        b = oe_col[e]
-        ci = apos[b]
-        nrb = nrad[b]
-        k0 = om_off[p]
-        for ja in range(nra):
-            for jb in range(nrb):
-                if oe_t[e]:
-                    hit = omask[k0 + jb * nra + ja]
-                else:
-                    hit = omask[k0 + ja * nrb + jb]
-                if hit:
-                    cmask[ja, ci, jb] = 1
-    for e in range(bptr[a], bptr[a + 1]):
-        q = bq[e]
-        c = pc[q]
-        for ja in range(nra):
+        for ja in range(nrad[a]):
             if pmask[pm_off[q] + ja]:
                 na = pnorm[pm_off[q] + ja]
                 for s in range(segptr[c], segptr[c + 1]):
                     if na * seg_nrm[s] > cthr[c]:  # see _screening
-                        cmask[ja, apos[seg_b[s]], seg_jb[s]] = 1
-    return nc
+                        cmask[k, ja, apos[seg_b[s]], seg_jb[s]] = 1
 
 
-def _k_release(nc, apos, cand, cmask):
-    for k in range(nc):
-        apos[cand[k]] = -1
-    cmask[:, :nc, :] = 0
+def _k_append(buf, used, n):
+    """buf with room for n more entries after ``used`` (a larger copy when needed)."""
+    if used + n > buf.shape[0]:
+        nb = np.empty(max(used + n, 2 * buf.shape[0]), buf.dtype)
+        nb[:used] = buf[:used]
+        return nb
+    return buf
 
 
 def _k_count(
-    a0,
-    a1,
+    t0,
+    t1,
+    cl_ptr,
+    cl_atoms,
     optr,
     oe_p,
     oe_t,
@@ -580,23 +624,47 @@ def _k_count(
     mc,
     L,
     work,
+    ccount,
+    rmax,
     apos,
     cand,
-    cmask,
+    cq,
+    cqk,
 ):
-    """Row lengths L[g] of the radial functions of atoms a0 <= a < a1, and an estimate of
-    the work of each atom (elements written)."""
-    for a in range(a0, a1):
-        nc = _k_collect(
-            a,
+    """Row lengths L[g] of the radial functions of the atoms of clusters t0 <= cl < t1, an
+    estimate of the work of each atom (elements written), and each cluster's columns
+    (:func:`_k_columns`, :func:`_k_masks`), kept for :func:`_k_fill` so that they are
+    found once: returned in cluster order as (columns, projector pairs, their atoms'
+    places, column masks (k, ja, ci, jb) flattened), with ``ccount[cl]`` = (nc, nq)."""
+    s_cand = np.empty(1 << 12, np.int64)
+    s_cq = np.empty(1 << 12, np.int64)
+    s_cqk = np.empty(1 << 12, np.int64)
+    s_cm = np.empty(1 << 16, np.uint8)
+    u_cand = 0
+    u_cq = 0
+    u_cm = 0
+    for cl in range(t0, t1):
+        k0 = cl_ptr[cl]
+        n = cl_ptr[cl + 1] - k0
+        nc, nq = _k_columns(
+            k0, n, cl_atoms, optr, oe_col, bptr, bq, pc, pm_off, pmask, segptr, seg_b, nrad,
+            apos, cand, cq, cqk,
+        )  # fmt: skip
+        size = n * rmax * nc * rmax
+        s_cm = _k_append(s_cm, u_cm, size)
+        flat = s_cm[u_cm : u_cm + size]
+        flat[:] = 0
+        cmask = flat.reshape((n, rmax, nc, rmax))
+        _k_masks(
+            k0,
+            n,
+            cl_atoms,
             optr,
             oe_p,
             oe_t,
             oe_col,
             om_off,
             omask,
-            bptr,
-            bq,
             pc,
             pm_off,
             pmask,
@@ -608,23 +676,40 @@ def _k_count(
             cthr,
             nrad,
             apos,
-            cand,
             cmask,
+            cq,
+            cqk,
+            nq,
         )
-        wk = 0
-        for ja in range(nrad[a]):
-            tot = 0
-            for ci in range(nc):
-                b = cand[ci]
-                for jb in range(nrad[b]):
-                    if cmask[ja, ci, jb]:
-                        tot += gw[rad0[b] + jb]
-            L[rad0[a] + ja] = tot
-            wk += tot * gw[rad0[a] + ja]
-        for e in range(bptr[a], bptr[a + 1]):
-            wk += nao[a] * mc[pc[bq[e]]]
-        work[a] = wk
-        _k_release(nc, apos, cand, cmask)
+        u_cm += size
+        for k in range(n):
+            a = cl_atoms[k0 + k]
+            wk = 0
+            for ja in range(nrad[a]):
+                tot = 0
+                for ci in range(nc):
+                    b = cand[ci]
+                    for jb in range(nrad[b]):
+                        if cmask[k, ja, ci, jb]:
+                            tot += gw[rad0[b] + jb]
+                L[rad0[a] + ja] = tot
+                wk += tot * gw[rad0[a] + ja]
+            for e in range(bptr[a], bptr[a + 1]):
+                wk += nao[a] * mc[pc[bq[e]]]
+            work[a] = wk
+        ccount[cl, 0] = nc
+        ccount[cl, 1] = nq
+        s_cand = _k_append(s_cand, u_cand, nc)
+        s_cand[u_cand : u_cand + nc] = cand[:nc]
+        u_cand += nc
+        s_cq = _k_append(s_cq, u_cq, nq)
+        s_cqk = _k_append(s_cqk, u_cq, nq)
+        s_cq[u_cq : u_cq + nq] = cq[:nq]
+        s_cqk[u_cq : u_cq + nq] = cqk[:nq]
+        u_cq += nq
+        for ci in range(nc):
+            apos[cand[ci]] = -1
+    return s_cand[:u_cand], s_cq[:u_cq], s_cqk[:u_cq], s_cm[:u_cm]
 
 
 def _k_fill(
@@ -674,11 +759,15 @@ def _k_fill(
     qflat,
     data,
     indices,
+    c_cand,
+    cc_ptr,
+    c_cq,
+    c_cqk,
+    cq_ptr,
+    c_cm,
+    cm_ptr,
+    rmax,
     apos,
-    cand,
-    cmask,
-    cq,
-    cqk,
 ):
     """Indices of the rows of the atoms of clusters t0 <= cl < t1 and their values at the
     columns of atoms b with ``rank[b] >= cl`` (the other half is the conjugate transpose:
@@ -694,74 +783,21 @@ def _k_fill(
     bmem = np.empty(1 << 16, dt)  # buffers reused from cluster to cluster (no page faults)
     tmem = np.empty(1 << 16, dt)
     xmem = np.empty(1 << 12, dt)
-    most = cmask.shape[2] * cmask.shape[3]  # radial functions a row can reach
+    most = apos.shape[0] * rmax  # radial functions a row can reach
     run_g = np.empty(most, np.int64)
     run_b = np.empty(most, np.int64)
     run_w = np.empty(most, np.int64)
     for cl in range(t0, t1):
         k0 = cl_ptr[cl]
         n = cl_ptr[cl + 1] - k0
-        nc = 0  # columns: the atoms any row of the cluster reaches
-        nq = 0  # projector pairs (c, a) with a in the cluster that reach a
-        for k in range(n):
-            a = cl_atoms[k0 + k]
-            for e in range(optr[a], optr[a + 1]):
-                b = oe_col[e]
-                if apos[b] < 0:
-                    apos[b] = nc
-                    cand[nc] = b
-                    nc += 1
-            for e in range(bptr[a], bptr[a + 1]):
-                q = bq[e]
-                reach = False
-                for ja in range(nrad[a]):
-                    if pmask[pm_off[q] + ja]:
-                        reach = True
-                if not reach:
-                    continue
-                cq[nq] = q
-                cqk[nq] = k
-                nq += 1
-                c = pc[q]
-                for s in range(segptr[c], segptr[c + 1]):
-                    b = seg_b[s]
-                    if apos[b] < 0:
-                        apos[b] = nc
-                        cand[nc] = b
-                        nc += 1
-        srt = np.sort(cand[:nc])
+        nc = cc_ptr[cl + 1] - cc_ptr[cl]  # columns: the atoms any row of the cluster reaches
+        nq = cq_ptr[cl + 1] - cq_ptr[cl]  # projector pairs (c, a) that reach its atoms
+        cand = c_cand[cc_ptr[cl] : cc_ptr[cl + 1]]
+        cq = c_cq[cq_ptr[cl] : cq_ptr[cl + 1]]
+        cqk = c_cqk[cq_ptr[cl] : cq_ptr[cl + 1]]
+        cmask = c_cm[cm_ptr[cl] : cm_ptr[cl + 1]].reshape((n, rmax, nc, rmax))
         for ci in range(nc):
-            cand[ci] = srt[ci]
-            apos[srt[ci]] = ci
-        # the structural columns of every row first (two-centre sub-blocks, then the
-        # radial functions reached through projectors), so that only atoms with one get
-        # a buffer column
-        for k in range(n):
-            a = cl_atoms[k0 + k]
-            nra = nrad[a]
-            for e in range(optr[a], optr[a + 1]):
-                p = oe_p[e]
-                ci = apos[oe_col[e]]
-                nrb = nrad[oe_col[e]]
-                for ja in range(nra):
-                    for jb in range(nrb):
-                        if oe_t[e]:
-                            hit = omask[om_off[p] + jb * nra + ja]
-                        else:
-                            hit = omask[om_off[p] + ja * nrb + jb]
-                        if hit:
-                            cmask[k, ja, ci, jb] = 1
-        for u in range(nq):
-            q = cq[u]
-            k = cqk[u]
-            a = cl_atoms[k0 + k]
-            c = pc[q]
-            for ja in range(nrad[a]):
-                if pmask[pm_off[q] + ja]:
-                    na = pnorm[pm_off[q] + ja]
-                    for s in range(segptr[c], segptr[c + 1]):
-                        if na * seg_nrm[s] > cthr[c]:  # see _screening
-                            cmask[k, ja, apos[seg_b[s]], seg_jb[s]] = 1
+            apos[cand[ci]] = ci
         used = np.zeros(nc, np.bool_)
         for k in range(n):
             for ja in range(nrad[cl_atoms[k0 + k]]):
@@ -916,7 +952,6 @@ def _k_fill(
                         dst += run_w[r]
         for ci in range(nc):
             apos[cand[ci]] = -1
-        cmask[:n, :, :nc, :] = 0
 
 
 def _k_mirror(a0, a1, rank, nrad, rad0, gw, gm0, L, rowbase, orb_rad, rad_atom, data, indices, cur):
@@ -984,8 +1019,9 @@ _KERNELS = (
     "_k_omask",
     "_k_pmask",
     "_k_q",
-    "_k_collect",
-    "_k_release",
+    "_k_columns",
+    "_k_masks",
+    "_k_append",
     "_k_count",
     "_k_fill",
     "_k_mirror",
@@ -1642,15 +1678,26 @@ class OverlapCalculator:
             return (
                 np.full(nat, -1, i64),
                 np.empty(nat, i64),
-                np.zeros((rmax, nat, rmax), np.uint8),
+                np.empty(len(pc), i64),
+                np.empty(len(pc), i64),
             )
 
         common = (optr, oe_p, oe_t, oe_col, om_off, omask, bptr, bq, pc, pm_off, pmask)
         common += (segptr, seg_b, seg_jb, seg_nrm, pnorm, cthr)
         L = np.zeros(len(gw), i64)
         work = np.zeros(nat, i64)
-        bounds = self._split(nao * (np.diff(optr) + np.diff(bptr)) + 1)
-        self._threads(_k_count, bounds, *common, nrad, rad0, gw, nao, mc, L, work, scratch=scratch)
+        ncl = len(cl_ptr) - 1
+        ccount = np.zeros((ncl, 2), i64)
+        bounds = self._split(nao * (np.diff(optr) + np.diff(bptr)) + 1, cl_ptr, cl_atoms)
+        cargs = (nrad, rad0, gw, nao, mc, L, work, ccount, rmax)
+        kept = self._threads(_k_count, bounds, cl_ptr, cl_atoms, *common, *cargs, scratch=scratch)
+        # each cluster's columns, projector pairs and column masks, for the fill
+        c_cand, c_cq, c_cqk, c_cm = (np.concatenate([k[i] for k in kept]) for i in range(4))
+        del kept  # the threads' stores (up to twice their size)
+        cc_ptr = np.concatenate([[0], np.cumsum(ccount[:, 0])]).astype(i64)
+        cq_ptr = np.concatenate([[0], np.cumsum(ccount[:, 1])]).astype(i64)
+        cm_ptr = np.concatenate([[0], np.cumsum(np.diff(cl_ptr) * ccount[:, 0])]) * rmax * rmax
+        cm_ptr = cm_ptr.astype(i64)
         rowbase = np.concatenate([[0], np.cumsum(gw * L)]).astype(i64)
         nnz = int(rowbase[-1])
         nM = int(am0[-1])
@@ -1663,7 +1710,6 @@ class OverlapCalculator:
         orb_rad = np.repeat(np.arange(len(gw), dtype=i64), gw)
         rad_atom = np.repeat(np.arange(nat, dtype=i64), nrad)
         abounds = self._split(gw * L, rad0)
-        nmax = int(np.diff(cl_ptr).max(initial=1))
         t = self._lap("pattern", t)
 
         def fill(paw: bool, dtype, oph, pph, qflat):
@@ -1672,18 +1718,12 @@ class OverlapCalculator:
             rowcnt = np.empty(nM, idx_t)
 
             def scratch_fill(t):
-                return (
-                    np.full(nat, -1, i64),
-                    np.empty(nat, i64),
-                    np.zeros((nmax, rmax, nat, rmax), np.uint8),
-                    np.empty(len(pc), i64),
-                    np.empty(len(pc), i64),
-                )
+                return (np.full(nat, -1, i64),)
 
             args = (cl_ptr, cl_atoms, rank, paw) + common
             args += (seg_w, seg_col, seg_rank, nrad, rad0, gw, groff, gm0, nao, npr, L)
             args += (rowbase, ooff, oblocks, oph, poff, pblocks, pph, mc, qoff, qflat)
-            args += (data, indices)
+            args += (data, indices, c_cand, cc_ptr, c_cq, c_cqk, cq_ptr, c_cm, cm_ptr, rmax)
             tf = time.perf_counter()
             self._threads(_k_fill, cbounds, *args, scratch=scratch_fill)
             tf = self._lap("  rows, half (dense buffers)", tf)
