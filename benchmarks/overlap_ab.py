@@ -4,6 +4,7 @@ engine is compared under the same load of a shared machine.
 
     python benchmarks/overlap_ab.py OTHER_CHECKOUT [--atoms 4000] [--repeat 4]
                                     [--screen 1e-8] [--threads N] [--seed 0]
+                                    [--end-to-end]
 
 OTHER_CHECKOUT: a folder holding ``gpaw_tools/overlap.py`` (e.g. ``git worktree add
 /tmp/old HEAD~1``).  Both engines' species-pair tables and kernels are prepared on a
@@ -11,6 +12,14 @@ small warm-up structure and each computes the structure once before timing.  Pri
 per engine: the seconds of each call, their median, the row pass (half of S in dense
 buffers), the seconds its threads worked in all, and nnz; then the largest difference
 between the two S (the same to rounding unless a change is meant to differ).
+
+``--end-to-end``: instead, the whole prediction of ``device_scale.py`` (a randomly
+initialised model of the paper's hyperparameters: network, H, and S computed alongside
+the network as the calculator does at this size), with the calculator's S engine taken
+from each checkout in turn (each engine's calculator kept from call to call); the
+network is compiled on another structure of the same size first.  Printed: each call's
+seconds and their median per engine.  (--screen and --threads do not apply: the
+calculator's defaults are used.)
 """
 
 from __future__ import annotations
@@ -50,7 +59,10 @@ def main(argv=None):
     p.add_argument("--screen", type=float, default=1e-8, help="0: the exact S")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--end-to-end", action="store_true", help="time whole predictions")
     args = p.parse_args(argv)
+    if args.end_to_end:
+        return end_to_end(args)
 
     import gpaw_tools.overlap as this
 
@@ -89,6 +101,55 @@ def main(argv=None):
             f"nnz {last[name].nnz:,}"
         )
     print(f"max |S_this - S_other| = {abs(last['this'] - last['other']).max():.2e}")
+
+
+def end_to_end(args) -> None:
+    """Interleaved whole predictions (device_scale.py's) with each checkout's S engine."""
+    import contextlib
+    import io
+
+    import device_scale
+    from compilations import compilation_counter
+
+    import ase_gearsh.calculator as calculator
+    import gpaw_tools.overlap as this
+
+    engines = {
+        "this": this.OverlapCalculator,
+        "other": load_other(Path(args.other)).OverlapCalculator,
+    }
+    compiles = compilation_counter()
+    model = device_scale.paper_model()
+    along = calculator.GearsHCalculator.default_parameters["overlap_alongside"]
+    quiet = contextlib.ExitStack
+
+    def predict(name, atoms):
+        calculator.OverlapCalculator = engines[name]
+        calculator._OVERLAPS.clear()
+        calculator._OVERLAPS.update(kept[name])
+        with quiet() as stack:
+            stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+            calc = device_scale.time_prediction(model, atoms, compiles, "", along, None)
+        kept[name] = dict(calculator._OVERLAPS)
+        return calc.total_seconds
+
+    kept: dict = {name: {} for name in engines}
+    first = build_device(args.atoms, seed=args.seed)
+    for name in engines:  # compiles the network; makes and keeps each engine's calculator
+        predict(name, first)
+    atoms = build_device(args.atoms, seed=args.seed + 1)
+    print(
+        f"{len(atoms)} atoms, whole predictions (S alongside the network), {args.repeat} "
+        f"interleaved calls per engine (other: {args.other})",
+        flush=True,
+    )
+    runs: dict = {name: [] for name in engines}
+    for r in range(args.repeat):
+        for name in ("this", "other") if r % 2 == 0 else ("other", "this"):
+            runs[name].append(predict(name, atoms))
+    for name, t in runs.items():
+        print(f"{name:5s}: {' '.join(f'{x:.2f}' for x in t)} s (median {np.median(t):.2f} s)")
 
 
 if __name__ == "__main__":
