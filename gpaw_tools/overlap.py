@@ -555,9 +555,8 @@ def _k_masks(
     atom: two-centre partners and, for every projector atom c that reaches ja, every
     radial function c reaches, marked only where the screening bound passes
     (:func:`_screening`)."""
-    # the structural columns of every row first (two-centre sub-blocks, then the
-    # radial functions reached through projectors), so that only atoms with one get
-    # a buffer column
+    # two-centre sub-blocks, then the radial functions reached through projectors (the
+    # buffer pass gives a buffer column only to atoms with a structural column)
     for k in range(n):
         a = cl_atoms[k0 + k]
         nra = nrad[a]
