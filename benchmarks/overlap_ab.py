@@ -121,20 +121,17 @@ def end_to_end(args) -> None:
     compiles = compilation_counter()
     model = device_scale.paper_model()
     along = calculator.GearsHCalculator.default_parameters["overlap_alongside"]
-    quiet = contextlib.ExitStack
+    kept: dict = {name: {} for name in engines}  # each engine's calculator, call to call
 
     def predict(name, atoms):
         calculator.OverlapCalculator = engines[name]
         calculator._OVERLAPS.clear()
         calculator._OVERLAPS.update(kept[name])
-        with quiet() as stack:
-            stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-            stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             calc = device_scale.time_prediction(model, atoms, compiles, "", along, None)
         kept[name] = dict(calculator._OVERLAPS)
         return calc.total_seconds
 
-    kept: dict = {name: {} for name in engines}
     first = build_device(args.atoms, seed=args.seed)
     for name in engines:  # compiles the network; makes and keeps each engine's calculator
         predict(name, first)
