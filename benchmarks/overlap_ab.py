@@ -10,8 +10,9 @@ OTHER_CHECKOUT: a folder holding ``gpaw_tools/overlap.py`` (e.g. ``git worktree 
 /tmp/old HEAD~1``).  Both engines' species-pair tables and kernels are prepared on a
 small warm-up structure and each computes the structure once before timing.  Printed
 per engine: the seconds of each call, their median, the row pass (half of S in dense
-buffers), the seconds its threads worked in all, and nnz; then the largest difference
-between the two S (the same to rounding unless a change is meant to differ).
+buffers), the seconds its threads worked in all, and nnz; the median of each stage
+(``OverlapCalculator.timings``); then the largest difference between the two S (the
+same to rounding unless a change is meant to differ).
 
 ``--end-to-end``: instead, the whole prediction of ``device_scale.py`` (a randomly
 initialised model of the paper's hyperparameters: network, H, and S computed alongside
@@ -84,6 +85,7 @@ def main(argv=None):
         f"other: {args.other})"
     )
     runs = {name: [] for name in calcs}
+    stages: dict = {name: [] for name in calcs}
     last = {}
     for r in range(args.repeat):
         for name in ("this", "other") if r % 2 == 0 else ("other", "this"):
@@ -93,6 +95,7 @@ def main(argv=None):
             last[name] = c.overlap(atoms)
             dt = time.perf_counter() - t
             runs[name].append((dt, c.timings.get(ROW_PASS, np.nan), sum(c.thread_times["_k_fill"])))
+            stages[name].append(dict(c.timings))
     for name, v in runs.items():
         t, rows, core = (np.array(x) for x in zip(*v))
         print(
@@ -100,6 +103,12 @@ def main(argv=None):
             f"row pass median {np.median(rows):.2f} s, its threads {np.median(core):.2f} s in all; "
             f"nnz {last[name].nnz:,}"
         )
+    names = [k for k in stages["this"][0] if k != "total"]
+    names += [k for k in stages["other"][0] if k != "total" and k not in names]
+    print(f"      {'stage medians (s)':40s}   this  other")
+    for k in names:
+        a, b = (np.median([d.get(k, np.nan) for d in stages[n]]) for n in ("this", "other"))
+        print(f"      {k:40s} {a:6.3f} {b:6.3f}")
     print(f"max |S_this - S_other| = {abs(last['this'] - last['other']).max():.2e}")
 
 

@@ -375,14 +375,17 @@ def _k_rly(vec, coef, px, py, pz, ptr, n_l, lmax):
 
 
 def _k_table(vec, coef, px, py, pz, ptr, n_l, lmax, s, row_t, row_l, nz_row, dst, val, base, out):
-    """out[base[p] + dst[n]] += A[p, nz_row[n]] val[n] with A[p, (t, m)] = s[p, t] y[p, L]:
-    the blocks of one species pair from radial spline values s, the harmonics y of the
-    pair vectors (:func:`_k_rly`) and the sparse Gaunt table (rows (t, m), non-zeros n)."""
+    """out[base[p] + dst[n]] += A[p, nz_row[n]] val[n] with A[p, (t, m)] = s[t, p] y[p, L]:
+    the blocks of one species pair from radial spline values s (terms t, pairs p; values
+    below ``_SPLINE_ZERO`` in magnitude are left out, as GPAW's evaluator does), the
+    harmonics y of the pair vectors (:func:`_k_rly`) and the sparse Gaunt table (rows
+    (t, m), non-zeros n)."""
     y = _k_rly(vec, coef, px, py, pz, ptr, n_l, lmax)
     a = np.empty(row_t.shape[0])
-    for p in range(s.shape[0]):
+    for p in range(s.shape[1]):
         for k in range(row_t.shape[0]):
-            a[k] = s[p, row_t[k]] * y[p, row_l[k]]
+            v = s[row_t[k], p]
+            a[k] = v * y[p, row_l[k]] if abs(v) >= _SPLINE_ZERO else 0.0
         o = base[p]
         for n in range(val.shape[0]):
             out[o + dst[n]] += a[nz_row[n]] * val[n]
@@ -1598,11 +1601,9 @@ class OverlapCalculator:
                     part = sel[c : c + chunk]
                     vec = np.ascontiguousarray(D[part]) / Bohr
                     r = np.linalg.norm(vec, axis=1)
-                    s = np.empty((len(part), len(tab.splines)))
+                    s = np.empty((len(tab.splines), len(part)))
                     for t, spline in enumerate(tab.splines):  # GPAW's splines (C, GIL)
-                        v = spline.map(r)
-                        v[np.abs(v) < _SPLINE_ZERO] = 0.0  # GPAW's C evaluator skips these
-                        s[:, t] = v
+                        spline.spline.map(r, s[t])  # in place (the kernel drops tiny ones)
                     while len(pending) > 2 * self.threads:  # bounded memory
                         pending.pop(0).result()
                     args = (vec, *_yl_table(tab.lmax), s, row_t, row_l, nz_row)
