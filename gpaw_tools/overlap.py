@@ -587,6 +587,7 @@ def _k_masks(
     seg_b,
     seg_jb,
     seg_nrm,
+    seg_nord,
     pnorm,
     cthr,
     nrad,
@@ -618,17 +619,52 @@ def _k_masks(
                         hit = omask[om_off[p] + ja * nrb + jb]
                     if hit:
                         cmask[k, ja, ci, jb] = 1
+    # the pairs (c, a) grouped by c, whose segments are taken in order of falling norm
+    # (seg_nord), so that a row stops at the first one below its bound
+    rmax = cmask.shape[3]
+    width = cmask.shape[2] * rmax
+    cs = np.empty(nq, np.int64)
     for u in range(nq):
-        q = cq[u]
-        k = cqk[u]
-        a = cl_atoms[k0 + k]
-        c = pc[q]
-        for ja in range(nrad[a]):
-            if pmask[pm_off[q] + ja]:
-                na = pnorm[pm_off[q] + ja]
-                for s in range(segptr[c], segptr[c + 1]):
-                    if na * seg_nrm[s] > cthr[c]:  # see _screening
-                        cmask[k, ja, apos[seg_b[s]], seg_jb[s]] = 1
+        cs[u] = pc[cq[u]]
+    order = np.argsort(cs)
+    g = 0
+    while g < nq:
+        c = cs[order[g]]
+        h = g
+        while h < nq and cs[order[h]] == c:
+            h += 1
+        s0 = segptr[c]
+        ns = segptr[c + 1] - s0
+        slot = np.empty(ns, np.int64)  # place of each segment in a row of cmask
+        nrm = np.empty(ns)
+        for i in range(ns):
+            sg = seg_nord[s0 + i]
+            slot[i] = apos[seg_b[sg]] * rmax + seg_jb[sg]
+            nrm[i] = seg_nrm[sg]
+        thr = cthr[c]
+        for u in range(g, h):
+            q = cq[order[u]]
+            k = cqk[order[u]]
+            a = cl_atoms[k0 + k]
+            for ja in range(nrad[a]):
+                if pmask[pm_off[q] + ja]:
+                    na = pnorm[pm_off[q] + ja]
+                    row = cmask[k, ja].reshape(width)
+                    for i in range(ns):
+                        if na * nrm[i] <= thr:  # see _screening
+                            break
+                        row[slot[i]] = 1
+        g = h
+
+
+def _k_nord(c0, c1, segptr, seg_nrm, seg_nord):
+    """``seg_nord[segptr[c]:segptr[c + 1]]``: the segments of projector atom c in order of
+    falling norm, for c0 <= c < c1."""
+    for c in range(c0, c1):
+        s0 = segptr[c]
+        o = np.argsort(-seg_nrm[s0 : segptr[c + 1]])
+        for i in range(o.shape[0]):
+            seg_nord[s0 + i] = s0 + o[i]
 
 
 def _k_append(buf, used, n):
@@ -660,6 +696,7 @@ def _k_count(
     seg_b,
     seg_jb,
     seg_nrm,
+    seg_nord,
     pnorm,
     cthr,
     nrad,
@@ -721,6 +758,7 @@ def _k_count(
             seg_b,
             seg_jb,
             seg_nrm,
+            seg_nord,
             pnorm,
             cthr,
             nrad,
@@ -789,6 +827,7 @@ def _k_fill(
     seg_b,
     seg_jb,
     seg_nrm,
+    seg_nord,
     pnorm,
     cthr,
     seg_w,
@@ -1079,6 +1118,7 @@ _KERNELS = (
     "_k_q",
     "_k_pq",
     "_k_columns",
+    "_k_nord",
     "_k_masks",
     "_k_append",
     "_k_count",
@@ -1740,7 +1780,9 @@ class OverlapCalculator:
             )
 
         common = (optr, oe_p, oe_t, oe_col, om_off, omask, bptr, bq, pc, pm_off, pmask)
-        common += (segptr, seg_b, seg_jb, seg_nrm, pnorm, cthr)
+        seg_nord = np.empty(len(seg_nrm), i64)
+        self._threads(_k_nord, self._split(np.diff(segptr) + 1), segptr, seg_nrm, seg_nord)
+        common += (segptr, seg_b, seg_jb, seg_nrm, seg_nord, pnorm, cthr)
         L = np.zeros(len(gw), i64)
         work = np.zeros(nat, i64)
         ncl = len(cl_ptr) - 1
