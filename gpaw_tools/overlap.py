@@ -657,6 +657,20 @@ def _k_masks(
         g = h
 
 
+def _k_segorder(c0, c1, segptr, rank, seg_b, o):
+    """``o[segptr[c]:segptr[c + 1]]``: the segments of projector atom c (in the order of
+    its projector pairs, by atom b) ordered by the rank of b, stably, for c0 <= c < c1."""
+    for c in range(c0, c1):
+        s0 = segptr[c]
+        s1 = segptr[c + 1]
+        key = np.empty(s1 - s0, np.int64)
+        for i in range(s1 - s0):
+            key[i] = rank[seg_b[s0 + i]]
+        oc = np.argsort(key, kind="mergesort")
+        for i in range(s1 - s0):
+            o[s0 + i] = s0 + oc[i]
+
+
 def _k_nord(c0, c1, segptr, seg_nrm, seg_nord):
     """``seg_nord[segptr[c]:segptr[c + 1]]``: the segments of projector atom c in order of
     falling norm, for c0 <= c < c1."""
@@ -1118,6 +1132,7 @@ _KERNELS = (
     "_k_q",
     "_k_pq",
     "_k_columns",
+    "_k_segorder",
     "_k_nord",
     "_k_masks",
     "_k_append",
@@ -1746,14 +1761,15 @@ class OverlapCalculator:
         seg_q = (np.searchsorted(pm_off, sidx, side="right") - 1).astype(i64)
         seg_jb = sidx - pm_off[seg_q]
         seg_b = pb[seg_q]
-        o = np.lexsort((seg_jb, seg_b, rank[seg_b], pc[seg_q]))
+        segptr = np.searchsorted(pc[seg_q], np.arange(nat + 1)).astype(i64)  # pc is sorted
+        o = np.empty(len(sidx), i64)
+        self._threads(_k_segorder, self._split(np.diff(segptr) + 1), segptr, rank, seg_b, o)
         seg_q, seg_jb, seg_b = seg_q[o], seg_jb[o], seg_b[o]
         seg_nrm = pnorm[sidx[o]]
         seg_rank = rank[seg_b]
         sg = rad0[seg_b] + seg_jb
         seg_w, seg_row = gw[sg], groff[sg]
         seg_c = pc[seg_q]
-        segptr = np.searchsorted(seg_c, np.arange(nat + 1)).astype(i64)
         excl = np.cumsum(seg_w) - seg_w
         seg_col = (excl - excl[segptr[seg_c]]).astype(i64) if len(sidx) else excl
         mc = np.bincount(seg_c, weights=seg_w, minlength=nat).astype(i64)
