@@ -1286,6 +1286,7 @@ class OverlapCalculator:
             threads = usable_cores()
         self.threads = max(1, int(threads))
         self.cluster = 8  # atoms per group of rows assembled together (compiled engine)
+        self.fill_ranges = 32  # ranges of clusters per thread in the buffer pass (balance)
         self.timings: dict = {}
         self._expansions: dict = {}
         self.keep_buffers = bool(keep_buffers)
@@ -1668,35 +1669,40 @@ class OverlapCalculator:
                 f.result()
 
     def _threads(self, fn, bounds, *args, scratch=None):
-        """fn(bounds[t], bounds[t + 1], *args, *scratch(t)) for each t, in threads; the
-        seconds each took are added to ``self.thread_times[fn name]``."""
+        """fn(bounds[t], bounds[t + 1], *args, *scratch(t)) for each range t, in
+        ``self.threads`` threads, each taking the next range when it is done (more ranges
+        than threads balance work that cannot be estimated well); the seconds each
+        thread worked are added to ``self.thread_times[fn name]``."""
         n = len(bounds) - 1
         extra = scratch or (lambda t: ())
         name = getattr(fn, "__name__", "kernel")
-        times = self.thread_times.setdefault(name, [0.0] * n)
+        nt = max(1, min(self.threads, n))
+        times = self.thread_times.setdefault(name, [0.0] * nt)
+        ids: dict = {}
 
         def run(t):
             t0 = time.perf_counter()
             out = fn(bounds[t], bounds[t + 1], *args, *extra(t))
-            times[t] += time.perf_counter() - t0
+            w = ids.setdefault(threading.get_ident(), len(ids)) % nt
+            times[w] += time.perf_counter() - t0
             return out
 
-        if n == 1:
-            return [run(0)]
-        with ThreadPoolExecutor(n) as ex:
+        if nt == 1:
+            return [run(t) for t in range(n)]
+        with ThreadPoolExecutor(nt) as ex:
             return list(ex.map(run, range(n)))
 
-    def _split(self, weights, ptr=None, members=None) -> np.ndarray:
-        """Bounds of ``self.threads`` contiguous ranges of about equal total weight; with
-        ``ptr``, weights are per element of groups ``ptr[i]:ptr[i + 1]`` (elements
-        ``members`` of the weights) and the bounds are group indices."""
+    def _split(self, weights, ptr=None, members=None, per_thread=1) -> np.ndarray:
+        """Bounds of ``per_thread * self.threads`` contiguous ranges of about equal total
+        weight; with ``ptr``, weights are per element of groups ``ptr[i]:ptr[i + 1]``
+        (elements ``members`` of the weights) and the bounds are group indices."""
         weights = np.asarray(weights, float)
         if members is not None:
             weights = weights[members]
         if ptr is not None:
             weights = np.add.reduceat(weights, ptr[:-1]) if len(weights) else weights
             weights[np.diff(ptr) == 0] = 0.0
-        n = max(1, min(self.threads, len(weights)))
+        n = max(1, min(self.threads * per_thread, len(weights)))
         cum = np.cumsum(weights)
         if not len(cum) or cum[-1] <= 0:
             return np.linspace(0, len(weights), n + 1).astype(np.int64)
@@ -1821,7 +1827,7 @@ class OverlapCalculator:
         e_row = np.repeat(np.arange(nat), np.diff(optr))
         upper = np.bincount(e_row, rank[oe_col] >= rank[e_row], minlength=nat)
         frac = (upper + 1) / (np.diff(optr) + 1)
-        cbounds = self._split(work * frac + 1, cl_ptr, cl_atoms)
+        cbounds = self._split(work * frac + 1, cl_ptr, cl_atoms, self.fill_ranges)
         orb_rad = np.repeat(np.arange(len(gw), dtype=i64), gw)
         rad_atom = np.repeat(np.arange(nat, dtype=i64), nrad)
         abounds = self._split(gw * L, rad0)
