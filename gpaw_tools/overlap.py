@@ -129,14 +129,15 @@ def species_from_gpaw(
     return {s.symbol: species_from_setup(s, basis, setups, xc) for s in gsetups}
 
 
-def _neighbour_pairs(atoms: Atoms, cutoff: np.ndarray):
+def _neighbour_pairs(atoms: Atoms, cutoff: np.ndarray, compiled: bool = False):
     """Unordered atom pairs with ``d < cutoff[i] + cutoff[j]``, each once in its canonical
     orientation (:func:`canonical_orientation`); self pairs (i, i, 0) excluded.
 
     Returns ``(i, j, S, D, d)``: indices, integer cell shifts, vectors
     ``D = r_j - r_i + S @ cell`` and distances (Angstrom).  Uses vesin when it is
     installed (much faster) and safe for the structure
-    (:func:`~ase_gearsh.core.neighbours.vesin_neighbor_list`), else ASE's neighbour list.
+    (:func:`~ase_gearsh.core.neighbours.vesin_neighbor_list`), else ASE's neighbour list;
+    ``compiled``: vesin's list filtered by a compiled kernel (:func:`_k_orient`).
     """
     cutoff = np.asarray(cutoff, float)
     rmax = 2.0 * float(cutoff.max(initial=0.0))
@@ -144,7 +145,16 @@ def _neighbour_pairs(atoms: Atoms, cutoff: np.ndarray):
         z = np.zeros(0, np.int64)
         return z, z, np.zeros((0, 3), np.int64), np.zeros((0, 3)), np.zeros(0)
     NeighborList = vesin_neighbor_list(atoms, rmax)  # None: not installed, or unsafe
-    if NeighborList is not None:
+    if NeighborList is not None and compiled:
+        i, j, S, D, d = NeighborList(cutoff=rmax, full_list=False).compute(
+            atoms.positions, atoms.cell.array, atoms.pbc, "ijSDd"
+        )
+        n = len(i)
+        out = (np.empty(n, np.int64), np.empty(n, np.int64), np.empty((n, 3), np.int64))
+        out += (np.empty((n, 3)), np.empty(n))
+        k = _k_orient(i, j, S, D, d, cutoff, *out)
+        i, j, S, D, d = (x[:k] for x in out)
+    elif NeighborList is not None:
         i, j, S, D, d = NeighborList(cutoff=rmax, full_list=False).compute(
             atoms.positions, atoms.cell.array, atoms.pbc, "ijSDd"
         )
@@ -351,6 +361,96 @@ def _scatter_add(data, idx, values, unique: bool):
 # out by radial function: the w rows of g share one sorted column list of length L[g] (the
 # radial functions it overlaps, directly or through a projector), so row m of g starts at
 # ``rowbase[g] + m * L[g]`` and its columns are runs of w' orbitals.
+
+
+def _k_orient(i, j, S, D, d, cutoff, oi, oj, oS, oD, od):
+    """The pairs of a half neighbour list with ``d < cutoff[i] + cutoff[j]``, self pairs
+    at zero shift left out, each in its canonical orientation
+    (:func:`~ase_gearsh.core.blocks.canonical_orientation`), written to ``o*``; returns
+    their number."""
+    n = 0
+    for p in range(i.shape[0]):
+        a = np.int64(i[p])
+        b = np.int64(j[p])
+        if not d[p] < cutoff[a] + cutoff[b]:
+            continue
+        s0, s1, s2 = S[p, 0], S[p, 1], S[p, 2]
+        if a == b and s0 == 0 and s1 == 0 and s2 == 0:
+            continue
+        if a != b:
+            flip = a > b
+        else:
+            first = s0 if s0 != 0 else (s1 if s1 != 0 else s2)
+            flip = not first > 0
+        sg = -1 if flip else 1
+        oi[n] = b if flip else a
+        oj[n] = a if flip else b
+        for x in range(3):
+            oS[n, x] = sg * S[p, x]
+            oD[n, x] = -D[p, x] if flip else D[p, x]
+        od[n] = d[p]
+        n += 1
+    return n
+
+
+def _k_ppairs(nat, i, j, S, D, d, rc, rp):
+    """Projector pairs (c, b, S, D): (a, a, 0) for every atom, then (i, j) where d <
+    rp_i + rc_j and (j, i) where d < rp_j + rc_i, ordered by c, then b, stably (two
+    counting sorts)."""
+    m = i.shape[0]
+    n = nat
+    for p in range(m):
+        n += (d[p] < rp[i[p]] + rc[j[p]]) + (d[p] < rp[j[p]] + rc[i[p]])
+    c0 = np.empty(n, np.int64)
+    b0 = np.empty(n, np.int64)
+    src = np.empty(n, np.int64)  # -1: on-site; p: pair p forward; -2 - p: pair p backward
+    for a in range(nat):
+        c0[a] = a
+        b0[a] = a
+        src[a] = -1
+    k = nat
+    for p in range(m):
+        if d[p] < rp[i[p]] + rc[j[p]]:
+            c0[k], b0[k], src[k] = i[p], j[p], p
+            k += 1
+    for p in range(m):
+        if d[p] < rp[j[p]] + rc[i[p]]:
+            c0[k], b0[k], src[k] = j[p], i[p], -2 - p
+            k += 1
+    pos = np.zeros(nat + 1, np.int64)
+    for k in range(n):
+        pos[b0[k] + 1] += 1
+    for a in range(nat):
+        pos[a + 1] += pos[a]
+    by_b = np.empty(n, np.int64)
+    for k in range(n):
+        by_b[pos[b0[k]]] = k
+        pos[b0[k]] += 1
+    pos[:] = 0
+    for k in range(n):
+        pos[c0[k] + 1] += 1
+    for a in range(nat):
+        pos[a + 1] += pos[a]
+    c = np.empty(n, np.int64)
+    b = np.empty(n, np.int64)
+    Sp = np.zeros((n, 3), np.int64)
+    Dp = np.zeros((n, 3))
+    for u in range(n):
+        k = by_b[u]
+        t = pos[c0[k]]
+        pos[c0[k]] += 1
+        c[t] = c0[k]
+        b[t] = b0[k]
+        q = src[k]
+        if q >= 0:
+            for x in range(3):
+                Sp[t, x] = S[q, x]
+                Dp[t, x] = D[q, x]
+        elif q <= -2:
+            for x in range(3):
+                Sp[t, x] = -S[-2 - q, x]
+                Dp[t, x] = -D[-2 - q, x]
+    return c, b, Sp, Dp
 
 
 def _k_rly(vec, coef, px, py, pz, ptr, n_l, lmax):
@@ -1125,6 +1225,8 @@ def _k_shift(data, indices, src, dst, n):
 
 
 _KERNELS = (
+    "_k_orient",
+    "_k_ppairs",
     "_k_rly",
     "_k_table",
     "_k_omask",
@@ -1548,7 +1650,7 @@ class OverlapCalculator:
         sb = [self.species[s] for s in symbols]
         rc = np.array([s.rc for s in sb])
         rp = np.array([s.projector_rc for s in sb])
-        opairs, ppairs = self._pairs(atoms, rc, rp)
+        opairs, ppairs = self._pairs(atoms, rc, rp, self._use_compiled())
         self._lap("neighbours", t0)
         run = self._overlap_compiled if self._use_compiled() else self._overlap_numpy
         with _single_threaded_blas():  # many small products: BLAS threads only cost
@@ -1910,12 +2012,13 @@ class OverlapCalculator:
 
     # -- helpers of overlap() ----------------------------------------------
     @staticmethod
-    def _pairs(atoms, rc, rp):
+    def _pairs(atoms, rc, rp, compiled=False):
         """Two-centre pairs ``(i, j, S, D, onsite)`` (on-site blocks first, then canonical
         pairs with d < rc_i + rc_j) and projector pairs ``(c, b, S, D)`` (all directed
-        pairs with d < rp_c + rc_b, including (c, c, 0), sorted by c then b)."""
+        pairs with d < rp_c + rc_b, including (c, c, 0), sorted by c then b);
+        ``compiled``: with the compiled kernels (the same pairs in the same order)."""
         nat = len(atoms)
-        i, j, S, D, d = _neighbour_pairs(atoms, np.maximum(rc, rp))
+        i, j, S, D, d = _neighbour_pairs(atoms, np.maximum(rc, rp), compiled)
         ar = np.arange(nat, dtype=np.int64)
         z3i, z3 = np.zeros((nat, 3), np.int64), np.zeros((nat, 3))
         ko = d < rc[i] + rc[j]
@@ -1926,6 +2029,8 @@ class OverlapCalculator:
             np.concatenate([z3, D[ko]]),
             np.concatenate([np.ones(nat, bool), np.zeros(int(ko.sum()), bool)]),
         )
+        if compiled:
+            return opairs, _k_ppairs(nat, i, j, S, D, d, rc, rp)
         fwd = d < rp[i] + rc[j]
         bwd = d < rp[j] + rc[i]
         c = np.concatenate([ar, i[fwd], j[bwd]])

@@ -195,6 +195,25 @@ def test_compiled_engine_equals_previous_implementations(device_species, threads
     assert np.abs((O + P.T @ dO @ P - S_p).toarray()).max() < 1e-12
 
 
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("kind", ["device", "small cell"])
+def test_compiled_pair_lists_equal_numpy_ones(kind):
+    """The compiled neighbour filter and projector-pair sort give exactly the pairs,
+    orientations, shifts and order of the numpy code: a device piece and a two-atom
+    cell whose atoms see their own periodic images."""
+    from ase.build import bulk
+
+    atoms = _device_piece(seed=4) if kind == "device" else bulk("W", "bcc", 3.16) * (2, 1, 1)
+    rng = np.random.default_rng(1)
+    rc, rp = rng.uniform(3.0, 6.0, len(atoms)), rng.uniform(1.0, 3.0, len(atoms))
+    fast = OverlapCalculator._pairs(atoms, rc, rp, compiled=True)
+    slow = OverlapCalculator._pairs(atoms, rc, rp, compiled=False)
+    for a, b in zip(fast[0] + fast[1], slow[0] + slow[1]):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    c, b = slow[1][0], slow[1][1]
+    assert len(c) > len(atoms) and (c == b).sum() > len(atoms)  # self images present
+
+
 def test_engine_choice(chon):
     with pytest.raises(ValueError, match="engine="):
         OverlapCalculator(chon, engine="fortran")
