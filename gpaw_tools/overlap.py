@@ -400,7 +400,10 @@ def _k_ppairs(nat, i, j, S, D, d, rc, rp):
     m = i.shape[0]
     n = nat
     for p in range(m):
-        n += (d[p] < rp[i[p]] + rc[j[p]]) + (d[p] < rp[j[p]] + rc[i[p]])
+        if d[p] < rp[i[p]] + rc[j[p]]:
+            n += 1
+        if d[p] < rp[j[p]] + rc[i[p]]:
+            n += 1
     c0 = np.empty(n, np.int64)
     b0 = np.empty(n, np.int64)
     src = np.empty(n, np.int64)  # -1: on-site; p: pair p forward; -2 - p: pair p backward

@@ -203,6 +203,9 @@ def test_compiled_pair_lists_equal_numpy_ones(kind):
     cell whose atoms see their own periodic images."""
     from ase.build import bulk
 
+    from gpaw_tools.overlap import _compiled
+
+    assert _compiled()
     atoms = _device_piece(seed=4) if kind == "device" else bulk("W", "bcc", 3.16) * (2, 1, 1)
     rng = np.random.default_rng(1)
     rc, rp = rng.uniform(3.0, 6.0, len(atoms)), rng.uniform(1.0, 3.0, len(atoms))
