@@ -484,11 +484,16 @@ def _k_table(vec, coef, px, py, pz, ptr, n_l, lmax, s, row_t, row_l, nz_row, dst
     harmonics y of the pair vectors (:func:`_k_rly`) and the sparse Gaunt table (rows
     (t, m), non-zeros n)."""
     y = _k_rly(vec, coef, px, py, pz, ptr, n_l, lmax)
+    nt, npair = s.shape
+    st = np.empty((npair, nt))  # by pair, tiny values dropped
+    for t in range(nt):
+        for p in range(npair):
+            v = s[t, p]
+            st[p, t] = v if abs(v) >= _SPLINE_ZERO else 0.0
     a = np.empty(row_t.shape[0])
-    for p in range(s.shape[1]):
+    for p in range(npair):
         for k in range(row_t.shape[0]):
-            v = s[row_t[k], p]
-            a[k] = v * y[p, row_l[k]] if abs(v) >= _SPLINE_ZERO else 0.0
+            a[k] = st[p, row_t[k]] * y[p, row_l[k]]
         o = base[p]
         for n in range(val.shape[0]):
             out[o + dst[n]] += a[nz_row[n]] * val[n]
