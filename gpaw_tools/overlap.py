@@ -145,19 +145,16 @@ def _neighbour_pairs(atoms: Atoms, cutoff: np.ndarray, compiled: bool = False):
         z = np.zeros(0, np.int64)
         return z, z, np.zeros((0, 3), np.int64), np.zeros((0, 3)), np.zeros(0)
     NeighborList = vesin_neighbor_list(atoms, rmax)  # None: not installed, or unsafe
-    if NeighborList is not None and compiled:
+    if NeighborList is not None:
         i, j, S, D, d = NeighborList(cutoff=rmax, full_list=False).compute(
             atoms.positions, atoms.cell.array, atoms.pbc, "ijSDd"
         )
-        n = len(i)
-        out = (np.empty(n, np.int64), np.empty(n, np.int64), np.empty((n, 3), np.int64))
-        out += (np.empty((n, 3)), np.empty(n))
-        k = _k_orient(i, j, S, D, d, cutoff, *out)
-        i, j, S, D, d = (x[:k] for x in out)
-    elif NeighborList is not None:
-        i, j, S, D, d = NeighborList(cutoff=rmax, full_list=False).compute(
-            atoms.positions, atoms.cell.array, atoms.pbc, "ijSDd"
-        )
+        if compiled:
+            n = len(i)
+            out = (np.empty(n, np.int64), np.empty(n, np.int64), np.empty((n, 3), np.int64))
+            out += (np.empty((n, 3)), np.empty(n))
+            k = _k_orient(i, j, S, D, d, cutoff, *out)
+            return tuple(x[:k] for x in out)
         i, j, S = i.astype(np.int64), j.astype(np.int64), S.astype(np.int64)
         keep = (d < cutoff[i] + cutoff[j]) & ~((i == j) & ~S.any(axis=1))
         i, j, S, D, d = i[keep], j[keep], S[keep], D[keep], d[keep]
@@ -1788,13 +1785,15 @@ class OverlapCalculator:
         name = getattr(fn, "__name__", "kernel")
         nt = max(1, min(self.threads, n))
         times = self.thread_times.setdefault(name, [0.0] * nt)
-        ids: dict = {}
+        ids: dict = {}  # worker thread -> its slot in times
+        lock = threading.Lock()
 
         def run(t):
             t0 = time.perf_counter()
             out = fn(bounds[t], bounds[t + 1], *args, *extra(t))
-            w = ids.setdefault(threading.get_ident(), len(ids)) % nt
-            times[w] += time.perf_counter() - t0
+            with lock:
+                w = ids.setdefault(threading.get_ident(), len(ids)) % nt
+                times[w] += time.perf_counter() - t0
             return out
 
         if nt == 1:
