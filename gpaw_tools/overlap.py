@@ -815,9 +815,9 @@ def _k_count(
     seg_b,
     seg_jb,
     seg_nrm,
-    seg_nord,
     pnorm,
     cthr,
+    seg_nord,
     nrad,
     rad0,
     gw,
@@ -946,7 +946,6 @@ def _k_fill(
     seg_b,
     seg_jb,
     seg_nrm,
-    seg_nord,
     pnorm,
     cthr,
     seg_w,
@@ -1913,14 +1912,14 @@ class OverlapCalculator:
         common = (optr, oe_p, oe_t, oe_col, om_off, omask, bptr, bq, pc, pm_off, pmask)
         seg_nord = np.empty(len(seg_nrm), i64)
         self._threads(_k_nord, self._split(np.diff(segptr) + 1), segptr, seg_nrm, seg_nord)
-        common += (segptr, seg_b, seg_jb, seg_nrm, seg_nord, pnorm, cthr)
+        common += (segptr, seg_b, seg_jb, seg_nrm, pnorm, cthr)
         L = np.zeros(len(gw), i64)
         work = np.zeros(nat, i64)
         ncl = len(cl_ptr) - 1
         ccount = np.zeros((ncl, 3), i64)
         rcount = np.zeros(len(gw), i64)
         bounds = self._split(nao * (np.diff(optr) + np.diff(bptr)) + 1, cl_ptr, cl_atoms)
-        cargs = (nrad, rad0, gw, nao, mc, L, work, ccount, rcount, rmax)
+        cargs = (seg_nord, nrad, rad0, gw, nao, mc, L, work, ccount, rcount, rmax)
         kept = self._threads(_k_count, bounds, cl_ptr, cl_atoms, *common, *cargs, scratch=scratch)
         # each cluster's columns, projector pairs and column runs, for the fill
         c_cand, c_cq, c_cqk, c_run = (np.concatenate([k[i] for k in kept]) for i in range(4))
