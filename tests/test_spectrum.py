@@ -254,7 +254,18 @@ def test_argument_checks():
         check_kpm_options({"n_random": 0})
     with pytest.raises(ArgumentError, match=r"kpm: unknown key\(s\) \['moments'\]"):
         KPMOptions.from_parameter({"moments": 5})
-    assert KPM_DEFAULTS == {"n_moments": None, "n_random": 16, "seed": 0, "fermi_width": 0.1}
+    assert KPM_DEFAULTS == {
+        "n_moments": None,
+        "n_random": 16,
+        "seed": 0,
+        "fermi_width": 0.1,
+        "deep_below": "auto",
+    }
+    for good in (-30, -30.5, None, "auto"):
+        check_kpm_options({"deep_below": good})
+    for bad in ("-30", True, np.nan):
+        with pytest.raises(ArgumentError, match=r"kpm\['deep_below'\] must be 'auto', None or"):
+            check_kpm_options({"deep_below": bad})
     check_dos_args(0.1, 2001, None, None, "auto")
     for args, match in [
         (

@@ -43,9 +43,11 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 import scipy.sparse.linalg as sla
+import scipy.special
 from sksparse import cholmod
 
 from ..core.errors import GearsHError
+from .deflation import DeepStates
 from .sparse_products import BlockProduct, csr_times_block
 
 __all__ = [
@@ -150,10 +152,43 @@ def _prepare(H, S, factor: CholeskyFactor | None = None):
     return H, S, factor
 
 
-def _bounds(H, S, chol, margin: float) -> tuple[float, float]:
+class _Park:
+    """w -> Z X Z^H w: the term that moves the deep states to one energy
+    (:meth:`~.deflation.DeepStates.parked`)."""
+
+    def __init__(self, deep: DeepStates, energy: float):
+        Z, self.X = deep.parked(energy)
+        self.Z, self.ZH = sp.csr_array(Z), sp.csr_array(Z.conj().T)
+        self.energy = float(energy)
+
+    def __call__(self, w):
+        return _times(self.Z, self.X @ _times(self.ZH, w))
+
+    def dense(self):
+        Z = self.Z.toarray()
+        return Z @ self.X @ Z.conj().T
+
+
+def _check_deep(deep, n: int):
+    if deep is None:
+        return None
+    if not isinstance(deep, DeepStates) or deep.basis.shape[0] != n:
+        raise KPMError(
+            f"deep must be the DeepStates of these matrices ({n} orbitals, from "
+            f"deflation.deep_states); got "
+            f"{getattr(getattr(deep, 'basis', None), 'shape', type(deep).__name__)}"
+        )
+    return deep
+
+
+def _bounds(H, S, chol, margin: float, deep: DeepStates | None = None) -> tuple[float, float]:
+    """Bounds of the spectrum; with ``deep``, of the states that are not deep (the deep
+    ones parked inside the rest of the spectrum, where they set neither end)."""
     n = H.shape[0]
+    park = None if deep is None else _Park(deep, deep.interior)
     if n <= DENSE_MAX:
-        ev = scipy.linalg.eigh(H.toarray(), S.toarray(), eigvals_only=True)
+        Hd = H.toarray() if park is None else H.toarray() + park.dense()
+        ev = scipy.linalg.eigh(Hd, S.toarray(), eigvals_only=True)
         lo, hi = float(ev[0]), float(ev[-1])
     else:
         # Lanczos on the Hermitian B = L^-1 H L^-H (real embedding [[Re, -Im], [Im, Re]]
@@ -162,7 +197,8 @@ def _bounds(H, S, chol, margin: float) -> tuple[float, float]:
 
         def matvec(v):
             x = v[:n] + 1j * v[n:] if embed else v
-            y = chol.l_solve(H @ chol.lt_solve(x))
+            w = chol.lt_solve(x)
+            y = chol.l_solve(H @ w if park is None else H @ w + park(w))
             return np.concatenate([y.real, y.imag]) if embed else y.real
 
         dim = 2 * n if embed else n
@@ -181,7 +217,11 @@ def _bounds(H, S, chol, margin: float) -> tuple[float, float]:
 
 
 def spectral_bounds(
-    H, S, margin: float = BOUNDS_MARGIN, factor: CholeskyFactor | None = None
+    H,
+    S,
+    margin: float = BOUNDS_MARGIN,
+    factor: CholeskyFactor | None = None,
+    deep: DeepStates | None = None,
 ) -> tuple[float, float]:
     """(emin, emax) in eV of H c = E S c, widened by margin * (emax - emin) on each side.
 
@@ -189,12 +229,14 @@ def spectral_bounds(
     (relative tolerance 1e-3) on L^-1 H L^-H, with L the sparse Cholesky factor of S;
     then a margin > 0 widens each side by at least 2e-3 * max |E| (twice Lanczos's
     error bound).  The KPM moments a resolution needs grow with the width: the default
-    1 % margins need 7 % fewer than 5 % margins.
+    1 % margins need 7 % fewer than 5 % margins.  deep: the
+    :class:`~.deflation.DeepStates` of H and S, whose states the bounds then leave out
+    (pass the same to :func:`chebyshev_moments`).
     """
     if not margin >= 0:
         raise KPMError(f"margin must be >= 0; got {margin}")
     H, S, chol = _prepare(H, S, factor)
-    return _bounds(H, S, chol, margin)
+    return _bounds(H, S, chol, margin, _check_deep(deep, H.shape[0]))
 
 
 @dataclass
@@ -216,6 +258,51 @@ class KPMMoments:
     n_random: int
     n_orbitals: int
     per_vector: np.ndarray | None = None
+    deep_energies: np.ndarray | None = None
+    deep_weights: np.ndarray | None = None
+
+    def rows(self, names) -> KPMMoments:
+        """These moments restricted to the rows ``names`` (a list), deep states included."""
+        i = [self.names.index(x) for x in names]
+        return replace(
+            self,
+            moments=self.moments[i],
+            names=[self.names[j] for j in i],
+            per_vector=None if self.per_vector is None else self.per_vector[i],
+            deep_weights=None if self.deep_weights is None else self.deep_weights[i],
+        )
+
+    def deep_below(self, energies, rows=(0,)) -> np.ndarray:
+        """Deep states of the rows ``rows`` (indices, summed) below each of ``energies``
+        (eV), each state broadened by a Gaussian of the Jackson resolution pi a / M
+        (zeros without deep states)."""
+        e = np.atleast_1d(np.asarray(energies, dtype=float))
+        if self.deep_energies is None:
+            return np.zeros(e.shape)
+        sigma = np.pi * self.half_width / self.moments.shape[1]
+        w = self.deep_weights[list(rows)].sum(axis=0)
+        ed = self.deep_energies
+        out = np.where(e > 0, w.sum(), 0.0)  # +-inf
+        fin = np.isfinite(e)
+        if not fin.any():
+            return out
+        ef = e[fin]
+        # states 12 sigma below every energy count in full, without an erf
+        full = ed < ef.min() - 12.0 * sigma
+        near = np.flatnonzero(~full)
+        part = np.full(ef.shape, w[full].sum())
+        for i in range(0, near.size, 512):
+            j = near[i : i + 512]
+            z = (ef[:, None] - ed[j]) / sigma
+            part += 0.5 * (1.0 + scipy.special.erf(z / np.sqrt(2.0))) @ w[j]
+        out[fin] = part
+        return out
+
+    def deep_count(self, e_lo, e_hi, rows=(0,)) -> float:
+        """Deep states of the rows ``rows`` (indices) in [e_lo, e_hi] eV (broadened as in
+        :meth:`deep_below`; 0 without deep states)."""
+        lo, hi = self.deep_below([e_lo, e_hi], rows)
+        return float(hi - lo)
 
 
 def _group_matrix(groups: dict[str, np.ndarray] | None, n: int) -> tuple[list[str], sp.csr_array]:
@@ -252,6 +339,7 @@ def chebyshev_moments(
     progress: bool = False,
     factor: CholeskyFactor | None = None,
     doubling: bool | None = None,
+    deep: DeepStates | None = None,
 ) -> KPMMoments:
     """Stochastic (or exact) Chebyshev moments of the total and group-projected DOS.
 
@@ -268,7 +356,15 @@ def chebyshev_moments(
     (module docstring).  None (default): for the total alone and for one group (the
     cheaper way when solves are memory-bound, and no dearer otherwise); True: for every
     group (refused when a block of all those vectors would exceed 1 GiB); False: one
-    moment per step.
+    moment per step.  deep: the :class:`~.deflation.DeepStates` of H and S (and
+    ``bounds``, when given, from ``spectral_bounds(..., deep=deep)``): the moments are
+    then those of H' = H + S C (emin - E_d) C^H S, whose deep states sit at emin, with
+    each vector's exactly known part of them subtracted (its components along the deep
+    Ritz vectors), so that the moments are those of the other states alone; the deep
+    states come back in ``deep_energies`` and ``deep_weights`` (their Mulliken weights
+    per row), which :func:`kpm_density`, :func:`kpm_window_count` and
+    :func:`kpm_fermi_level` add (Gaussian of the Jackson resolution).  The interval
+    then spans the other states alone: fewer moments for a resolution.
     """
     _check_moments(n_moments)
     if not exact and (int(n_random) != n_random or n_random < 1):
@@ -278,16 +374,22 @@ def chebyshev_moments(
     H, S, chol = _prepare(H, S, factor)
     n = H.shape[0]
     names, G = _group_matrix(groups, n)
-    emin, emax = _bounds(H, S, chol, BOUNDS_MARGIN) if bounds is None else map(float, bounds)
+    deep = _check_deep(deep, n)
+    if bounds is None:
+        emin, emax = _bounds(H, S, chol, BOUNDS_MARGIN, deep)
+    else:
+        emin, emax = map(float, bounds)
     if not emin < emax:
         raise KPMError(f"bounds must satisfy emin < emax; got ({emin}, {emax})")
     b, a = 0.5 * (emin + emax), 0.5 * (emax - emin) / (1.0 - EDGE)
 
     Hp = BlockProduct(H)  # rows with equal columns (an atom's) read each block row once
+    park = None if deep is None else _Park(deep, emin)  # the deep states at emin
 
-    def apply(v):  # (B~ v, L^-H v), B~ = (L^-1 H L^-H - b) / a
+    def apply(v):  # (B~ v, L^-H v), B~ = (L^-1 H' L^-H - b) / a
         w = chol.lt_solve(v)
-        return (chol.l_solve(Hp @ w) - b * v) / a, w
+        y = Hp @ w if park is None else Hp @ w + park(w)
+        return (chol.l_solve(y) - b * v) / a, w
 
     n_vec = n if exact else int(n_random)
     starts = range(0, n_vec, int(block))
@@ -324,6 +426,7 @@ def chebyshev_moments(
     # kept when small (not for the per-atom PDOS of a large structure): else summed
     keep = not exact and len(names) * n_vec * M <= PER_VECTOR_MAX
     Gg = G[1:]  # the groups, without the total row
+    parked = []  # with deep: per vector, its weight on the parked states, per row
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
         for i_block, start in enumerate(starts):
             k = min(int(block), n_vec - start)
@@ -332,6 +435,8 @@ def chebyshev_moments(
                 r[np.arange(start, start + k), np.arange(k)] = 1.0
             else:
                 r = rng.integers(0, 2, size=(n, k)).astype(np.float64) * 2.0 - 1.0
+            if deep is not None:
+                parked.append(_parked_weights(deep, r, chol, S, Gg))
             if doubling:
                 out = _doubling_block(r, apply, M, bar, chol, S, Gg, keep)
             else:
@@ -353,6 +458,18 @@ def chebyshev_moments(
             x[..., 3::2] = 2.0 * x[..., 3::2] - x[..., 1:2]
         x[1:, ..., 0] = np.reshape(Gg.sum(axis=1), (-1,) + (1,) * (x.ndim - 2))
     # mu_0 = Tr P_g is known (above): the PDOS integrates exactly
+    deep_weights = None
+    if deep is not None:  # subtract each vector's exactly known parked part
+        w = np.concatenate(parked, axis=1)  # (rows, vectors)
+        Tp = np.cos(np.arange(M) * np.arccos(np.clip((emin - b) / a, -1.0, 1.0)))
+        deep_weights = deep.mulliken(G)
+        mu0 = np.asarray(G.sum(axis=1)).ravel() - deep_weights.sum(axis=1)
+        if keep:
+            per_vector -= w[:, :, None] * Tp
+            per_vector[:, :, 0] = mu0[:, None]
+        else:
+            mu -= (w.sum(axis=1) if exact else w.mean(axis=1))[:, None] * Tp
+            mu[:, 0] = mu0
     if keep:
         mu = per_vector.mean(axis=1)
     if not np.all(np.isfinite(mu)) or np.abs(mu[0]).max() > 100.0 * n:
@@ -360,7 +477,35 @@ def chebyshev_moments(
             f"Chebyshev moments diverge (max |mu| = {np.abs(mu[0]).max():.3g} for "
             f"n = {n}): the bounds ({emin}, {emax}) do not enclose the spectrum"
         )
-    return KPMMoments(mu, names, b, a, 0 if exact else n_vec, n, per_vector)
+    return KPMMoments(
+        mu,
+        names,
+        b,
+        a,
+        0 if exact else n_vec,
+        n,
+        per_vector,
+        None if deep is None else deep.energies.copy(),
+        deep_weights,
+    )
+
+
+def _parked_weights(deep: DeepStates, r, chol, S, Gg):
+    """(rows, k): each vector's weight on the parked deep states, which its moments hold
+    as weight * T_m(x_p): total sum_d |c_d^H L r|^2, group g sum_d conj(c_d^H P_g L r)
+    c_d^H L r (the left vector of a group moment is L^-1 P_g L r, whose component
+    along L^H c_d is c_d^H P_g L r)."""
+    Lr = _times(S, chol.lt_solve(r))
+    A = deep.components(Lr)
+    out = np.empty((Gg.shape[0] + 1, r.shape[1]))
+    out[0] = (A.conj() * A).real.sum(axis=0)
+    for g in range(Gg.shape[0]):
+        idx = Gg.indices[Gg.indptr[g] : Gg.indptr[g + 1]]
+        val = Gg.data[Gg.indptr[g] : Gg.indptr[g + 1]]
+        PLr = np.zeros_like(Lr)
+        PLr[idx] = Lr[idx] * val[:, None]
+        out[g + 1] = (deep.components(PLr).conj() * A).real.sum(axis=0)
+    return out
 
 
 def _bar_tick(bar, m):
@@ -455,7 +600,8 @@ def kpm_density(moments: KPMMoments, energies) -> dict[str, np.ndarray]:
     """name -> Jackson-damped DOS (states/eV, per spin channel) on ``energies`` (eV).
 
     rho(E) = [g_0 mu_0 + 2 sum_m g_m mu_m T_m(x)] / (pi a sqrt(1 - x^2)),
-    x = (E - center) / half_width; zero for |x| >= 1.
+    x = (E - center) / half_width; zero for |x| >= 1.  Deep states (``deep_energies``)
+    are added as Gaussians of the Jackson resolution pi a / M.
     """
     E = np.asarray(energies, dtype=np.float64)
     x = ((E - moments.center) / moments.half_width).ravel()
@@ -469,6 +615,13 @@ def kpm_density(moments: KPMMoments, energies) -> dict[str, np.ndarray]:
         xc = x[chunk]
         T = np.cos(np.outer(np.arccos(xc), m))  # T_m(x) = cos(m arccos x)
         out[:, chunk] = (coef @ T.T) / (np.pi * moments.half_width * np.sqrt(1.0 - xc**2))
+    if moments.deep_energies is not None:  # deep states: Gaussians of the resolution
+        sigma = np.pi * moments.half_width / mu.shape[1]
+        Ef = E.ravel()
+        for i in range(0, moments.deep_energies.size, 512):
+            z = (Ef[:, None] - moments.deep_energies[i : i + 512]) / sigma
+            g = np.exp(-0.5 * z**2) / (sigma * np.sqrt(2.0 * np.pi))
+            out += moments.deep_weights[:, i : i + 512] @ g.T
     return {name: row.reshape(E.shape) for name, row in zip(moments.names, out)}
 
 
@@ -501,11 +654,12 @@ def kpm_window_count(
     c[1:] = 2.0 * (np.sin(m * t_lo) - np.sin(m * t_hi)) / m
     c *= jackson_kernel(M) / np.pi
     i = [moments.names.index(x) for x in rows]
-    count = float(moments.moments[i].sum(axis=0) @ c)
+    deep = moments.deep_count(emin, emax, i)  # exact: the same for every vector
+    count = float(moments.moments[i].sum(axis=0) @ c) + deep
     pv = moments.per_vector
     if pv is None or pv.shape[1] < 2:
         return count, None
-    each = pv[i].sum(axis=0) @ c  # one count per random vector
+    each = pv[i].sum(axis=0) @ c + deep  # one count per random vector
     return count, float(each.std(ddof=1) / np.sqrt(len(each)))
 
 
@@ -534,7 +688,7 @@ def kpm_fermi_window_count(
             f"{fm.n_random} and {moments.n_random} vectors, {fm.n_orbitals} and "
             f"{moments.n_orbitals} orbitals"
         )
-    fm = replace(fm, moments=fm.moments[:1], names=fm.names[:1], per_vector=None)
+    fm = replace(fm.rows(fm.names[:1]), per_vector=None)
     ef = kpm_fermi_level(fm, n_electrons)
     count, _ = kpm_window_count(moments, ef, ef + window, name)
     pv = moments.per_vector
@@ -580,7 +734,7 @@ def kpm_fermi_level(
     """Zero-temperature Fermi level (eV) from the integrated total KPM DOS.
 
     The total DOS (per spin channel, row 0 of ``moments``) is integrated on
-    ``npts`` points across the moments' energy window; the Fermi level is where
+    ``npts`` points across the spectral bounds (deep states added, if any); the Fermi level is where
     it holds ``n_electrons / (2 / nspins)`` states (linear interpolation).  A
     pure function of the moments: the same moments give the same level.
     """
@@ -592,10 +746,14 @@ def kpm_fermi_level(
             f"{n_electrons} electrons do not fit into {moments.n_orbitals} "
             f"orbitals ({2 // nspins} electrons per orbital)"
         )
-    lo = moments.center - moments.half_width
-    e = np.linspace(lo, moments.center + moments.half_width, int(npts))
-    dos = kpm_density(moments, e)["total"]
+    # the bounds (x = -+(1 - EDGE)), which hold every state: beyond them the kernel's
+    # 1 / sqrt(1 - x^2) makes any rounding of the moments' tails a spike at x = -+1
+    half = moments.half_width * (1.0 - EDGE)
+    e = np.linspace(moments.center - half, moments.center + half, int(npts))
+    dos = kpm_density(replace(moments, deep_energies=None), e)["total"]
     cum = np.concatenate([[0.0], np.cumsum(0.5 * (dos[1:] + dos[:-1]) * np.diff(e))])
+    if moments.deep_energies is not None:  # deep states up to each energy
+        cum = cum + moments.deep_below(e)
     cum = np.maximum.accumulate(cum)  # stochastic moments can dip below zero
     return float(np.interp(n_states, cum, e))
 

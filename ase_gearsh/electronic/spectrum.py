@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .checks import ArgumentError, check_choice, check_positive
+from .deflation import DeepStates, DeflationError, deep_states
 from .dense import (
     NEAR_NULL_NORM,
     check_overlap_cutoff,
@@ -74,13 +75,21 @@ class KPMOptions:
     Jackson resolution matches the requested width; n_random: random vectors;
     seed: of the random vectors; fermi_width: resolution (eV) of the total DOS
     from which the Fermi level is taken (fixed, so that the level does not
-    depend on which DOS was asked for first).
+    depend on which DOS was asked for first); deep_below: the states of atomic levels
+    below this energy (eV; semicore s and p such as W 5s/5p, Hf 5s/5p, Ni 3p) leave the
+    Chebyshev interval and are added back exactly
+    (:mod:`ase_gearsh.electronic.deflation`), so that a resolution needs fewer moments
+    (0.6x for the WSe2/HfO2:Ni device's basis); 'auto' (default): the middle of the
+    highest gap of at least 8 eV in the atomic levels below their median, if any (a
+    structure whose deep levels turn out not to be separated then runs without, with a
+    warning); None: never.
     """
 
     n_moments: int | None = None
     n_random: int = 16
     seed: Any = 0
     fermi_width: float = 0.1
+    deep_below: float | str | None = "auto"
 
     @classmethod
     def from_parameter(cls, kpm: dict | None) -> KPMOptions:
@@ -113,6 +122,19 @@ def check_kpm_options(kpm: dict | None) -> None:
         check_positive("kpm['n_random']", kpm["n_random"], integer=True)
     if "fermi_width" in kpm:
         check_positive("kpm['fermi_width']", kpm["fermi_width"])
+    below = kpm.get("deep_below")
+    if (
+        below is not None
+        and not (isinstance(below, str) and below == "auto")
+        and (
+            isinstance(below, bool)
+            or not isinstance(below, (int, float, np.integer, np.floating))
+            or not np.isfinite(below)
+        )
+    ):
+        raise ArgumentError(
+            f"kpm['deep_below'] must be 'auto', None or a finite energy in eV, got {below!r}"
+        )
 
 
 def check_dos_args(width, npts, emin, emax, method: str = "auto") -> None:
@@ -375,15 +397,46 @@ class KPMSpectrum:
         self.progress = progress
         self._bounds = bounds
         self._factor: CholeskyFactor | None = None
+        self._deep: DeepStates | None | bool = False  # False: not yet looked for
         self._moments: dict[tuple[int, str | None], KPMMoments] = {}
 
     def with_options(self, options: KPMOptions | dict | None) -> KPMSpectrum:
-        """The same matrices, factor and bounds with other options (moments recomputed)."""
-        other = KPMSpectrum(
-            self.hamiltonian, self.overlap, self.labels, options, self.progress, self._bounds
-        )
+        """The same matrices, factor and bounds with other options (moments recomputed;
+        the bounds and deep states too when ``deep_below`` changes)."""
+        other = KPMSpectrum(self.hamiltonian, self.overlap, self.labels, options, self.progress)
         other._factor = self._factor
+        if other.options.deep_below == self.options.deep_below:
+            other._bounds, other._deep = self._bounds, self._deep
         return other
+
+    @property
+    def deep(self) -> DeepStates | None:
+        """The deep states below ``options.deep_below`` (:func:`deep_states`), found once;
+        None when that option is None or no atomic level lies below it."""
+        if self._deep is False:
+            below = self.options.deep_below
+            self._deep = None
+            if below is not None:
+                try:
+                    self._deep = deep_states(
+                        self.hamiltonian, self.overlap, self.labels.atom_of, below
+                    )
+                except DeflationError as err:
+                    if below != "auto":
+                        raise
+                    warnings.warn(
+                        f"KPM runs without taking deep states out of its interval: {err}",
+                        stacklevel=3,
+                    )
+        return self._deep
+
+    @property
+    def plot_bounds(self) -> tuple[float, float]:
+        """The spectral bounds, widened down to 1 eV below the lowest deep state."""
+        lo, hi = self.bounds
+        if self.deep is not None:
+            lo = min(lo, float(self.deep.energies.min()) - 1.0)
+        return lo, hi
 
     @property
     def factor(self) -> CholeskyFactor:
@@ -396,7 +449,9 @@ class KPMSpectrum:
     def bounds(self) -> tuple[float, float]:
         """(emin, emax) eV enclosing the spectrum (:func:`spectral_bounds`), cached."""
         if self._bounds is None:
-            self._bounds = spectral_bounds(self.hamiltonian, self.overlap, factor=self.factor)
+            self._bounds = spectral_bounds(
+                self.hamiltonian, self.overlap, factor=self.factor, deep=self.deep
+            )
         return self._bounds
 
     def n_moments(self, width: float, warn: bool = False) -> int:
@@ -430,15 +485,7 @@ class KPMSpectrum:
         if by is None and key not in self._moments:
             done = next((v for (k, _), v in self._moments.items() if k == m), None)
             if done is not None:  # the total row of a projection: the same random vectors
-                self._moments[key] = KPMMoments(
-                    done.moments[:1].copy(),
-                    done.names[:1],
-                    done.center,
-                    done.half_width,
-                    done.n_random,
-                    done.n_orbitals,
-                    None if done.per_vector is None else done.per_vector[:1].copy(),
-                )
+                self._moments[key] = done.rows(done.names[:1])
         if key not in self._moments:
             opts = self.options
             self._moments[key] = chebyshev_moments(
@@ -451,6 +498,7 @@ class KPMSpectrum:
                 seed=opts.seed,
                 progress=self.progress,
                 factor=self.factor,
+                deep=self.deep,
             )
         return self._moments[key]
 
@@ -461,7 +509,7 @@ class KPMSpectrum:
     def _density(self, width, npts, emin, emax, by) -> tuple[np.ndarray, dict]:
         self.n_moments(width, warn=True)  # the DOS asked for: say if it is coarser
         mom = self.moments(width, by)
-        e = energy_grid(emin, emax, npts, *self.bounds)
+        e = energy_grid(emin, emax, npts, *self.plot_bounds)
         return e, kpm_density(mom, e)
 
     def dos(
