@@ -50,12 +50,29 @@ ONSITE = {  # eV, one value per radial function in GPAW basis order (SpeciesBasi
 }
 
 
-def huckel(S, symbols, species, K=1.75):
-    """Wolfsberg-Helmholz H with S's pattern (see the module docstring)."""
-    e = np.concatenate([np.repeat(ONSITE[s], [2 * l + 1 for l in species[s].l]) for s in symbols])
+# eV, per radial function as ONSITE: the atom-block levels of GPAW's own H for a 120-atom
+# piece of the device (benchmarks/device_piece.py), rounded, relative to that cell's zero
+# (E_F about +4 eV): the semicore levels, the O 2s and the O d polarisation functions where
+# DFT puts them
+ONSITE_ATOMIC = {
+    "O": [-12.8, 1.9, 54.3],
+    "Se": [-10.0, -0.1, 21.3],
+    "Ni": [-1.6, -59.0, 17.5, 3.0, 18.0],
+    "Hf": [-58.1, -4.2, -26.8, 5.3, 1.0, 15.5],
+    "W": [-70.9, -4.5, -35.4, 1.5, -6.5, 13.0],
+}
+
+
+def huckel(S, symbols, species, K=1.75, onsite=None, diagonal_k=True):
+    """Wolfsberg-Helmholz H with S's pattern (see the module docstring); diagonal_k=False:
+    H_ii = e_i (K on the off-diagonal elements only)."""
+    table = ONSITE if onsite is None else onsite
+    e = np.concatenate([np.repeat(table[s], [2 * l + 1 for l in species[s].l]) for s in symbols])
     S = sp.csr_array(S)
     rows = np.repeat(np.arange(S.shape[0]), np.diff(S.indptr))
     data = 0.5 * K * S.data * (e[rows] + e[S.indices])
+    if not diagonal_k:
+        data[rows == S.indices] = e[rows[rows == S.indices]] * S.data[rows == S.indices]
     return sp.csr_array((data, S.indices.copy(), S.indptr.copy()), shape=S.shape)
 
 
@@ -97,11 +114,20 @@ def main(argv=None):
     )
     p.add_argument(
         "--hamiltonian",
-        choices=("huckel", "model"),
+        choices=("huckel", "atomic", "model"),
         default="huckel",
-        help="the stand-in H: extended Hueckel on S's pattern (default), or the H of a "
+        help="the stand-in H: extended Hueckel on S's pattern (default); 'atomic': the same "
+        "form with H_ii = e_i and the atom-block levels of GPAW's H for a piece of the "
+        "device (ONSITE_ATOMIC: semicore and O d levels where DFT puts them, so that "
+        "--deep-below finds the same deep states); or the H of a "
         "randomly initialised model of the paper's hyperparameters (device_scale.py): "
         "the calculator's own block pattern, for timing only (its spectrum is not physical)",
+    )
+    p.add_argument(
+        "--deep-below",
+        help="eV or 'auto': take the states of atomic levels below it out of the "
+        "Chebyshev interval (ase_gearsh.electronic.deflation; use with --hamiltonian "
+        "atomic, and --span from device_piece.py)",
     )
     p.add_argument(
         "--total-too",
@@ -109,6 +135,7 @@ def main(argv=None):
         help="also time the total moments alone (DOS and E_F: two moments per step)",
     )
     a = p.parse_args(argv)
+    from ase_gearsh.electronic.deflation import deep_states
     from ase_gearsh.electronic.kpm import (
         CholeskyFactor,
         chebyshev_moments,
@@ -129,6 +156,8 @@ def main(argv=None):
         from ase_gearsh import GearsHCalculator
 
         H = GearsHCalculator(paper_model(), warn_extrapolation=False).get_hamiltonian(atoms=atoms)
+    elif a.hamiltonian == "atomic":
+        H = huckel(S, sym, species, onsite=ONSITE_ATOMIC, diagonal_k=False)
     else:
         H = huckel(S, sym, species)
     counts = np.array([species[s].n_orbitals for s in sym])
@@ -147,8 +176,19 @@ def main(argv=None):
         f"RSS {rss_gib():.2f} GiB",
         flush=True,
     )
+    deep = None
+    if a.deep_below is not None:
+        t = time.perf_counter()
+        below = a.deep_below if a.deep_below == "auto" else float(a.deep_below)
+        deep = deep_states(H, S, np.repeat(np.arange(len(sym)), counts), below)
+        print(
+            f"deep states below {deep.below:.2f} eV: {deep.count} in "
+            f"{time.perf_counter() - t:.1f} s (Ritz residual {deep.residual:.2e} eV, gap "
+            f"{deep.gap:.1f} eV, S C {deep.s_basis.nnz:,} non-zeros), RSS {rss_gib():.2f} GiB",
+            flush=True,
+        )
     t = time.perf_counter()
-    bounds = spectral_bounds(H, S, factor=chol)
+    bounds = spectral_bounds(H, S, factor=chol, deep=deep)
     print(
         f"bounds (Lanczos): {bounds[0]:.2f} .. {bounds[1]:.2f} eV in "
         f"{time.perf_counter() - t:.1f} s",
@@ -159,7 +199,7 @@ def main(argv=None):
     by_species = {s: np.flatnonzero(orb_symbol == s) for s in dict.fromkeys(sym)}
     holes_group = {"W+Se": np.flatnonzero(np.isin(orb_symbol, ["W", "Se"]))}
     mom = None
-    t_setup = time.perf_counter() - t0  # structure, S, H, Cholesky, bounds
+    t_setup = time.perf_counter() - t0  # structure, S, H, Cholesky, deep states, bounds
     for groups_name in a.groups:  # each projection and doubling in turn, one factor
         groups = by_species if groups_name == "species" else holes_group
         for mode in a.doubling:
@@ -176,6 +216,7 @@ def main(argv=None):
                 progress=True,
                 factor=chol,
                 doubling={"auto": None, "on": True, "off": False}[mode],
+                deep=deep,
             )
             t_mom = time.perf_counter() - t
             mom = mom or m
@@ -197,7 +238,7 @@ def main(argv=None):
     if a.total_too:
         t = time.perf_counter()
         chebyshev_moments(
-            H, S, M, a.random, None, bounds=bounds, seed=0, block=a.random, factor=chol
+            H, S, M, a.random, None, bounds=bounds, seed=0, block=a.random, factor=chol, deep=deep
         )
         t_tot = time.perf_counter() - t
         print(

@@ -72,12 +72,19 @@ def main(argv=None):
         help="only time this many moments and extrapolate to the resolution (no accuracy)",
     )
     p.add_argument(
+        "--deep-below",
+        help="eV or 'auto': take the states of atomic levels below this out of the "
+        "Chebyshev interval (ase_gearsh.electronic.deflation; here both put W 5s and 5p "
+        "out)",
+    )
+    p.add_argument(
         "--total-too",
         action="store_true",
         help="also run the total moments alone (DOS and E_F: two moments per step) per R",
     )
     a = p.parse_args(argv)
     from ase_gearsh.core.data import Dataset
+    from ase_gearsh.electronic.deflation import deep_states
     from ase_gearsh.electronic.kpm import (
         CholeskyFactor,
         chebyshev_moments,
@@ -119,8 +126,23 @@ def main(argv=None):
     t = time.perf_counter()
     factor = CholeskyFactor(S)
     t_chol = time.perf_counter() - t
+    deep = None
+    if a.deep_below is not None:
+        t = time.perf_counter()
+        atom_of = np.repeat(np.arange(n_cells * len(s.atoms)), np.tile(s.orbital_counts, n_cells))
+        below = a.deep_below if a.deep_below == "auto" else float(a.deep_below)
+        deep = deep_states(H, S, atom_of, below)
+        n_deep = int((E < deep.below).sum())
+        print(
+            f"deep states below {deep.below:.2f} eV: {deep.count} (exact: {n_deep}) in "
+            f"{time.perf_counter() - t:.1f} s; Ritz residual {deep.residual:.2e} eV, gap "
+            f"{deep.gap:.1f} eV, max |E_deep - exact| "
+            f"{np.abs(deep.energies - E[: deep.count]).max():.2e} eV; "
+            f"S C: {deep.s_basis.nnz:,} non-zeros",
+            flush=True,
+        )
     t = time.perf_counter()
-    bounds = spectral_bounds(H, S, factor=factor)
+    bounds = spectral_bounds(H, S, factor=factor, deep=deep)
     t_bounds = time.perf_counter() - t
     M = kpm_n_moments(bounds, a.resolution)
     print(
@@ -144,6 +166,7 @@ def main(argv=None):
                 bounds=bounds,
                 block=R,
                 factor=factor,
+                deep=deep,
             )
             dt = time.perf_counter() - t
             print(
@@ -180,17 +203,22 @@ def main(argv=None):
             block=R,
             progress=True,
             factor=factor,
+            deep=deep,
         )
         dt = time.perf_counter() - t
         if ex is None:  # the exact moments with the same kernel and scaling
             weights = np.vstack([np.ones_like(E), W])
+            k = 0 if deep is None else deep.count  # deep states: exact, as Gaussians
             ex = mom.__class__(
-                moments_from_eigen(E, weights, mom.center, mom.half_width, M),
+                moments_from_eigen(E[k:], weights[:, k:], mom.center, mom.half_width, M),
                 mom.names,
                 mom.center,
                 mom.half_width,
                 0,
                 mom.n_orbitals,
+                None,
+                None if deep is None else E[:k],
+                None if deep is None else weights[:, :k],
             )
             dex = kpm_density(ex, grid)
             ref_count = count(dex)
