@@ -156,17 +156,28 @@ class _Park:
     """w -> Z X Z^H w: the term that moves the deep states to one energy
     (:meth:`~.deflation.DeepStates.parked`)."""
 
+    X_DROP = 1e-8  # elements of X below this times its largest are left out ...
+    X_SPARSE = 0.3  # ... and X is kept sparse when at most this fraction remains
+
     def __init__(self, deep: DeepStates, energy: float):
-        Z, self.X = deep.parked(energy)
+        Z, X = deep.parked(energy)
         self.Z, self.ZH = sp.csr_array(Z), sp.csr_array(Z.conj().T)
+        # X couples deep states far apart only weakly: sparse at device scale (a change
+        # of X within the deep states moves the parked ones, not the others)
+        keep = np.abs(X) >= self.X_DROP * np.abs(X).max() if X.size else None
+        if X.size and keep.mean() <= self.X_SPARSE:
+            X = sp.csr_array(np.where(keep, X, 0.0))
+        self.X = X
         self.energy = float(energy)
 
     def __call__(self, w):
-        return _times(self.Z, self.X @ _times(self.ZH, w))
+        u = _times(self.ZH, w)
+        return _times(self.Z, _times(self.X, u) if sp.issparse(self.X) else self.X @ u)
 
     def dense(self):
         Z = self.Z.toarray()
-        return Z @ self.X @ Z.conj().T
+        X = self.X.toarray() if sp.issparse(self.X) else self.X
+        return Z @ X @ Z.conj().T
 
 
 def _check_deep(deep, n: int):
