@@ -38,6 +38,7 @@ import scipy.sparse as sp
 
 from ..core.compiled import compiled
 from ..core.errors import GearsHError
+from .sparse_products import times as _times
 
 __all__ = ["AUTO_GAP", "DeepStates", "DeflationError", "auto_threshold", "deep_states"]
 
@@ -92,11 +93,11 @@ class DeepStates:
         """(rows of G, m): the Mulliken weight sum_{mu in g} c_mu (S c)_mu of every deep
         state on every row g of the (groups, n) 0/1 matrix ``G``."""
         out = np.zeros((G.shape[0], self.count))
+        Q, SQ = sp.csr_array(self.basis), sp.csr_array(self.s_basis)
         step = 256
         for i in range(0, self.count, step):
-            Yc = self.vectors[:, i : i + step]
-            C = self.basis @ Yc
-            SC = self.s_basis @ Yc
+            Yc = np.ascontiguousarray(self.vectors[:, i : i + step])
+            C, SC = _times(Q, Yc), _times(SQ, Yc)
             out[:, i : i + step] = G @ (np.conj(C) * SC).real
         return out
 

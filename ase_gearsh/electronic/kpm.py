@@ -48,7 +48,8 @@ from sksparse import cholmod
 
 from ..core.errors import GearsHError
 from .deflation import DeepStates
-from .sparse_products import BlockProduct, csr_times_block
+from .sparse_products import BlockProduct
+from .sparse_products import times as _times
 
 __all__ = [
     "CholeskyFactor",
@@ -283,7 +284,7 @@ class KPMMoments:
             deep_weights=None if self.deep_weights is None else self.deep_weights[i],
         )
 
-    def deep_below(self, energies, rows=(0,)) -> np.ndarray:
+    def deep_states_below(self, energies, rows=(0,)) -> np.ndarray:
         """Deep states of the rows ``rows`` (indices, summed) below each of ``energies``
         (eV), each state broadened by a Gaussian of the Jackson resolution pi a / M
         (zeros without deep states)."""
@@ -311,8 +312,8 @@ class KPMMoments:
 
     def deep_count(self, e_lo, e_hi, rows=(0,)) -> float:
         """Deep states of the rows ``rows`` (indices) in [e_lo, e_hi] eV (broadened as in
-        :meth:`deep_below`; 0 without deep states)."""
-        lo, hi = self.deep_below([e_lo, e_hi], rows)
+        :meth:`deep_states_below`; 0 without deep states)."""
+        lo, hi = self.deep_states_below([e_lo, e_hi], rows)
         return float(hi - lo)
 
 
@@ -522,13 +523,6 @@ def _parked_weights(deep: DeepStates, r, chol, S, Gg):
 def _bar_tick(bar, m):
     if bar is not None and m % 32 == 31:
         bar.update(32)
-
-
-def _times(A, X):
-    """A @ X, on all cores for real A and X (:mod:`.sparse_products`)."""
-    if np.isrealobj(X) and A.dtype == np.float64 and np.ndim(X) == 2:
-        return csr_times_block(A, X)
-    return A @ X
 
 
 def _plain_block(r, apply, S, Gg, M, bar, per_vector=True):
@@ -764,7 +758,7 @@ def kpm_fermi_level(
     dos = kpm_density(replace(moments, deep_energies=None), e)["total"]
     cum = np.concatenate([[0.0], np.cumsum(0.5 * (dos[1:] + dos[:-1]) * np.diff(e))])
     if moments.deep_energies is not None:  # deep states up to each energy
-        cum = cum + moments.deep_below(e)
+        cum = cum + moments.deep_states_below(e)
     cum = np.maximum.accumulate(cum)  # stochastic moments can dip below zero
     return float(np.interp(n_states, cum, e))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["BlockProduct", "csr_times_block"]
+__all__ = ["BlockProduct", "csr_times_block", "times"]
 
 MIN_WORK = 2_000_000  # non-zeros x columns below which scipy is used (no thread start-up)
 
@@ -130,3 +130,10 @@ def csr_times_block(A, X: np.ndarray) -> np.ndarray:
     out = np.empty((A.shape[0], X.shape[1]))
     _kernel(A.indptr, A.indices, A.data, np.ascontiguousarray(X), out)
     return out
+
+
+def times(A, X):
+    """A @ X: :func:`csr_times_block` for a real CSR A and a real 2D block X, else scipy."""
+    if np.isrealobj(X) and A.dtype == np.float64 and np.ndim(X) == 2:
+        return csr_times_block(A, X)
+    return A @ X
