@@ -55,13 +55,13 @@ class DeflationError(GearsHError, ValueError):
 class DeepStates:
     """The deep states of H c = E S c, found locally (:func:`deep_states`).
 
-    basis: Q (n, m) sparse, the localised basis; s_basis: S Q (n, m) sparse;
-    energies: (m,) Ritz values in eV, ascending; vectors: Y (m, m), Ritz vectors
-    C = Q Y with C^H S C = 1; below: the threshold (eV); residual: max over up to 64
-    Ritz pairs spread over the deep spectrum of ||(H - E S) c|| / ||S c|| (eV), from
-    which the principal angle to the exact deep subspace is about residual / gap; gap:
-    the distance (eV) from the highest deep Ritz value to the lowest atomic level that
-    is not deep; interior: the median of the
+    basis: Q (n, m) sparse, the localised basis; s_basis: S Q (n, m) sparse, without
+    its elements below ``drop`` of their column's largest; energies: (m,) Ritz values in
+    eV, ascending; vectors: Y (m, m), Ritz vectors C = Q Y with C^H S C = 1; below: the
+    threshold (eV); residual: max over up to 64 Ritz pairs spread over the deep spectrum
+    of ||(H - E S) c|| / ||S c|| (eV), from which the principal angle to the exact deep
+    subspace is about residual / gap; gap: the distance (eV) from the highest deep Ritz
+    value to the lowest atomic level that is not deep; interior: the median of the
     atomic levels that are not deep (eV), inside the rest of the spectrum, where the
     spectral bounds park the deep states so that they set neither end."""
 
