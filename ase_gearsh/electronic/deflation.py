@@ -256,9 +256,9 @@ def deep_states(
     # the residual of up to 64 Ritz pairs spread over the deep spectrum (all of them
     # would cost m products with H): ||(H - E S) c|| / ||S c||
     pick = np.unique(np.linspace(0, m - 1, min(m, 64)).round().astype(int))
-    Yc = Y[:, pick]
-    SC = SQ @ Yc
-    R = H @ (Q @ Yc) - SC * E[pick]
+    Yc = np.ascontiguousarray(Y[:, pick])
+    SC = _times(sp.csr_array(SQ), Yc)
+    R = _times(H, _times(sp.csr_array(Q), Yc)) - SC * E[pick]
     res = float((np.linalg.norm(R, axis=0) / np.linalg.norm(SC, axis=0)).max())
     gap = float(shallow_min - E.max())
     if not gap > 1.0:
