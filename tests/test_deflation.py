@@ -219,3 +219,17 @@ def test_auto_falls_back_with_a_warning(monkeypatch):
         assert KPMSpectrum(H, S, labels).deep is None
     with pytest.raises(DeflationError, match="not separated"):  # an explicit one raises
         _ = KPMSpectrum(H, S, labels, {"deep_below": -8.0}).deep
+
+
+def test_numpy_paths_give_the_compiled_results(monkeypatch):
+    """Without numba the diagonal blocks and the clusters' blocks come from scipy slicing:
+    the same deep states."""
+    import ase_gearsh.electronic.deflation as deflation
+
+    H, S, atom_of = solid(n_atoms=20)
+    a = deep_states(H, S, atom_of, BELOW, tol=0.0)
+    monkeypatch.setattr(deflation, "compiled", lambda fn: None)
+    b = deep_states(H, S, atom_of, BELOW, tol=0.0)
+    assert a.count == b.count == 20
+    np.testing.assert_array_equal(a.energies, b.energies)
+    assert (a.basis != b.basis).nnz == 0

@@ -79,10 +79,10 @@ class KPMOptions:
     below this energy (eV; semicore s and p such as W 5s/5p, Hf 5s/5p, Ni 3p) leave the
     Chebyshev interval and are added back exactly
     (:mod:`ase_gearsh.electronic.deflation`), so that a resolution needs fewer moments
-    (0.6x for the WSe2/HfO2:Ni device's basis); 'auto' (default): the middle of the
-    highest gap of at least 8 eV in the atomic levels below their median, if any (a
-    structure whose deep levels turn out not to be separated then runs without, with a
-    warning); None: never.
+    (0.6x for the WSe2/HfO2:Ni device's basis); 'auto' (default): the threshold of
+    :func:`~ase_gearsh.electronic.deflation.auto_threshold`, a wide gap in the atomic
+    levels well below their median, if any (a structure whose deep levels turn out not
+    to be separated then runs without, with a warning); None: never.
     """
 
     n_moments: int | None = None
