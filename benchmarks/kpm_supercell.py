@@ -29,6 +29,7 @@ import argparse
 import itertools
 import resource
 import time
+from dataclasses import replace
 
 import numpy as np
 import scipy.linalg as la
@@ -76,6 +77,13 @@ def main(argv=None):
         help="eV or 'auto': take the states of atomic levels below this out of the "
         "Chebyshev interval (ase_gearsh.electronic.deflation; here both put W 5s and 5p "
         "out)",
+    )
+    p.add_argument(
+        "--subsets",
+        type=int,
+        help="also report E_F, the DOS error and the W+Se window from each disjoint "
+        "subset of this many of the run's random vectors (independent smaller runs "
+        "at no extra cost)",
     )
     p.add_argument(
         "--total-too",
@@ -239,6 +247,21 @@ def main(argv=None):
             f"{(c - ref_count) / (2 * err):+.1f} errors from the exact count with the kernel",
             flush=True,
         )
+        if a.subsets and R >= 2 * a.subsets and mom.per_vector is not None:
+            for i0 in range(0, R - a.subsets + 1, a.subsets):
+                pv = mom.per_vector[:, i0 : i0 + a.subsets]
+                sub = replace(mom, moments=pv.mean(axis=1), per_vector=pv, n_random=len(pv[0]))
+                dsub = kpm_density(sub, grid)
+                l1s = np.trapezoid(np.abs(dsub["total"] - dex["total"]), grid) / sub.n_orbitals
+                cs = count(dsub, species if projected else ["total"])
+                cws, errs = kpm_window_count(sub, lo, hi, species if projected else "total")
+                print(
+                    f"      vectors {i0}-{i0 + a.subsets - 1}: E_F "
+                    f"{kpm_fermi_level(sub, s.n_electrons * n_cells):.3f}, L1 DOS "
+                    f"{100 * l1s:.2f}%, window {cs:.2f} ({100 * (cs - ref_count) / ref_count:+.1f}"
+                    f"%), from the moments {2 * cws:.2f} +- {2 * errs:.2f}",
+                    flush=True,
+                )
         if not projected:
             continue
         print(  # a single species: the Mulliken group estimator, not the total's

@@ -12,6 +12,7 @@ from scipy.integrate import cumulative_trapezoid, trapezoid
 
 import ase_gearsh.electronic.kpm as kpm_module
 from ase_gearsh.electronic.kpm import (
+    BOUNDS_RTOL,
     CholeskyFactor,
     KPMError,
     chebyshev_moments,
@@ -375,7 +376,7 @@ def test_nearly_dependent_basis_matches_dense():
     groups = atom_groups(n_atoms)
     E, W = dense_reference(Hb, Sb, groups)
     np.testing.assert_allclose(E, la.eigh(H.toarray(), S.toarray(), eigvals_only=True), atol=1e-8)
-    tol = 1e-3 * np.abs(E).max()  # Lanczos's relative tolerance
+    tol = BOUNDS_RTOL * np.abs(E).max()  # Lanczos's relative tolerance
     assert spectral_bounds(Hb, Sb, margin=0.0) == pytest.approx((E[0], E[-1]), abs=tol)
     mom = chebyshev_moments(Hb, Sb, 96, groups=groups, exact=True, block=240)
     ref = moments_from_eigen(E, W, mom.center, mom.half_width, 96)
@@ -388,8 +389,8 @@ def test_nearly_dependent_basis_matches_dense():
 def test_spectral_bounds(n_atoms, seed, complex_h):  # ARPACK (n > 200) and dense (n <= 200) paths
     H, S, _, E, _ = reference(n_atoms, seed, complex_h)
     width = E[-1] - E[0]
-    # Lanczos (n > 200) to a relative tolerance of 1e-3 (BOUNDS_RTOL); dense to rounding
-    tol = (1e-3 if len(E) > 200 else 1e-12) * np.abs(E).max()
+    # Lanczos (n > 200) to a relative tolerance of BOUNDS_RTOL; dense to rounding
+    tol = (BOUNDS_RTOL if len(E) > 200 else 1e-12) * np.abs(E).max()
     lo, hi = spectral_bounds(H, S, margin=0.05)
     assert lo < E[0] - 0.04 * width and hi > E[-1] + 0.04 * width
     assert lo == pytest.approx(E[0] - 0.05 * width, abs=2 * tol)
@@ -398,9 +399,9 @@ def test_spectral_bounds(n_atoms, seed, complex_h):  # ARPACK (n > 200) and dens
 
 
 def test_default_bounds_enclose_the_spectrum_far_from_zero():
-    """The default 1 % margins, and at least twice Lanczos's error bound (2e-3 max |E|)
+    """The default 1 % margins, and at least twice Lanczos's error bound (2 BOUNDS_RTOL max |E|)
     when the spectrum lies far from 0 eV: moments on the default bounds stay exact."""
-    from ase_gearsh.electronic.kpm import BOUNDS_MARGIN, BOUNDS_RTOL
+    from ase_gearsh.electronic.kpm import BOUNDS_MARGIN
 
     H, S, _, E, _ = reference(150, 1, False)  # 450 orbitals: Lanczos
     width = E[-1] - E[0]
