@@ -79,6 +79,13 @@ def main(argv=None):
         "out)",
     )
     p.add_argument(
+        "--screen",
+        type=float,
+        default=0.0,
+        help="drop the elements of S below this (the calculator's overlap_screen, default "
+        "there 1e-8) and the stored zeros of H and S; 0: S and H as tiled",
+    )
+    p.add_argument(
         "--subsets",
         type=int,
         help="also report E_F, the DOS error and the W+Se window from each disjoint "
@@ -127,8 +134,14 @@ def main(argv=None):
     )
     t0 = t = time.perf_counter()
     H, S = Hb.supercell((r, r, 1)).matrix(), Sb.supercell((r, r, 1)).matrix()
+    if a.screen > 0:
+        for M_ in (H, S):
+            M_.eliminate_zeros()
+        S.data[np.abs(S.data) < a.screen] = 0.0
+        S.eliminate_zeros()
     print(
-        f"supercell H and S (nnz {H.nnz:,}, {S.nnz:,}) in {time.perf_counter() - t:.1f} s",
+        f"supercell H and S (nnz {H.nnz:,}, {S.nnz:,}; S screened at {a.screen:g}) in "
+        f"{time.perf_counter() - t:.1f} s",
         flush=True,
     )
     t = time.perf_counter()
