@@ -2,6 +2,8 @@
 
     python benchmarks/kpm_supercell.py DATASET [--index 1] [--repeat 3] [--random 16 64]
                                        [--resolution 0.1] [--window 0.2] [--total-too]
+                                       [--deep-below auto] [--screen 1e-8] [--seed 0]
+                                       [--subsets 8] [--timing-moments 64]
 
 A k-sampled extraction gives the real-space H(R) and S(R) of a cell (here a 6x6 WSe2
 cell with Se vacancies from ``make_wse2.py``).  Tiled ``--repeat`` x ``--repeat`` in
@@ -78,6 +80,7 @@ def main(argv=None):
         "Chebyshev interval (ase_gearsh.electronic.deflation; here both put W 5s and 5p "
         "out)",
     )
+    p.add_argument("--seed", type=int, default=0, help="of the random vectors")
     p.add_argument(
         "--screen",
         type=float,
@@ -220,7 +223,7 @@ def main(argv=None):
             R,
             groups if projected else None,
             bounds=bounds,
-            seed=0,
+            seed=a.seed,
             block=R,
             progress=True,
             factor=factor,
