@@ -233,3 +233,27 @@ def test_numpy_paths_give_the_compiled_results(monkeypatch):
     assert a.count == b.count == 20
     np.testing.assert_array_equal(a.energies, b.energies)
     assert (a.basis != b.basis).nnz == 0
+
+
+def test_lanczos_bounds_without_the_deep_states_enclose_the_others():
+    """Above DENSE_MAX orbitals the bounds come from Lanczos (relative tolerance
+    BOUNDS_RTOL) with the deep states parked inside: the default margins still enclose
+    the other states, the ends are within the tolerance of them, and exact moments on
+    those bounds are the other states' own."""
+    from ase_gearsh.electronic.kpm import BOUNDS_MARGIN, BOUNDS_RTOL, DENSE_MAX
+
+    H, S, atom_of = solid(n_atoms=80, seed=3, coupling=0.0)  # an exact invariant subspace
+    assert H.shape[0] > DENSE_MAX
+    E, w = dense(H, S)
+    deep = deep_states(H, S, atom_of, BELOW, tol=np.inf)
+    m = deep.count
+    assert m == 80 and deep.residual < 1e-9
+    lo_ex, hi_ex = E[m], E[-1]
+    tol = BOUNDS_RTOL * np.abs(E[m:]).max()
+    assert spectral_bounds(H, S, margin=0.0, deep=deep) == pytest.approx((lo_ex, hi_ex), abs=tol)
+    lo, hi = spectral_bounds(H, S, deep=deep)
+    pad = BOUNDS_MARGIN * (hi_ex - lo_ex)
+    assert lo < lo_ex - 0.9 * pad and hi > hi_ex + 0.9 * pad
+    mom = chebyshev_moments(H, S, 48, exact=True, bounds=(lo, hi), deep=deep, block=H.shape[0])
+    ref = moments_from_eigen(E[m:], np.ones(E.size - m), mom.center, mom.half_width, 48)
+    np.testing.assert_allclose(mom.moments[0], ref[0], atol=1e-8 * H.shape[0])
