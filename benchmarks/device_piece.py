@@ -1,6 +1,7 @@
 """The device's spectrum from DFT: a 120-atom piece, and what deep-state deflation does to it.
 
     python benchmarks/device_piece.py OUT_DIR [--atoms 120] [--below auto] [--tol 0.1]
+                                      [--screens 1e-8 1e-6]
 
 There is no DFT H of the 3999-atom device (``device_structure.py``), so the width of
 its spectrum, which sets the KPM moments a resolution needs, comes from a small piece of
@@ -14,7 +15,8 @@ diagonalised), and for ``ase_gearsh.electronic.deflation.deep_states`` with ``--
 Ritz errors against the dense spectrum, the errors of the other levels of H' (the deep
 states parked 0.6 eV below the others, as KPM parks them: within 5 eV of E_F and all),
 the spectrum's width with and without the deep states and the moments a 0.1 eV Jackson
-resolution needs for each (with the default 1 % margins).
+resolution needs for each (with the default 1 % margins); and for each of ``--screens``,
+how far the levels move when the elements of S below it are left out.
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ def main(argv=None):
     p.add_argument("--below", default="auto", help="eV or 'auto'")
     p.add_argument("--tol", type=float, default=0.1, help="cluster coupling, eV")
     p.add_argument("--resolution", type=float, default=0.1)
+    p.add_argument(
+        "--screens",
+        type=float,
+        nargs="*",
+        default=[1e-8, 1e-6],
+        help="also the levels' errors with the elements of S below each of these left out "
+        "(the calculator's overlap_screen)",
+    )
     a = p.parse_args(argv)
     from ase_gearsh.electronic.deflation import deep_states
     from ase_gearsh.electronic.kpm import BOUNDS_MARGIN, kpm_n_moments
@@ -115,6 +125,14 @@ def main(argv=None):
             f"other levels with the deep ones parked: max error {err.max():.2e} eV, within "
             f"5 eV of E_F max {err[near].max():.2e}, mean {err[near].mean():.2e} eV; width "
             f"{rest:.2f} eV ({E[m]:.2f} .. {E[-1]:.2f}): {moments(rest)} moments"
+        )
+    for screen in a.screens:
+        Ss = np.where(np.abs(Sd) < screen, 0.0, Sd)
+        err = np.abs(la.eigh(Hd, Ss, eigvals_only=True) - E)
+        print(
+            f"S screened at {screen:g} ({np.mean(Ss != 0):.3f} of its elements kept, "
+            f"{np.mean(Sd != 0):.3f} non-zero): levels within 5 eV of E_F off by at most "
+            f"{err[np.abs(E - ef) < 5.0].max():.2e} eV, all levels {err.max():.2e} eV"
         )
     top = E > E[-1] - 20.0
     print(
