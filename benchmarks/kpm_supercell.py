@@ -208,6 +208,16 @@ def main(argv=None):
     def count(dos, which=species):
         return float(2.0 * np.trapezoid(sum(np.interp(win, grid, dos[x]) for x in which), win))
 
+    def summary(mom, projected):
+        """E_F, the L1 error of the DOS, the W+Se window count on the grid, and the same
+        count integrated exactly from the moments with its standard error."""
+        dk = kpm_density(mom, grid)
+        ef = kpm_fermi_level(mom, s.n_electrons * n_cells)
+        l1 = np.trapezoid(np.abs(dk["total"] - dex["total"]), grid) / mom.n_orbitals
+        c = count(dk, species if projected else ["total"])  # the cell is all W and Se
+        cw, err = kpm_window_count(mom, lo, hi, species if projected else "total")
+        return ef, l1, c, cw, err
+
     sharp = 2.0 * int(((E >= lo) & (E <= hi)).sum())
     ex = None
     print(
@@ -246,12 +256,7 @@ def main(argv=None):
             )
             dex = kpm_density(ex, grid)
             ref_count = count(dex)
-        dk = kpm_density(mom, grid)
-        ef = kpm_fermi_level(mom, s.n_electrons * n_cells)
-        l1 = np.trapezoid(np.abs(dk["total"] - dex["total"]), grid) / mom.n_orbitals
-        c = count(dk, species if projected else ["total"])  # the cell is all W and Se
-        # the same count integrated exactly from the moments, with its standard error
-        cw, err = kpm_window_count(mom, lo, hi, species if projected else "total")
+        ef, l1, c, cw, err = summary(mom, projected)
         print(
             f"{R:4d} {dt:8.1f} {ef:8.3f} {100 * l1:6.2f}% {c:12.2f} {ref_count:15.2f} "
             f"{100 * (c - ref_count) / ref_count:+6.1f}%"
@@ -267,13 +272,9 @@ def main(argv=None):
             for i0 in range(0, R - a.subsets + 1, a.subsets):
                 pv = mom.per_vector[:, i0 : i0 + a.subsets]
                 sub = replace(mom, moments=pv.mean(axis=1), per_vector=pv, n_random=len(pv[0]))
-                dsub = kpm_density(sub, grid)
-                l1s = np.trapezoid(np.abs(dsub["total"] - dex["total"]), grid) / sub.n_orbitals
-                cs = count(dsub, species if projected else ["total"])
-                cws, errs = kpm_window_count(sub, lo, hi, species if projected else "total")
+                efs, l1s, cs, cws, errs = summary(sub, projected)
                 print(
-                    f"      vectors {i0}-{i0 + a.subsets - 1}: E_F "
-                    f"{kpm_fermi_level(sub, s.n_electrons * n_cells):.3f}, L1 DOS "
+                    f"      vectors {i0}-{i0 + a.subsets - 1}: E_F {efs:.3f}, L1 DOS "
                     f"{100 * l1s:.2f}%, window {cs:.2f} ({100 * (cs - ref_count) / ref_count:+.1f}"
                     f"%), from the moments {2 * cws:.2f} +- {2 * errs:.2f}",
                     flush=True,
