@@ -47,6 +47,7 @@ import scipy.special
 from sksparse import cholmod
 
 from ..core.errors import GearsHError
+from . import supernodal
 from .deflation import DeepStates
 from .sparse_products import BlockProduct
 from .sparse_products import times as _times
@@ -76,6 +77,8 @@ BOUNDS_RTOL = 3e-3  # ARPACK's tolerance for the extreme eigenvalues (relative)
 BOUNDS_MARGIN = 0.01  # default widening of the bounds on each side, fraction of the width
 PER_VECTOR_MAX = 2**24  # elements (128 MiB) of per-vector moments kept for error bars
 DOUBLING_MAX = 2**27  # vector elements (1 GiB) of one doubled block, start vectors included
+PRECISIONS = ("double", "single", "auto")
+SINGLE_MIN = 20_000  # orbitals from which precision='auto' solves in single precision
 
 
 class KPMError(GearsHError, ValueError):
@@ -102,33 +105,64 @@ class CholeskyFactor:
     ``l_solve(y)`` = L_f^-1 y, so B = L_f^-1 H L_f^-H is the Hermitian matrix
     similar to S^-1 H (B = L_f^H S^-1 H L_f^-H) that the Chebyshev steps apply.
 
+    precision: ``'double'`` (CHOLMOD's solves), ``'single'`` (the factor's dense
+    supernodal panels in float32, :mod:`.supernodal`: twice as fast at device scale,
+    relative error of a solve about 6e-8 times the condition number of L; a real S and
+    numba needed; CHOLMOD's factor is released once copied), or ``'auto'``: single for a
+    real S of at least :data:`SINGLE_MIN` orbitals when numba is there, else double.
+    The vectors stay in double precision: each solve rounds its input to single and
+    its output back.
+
     Factorise once and pass it as ``factor=`` to :func:`spectral_bounds` and
     :func:`chebyshev_moments` (at device scale the factorisation is the costly part)."""
 
-    def __init__(self, S, _checked: bool = False):
+    def __init__(self, S, _checked: bool = False, precision: str = "double"):
+        if precision not in PRECISIONS:
+            raise KPMError(f"precision must be one of {PRECISIONS}; got {precision!r}")
         if not _checked:
             if len(np.shape(S)) != 2 or np.shape(S)[0] != np.shape(S)[1] or not np.shape(S)[0]:
                 raise KPMError(f"S must be a non-empty square 2D matrix; got {np.shape(S)}")
             S = _as_matrix(S, "S")
         self.shape = S.shape
+        self.dtype = S.dtype
+        if precision == "auto":
+            single = S.dtype.kind == "f" and S.shape[0] >= SINGLE_MIN and supernodal.available()
+            precision = "single" if single else "double"
+        if precision == "single" and S.dtype.kind == "c":
+            raise KPMError("precision='single' needs a real S (Gamma point); got a complex S")
+        if precision == "single" and not supernodal.available():
+            raise KPMError("precision='single' needs numba, which is not installed")
+        self.precision = precision
         try:
             self.factor = cholmod.cholesky(sp.csc_matrix(S), mode="supernodal")
         except cholmod.CholmodNotPositiveDefiniteError as err:
             raise KPMError(
                 f"S must be positive definite; its Cholesky factorisation failed ({err})"
             ) from None
-        self.dtype = S.dtype
+        self.single = None
+        if precision == "single":
+            L, self.perm = self.factor.L(), self.factor.P()
+            self.factor = None  # CHOLMOD's copy goes before the panels are made
+            self.single = supernodal.SupernodalFactor(L, np.float32)
+            self.iperm = np.empty_like(self.perm)
+            self.iperm[self.perm] = np.arange(len(self.perm))
 
     def _split(self, fn, y):
         if np.iscomplexobj(y) and self.dtype.kind != "c":  # real factor, complex vectors
             return fn(np.ascontiguousarray(y.real)) + 1j * fn(np.ascontiguousarray(y.imag))
         return fn(np.asarray(y, dtype=np.result_type(y, self.dtype)))
 
-    def lt_solve(self, v):
+    def lt_solve(self, v, single: bool = False):
+        """L_f^-H v; ``single=True`` with a single-precision factor: the result in
+        float32/complex64, as the solve made it (for a product in float32)."""
+        if self.single is not None:  # P^T L^-T v
+            return self.single.backward(v, keep=single)[self.iperm]
         f = self.factor
         return self._split(lambda x: f.apply_Pt(f.solve_Lt(x, use_LDLt_decomposition=False)), v)
 
     def l_solve(self, y):
+        if self.single is not None:  # L^-1 P y
+            return self.single.forward(np.asarray(y)[self.perm])
         f = self.factor
         return self._split(lambda x: f.solve_L(f.apply_P(x), use_LDLt_decomposition=False), y)
 
@@ -395,11 +429,14 @@ def chebyshev_moments(
         raise KPMError(f"bounds must satisfy emin < emax; got ({emin}, {emax})")
     b, a = 0.5 * (emin + emax), 0.5 * (emax - emin) / (1.0 - EDGE)
 
+    single = chol.precision == "single"  # then H too is applied in single precision
+    if single:
+        H = H.astype(np.complex64 if H.dtype.kind == "c" else np.float32)
     Hp = BlockProduct(H)  # rows with equal columns (an atom's) read each block row once
     park = None if deep is None else _Park(deep, emin)  # the deep states at emin
 
     def apply(v):  # (B~ v, L^-H v), B~ = (L^-1 H' L^-H - b) / a
-        w = chol.lt_solve(v)
+        w = chol.lt_solve(v, single=single)
         y = Hp @ w if park is None else Hp @ w + park(w)
         return (chol.l_solve(y) - b * v) / a, w
 

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 __all__ = ["BlockProduct", "csr_times_block", "times"]
 
 MIN_WORK = 2_000_000  # non-zeros x columns below which scipy is used (no thread start-up)
+_REAL = (np.dtype(np.float64), np.dtype(np.float32))
 
 try:
     import numba
@@ -86,15 +87,16 @@ class BlockProduct:
     """``A @ X`` for one real CSR matrix A and many blocks X (a Chebyshev recursion):
     runs of rows with the same columns are found once, here, and each run reads a row
     of X once per column (the same numbers as :func:`csr_times_block`).  Falls back to
-    :func:`csr_times_block` without numba or for a complex or non-float64 matrix, and to
-    ``A @ X`` for a complex block."""
+    :func:`csr_times_block` without numba or for a complex or integer matrix, and to
+    ``A @ X`` for a complex block.  A float32 matrix times a float32 block runs in float32
+    (the single-precision KPM steps); any other real block in float64."""
 
     MAX_RUN = 32  # rows per run (load balance across threads)
 
     def __init__(self, A):
         self.A = A
         self.runs = None
-        if numba is not None and getattr(A, "dtype", None) == np.float64:
+        if numba is not None and getattr(A, "dtype", None) in _REAL:
             A = A if sp.isspmatrix_csr(A) or isinstance(A, sp.csr_array) else sp.csr_matrix(A)
             self.A = A
             runs = _row_runs(A.indptr, A.indices, self.MAX_RUN)
@@ -104,30 +106,26 @@ class BlockProduct:
     def __matmul__(self, X):
         X = np.asarray(X)
         A = self.A
-        if (
-            self.runs is None
-            or X.ndim != 2
-            or X.dtype != np.float64
-            or A.nnz * X.shape[1] < MIN_WORK
-        ):
+        if self.runs is None or X.ndim != 2 or X.dtype != A.dtype or A.nnz * X.shape[1] < MIN_WORK:
             return csr_times_block(A, X) if np.isrealobj(X) else A @ X
-        out = np.empty((A.shape[0], X.shape[1]))
+        out = np.empty((A.shape[0], X.shape[1]), A.dtype)
         _grouped_kernel(self.runs, A.indptr, A.indices, A.data, np.ascontiguousarray(X), out)
         return out
 
 
 def csr_times_block(A, X: np.ndarray) -> np.ndarray:
-    """``A @ X`` for a real sparse matrix A (n, n') and a real block X (n', m)."""
+    """``A @ X`` for a real sparse matrix A (n, n') and a real block X (n', m) (float32
+    for both in float32)."""
     if (
         numba is None
         or X.ndim != 2
-        or A.dtype != np.float64
-        or X.dtype != np.float64
+        or A.dtype not in _REAL
+        or X.dtype != A.dtype
         or A.nnz * X.shape[1] < MIN_WORK
     ):
         return np.asarray(A @ X)
     A = A if sp.isspmatrix_csr(A) or isinstance(A, sp.csr_array) else sp.csr_matrix(A)
-    out = np.empty((A.shape[0], X.shape[1]))
+    out = np.empty((A.shape[0], X.shape[1]), A.dtype)
     _kernel(A.indptr, A.indices, A.data, np.ascontiguousarray(X), out)
     return out
 
