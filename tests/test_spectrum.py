@@ -156,7 +156,9 @@ def test_kpm_spectrum(chain, labels, monkeypatch):
     made = []
     factor_class = spectrum_module.CholeskyFactor
     monkeypatch.setattr(
-        spectrum_module, "CholeskyFactor", lambda S: made.append(1) or factor_class(S)
+        spectrum_module,
+        "CholeskyFactor",
+        lambda S, **kw: made.append(kw["precision"]) or factor_class(S, **kw),
     )
     H, S = chain
     zero = np.zeros(3)
@@ -195,7 +197,14 @@ def test_kpm_spectrum(chain, labels, monkeypatch):
     assert served.names == ["total"] and served.moments.shape == (1, auto.n_moments(0.5))
     np.testing.assert_array_equal(served.moments[0], auto.moments(0.5).moments[0])
     assert auto.moments(0.5, None) is served
-    assert len(made) == 1  # S is factorised once for bounds, all moments and new options
+    assert made == ["auto"]  # S is factorised once for bounds, all moments and new options
+    assert kpm.factor.precision == "double"  # 'auto' below SINGLE_MIN orbitals
+    # single-precision solves: a new factor, the same bounds, the same DOS to round-off
+    single = kpm.with_options({"n_moments": 200, "n_random": 32, "seed": 1, "precision": "single"})
+    assert single.bounds == kpm.bounds
+    _, dos_single = single.dos(width=0.3, npts=4001)
+    assert made == ["auto", "single"] and single.factor.precision == "single"
+    assert 0 < np.abs(dos_single - dos).max() < 1e-4 * dos.max()
 
 
 def test_kpoint_grid_reduction():
@@ -260,7 +269,14 @@ def test_argument_checks():
         "seed": 0,
         "fermi_width": 0.1,
         "deep_below": "auto",
+        "precision": "auto",
     }
+    for good in ("auto", "single", "double"):
+        check_kpm_options({"precision": good})
+    with pytest.raises(
+        ArgumentError, match=r"kpm\['precision'\] must be 'double', 'single' or 'auto', got 'half'"
+    ):
+        check_kpm_options({"precision": "half"})
     for good in (-30, -30.5, None, "auto"):
         check_kpm_options({"deep_below": good})
     for bad in ("-30", True, np.nan):
