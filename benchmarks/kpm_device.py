@@ -130,6 +130,14 @@ def main(argv=None):
         "atomic, and --span from device_piece.py)",
     )
     p.add_argument(
+        "--precision",
+        nargs="+",
+        choices=("double", "single", "auto"),
+        default=["auto"],
+        help="precision of the triangular solves (CholeskyFactor); several: each in turn "
+        "with its own factor, the same random vectors, and the moments' difference",
+    )
+    p.add_argument(
         "--total-too",
         action="store_true",
         help="also time the total moments alone (DOS and E_F: two moments per step)",
@@ -169,13 +177,6 @@ def main(argv=None):
         f"structure, S and H in {time.perf_counter() - t:.1f} s, RSS {rss_gib():.2f} GiB",
         flush=True,
     )
-    t = time.perf_counter()
-    chol = CholeskyFactor(S)
-    print(
-        f"Cholesky of S (CHOLMOD, supernodal): {time.perf_counter() - t:.1f} s, "
-        f"RSS {rss_gib():.2f} GiB",
-        flush=True,
-    )
     deep = None
     if a.deep_below is not None:
         t = time.perf_counter()
@@ -187,78 +188,109 @@ def main(argv=None):
             f"{deep.gap:.1f} eV, S C {deep.s_basis.nnz:,} non-zeros), RSS {rss_gib():.2f} GiB",
             flush=True,
         )
-    t = time.perf_counter()
-    bounds = spectral_bounds(H, S, factor=chol, deep=deep)
-    print(
-        f"bounds (Lanczos): {bounds[0]:.2f} .. {bounds[1]:.2f} eV in "
-        f"{time.perf_counter() - t:.1f} s",
-        flush=True,
-    )
-    need = kpm_n_moments(bounds if a.span is None else (0.0, a.span), a.resolution)
-    M = a.moments or need
     by_species = {s: np.flatnonzero(orb_symbol == s) for s in dict.fromkeys(sym)}
     holes_group = {"W+Se": np.flatnonzero(np.isin(orb_symbol, ["W", "Se"]))}
-    mom = None
-    t_setup = time.perf_counter() - t0  # structure, S, H, Cholesky, deep states, bounds
-    for groups_name in a.groups:  # each projection and doubling in turn, one factor
-        groups = by_species if groups_name == "species" else holes_group
-        for mode in a.doubling:
+    bounds = None
+    t_common = time.perf_counter() - t0  # structure, S, H, deep states
+    results = {}  # precision -> the first configuration's moments
+    for precision in a.precision:  # one factor at a time (the peak memory of one)
+        t = time.perf_counter()
+        chol = CholeskyFactor(S, precision=precision)
+        t_chol = time.perf_counter() - t
+        print(
+            f"Cholesky of S (CHOLMOD, supernodal; solves in {chol.precision} precision): "
+            f"{t_chol:.1f} s, RSS {rss_gib():.2f} GiB",
+            flush=True,
+        )
+        t = time.perf_counter()
+        b = spectral_bounds(H, S, factor=chol, deep=deep)
+        t_bounds = time.perf_counter() - t
+        print(f"bounds (Lanczos): {b[0]:.2f} .. {b[1]:.2f} eV in {t_bounds:.1f} s", flush=True)
+        bounds = bounds or b  # every precision on the first one's interval
+        need = kpm_n_moments(bounds if a.span is None else (0.0, a.span), a.resolution)
+        M = a.moments or need
+        t_setup = t_common + t_chol + t_bounds  # structure, S, H, deep states, Cholesky, bounds
+        for groups_name in a.groups:  # each projection and doubling in turn, one factor
+            groups = by_species if groups_name == "species" else holes_group
+            for mode in a.doubling:
+                t = time.perf_counter()
+                m = chebyshev_moments(
+                    H,
+                    S,
+                    M,
+                    a.random,
+                    groups,
+                    bounds=bounds,
+                    seed=0,
+                    block=a.random,
+                    progress=True,
+                    factor=chol,
+                    doubling={"auto": None, "on": True, "off": False}[mode],
+                    deep=deep,
+                )
+                t_mom = time.perf_counter() - t
+                results.setdefault(chol.precision, m)
+                print(
+                    f"moments ({chol.precision}): {M} x {a.random} vectors, projections on "
+                    f"{', '.join(groups)} (doubling {mode}), in {t_mom:.1f} s "
+                    f"({1e3 * t_mom / M:.0f} ms per moment), RSS {rss_gib():.2f} GiB",
+                    flush=True,
+                )
+                if M < need:  # the setup and this configuration's rate
+                    est = t_setup + t_mom * need / M
+                    print(
+                        f"  resolution {a.resolution} eV needs {need} moments"
+                        f"{'' if a.span is None else f' over {a.span:g} eV'}: about "
+                        f"{est / 60:.1f} min end to end with {a.random} vectors "
+                        f"(setup {t_setup:.0f} s)",
+                        flush=True,
+                    )
+        if a.total_too:
             t = time.perf_counter()
-            m = chebyshev_moments(
+            chebyshev_moments(
                 H,
                 S,
                 M,
                 a.random,
-                groups,
+                None,
                 bounds=bounds,
                 seed=0,
                 block=a.random,
-                progress=True,
                 factor=chol,
-                doubling={"auto": None, "on": True, "off": False}[mode],
                 deep=deep,
             )
-            t_mom = time.perf_counter() - t
-            mom = mom or m
+            t_tot = time.perf_counter() - t
             print(
-                f"moments: {M} x {a.random} vectors, projections on {', '.join(groups)} "
-                f"(doubling {mode}), in {t_mom:.1f} s ({1e3 * t_mom / M:.0f} ms per moment), "
-                f"RSS {rss_gib():.2f} GiB",
+                f"total moments alone ({chol.precision}, no projection): {M} x {a.random} "
+                f"vectors in {t_tot:.1f} s "
+                f"({1e3 * t_tot / M:.0f} ms per moment, two moments per Chebyshev step)",
                 flush=True,
             )
-            if M < need:  # the setup and this configuration's rate
-                est = t_setup + t_mom * need / M
+        del chol
+    if len(results) > 1:  # the same random vectors: the difference is the precision's
+        (p0, m0), *rest = results.items()
+        for p1, m1 in rest:
+            if m1.moments.shape == m0.moments.shape:
+                d = np.abs(m1.moments - m0.moments).max(axis=1) / n
                 print(
-                    f"  resolution {a.resolution} eV needs {need} moments"
-                    f"{'' if a.span is None else f' over {a.span:g} eV'}: about "
-                    f"{est / 60:.1f} min end to end with {a.random} vectors "
-                    f"(setup {t_setup:.0f} s)",
+                    f"moments {p1} - {p0}: max |difference| / n_orbitals per row "
+                    f"({', '.join(m0.names)}): {', '.join(f'{x:.1e}' for x in d)}",
                     flush=True,
                 )
-    if a.total_too:
-        t = time.perf_counter()
-        chebyshev_moments(
-            H, S, M, a.random, None, bounds=bounds, seed=0, block=a.random, factor=chol, deep=deep
-        )
-        t_tot = time.perf_counter() - t
-        print(
-            f"total moments alone (no projection): {M} x {a.random} vectors in {t_tot:.1f} s "
-            f"({1e3 * t_tot / M:.0f} ms per moment, two moments per Chebyshev step)",
-            flush=True,
-        )
     n_e = sum(float(species[s].valence) for s in sym)
-    ef = kpm_fermi_level(mom, n_e)
     res = kpm_resolution(bounds, M)
-    e = np.linspace(ef - 5.0, ef + 5.0, 2001)
-    dos = kpm_density(mom, e)
-    win = np.linspace(ef, ef + a.window, 401)
-    rows = [dos[s] for s in ("W", "Se", "W+Se") if s in dos]
-    holes = 2.0 * np.trapezoid(sum(np.interp(win, e, d) for d in rows), win)
-    print(
-        f"E_F {ef:.3f} eV (resolution {res:.2f} eV); W+Se states (both spins) in "
-        f"[E_F, E_F + {a.window}]: {holes:.2f}; total DOS at E_F "
-        f"{np.interp(ef, e, dos['total']):.1f} states/eV"
-    )
+    for precision, m in results.items():
+        ef = kpm_fermi_level(m, n_e)
+        e = np.linspace(ef - 5.0, ef + 5.0, 2001)
+        dos = kpm_density(m, e)
+        win = np.linspace(ef, ef + a.window, 401)
+        rows = [dos[s] for s in ("W", "Se", "W+Se") if s in dos]
+        holes = 2.0 * np.trapezoid(sum(np.interp(win, e, d) for d in rows), win)
+        print(
+            f"{precision}: E_F {ef:.3f} eV (resolution {res:.2f} eV); W+Se states (both "
+            f"spins) in [E_F, E_F + {a.window}]: {holes:.2f}; total DOS at E_F "
+            f"{np.interp(ef, e, dos['total']):.1f} states/eV"
+        )
     total = time.perf_counter() - t0
     print(f"total {total:.1f} s, peak RSS {rss_gib():.2f} GiB")
 
