@@ -71,6 +71,8 @@ Conventions
   method (:mod:`ase_gearsh.electronic.kpm`) at Gamma, eigenvalues are not
   available, and the Fermi level comes from the total KPM DOS at the fixed
   resolution ``kpm["fermi_width"]`` (computed once, whatever is asked first).
+  From 20,000 orbitals its triangular solves run in single precision
+  (``kpm["precision"]``, default ``'auto'``; about twice as fast at device scale).
   For Gamma-only structures of ``overlap_alongside`` atoms or more (default 500),
   the exact S is computed in a worker thread while the network predicts H (an
   error there is raised only where S is asked for).

@@ -4,25 +4,26 @@ At device scale the Chebyshev steps of the KPM (:mod:`.kpm`) spend most of their
 two triangular solves with the Cholesky factor L of S per step.  The factor of the
 3999-atom device is dense enough (367 M non-zeros for 45,289 orbitals) that those solves
 are dense matrix products: CHOLMOD's supernodal solve of 32 vectors runs at about
-45 GFLOP/s on 2 cores, in double precision, the only precision of the CHOLMOD that
-scikit-sparse wraps.  The same products in single precision run at twice the rate and
-read half the memory (``benchmarks/kpm_device.py --precision``).
+50 GFLOP/s on 2 cores, in double precision, the only precision of the CHOLMOD that
+scikit-sparse wraps.  The same products in single precision take half the time and read
+half the memory (``benchmarks/supernodal_solve.py``).
 
 :class:`SupernodalFactor` takes CHOLMOD's factor as a sparse lower-triangular matrix
 (columns sorted, diagonal first), groups consecutive columns with the same row pattern
 (supernodes, at most ``width`` columns each) and stores each as a dense panel in the
 chosen precision: the inverse of its diagonal triangle (computed in double precision)
 and the rows below it, the latter twice, rows by columns for L^-1 and columns by rows
-for L^-T, so that both products pass it to BLAS untransposed (OpenBLAS's transposed
-path took 0.40 s for the device's L^-T solve of 32 vectors, against 0.22 s; the second
-copy costs as much memory again, 1.5 GB on the device).  A solve then is one small
-product per supernode with the diagonal inverse and one with the panel below, plus a
-gather or scatter of the rows the panel touches, in numba around the BLAS of
-numpy/scipy.
+for L^-T, so that both products pass it to BLAS untransposed (OpenBLAS was markedly
+slower on the transposed panel in a trial; the second copy costs as much memory again,
+1.4 GiB on the device).  A solve then is one small product per supernode with the
+diagonal inverse and one with the panel below, plus a gather or scatter of the rows the
+panel touches, in numba around the BLAS of numpy/scipy.
 
 Accuracy: each solve has a relative error of about the unit round-off (6e-8) times the
-condition number of L; for the device's S, 2.5e-6 against the double-precision solve
-(``benchmarks/kpm_device.py --precision single double`` prints the moments' difference).
+condition number of L; for the device's S, 1.7e-6 (L^-1) and 2.1e-6 (L^-T) against
+CHOLMOD's double-precision solve, which these panels run in half the time
+(``benchmarks/supernodal_solve.py``; ``benchmarks/kpm_device.py --precision single
+double`` prints the difference of the KPM moments).
 """
 
 from __future__ import annotations
