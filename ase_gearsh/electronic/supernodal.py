@@ -156,9 +156,9 @@ class SupernodalFactor:
     default; float64 gives the same numbers as a double-precision solve to round-off).
 
     ``forward(Y)`` returns L^-1 Y and ``backward(Y)`` L^-T Y for real or complex Y of
-    shape (n,) or (n, k); the work runs in ``dtype`` and the result comes back in
-    Y's precision (float64/complex128 for float64/complex128 input), or with
-    ``keep=True`` in ``dtype`` (complex64 for complex Y and float32 panels)."""
+    shape (n,) or (n, k); the work runs in ``dtype`` and the result comes back in double
+    precision (float64, or complex128 for complex Y), or with ``keep=True`` in ``dtype``
+    (complex64 for complex Y and float32 panels)."""
 
     def __init__(self, L, dtype=np.float32, width: int = WIDTH):
         if numba is None:
