@@ -9,7 +9,9 @@ as the calculator's ``overlap_screen``); CHOLMOD's supernodal factor L; then, fo
 of random vectors, L^-1 X and L^-T X by CHOLMOD and by :class:`SupernodalFactor` built
 from CHOLMOD's L (float64 and float32).  Prints the factor's size, the supernodes, the
 time to build the panels, each solve's time (every repeat) and its largest error
-relative to CHOLMOD's result.
+relative to CHOLMOD's result, and how far the rounded factor F distorts S:
+||F^-1 S F^-T - I||_2 by power iteration (the eigenvalues of H c = E S c move by up to that
+fraction of their size).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main(argv=None):
     p.add_argument("--vectors", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--width", type=int, default=1024, help="columns per supernode at most")
+    p.add_argument("--power", type=int, default=30, help="power iterations for the distortion")
     a = p.parse_args(argv)
     import scipy.sparse as sp
     from sksparse import cholmod
@@ -61,7 +64,6 @@ def main(argv=None):
         f"in {t_l:.1f} s; RSS {rss_gib():.2f} GiB",
         flush=True,
     )
-    del S
     X = np.random.default_rng(0).standard_normal((n, a.vectors))
     ref = {
         "L^-1": lambda: f.solve_L(X, use_LDLt_decomposition=False),
@@ -103,6 +105,17 @@ def main(argv=None):
                 f"max |CHOLMOD| {err:.1e}",
                 flush=True,
             )
+        # ||F^-1 S F^-T - I||: F = P^T L in the panels' precision (L L^T = P S P^T)
+        perm = f.P()
+        Sp = S[perm][:, perm]
+        v = np.random.default_rng(1).standard_normal(n)
+        lam = 0.0
+        for _ in range(a.power):
+            v /= np.linalg.norm(v)
+            w = F.forward(Sp @ F.backward(v)) - v
+            lam = float(v @ w)
+            v = w
+        print(f"  ||F^-1 S F^-T - I||: {abs(lam):.1e} ({a.power} power iterations)", flush=True)
         del F
 
 
