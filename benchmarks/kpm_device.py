@@ -4,7 +4,7 @@
                                     [--random 16] [--window 0.2] [--screen 1e-8]
                                     [--groups species|holes] [--doubling auto|on|off]
                                     [--span 116.3] [--hamiltonian huckel|model]
-                                    [--total-too]
+                                    [--total-too] [--precision auto|double|single ...]
 
 Structure: ``benchmarks/device_structure.py`` (amorphous HfO2:Ni under 2H-WSe2), exact S
 from ``gpaw_tools.overlap`` (PBE, szp(dzp); ``--screen e``: every element within e of
@@ -23,7 +23,9 @@ Cholesky factorisation of S (CHOLMOD), the spectral bounds (Lanczos), the Chebys
 moments (total and per species, or ``--groups holes``: one W+Se group, two moments
 per step), E_F, and the W+Se states in [E_F, E_F + window] (the
 paper's hole count).  ``--moments`` computes fewer moments than the resolution needs
-and extrapolates the time of the full run.
+and extrapolates the time of the full run.  ``--precision``: of the triangular solves
+(``CholeskyFactor``; several are run in turn, each with its own factor and the same
+random vectors, and the largest difference of their moments is printed).
 """
 
 from __future__ import annotations
