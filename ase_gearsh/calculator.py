@@ -690,6 +690,7 @@ class GearsHCalculator(Calculator):
             _release_overlap_buffers(self.model)
             self._cache["kpm"] = KPMSpectrum(H, S, self._labels(), self.parameters.kpm)
         self._cache["kpm"].progress = self.parameters.progress
+        self._cache["kpm"].n_electrons = self._n_electrons()  # for resolution_at='fermi'
         return self._cache["kpm"]
 
     def _fermi_level(self) -> float:

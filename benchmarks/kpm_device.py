@@ -5,6 +5,7 @@
                                     [--groups species|holes] [--doubling auto|on|off]
                                     [--span 116.3] [--hamiltonian huckel|model]
                                     [--total-too] [--precision auto|double|single ...]
+                                    [--fermi-x X]
 
 Structure: ``benchmarks/device_structure.py`` (amorphous HfO2:Ni under 2H-WSe2), exact S
 from ``gpaw_tools.overlap`` (PBE, szp(dzp); ``--screen e``: every element within e of
@@ -26,6 +27,8 @@ paper's hole count).  ``--moments`` computes fewer moments than the resolution n
 and extrapolates the time of the full run.  ``--precision``: of the triangular solves
 (``CholeskyFactor``; several are run in turn, each with its own factor and the same
 random vectors, and the largest difference of their moments is printed).
+``--fermi-x``: also the moments and the estimate for ``kpm['resolution_at'] = 'fermi'``,
+with E_F at that scaled position of the interval.
 """
 
 from __future__ import annotations
@@ -99,6 +102,14 @@ def main(argv=None):
         "which are not physical",
     )
     p.add_argument(
+        "--fermi-x",
+        type=float,
+        help="E_F's scaled position in the interval (-1 .. 1; the device piece's GPAW "
+        "spectrum, kpm_fermi_resolution.py: -0.48): also the moments that "
+        "kpm['resolution_at'] = 'fermi' needs for --resolution within FERMI_SPAN of E_F, "
+        "and that estimate",
+    )
+    p.add_argument(
         "--groups",
         nargs="+",
         choices=("species", "holes"),
@@ -147,6 +158,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     from ase_gearsh.electronic.deflation import deep_states
     from ase_gearsh.electronic.kpm import (
+        EDGE,
         CholeskyFactor,
         chebyshev_moments,
         kpm_density,
@@ -155,6 +167,7 @@ def main(argv=None):
         kpm_resolution,
         spectral_bounds,
     )
+    from ase_gearsh.electronic.spectrum import FERMI_SPAN
     from gpaw_tools.overlap import OverlapCalculator, species_from_gpaw
 
     t0 = t = time.perf_counter()
@@ -209,7 +222,14 @@ def main(argv=None):
         t_bounds = time.perf_counter() - t
         print(f"bounds (Lanczos): {b[0]:.2f} .. {b[1]:.2f} eV in {t_bounds:.1f} s", flush=True)
         bounds = bounds or b  # every precision on the first one's interval
-        need = kpm_n_moments(bounds if a.span is None else (0.0, a.span), a.resolution)
+        interval = bounds if a.span is None else (0.0, a.span)
+        need = kpm_n_moments(interval, a.resolution)
+        needs = {"everywhere": need}
+        if a.fermi_x is not None:  # resolution_at='fermi': at E_F only
+            centre = 0.5 * (interval[0] + interval[1])
+            ef = centre + a.fermi_x * 0.5 * (interval[1] - interval[0]) / (1.0 - EDGE)
+            span = (ef - FERMI_SPAN, ef + FERMI_SPAN)
+            needs["at E_F"] = kpm_n_moments(interval, a.resolution, energies=span)
         M = a.moments or need
         t_setup = t_common + t_chol + t_bounds  # structure, S, H, deep states, Cholesky, bounds
         for groups_name in a.groups:  # each projection and doubling in turn, one factor
@@ -238,10 +258,12 @@ def main(argv=None):
                     f"({1e3 * t_mom / M:.0f} ms per moment), RSS {rss_gib():.2f} GiB",
                     flush=True,
                 )
-                if M < need:  # the setup and this configuration's rate
-                    est = t_setup + t_mom * need / M
+                for where, n_need in needs.items():  # the setup and this rate
+                    if M >= n_need:
+                        continue
+                    est = t_setup + t_mom * n_need / M
                     print(
-                        f"  resolution {a.resolution} eV needs {need} moments"
+                        f"  resolution {a.resolution} eV {where} needs {n_need} moments"
                         f"{'' if a.span is None else f' over {a.span:g} eV'}: about "
                         f"{est / 60:.1f} min end to end with {a.random} vectors "
                         f"(setup {t_setup:.0f} s)",

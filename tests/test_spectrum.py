@@ -270,6 +270,7 @@ def test_argument_checks():
         "fermi_width": 0.1,
         "deep_below": "auto",
         "precision": "auto",
+        "resolution_at": "interval",
     }
     for good in ("auto", "single", "double"):
         check_kpm_options({"precision": good})

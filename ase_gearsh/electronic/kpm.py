@@ -37,6 +37,7 @@ is reconstructed with the Jackson kernel (Weisse et al., Rev. Mod. Phys. 78, 275
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -386,6 +387,7 @@ def chebyshev_moments(
     factor: CholeskyFactor | None = None,
     doubling: bool | None = None,
     deep: DeepStates | None = None,
+    probe: tuple[int, Callable[[KPMMoments], int]] | None = None,
 ) -> KPMMoments:
     """Stochastic (or exact) Chebyshev moments of the total and group-projected DOS.
 
@@ -411,6 +413,11 @@ def chebyshev_moments(
     per row), which :func:`kpm_density`, :func:`kpm_window_count` and
     :func:`kpm_fermi_level` add (Gaussian of the Jackson resolution).  The interval
     then spans the other states alone: fewer moments for a resolution.
+    probe: (m_probe, choose): the recursion stops after ``m_probe`` moments, ``choose``
+    gets those moments (a :class:`KPMMoments`) and returns the final number, at most
+    ``n_moments``; the recursion then goes on from where it stopped (the first moments
+    do not depend on how many follow), so the probe costs nothing extra.  Stochastic
+    moments only: every block's vectors are kept until the end.
     """
     _check_moments(n_moments)
     if not exact and (int(n_random) != n_random or n_random < 1):
@@ -469,15 +476,33 @@ def chebyshev_moments(
             )
         except ImportError:
             pass
+    if probe is not None:
+        if exact:
+            raise KPMError("probe needs stochastic moments (exact=False)")
+        m_probe, choose = probe
+        if int(m_probe) != m_probe or not 2 <= m_probe <= M or not callable(choose):
+            raise KPMError(
+                f"probe must be (m_probe, choose) with 2 <= m_probe <= n_moments = {M} and "
+                f"choose callable; got {probe!r}"
+            )
     rng = np.random.default_rng(seed)
-    mu = np.zeros((len(names), M))  # exact: the sum over unit vectors
-    blocks = []  # stochastic: per-vector estimates, (groups + 1, k, M) per block
     # kept when small (not for the per-atom PDOS of a large structure): else summed
     keep = not exact and len(names) * n_vec * M <= PER_VECTOR_MAX
     Gg = G[1:]  # the groups, without the total row
     parked = []  # with deep: per vector, its weight on the parked states, per row
+    runs = []  # per block, its recursion (vectors released once it is finished)
+    Recursion = _DoublingRecursion if doubling else _PlainRecursion
+
+    def finish(m_final):
+        raw = [run.moments(m_final) for run in runs]
+        w = None if deep is None else np.concatenate(parked, axis=1)
+        return _assemble(
+            raw, m_final, names, G, exact, keep, doubling, n_vec, (b, a), (emin, emax), deep, w
+        )
+
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
-        for i_block, start in enumerate(starts):
+        target = M if probe is None else int(probe[0])
+        for start in starts:
             k = min(int(block), n_vec - start)
             if exact:
                 r = np.zeros((n, k))
@@ -486,21 +511,42 @@ def chebyshev_moments(
                 r = rng.integers(0, 2, size=(n, k)).astype(np.float64) * 2.0 - 1.0
             if deep is not None:
                 parked.append(_parked_weights(deep, r, chol, S, Gg))
-            if doubling:
-                out = _doubling_block(r, apply, M, bar, chol, S, Gg, keep)
-            else:
-                out = _plain_block(r, apply, S, Gg, M, bar, keep)
-            if keep:
-                blocks.append(out)
-            else:
-                mu += out[:, 0]
-            if bar is not None:  # the block is done: its steps in full
-                bar.update((i_block + 1) * n_steps - bar.n)
+            run = Recursion(r, apply, M, bar, Gg, keep, chol, S)
+            run.advance(target)
+            if probe is None:
+                run.release()
+            runs.append(run)
+        if probe is not None:
+            chosen = choose(finish(target))
+            if int(chosen) != chosen or chosen < 2:
+                raise KPMError(f"probe's choose must return an integer >= 2; got {chosen!r}")
+            M = min(int(chosen), M)
+            if bar is not None:  # the steps the chosen count needs
+                bar.total = len(starts) * (M // 2 if doubling else M)
+                bar.set_description(f"KPM ({n} orbitals, {n_vec} vectors, {M} moments)")
+            for run in runs:
+                run.advance(M)
+                run.release()
+        if bar is not None:
+            bar.update(bar.total - bar.n)
     if bar is not None:
         bar.close()
-    if not (exact or keep):
-        mu /= n_vec
-    per_vector = np.concatenate(blocks, axis=1) if keep else None
+    return finish(M)
+
+
+def _assemble(raw, M, names, G, exact, keep, doubling, n_vec, scale, bounds, deep, parked):
+    """KPMMoments from the blocks' raw sums (each (rows, k or 1, >= M)), first M moments."""
+    (b, a), (emin, emax) = scale, bounds
+    n = G.shape[1]
+    if keep:
+        per_vector = np.concatenate([x[:, :, :M] for x in raw], axis=1)
+        mu = None
+    else:
+        per_vector = None
+        mu = sum(x[:, 0, :M] for x in raw)
+        if not exact:
+            mu = mu / n_vec
+    Gg = G[1:]
     for x in (per_vector,) if keep else (mu,):
         if doubling:  # mu_2n = 2 X_n - mu_0, mu_2n+1 = 2 Y_n - mu_1 (X_0 = mu_0, Y_0 = mu_1)
             x[..., 2::2] = 2.0 * x[..., 2::2] - x[..., :1]
@@ -509,7 +555,7 @@ def chebyshev_moments(
     # mu_0 = Tr P_g is known (above): the PDOS integrates exactly
     deep_weights = None
     if deep is not None:  # subtract each vector's exactly known parked part
-        w = np.concatenate(parked, axis=1)  # (rows, vectors)
+        w = parked  # (rows, vectors)
         Tp = np.cos(np.arange(M) * np.arccos(np.clip((emin - b) / a, -1.0, 1.0)))
         deep_weights = deep.mulliken(G)
         mu0 = np.asarray(G.sum(axis=1)).ravel() - deep_weights.sum(axis=1)
@@ -562,66 +608,91 @@ def _bar_tick(bar, m):
         bar.update(32)
 
 
-def _plain_block(r, apply, S, Gg, M, bar, per_vector=True):
-    """Moments of one block of vectors, one per step: total r^H v_m (B~ is Hermitian:
-    the lowest-variance form); groups (L r)^H P_g L^-H v_m, an unbiased estimate of
-    Tr[P_g T_m(S^-1 H)] (Mulliken), with L r = S L^-H r.  (groups + 1, k, M) per vector,
-    or (groups + 1, 1, M) summed over the block's vectors."""
-    mu = np.zeros((Gg.shape[0] + 1, r.shape[1] if per_vector else 1, M))
-    prev, cur, Lr = None, r, None
-    for m in range(M):  # cur = v_m = T_m(B~) r
-        total = np.einsum("ib,ib->b", r, cur.real)
-        mu[0, :, m] = total if per_vector else total.sum()
-        if m == M - 1 and Gg.shape[0] == 0:
-            break
-        nxt, u = apply(cur)  # u = L^-H v_m comes with the step
-        if Gg.shape[0]:
-            if Lr is None:
-                Lr = (S @ u).conj()
-            if per_vector:
-                mu[1:, :, m] = Gg @ (Lr * u).real
-            else:
-                mu[1:, 0, m] = Gg @ np.einsum("ib,ib->i", Lr, u).real
-        prev, cur = cur, (nxt if prev is None else 2.0 * nxt - prev)
-        _bar_tick(bar, m)
-    return mu
+class _PlainRecursion:
+    """One block's moments, one per step, computed in stages (:meth:`advance`): the total
+    r^H v_m (B~ is Hermitian: the lowest-variance form); groups (L r)^H P_g L^-H v_m, an
+    unbiased estimate of Tr[P_g T_m(S^-1 H)] (Mulliken), with L r = S L^-H r.  Raw sums
+    (groups + 1, k, M) per vector, or (groups + 1, 1, M) summed over the block's vectors.
+    Without groups v_m is made only when moment m is asked for (M - 1 steps for M)."""
+
+    def __init__(self, r, apply, M, bar, Gg, per_vector, chol=None, S=None):
+        self.r, self.apply, self.bar, self.Gg, self.S = r, apply, bar, Gg, S
+        self.per_vector = per_vector
+        self.out = np.zeros((Gg.shape[0] + 1, r.shape[1] if per_vector else 1, M))
+        self.prev, self.cur, self.have, self.done, self.Lr = None, r, 0, 0, None
+
+    def _push(self, nxt):  # v_have+1 = 2 B~ v_have - v_have-1
+        self.prev, self.cur = self.cur, (nxt if self.prev is None else 2.0 * nxt - self.prev)
+        self.have += 1
+        _bar_tick(self.bar, self.have - 1)
+
+    def advance(self, M):
+        out, Gg = self.out, self.Gg
+        for m in range(self.done, min(M, out.shape[2])):
+            if self.have < m:  # without groups: v_m from v_m-1, when needed
+                self._push(self.apply(self.cur)[0])
+            total = np.einsum("ib,ib->b", self.r, self.cur.real)
+            out[0, :, m] = total if self.per_vector else total.sum()
+            if Gg.shape[0]:
+                nxt, u = self.apply(self.cur)  # u = L^-H v_m comes with the step
+                if self.Lr is None:
+                    self.Lr = (self.S @ u).conj()
+                if self.per_vector:
+                    out[1:, :, m] = Gg @ (self.Lr * u).real
+                else:
+                    out[1:, 0, m] = Gg @ np.einsum("ib,ib->i", self.Lr, u).real
+                self._push(nxt)
+            self.done = m + 1
+
+    def moments(self, M):
+        if self.done < M:
+            raise KPMError(f"internal: {self.done} moments computed, {M} asked for")
+        return self.out[:, :, :M]
+
+    def release(self):  # finished: drop the vectors, keep the moments
+        self.prev = self.cur = self.r = self.Lr = None
 
 
-def _doubling_block(r, apply, M, bar, chol=None, S=None, Gg=None, per_vector=True):
-    """Moments of one block, two per step (M // 2 steps): the total, mu_2n = 2 v_n^H v_n -
+class _DoublingRecursion(_PlainRecursion):
+    """One block's moments, two per step, computed in stages: the total, mu_2n = 2 v_n^H v_n -
     mu_0 and mu_2n+1 = 2 v_n^H v_n+1 - mu_1 with v_n = T_n(B~) r, the same numbers as
     r^H T_m(B~) r; each group g (rows of ``Gg``), from w_g = L^-1 P_g L r propagated
     alongside, mu_2n = 2 (T_n w_g)^H v_n - mu_0 and mu_2n+1 = 2 (T_n+1 w_g)^H v_n - mu_1,
-    the same numbers as :func:`_plain_block`.  Returned as raw sums, (groups + 1, k, M)
-    per vector or (groups + 1, 1, M) over the block, X_n in column 2n and Y_n in 2n + 1."""
-    k = r.shape[1]
-    n_groups = 0 if Gg is None else Gg.shape[0]
-    out = np.zeros((n_groups + 1, k if per_vector else 1, M))
-    start = r
-    if n_groups:  # w_g = L^-1 P_g L r, with L r = S L^-H r
-        Lr = _times(S, chol.lt_solve(r))
-        PLr = np.zeros((r.shape[0], n_groups * k), dtype=Lr.dtype)
-        for g in range(n_groups):  # P_g L r from the sparse rows of the group weights
-            idx = Gg.indices[Gg.indptr[g] : Gg.indptr[g + 1]]
-            val = Gg.data[Gg.indptr[g] : Gg.indptr[g + 1]]
-            PLr[idx, g * k : (g + 1) * k] = Lr[idx] * val[:, None]
-        start = np.concatenate([r, chol.l_solve(PLr)], axis=1)  # one solve for all groups
+    the same numbers as :class:`_PlainRecursion`.  Raw sums, (groups + 1, k, M) per
+    vector or (groups + 1, 1, M) over the block, X_n in column 2n and Y_n in 2n + 1
+    (M // 2 steps for M moments)."""
 
-    def sums(x, v):  # per row and vector: [v^H v, (w_g^H v for each group)], x = [v, w_1, ...]
-        each = np.einsum("inb,ib->nb", x.reshape(x.shape[0], n_groups + 1, k).conj(), v).real
-        return each if per_vector else each.sum(axis=1, keepdims=True)
+    def __init__(self, r, apply, M, bar, Gg, per_vector, chol=None, S=None):
+        super().__init__(r, apply, M + 1, bar, Gg, per_vector, chol, S)
+        self.k = k = r.shape[1]
+        self.n_groups = n_groups = Gg.shape[0]
+        if n_groups:  # w_g = L^-1 P_g L r, with L r = S L^-H r
+            Lr = _times(S, chol.lt_solve(r))
+            PLr = np.zeros((r.shape[0], n_groups * k), dtype=Lr.dtype)
+            for g in range(n_groups):  # P_g L r from the sparse rows of the group weights
+                idx = Gg.indices[Gg.indptr[g] : Gg.indptr[g + 1]]
+                val = Gg.data[Gg.indptr[g] : Gg.indptr[g + 1]]
+                PLr[idx, g * k : (g + 1) * k] = Lr[idx] * val[:, None]
+            self.cur = np.concatenate([r, chol.l_solve(PLr)], axis=1)  # one solve for all
+        self.recorded = False  # whether the moments of v_have are in ``out``
 
-    prev, cur = None, start
-    for m in range(M // 2 + 1):  # cur = T_m(B~) start
-        if 2 * m < M:
-            out[:, :, 2 * m] = sums(cur, cur[:, :k])
-        if m:
-            out[:, :, 2 * m - 1] = sums(cur, prev[:, :k])
-        if m < M // 2:
-            nxt = apply(cur)[0]
-            prev, cur = cur, (nxt if m == 0 else 2.0 * nxt - prev)
-            _bar_tick(bar, m)
-    return out
+    def _sums(self, x, v):  # per row and vector: [v^H v, (w_g^H v per group)], x = [v, w_1, ...]
+        k = self.k
+        each = np.einsum("inb,ib->nb", x.reshape(x.shape[0], self.n_groups + 1, k).conj(), v).real
+        return each if self.per_vector else each.sum(axis=1, keepdims=True)
+
+    def advance(self, M):
+        out, k = self.out, self.k
+        while self.done < min(M, out.shape[2] - 1):
+            if self.recorded:  # the next vector
+                self._push(self.apply(self.cur)[0])
+                self.recorded = False
+            m, cur = self.have, self.cur
+            out[:, :, 2 * m] = self._sums(cur, cur[:, :k])
+            if m:
+                out[:, :, 2 * m - 1] = self._sums(cur, self.prev[:, :k])
+            self.recorded = True
+            self.done = 2 * m + 1
 
 
 def _check_moments(n_moments) -> int:
@@ -751,23 +822,62 @@ class KPMResolutionWarning(UserWarning):
     """The KPM DOS is broader than the width asked for (the moment count is capped)."""
 
 
-def kpm_resolution(bounds, n_moments: int) -> float:
-    """Energy resolution (eV) of the Jackson kernel with ``n_moments`` moments."""
+def _scaled(bounds, energy):
+    """(a, x): the half-width (eV) of the Chebyshev mapping of ``bounds`` and the scaled
+    position of ``energy`` (eV) in it (x = 0 for None: the centre)."""
     emin, emax = map(float, bounds)
-    return float(np.pi * 0.5 * (emax - emin) / (1.0 - EDGE) / int(n_moments))
+    if not emin < emax:
+        raise KPMError(f"bounds must satisfy emin < emax; got ({emin}, {emax})")
+    a = 0.5 * (emax - emin) / (1.0 - EDGE)
+    if energy is None:
+        return a, 0.0
+    return a, float(np.clip((float(energy) - 0.5 * (emin + emax)) / a, -1.0, 1.0))
 
 
-def kpm_n_moments(bounds, resolution: float, min_moments: int = 64, max_moments: int = 8192) -> int:
-    """Number of moments M whose Jackson resolution pi * a / M is about ``resolution``
-    eV for a spectrum within ``bounds`` = (emin, emax) (a = (emax - emin) / 2),
-    clipped to [min_moments, max_moments]."""
+def kpm_resolution(bounds, n_moments: int, energy: float | None = None) -> float:
+    """Energy resolution (eV) of the Jackson kernel with ``n_moments`` moments: pi a / M
+    at the centre of the interval (a its half-width), the coarsest; at ``energy`` (eV,
+    scaled position x) narrower by sqrt(1 - x^2 (M - 1) / M), the ratio of the kernel's
+    standard deviations there and at the centre (Weisse et al., Rev. Mod. Phys. 78, 275
+    (2006), Jackson kernel)."""
+    M = _check_moments(n_moments)
+    a, x = _scaled(bounds, energy)
+    centre = np.pi * 0.5 * (float(bounds[1]) - float(bounds[0])) / (1.0 - EDGE) / M
+    return float(centre * np.sqrt(1.0 - x * x * (M - 1) / M))
+
+
+def kpm_n_moments(
+    bounds,
+    resolution: float,
+    min_moments: int = 64,
+    max_moments: int = 8192,
+    energies: tuple[float, float] | None = None,
+) -> int:
+    """Number of moments M whose Jackson resolution is about ``resolution`` eV for a
+    spectrum within ``bounds`` = (emin, emax), clipped to [min_moments, max_moments]:
+    pi * a / M = resolution (a = (emax - emin) / 2), the resolution at the centre of the
+    interval and so everywhere; with ``energies`` = (lo, hi) eV the fewest moments whose
+    :func:`kpm_resolution` is at most ``resolution`` from lo to hi (the kernel is
+    narrower towards the ends of the interval: near E_F far from the centre fewer
+    moments give the same resolution there)."""
     emin, emax = map(float, bounds)
     if not emin < emax:
         raise KPMError(f"bounds must satisfy emin < emax; got ({emin}, {emax})")
     if not resolution > 0:
         raise KPMError(f"resolution must be > 0 eV; got {resolution}")
-    a = 0.5 * (emax - emin)
-    return int(np.clip(np.ceil(np.pi * a / resolution), min_moments, max_moments))
+    if energies is None:
+        a = 0.5 * (emax - emin)
+        return int(np.clip(np.ceil(np.pi * a / resolution), min_moments, max_moments))
+    lo, hi = map(float, energies)
+    if not lo <= hi:
+        raise KPMError(f"energies must be (lo, hi) with lo <= hi; got ({lo}, {hi})")
+    centre = 0.5 * (emin + emax)
+    at = float(np.clip(centre, lo, hi))  # the coarsest point of [lo, hi]
+    a, x = _scaled(bounds, at)
+    m = max(2, int(np.ceil(np.pi * a * np.sqrt(1.0 - x * x) / resolution)))
+    while kpm_resolution(bounds, m, at) > resolution:  # the (M - 1) / M term
+        m += 1
+    return int(np.clip(m, min_moments, max_moments))
 
 
 def kpm_fermi_level(

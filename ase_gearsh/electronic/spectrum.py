@@ -40,6 +40,7 @@ from .dense import (
 from .kpm import (
     PRECISIONS,
     CholeskyFactor,
+    KPMError,
     KPMMoments,
     KPMResolutionWarning,
     chebyshev_moments,
@@ -58,12 +59,16 @@ __all__ = [
     "KPM_DEFAULTS",
     "METHODS",
     "PROJECTIONS",
+    "RESOLUTION_AT",
     "check_dos_args",
     "check_kpm_options",
     "check_projection",
 ]
 
 METHODS = ("auto", "dense", "kpm")
+RESOLUTION_AT = ("interval", "fermi")
+FERMI_SPAN = 1.5  # eV either side of the probe's E_F where resolution_at='fermi' holds
+PROBE_RESOLUTION = 0.5  # eV at the centre of the interval: the probe that finds E_F
 PROJECTIONS = ("species", "atom")
 MatrixFunction = Callable[[np.ndarray], Any]  # scaled k-point (3,) -> sparse matrix
 
@@ -88,6 +93,16 @@ class KPMOptions:
     (:class:`~ase_gearsh.electronic.kpm.CholeskyFactor`): 'double', 'single' (twice as
     fast at device scale; the vectors stay in double precision), or 'auto' (default):
     single for a real S of at least 20,000 orbitals, double otherwise.
+    resolution_at: where a DOS of width w has the resolution w.  'interval' (default):
+    everywhere, the moments that the centre of the Chebyshev interval needs (pi a / w,
+    a its half-width).  'fermi': within FERMI_SPAN (1.5 eV) of the Fermi level, where
+    hole counts and band edges are read; the Jackson kernel is narrower away from the
+    centre (:func:`~ase_gearsh.electronic.kpm.kpm_resolution`), so when E_F lies far from
+    it fewer moments suffice (0.77x for the WSe2/HfO2:Ni device), and the DOS is coarser
+    towards the centre (at most w / sqrt(1 - x_F^2)).  E_F comes from the first moments
+    (a probe of resolution PROBE_RESOLUTION = 0.5 eV at the centre, or 4 w), which the
+    recursion then extends: the probe costs no extra steps.  Needs the number of
+    electrons (the calculator sets it).
     """
 
     n_moments: int | None = None
@@ -96,6 +111,7 @@ class KPMOptions:
     fermi_width: float = 0.1
     deep_below: float | str | None = "auto"
     precision: str = "auto"
+    resolution_at: str = "interval"
 
     @classmethod
     def from_parameter(cls, kpm: dict | None) -> KPMOptions:
@@ -130,6 +146,8 @@ def check_kpm_options(kpm: dict | None) -> None:
         check_positive("kpm['fermi_width']", kpm["fermi_width"])
     if "precision" in kpm:
         check_choice("kpm['precision']", kpm["precision"], PRECISIONS)
+    if "resolution_at" in kpm:
+        check_choice("kpm['resolution_at']", kpm["resolution_at"], RESOLUTION_AT)
     below = kpm.get("deep_below")
     if (
         below is not None
@@ -397,8 +415,10 @@ class KPMSpectrum:
         options: KPMOptions | dict | None = None,
         progress: bool = False,
         bounds: tuple[float, float] | None = None,
+        n_electrons: float | None = None,
     ):
         self.hamiltonian, self.overlap, self.labels = hamiltonian, overlap, labels
+        self.n_electrons = n_electrons  # for resolution_at='fermi'
         self.options = (
             options if isinstance(options, KPMOptions) else KPMOptions.from_parameter(options)
         )
@@ -407,12 +427,21 @@ class KPMSpectrum:
         self._factor: CholeskyFactor | None = None
         self._deep: DeepStates | None | bool = False  # False: not yet looked for
         self._moments: dict[tuple[int, str | None], KPMMoments] = {}
+        self._counts: dict[float, int] = {}  # width -> moments chosen by a probe
+        self._fermi_guess: float | None = None  # E_F of the last probe
 
     def with_options(self, options: KPMOptions | dict | None) -> KPMSpectrum:
         """The same matrices, factor and bounds with other options (moments recomputed;
         the bounds and deep states too when ``deep_below`` changes, the factor when
         ``precision`` changes)."""
-        other = KPMSpectrum(self.hamiltonian, self.overlap, self.labels, options, self.progress)
+        other = KPMSpectrum(
+            self.hamiltonian,
+            self.overlap,
+            self.labels,
+            options,
+            self.progress,
+            n_electrons=self.n_electrons,
+        )
         if other.options.precision == self.options.precision:
             other._factor = self._factor
         if other.options.deep_below == self.options.deep_below:
@@ -466,11 +495,13 @@ class KPMSpectrum:
 
     def n_moments(self, width: float, warn: bool = False) -> int:
         """``options.n_moments``, or the number whose resolution is about ``width`` eV
-        (at most 8192; with ``warn`` a :class:`KPMResolutionWarning` states the
-        resolution reached when that is coarser than ``width``)."""
+        (with ``resolution_at='fermi'``, once the probe of :meth:`moments` has found E_F:
+        there; before it, everywhere; at most 8192; with ``warn`` a
+        :class:`KPMResolutionWarning` states the resolution reached when that is coarser
+        than ``width``)."""
         bounds = self.bounds
-        m = self.options.n_moments or kpm_n_moments(bounds, width)
-        reached = kpm_resolution(bounds, m)
+        m = self.options.n_moments or self._counts.get(width) or kpm_n_moments(bounds, width)
+        reached = kpm_resolution(bounds, m, self._fermi_guess if width in self._counts else None)
         if warn and reached > 1.5 * width:
             warnings.warn(
                 f"KPM DOS resolution is {reached:.3g} eV with {m} moments over the spectrum "
@@ -498,7 +529,10 @@ class KPMSpectrum:
                 self._moments[key] = done.rows(done.names[:1])
         if key not in self._moments:
             opts = self.options
-            self._moments[key] = chebyshev_moments(
+            probe = None
+            if opts.resolution_at == "fermi" and not opts.n_moments and width not in self._counts:
+                probe = self._fermi_probe(width, m)
+            mom = chebyshev_moments(
                 self.hamiltonian,
                 self.overlap,
                 n_moments=m,
@@ -509,8 +543,31 @@ class KPMSpectrum:
                 progress=self.progress,
                 factor=self.factor,
                 deep=self.deep,
+                probe=probe,
             )
+            self._counts[width] = mom.moments.shape[1]
+            key = (mom.moments.shape[1], by)
+            self._moments[key] = mom
         return self._moments[key]
+
+    def _fermi_probe(self, width: float, m_max: int):
+        """(m_probe, choose) for :func:`chebyshev_moments`: E_F from the first moments,
+        then the fewest moments with the resolution ``width`` within FERMI_SPAN of it."""
+        if self.n_electrons is None:
+            raise KPMError(
+                "kpm['resolution_at'] = 'fermi' needs the number of electrons: "
+                "KPMSpectrum(..., n_electrons=N) (the calculator sets it)"
+            )
+        bounds = self.bounds
+        m_probe = min(m_max, kpm_n_moments(bounds, max(PROBE_RESOLUTION, 4.0 * width)))
+
+        def choose(first: KPMMoments) -> int:
+            ef = kpm_fermi_level(first.rows(first.names[:1]), self.n_electrons)
+            self._fermi_guess = ef
+            span = (ef - FERMI_SPAN, ef + FERMI_SPAN)
+            return max(m_probe, kpm_n_moments(bounds, width, energies=span))
+
+        return m_probe, choose
 
     def fermi_level(self, n_electrons: float) -> float:
         """From the integrated total DOS at the fixed resolution ``options.fermi_width``."""
