@@ -155,10 +155,25 @@ def test_bad_input():
         deep_states(H, S, atom_of, BELOW, tol=-1.0)
     with pytest.raises(DeflationError, match="max_atoms"):
         deep_states(H, S, atom_of, BELOW, max_atoms=0)
+    with pytest.raises(DeflationError, match="threads must be None or an integer >= 0"):
+        deep_states(H, S, atom_of, BELOW, threads=-1)
     assert deep_states(H, S, atom_of, -100.0) is None  # nothing that deep
     other = deep_states(*solid(n_atoms=12)[:2], np.repeat(np.arange(12), NO), BELOW)
     with pytest.raises(KPMError, match="DeepStates of these matrices"):
         chebyshev_moments(H, S, 16, n_random=2, deep=other)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_clusters_in_threads_give_the_sequential_result(threads):
+    """The clusters' eigenproblems side by side in threads (one BLAS thread each) give
+    the deep states of one after another; a cluster that cuts a band still raises."""
+    H, S, atom_of = solid(coupling=1.0)
+    ref = deep_states(H, S, atom_of, BELOW, threads=0)
+    got = deep_states(H, S, atom_of, BELOW, threads=threads)
+    np.testing.assert_allclose(got.energies, ref.energies, rtol=0, atol=1e-10)
+    assert abs(got.basis - ref.basis).max() < 1e-12
+    with pytest.raises(DeflationError, match="not separated"):
+        deep_states(H, S, atom_of, -8.0, threads=threads)
 
 
 def test_auto_threshold_cuts_the_gap_under_the_valence_levels():

@@ -414,10 +414,36 @@ def test_default_bounds_enclose_the_spectrum_far_from_zero():
     lo, hi = spectral_bounds(Hs, S)
     pad = 2.0 * BOUNDS_RTOL * (E[-1] + shift)
     assert pad > 0.01 * width  # the error bound, not the margin, sets the widening here
-    assert lo <= E[0] + shift - 0.99 * pad and hi >= E[-1] + shift + 0.99 * pad
+    # the Ritz values lie within the residual bound BOUNDS_RTOL max |E| = pad / 2 of the
+    # ends, so the bounds reach at least pad / 2 beyond them, and at most pad
+    assert lo <= E[0] + shift - 0.49 * pad and hi >= E[-1] + shift + 0.49 * pad
+    assert hi - lo <= width + 2.0 * pad + 1e-9
     mom = chebyshev_moments(Hs, S, 64, exact=True, block=450)  # default bounds
     ref = moments_from_eigen(E + shift, np.ones_like(E), mom.center, mom.half_width, 64)
     assert np.abs(mom.moments[0] - ref[0]).max() < 1e-7 * len(E)
+
+
+def test_lanczos_ends_converge_to_the_extreme_eigenvalues():
+    """The bounds' Lanczos: both extreme Ritz values within the residual tolerance of the
+    exact ends of a dense spectrum (inside it), in far fewer products than the size; a
+    limit on the steps that is too small raises."""
+    rng = np.random.default_rng(3)
+    n = 2000
+    E = np.sort(np.concatenate([rng.uniform(-20.0, 5.0, n - 2), [-21.0, 40.0]]))
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = (Q * E) @ Q.T
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return A @ v
+
+    lo, hi = kpm_module._lanczos_ends(matvec, rng.standard_normal(n), 3e-3)
+    tol = 3e-3 * 40.0
+    assert E[0] <= lo <= E[0] + tol and E[-1] - tol <= hi <= E[-1]
+    assert len(calls) < 100
+    with pytest.raises(KPMError, match="did not converge in 5 steps"):
+        kpm_module._lanczos_ends(A.__matmul__, rng.standard_normal(n), 1e-12, max_steps=5)
 
 
 def test_fermi_level_from_moments(real_system):

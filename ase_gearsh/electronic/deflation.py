@@ -29,6 +29,9 @@ checks the levels against dense solves).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -160,6 +163,7 @@ def deep_states(
     tol: float = 0.1,
     max_atoms: int = 48,
     drop: float = 1e-5,
+    threads: int | None = None,
 ) -> DeepStates | None:
     """The states of H c = E S c below ``below`` eV that come from atomic levels below
     it (module docstring), or None when no atom has such a level.  ``below='auto'``:
@@ -176,7 +180,9 @@ def deep_states(
     a WSe2 cell unchanged to 1e-6 eV and kept 16 % of the elements at 954 atoms).  Raises
     :class:`DeflationError` when the deep levels are not separated from the others (a
     gap of less than 1 eV between the highest deep Ritz value and the lowest atomic level
-    above ``below``: the threshold cuts through a band).
+    above ``below``: the threshold cuts through a band).  threads: the clusters'
+    eigenproblems run side by side in this many threads with one BLAS thread each
+    (None: the cores this process may use; 0: one after another with BLAS's own threads).
     """
     H, S = sp.csr_array(H), sp.csr_array(S)
     n = H.shape[0]
@@ -196,6 +202,8 @@ def deep_states(
         raise DeflationError(f"tol must be >= 0 eV (np.inf: atomic levels alone); got {tol!r}")
     if int(max_atoms) != max_atoms or max_atoms < 1:
         raise DeflationError(f"max_atoms must be an integer >= 1; got {max_atoms!r}")
+    if threads is not None and (int(threads) != threads or threads < 0):
+        raise DeflationError(f"threads must be None or an integer >= 0; got {threads!r}")
     auto = isinstance(below, str) and below == "auto"
     if not auto:
         try:
@@ -239,7 +247,9 @@ def deep_states(
     Q = sp.csc_array((vals, (rows, cols)), shape=(n, m), dtype=dtype)
     if tol < np.inf:
         n_deep = np.array([len(d) for d in deep])
-        Q = _clusters(H, S, Q, eps, home, homes, n_deep, atom_of, ptr, below, tol, int(max_atoms))
+        Q = _clusters(
+            H, S, Q, eps, home, homes, n_deep, atom_of, ptr, below, tol, int(max_atoms), threads
+        )
     with ThreadPoolExecutor(2) as pool:  # scipy's sparse products release the GIL
         SQ, HQ = pool.map(lambda M: (M @ Q).tocsc(), (S, H))
     Sq = (Q.conj().T @ SQ).toarray()
@@ -308,6 +318,23 @@ def _drop_small(Z, rel: float):
     return sp.csc_array((Z.data[keep], (Z.indices[keep], col)), shape=Z.shape)
 
 
+def _workers() -> int:
+    """Threads for the clusters: the cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _single_threaded_blas():
+    """Context limiting BLAS to one thread (threadpoolctl, when installed)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def _not_separated(below, detail):
     return DeflationError(
         f"the deep levels below {below} eV are not separated from the others: {detail}; "
@@ -315,7 +342,7 @@ def _not_separated(below, detail):
     )
 
 
-def _clusters(H, S, Q, eps, home, homes, n_deep, atom_of, ptr, below, tol, max_atoms):
+def _clusters(H, S, Q, eps, home, homes, n_deep, atom_of, ptr, below, tol, max_atoms, threads):
     """Each deep atom's levels projected on the deep invariant subspace of its cluster:
     the atom and the atoms on which the residual (H - e S) q of its levels exceeds tol.
     (Shifted inverse iterations instead of the cluster's eigenvectors were tried: they
@@ -332,12 +359,13 @@ def _clusters(H, S, Q, eps, home, homes, n_deep, atom_of, ptr, below, tol, max_a
         shape=(len(home), len(homes)),
     )
     strength = (to_atom @ R2 @ to_home).tocsc()  # (atoms, deep atoms): squared norms
-    out_rows, out_cols, out_vals = [], [], []
     col0 = np.searchsorted(home, homes)  # first column of each deep atom
     Qr = Q.tocsr()
     n_cols = np.bincount(np.searchsorted(homes, home), minlength=len(homes))
-    pos = np.full(H.shape[0], -1, dtype=np.int64)  # scratch of _submatrix
-    for i, a in enumerate(homes):
+    scratch = threading.local()  # per thread: -1 of length n, for _submatrix
+
+    def project(i):
+        a = homes[i]
         lo, hi = strength.indptr[i], strength.indptr[i + 1]
         b, w = strength.indices[lo:hi], strength.data[lo:hi]
         sel = (w > tol**2) & (b != a)
@@ -349,7 +377,9 @@ def _clusters(H, S, Q, eps, home, homes, n_deep, atom_of, ptr, below, tol, max_a
         kcols = np.arange(col0[i], col0[i] + n_cols[i])
         q = Qr[idx][:, kcols].toarray()
         if atoms.size > 1:
-            Hc, Sc = _submatrix(H, idx, pos), _submatrix(S, idx, pos)
+            if not hasattr(scratch, "pos"):
+                scratch.pos = np.full(H.shape[0], -1, dtype=np.int64)
+            Hc, Sc = _submatrix(H, idx, scratch.pos), _submatrix(S, idx, scratch.pos)
             Hc, Sc = 0.5 * (Hc + Hc.conj().T), 0.5 * (Sc + Sc.conj().T)
             k = int(n_deep[atoms].sum())  # the cluster's lowest k + 1 states
             ev, D = scipy.linalg.eigh(Hc, Sc, subset_by_index=(0, min(k, idx.size - 1)))
@@ -362,9 +392,16 @@ def _clusters(H, S, Q, eps, home, homes, n_deep, atom_of, ptr, below, tol, max_a
                 )
             D = D[:, :k]
             q = D @ (D.conj().T @ (Sc @ q))  # onto the cluster's deep subspace
-        out_rows.append(np.repeat(idx, kcols.size))
-        out_cols.append(np.tile(kcols, idx.size))
-        out_vals.append(q.ravel())
+        return np.repeat(idx, kcols.size), np.tile(kcols, idx.size), q.ravel()
+
+    # the clusters' eigenproblems (a few hundred orbitals each) side by side, one BLAS
+    # thread each: threaded BLAS on matrices this small is mostly overhead
+    if threads == 0:
+        parts = [project(i) for i in range(len(homes))]
+    else:
+        with _single_threaded_blas(), ThreadPoolExecutor(threads or _workers()) as pool:
+            parts = list(pool.map(project, range(len(homes))))
+    out_rows, out_cols, out_vals = zip(*parts)
     return sp.csc_array(
         (np.concatenate(out_vals), (np.concatenate(out_rows), np.concatenate(out_cols))),
         shape=Q.shape,

@@ -43,7 +43,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
-import scipy.sparse.linalg as sla
 import scipy.special
 from sksparse import cholmod
 
@@ -75,6 +74,7 @@ EDGE = 0.01  # the bounds map to x = -+(1 - EDGE), away from the 1/sqrt(1 - x^2)
 HERMITIAN_RTOL = 1e-8
 DENSE_MAX = 200
 BOUNDS_RTOL = 3e-3  # ARPACK's tolerance for the extreme eigenvalues (relative)
+BOUNDS_MAX_STEPS = 400  # Lanczos steps at most for the bounds
 BOUNDS_MARGIN = 0.01  # default widening of the bounds on each side, fraction of the width
 PER_VECTOR_MAX = 2**24  # elements (128 MiB) of per-vector moments kept for error bars
 DOUBLING_MAX = 2**27  # vector elements (1 GiB) of one doubled block, start vectors included
@@ -249,18 +249,52 @@ def _bounds(H, S, chol, margin: float, deep: DeepStates | None = None) -> tuple[
             return np.concatenate([y.real, y.imag]) if embed else y.real
 
         dim = 2 * n if embed else n
-        B = sla.LinearOperator((dim, dim), matvec=matvec, dtype=np.float64)
         v0 = np.random.default_rng(0).standard_normal(dim)
         # both ends in one run; Ritz values lie inside the spectrum, within about
         # tol * |E| of its ends (the residual bound): the widening below is at least
         # twice that (a DFT spectrum: |E| about the width, so 1 % of the width is ~10x)
-        ev = sla.eigsh(B, k=2, which="BE", v0=v0, tol=BOUNDS_RTOL, return_eigenvectors=False)
+        ev = _lanczos_ends(matvec, v0, BOUNDS_RTOL)
         lo, hi = float(ev.min()), float(ev.max())
     width = max(hi - lo, 1e-6 * max(abs(lo), abs(hi), 1.0))
     pad = margin * width
     if n > DENSE_MAX and margin > 0:  # never less than twice Lanczos's error bound
         pad = max(pad, 2.0 * BOUNDS_RTOL * max(abs(lo), abs(hi)))
     return lo - pad, hi + pad
+
+
+def _lanczos_ends(matvec, v0, rtol: float, max_steps: int | None = None) -> np.ndarray:
+    """(lowest, highest) Ritz values of the real symmetric operator ``matvec`` by Lanczos
+    with full reorthogonalisation, stopped as soon as both residual bounds |beta_j s_ji|
+    are at most ``rtol`` times the larger |Ritz value| (checked every other step: ARPACK
+    checks only when it restarts, which cost up to twice the products).  Raises
+    :class:`KPMError` after ``max_steps`` (default ``BOUNDS_MAX_STEPS``) steps."""
+    max_steps = BOUNDS_MAX_STEPS if max_steps is None else int(max_steps)
+    n = v0.size
+    steps = min(max_steps, n)
+    V = np.empty((steps + 1, n))
+    V[0] = v0 / np.linalg.norm(v0)
+    alpha, beta = np.empty(steps), np.empty(steps)
+    theta = np.zeros(2)
+    for j in range(steps):
+        w = np.asarray(matvec(V[j]), dtype=np.float64).ravel()
+        alpha[j] = V[j] @ w
+        for _ in range(2):  # full reorthogonalisation, twice is enough
+            w -= V[: j + 1].T @ (V[: j + 1] @ w)
+        beta[j] = np.linalg.norm(w)
+        done = beta[j] <= 1e-12 * max(abs(alpha[: j + 1]).max(), 1.0)  # invariant space
+        if done or (j >= 3 and j % 2 == 1) or j == steps - 1:
+            theta, S = scipy.linalg.eigh_tridiagonal(
+                alpha[: j + 1], beta[:j], select="i", select_range=(0, j)
+            )
+            ends = [0, theta.size - 1]
+            resid = np.abs(beta[j] * S[-1, ends])
+            if done or resid.max() <= rtol * np.abs(theta[ends]).max():
+                return theta[ends]
+        V[j + 1] = w / beta[j]
+    raise KPMError(
+        f"spectral bounds: Lanczos did not converge in {steps} steps (Ritz values "
+        f"{theta[0]:.4g} .. {theta[-1]:.4g})"
+    )
 
 
 def spectral_bounds(
@@ -272,8 +306,8 @@ def spectral_bounds(
 ) -> tuple[float, float]:
     """(emin, emax) in eV of H c = E S c, widened by margin * (emax - emin) on each side.
 
-    Dense ``eigh`` for n <= 200, otherwise ARPACK Lanczos for both ends in one run
-    (relative tolerance 3e-3) on L^-1 H L^-H, with L the sparse Cholesky factor of S;
+    Dense ``eigh`` for n <= 200, otherwise Lanczos for both ends in one run (relative
+    tolerance 3e-3, :func:`_lanczos_ends`) on L^-1 H L^-H, with L the sparse Cholesky factor of S;
     then a margin > 0 widens each side by at least 6e-3 * max |E| (twice Lanczos's
     error bound).  The KPM moments a resolution needs grow with the width: the default
     1 % margins need 7 % fewer than 5 % margins.  deep: the
