@@ -130,6 +130,7 @@ def _predict(args: argparse.Namespace) -> int | None:
         overlap_screen=args.overlap_screen,
         overlap_cutoff=args.overlap_cutoff,
         pdos=args.pdos,
+        resolution_at=args.resolution_at,
     )
     if len(args.structure) == 1:
         predict_structure(
@@ -306,6 +307,13 @@ def main(argv: list[str] | None = None) -> int:
         "LDL^T factorisation, Gamma only, any size)",
     )
     r.add_argument("--charge", type=float, default=0.0, help="net charge (e)")
+    r.add_argument(
+        "--resolution-at",
+        choices=["interval", "fermi"],
+        help="KPM: where the DOS has the resolution --width ('interval', default: "
+        "everywhere; 'fermi': within 1.5 eV of E_F, where the hole count is read, with "
+        "fewer moments when E_F lies far from the spectrum's centre)",
+    )
     r.add_argument(
         "--overlap-screen",
         type=float,

@@ -155,6 +155,7 @@ def predict_structure(
     overlap_screen: float | None = None,
     overlap_cutoff: float | None = None,
     pdos: str = "species",
+    resolution_at: str | None = None,
 ) -> dict:
     """Run the calculator on one structure file (or Atoms) and write ``output``
     (a new folder; an existing one is replaced only with ``overwrite``).
@@ -166,8 +167,12 @@ def predict_structure(
     for a cell periodic in a and b, the areal concentration in cm^-2, as in the GEARS H
     paper's WSe2-on-HfO2 study.  ``pdos``: ``'species'`` (every species' PDOS in
     ``dos.csv``) or ``'holes'`` (the ``holes`` elements as one row, e.g. ``W+Se``: with
-    KPM one group, two moments per Chebyshev step, the faster route at device scale)."""
+    KPM one group, two moments per Chebyshev step, the faster route at device scale).
+    ``resolution_at``: the KPM option (``'interval'``, default: ``width`` everywhere;
+    ``'fermi'``: ``width`` near E_F, where the hole count is read, with fewer moments)."""
     out = check_output_folder(output, overwrite)
+    if resolution_at not in (None, "interval", "fermi"):
+        raise PredictError(f"--resolution-at must be 'interval' or 'fermi', got {resolution_at!r}")
     _check_method_args(width, npts, emin, emax, method)
     holes = _check_holes(holes, hole_window)
     _check_pdos(pdos, holes)
@@ -199,6 +204,7 @@ def predict_structure(
             overlap_screen,
             overlap_cutoff,
             pdos,
+            resolution_at,
         )
     for line in lines:
         log(line)
@@ -364,12 +370,15 @@ def _predict_into(
     overlap_screen=None,
     overlap_cutoff=None,
     projection="species",
+    resolution_at=None,
 ):
     """Compute everything and write it into the folder ``out``; (summary, log lines)."""
     t0 = time.perf_counter()
     extra = {} if overlap_screen is None else {"overlap_screen": overlap_screen}
     if overlap_cutoff is not None:
         extra["overlap_cutoff"] = overlap_cutoff
+    if resolution_at is not None:
+        extra["kpm"] = {"resolution_at": resolution_at}
     calc = GearsHCalculator(model, kpts=kpts, charge=charge, progress=progress, **extra)
     t_load = time.perf_counter()
     atoms.calc = calc
@@ -503,6 +512,13 @@ def _predict_into(
         "pdos_rows": list(pdos),
         "overlap_screen": calc.parameters.overlap_screen,
         "overlap_cutoff": calc.parameters.overlap_cutoff,
+        "kpm": None
+        if not use_kpm
+        else {
+            "moments": int(calc.kpm_moments(width, None).moments.shape[1]),
+            "random_vectors": int(KPMOptions.from_parameter(calc.parameters.kpm).n_random),
+            "resolution_at": KPMOptions.from_parameter(calc.parameters.kpm).resolution_at,
+        },
         "near_null_levels": near_null,
         "reliability": None if reliability is None else reliability["figure"],
         "reliability_detail": reliability,

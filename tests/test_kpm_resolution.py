@@ -8,7 +8,6 @@ import scipy.linalg as la
 from test_deflation import solid
 from test_kpm import atom_groups, chain
 
-from ase_gearsh.calculator import GearsHCalculator
 from ase_gearsh.electronic.checks import ArgumentError
 from ase_gearsh.electronic.kpm import (
     KPMError,
@@ -165,19 +164,18 @@ def model(small_model):
     return small_model
 
 
-def test_calculator_resolves_at_its_fermi_level(model, make_atoms):
-    """The calculator gives KPM its electron count: 'fermi' runs, with no more moments
-    than 'interval' and the same Fermi level within the resolution."""
-    atoms = make_atoms.chain().repeat((1, 1, 8))
+def test_predict_resolves_the_hole_count_at_the_fermi_level(model, make_atoms, tmp_path):
+    """``gearsh predict --resolution-at fermi`` (predict_structure): the KPM option reaches
+    the calculator, which gives KPM its electron count, and the summary; an unknown value
+    is refused before anything is written."""
+    from ase_gearsh.predict import PredictError, predict_structure
+
+    atoms = make_atoms.chain().repeat((1, 1, 4))
     atoms.rattle(0.02, seed=1)
-    opts = {"n_random": 16, "fermi_width": 0.3}
-    calc = GearsHCalculator(
-        model, kpm={**opts, "resolution_at": "fermi"}, warn_extrapolation=False, dense_limit=10
-    )
-    counts, levels = {}, {}
-    for where in ("fermi", "interval"):  # the same H, S, factor and bounds
-        calc.set(kpm={**opts, "resolution_at": where})
-        levels[where] = calc.get_property("fermi_level", atoms)
-        counts[where] = calc.kpm_moments(0.3, None).moments.shape[1]
-    assert counts["fermi"] <= counts["interval"]
-    assert abs(levels["fermi"] - levels["interval"]) < 0.3
+    kw = dict(method="kpm", holes=["C", "H"], hole_window=1.0, progress=False, log=lambda s: 0)
+    s = predict_structure(atoms, model, tmp_path / "fermi", resolution_at="fermi", **kw)
+    assert s["method"] == "kpm" and s["kpm"]["resolution_at"] == "fermi"
+    assert 2 <= s["kpm"]["moments"] and s["holes"]["holes_stderr"] is not None
+    with pytest.raises(PredictError, match="--resolution-at must be 'interval' or 'fermi'"):
+        predict_structure(atoms, model, tmp_path / "bad", resolution_at="centre", **kw)
+    assert not (tmp_path / "bad").exists()
