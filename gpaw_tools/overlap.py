@@ -48,6 +48,7 @@ from ase_gearsh.core.basis import BasisDataError, SpeciesBasis
 from ase_gearsh.core.blocks import _ranges, block_indices, canonical_orientation
 from ase_gearsh.core.neighbours import vesin_neighbor_list
 from ase_gearsh.core.processes import usable_cores
+from ase_gearsh.core.threads import single_threaded_blas
 
 __all__ = [
     "SpeciesBasis",
@@ -297,19 +298,6 @@ class _Layout:
         S = sp.csr_matrix((data, indices, indptr), shape=(nM, nM), copy=False)
         S.has_sorted_indices = True
         return S
-
-
-def _single_threaded_blas():
-    """Context limiting BLAS to one thread (threadpoolctl, when installed).  The PAW term
-    is thousands of small products (~500 x 15 x 500) for which BLAS threads are pure
-    overhead, and on a busy machine spinning BLAS threads slow everything ~3x."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        import contextlib
-
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _local_order(atoms: Atoms, cell: float = 4.0) -> np.ndarray:
@@ -1657,7 +1645,7 @@ class OverlapCalculator:
         opairs, ppairs = self._pairs(atoms, rc, rp, self._use_compiled())
         self._lap("neighbours", t0)
         run = self._overlap_compiled if self._use_compiled() else self._overlap_numpy
-        with _single_threaded_blas():  # many small products: BLAS threads only cost
+        with single_threaded_blas():  # many small products: BLAS threads only cost
             out = run(atoms, symbols, codes, opairs, ppairs, kpts, parts, screen)
         self.timings["total"] = time.perf_counter() - t0
         return out

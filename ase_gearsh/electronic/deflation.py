@@ -29,8 +29,6 @@ checks the levels against dense solves).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +39,8 @@ import scipy.sparse as sp
 
 from ..core.compiled import compiled
 from ..core.errors import GearsHError
+from ..core.processes import usable_cores
+from ..core.threads import single_threaded_blas
 from .sparse_products import times as _times
 
 __all__ = ["AUTO_GAP", "DeepStates", "DeflationError", "auto_threshold", "deep_states"]
@@ -318,23 +318,6 @@ def _drop_small(Z, rel: float):
     return sp.csc_array((Z.data[keep], (Z.indices[keep], col)), shape=Z.shape)
 
 
-def _workers() -> int:
-    """Threads for the clusters: the cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _single_threaded_blas():
-    """Context limiting BLAS to one thread (threadpoolctl, when installed)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
 def _not_separated(below, detail):
     return DeflationError(
         f"the deep levels below {below} eV are not separated from the others: {detail}; "
@@ -399,7 +382,7 @@ def _clusters(H, S, Q, eps, home, homes, n_deep, atom_of, ptr, below, tol, max_a
     if threads == 0:
         parts = [project(i) for i in range(len(homes))]
     else:
-        with _single_threaded_blas(), ThreadPoolExecutor(threads or _workers()) as pool:
+        with single_threaded_blas(), ThreadPoolExecutor(threads or usable_cores()) as pool:
             parts = list(pool.map(project, range(len(homes))))
     out_rows, out_cols, out_vals = zip(*parts)
     return sp.csc_array(
