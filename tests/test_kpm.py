@@ -440,7 +440,8 @@ def test_lanczos_ends_converge_to_the_extreme_eigenvalues():
 
     lo, hi = kpm_module._lanczos_ends(matvec, rng.standard_normal(n), 3e-3)
     tol = 3e-3 * 40.0
-    assert E[0] <= lo <= E[0] + tol and E[-1] - tol <= hi <= E[-1]
+    eps = 1e-9  # rounding: Ritz values lie inside the spectrum
+    assert E[0] - eps <= lo <= E[0] + tol and E[-1] - tol <= hi <= E[-1] + eps
     assert len(calls) < 100
     with pytest.raises(KPMError, match="did not converge in 5 steps"):
         kpm_module._lanczos_ends(A.__matmul__, rng.standard_normal(n), 1e-12, max_steps=5)
